@@ -1,0 +1,207 @@
+"""Tests of the sandboxed code-test runner (PRIME's code label)."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from jaxrl_dense.verifiers import code as vcode
+
+T = 1.0  # per-test timeout used in these tests
+ADD_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -5\n"], "outputs": ["3\n", "7\n", "5\n"]}
+
+
+def block(src: str) -> str:
+  return "Here is my solution.\n```python\n" + src + "\n```\nDone."
+
+
+ADD = block("a, b = map(int, input().split())\nprint(a + b)")
+
+# Run the containment tests with the namespace sandbox (when this kernel allows it) and with
+# the fallback (socket shim + rlimits only), so both paths are exercised wherever CI runs.
+SANDBOXES = [pytest.param(None, id="auto"), pytest.param(False, id="shim-only")]
+
+
+def test_extract_code():
+  assert vcode.extract_code(ADD).startswith("a, b = map")
+  two = "```python\nprint(1)\n```\ntext\n```py\nprint(2)\n```"
+  assert vcode.extract_code(two).strip() == "print(2)"
+  assert vcode.extract_code("no code") is None
+  assert vcode.extract_code(None) is None
+  assert vcode.extract_code("```python\n\n```") is None
+
+
+def test_correct_solution_scores_one():
+  assert vcode.score(ADD, ADD_TESTS, timeout_s=T) == 1.0
+
+
+def test_partly_wrong_scores_fraction():
+  wrong_on_negative = block("a, b = map(int, input().split())\nprint(a + b if b > 0 else 0)")
+  assert vcode.score(wrong_on_negative, ADD_TESTS, timeout_s=T) == pytest.approx(2 / 3)
+
+
+def test_fraction_uses_first_ten_tests_only():
+  # 12 tests: the solution passes tests 0-4 (n < 5) and 10-11 -> 5 of the first 10
+  src = block("n = int(input())\nprint(n * 2 if n < 5 or n >= 10 else -1)")
+  tests = {"inputs": [f"{n}\n" for n in range(12)], "outputs": [f"{2 * n}\n" for n in range(12)]}
+  assert vcode.score(src, tests, timeout_s=T) == pytest.approx(0.5)
+
+
+def test_no_code_block_scores_zero():
+  assert vcode.score("a + b", ADD_TESTS, timeout_s=T) == 0.0
+  assert vcode.score(None, ADD_TESTS, timeout_s=T) == 0.0
+
+
+def test_assert_style_tests():
+  src = block("def add(a, b):\n    return a + b")
+  assert vcode.score(src, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], timeout_s=T) == 1.0
+  assert vcode.score(src, "assert add(1, 2) == 3\nassert add(0, 0) == 1\n", timeout_s=T) == 0.5
+
+
+def test_call_based_tests():
+  src = block("class Solution:\n    def twoSum(self, nums, target):\n"
+              "        seen = {}\n        for i, x in enumerate(nums):\n"
+              "            if target - x in seen:\n                return [seen[target - x], i]\n"
+              "            seen[x] = i")
+  tests = {"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6]], "outputs": [[0, 1], [[1, 2]]]}
+  assert vcode.score(src, tests, timeout_s=T) == 1.0
+  assert vcode.score(src, '{"fn_name": "twoSum", "inputs": [[[1, 2], 3]], "outputs": [[1, 0]]}', timeout_s=T) == 0.0
+
+
+def test_float_output_tolerance_and_trailing_whitespace():
+  src = block("print(1 / 3, '  ')\nprint('ok')")
+  assert vcode.score(src, [{"input": "", "output": "0.333333333 \nok"}], timeout_s=T) == 1.0
+
+
+def test_normalize_tests_rejects_bad_specs():
+  with pytest.raises(ValueError, match="inputs"):
+    vcode.normalize_tests({"inputs": ["1"]})
+  with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
+    vcode.normalize_tests({"inputs": ["1", "2"], "outputs": ["1"]})
+  with pytest.raises(TypeError, match="tests"):
+    vcode.normalize_tests(42)
+  with pytest.raises(ValueError, match="tests\\[0\\]"):
+    vcode.normalize_tests([3])
+  with pytest.raises(ValueError, match="no test cases"):
+    vcode.score(ADD, [], timeout_s=T)
+  with pytest.raises(ValueError, match="timeout_s"):
+    vcode.run_tests("print(1)", vcode.normalize_tests(["assert True"]), timeout_s=0)
+
+
+def test_fresh_working_directory_per_test():
+  # each test starts in an empty fresh directory (only the harness files), nothing leaks between tests
+  src = block("import os\nassert not os.path.exists('marker'), 'leaked'\nopen('marker', 'w').write('x')\n"
+              "print('ok')")
+  assert vcode.score(src, [{"input": "", "output": "ok"}] * 3, timeout_s=T) == 1.0
+
+
+@pytest.mark.parametrize("use_unshare", SANDBOXES)
+def test_infinite_loop_is_contained(use_unshare):
+  t0 = time.monotonic()
+  assert vcode.score(block("while True:\n    pass"), ["assert True"], timeout_s=T, use_unshare=use_unshare) == 0.0
+  assert time.monotonic() - t0 < T + 3.0
+
+
+def test_sleeping_solution_is_killed_on_wall_clock():
+  t0 = time.monotonic()
+  assert vcode.score(block("import time\ntime.sleep(60)"), ["assert True"], timeout_s=T) == 0.0
+  assert time.monotonic() - t0 < T + 3.0
+
+
+def _count_procs():
+  return sum(1 for p in os.listdir("/proc") if p.isdigit())
+
+
+@pytest.mark.parametrize("use_unshare", SANDBOXES)
+def test_fork_bomb_is_contained(use_unshare):
+  before = _count_procs()
+  bombs = [
+      block("import os\nwhile True:\n    os.fork()"),
+      block("import subprocess, sys\nwhile True:\n    subprocess.Popen([sys.executable, '-c', 'while 1: pass'])"),
+      block("import multiprocessing\ndef f():\n    while 1: pass\nwhile True:\n    multiprocessing.Process(target=f).start()"),
+  ]
+  for bomb in bombs:
+    assert vcode.score(bomb, ["assert True"], timeout_s=T, use_unshare=use_unshare) == 0.0
+  time.sleep(0.3)
+  assert _count_procs() <= before + 5  # nothing left running (others may start processes too)
+
+
+@pytest.mark.parametrize("use_unshare", SANDBOXES)
+def test_huge_allocation_is_contained(use_unshare):
+  src = block("x = bytearray(10 * 1024 ** 3)\nprint('allocated')")
+  assert vcode.score(src, [{"input": "", "output": "allocated"}], timeout_s=T, use_unshare=use_unshare) == 0.0
+  # and a modest allocation is fine
+  ok = block("x = bytearray(50 * 1024 ** 2)\nprint('allocated')")
+  assert vcode.score(ok, [{"input": "", "output": "allocated"}], timeout_s=5.0, use_unshare=use_unshare) == 1.0
+
+
+@pytest.mark.parametrize("use_unshare", SANDBOXES)
+def test_outbound_socket_is_blocked(use_unshare):
+  server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  server.bind(("127.0.0.1", 0))
+  server.listen(5)
+  server.settimeout(0.2)
+  port = server.getsockname()[1]
+  accepted = []
+  stop = threading.Event()
+
+  def accept_loop():
+    while not stop.is_set():
+      try:
+        conn, _ = server.accept()
+        accepted.append(conn)
+      except OSError:
+        pass
+
+  thread = threading.Thread(target=accept_loop, daemon=True)
+  thread.start()
+  try:
+    attempts = [
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')",
+        f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\nprint('connected')",
+        f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\nprint('connected')",
+    ]
+    for src in attempts:
+      score = vcode.score(block(src), [{"input": "", "output": "connected"}], timeout_s=3.0, use_unshare=use_unshare)
+      assert score == 0.0
+    time.sleep(0.3)
+    assert accepted == []
+    # the listener itself works: a connection from outside the sandbox is accepted
+    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    deadline = time.monotonic() + 3
+    while not accepted and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert len(accepted) == 1
+  finally:
+    stop.set()
+    thread.join(2)
+    server.close()
+    for c in accepted:
+      c.close()
+
+
+@pytest.mark.parametrize("use_unshare", SANDBOXES)
+def test_output_is_capped(use_unshare):
+  src = block("while True:\n    print('x' * 10000)")
+  t0 = time.monotonic()
+  assert vcode.score(src, [{"input": "", "output": "x"}], timeout_s=T, use_unshare=use_unshare) == 0.0
+  assert time.monotonic() - t0 < T + 3.0
+  # a large but legal output within the cap passes
+  big = block("print('y' * 200000)")
+  assert vcode.score(big, [{"input": "", "output": "y" * 200000}], timeout_s=5.0, use_unshare=use_unshare) == 1.0
+
+
+def test_sandbox_cannot_delete_files_outside(tmp_path):
+  victim = tmp_path / "keep.txt"
+  victim.write_text("keep")
+  src = block(f"import os, shutil\ntry:\n    os.remove({str(victim)!r})\nexcept Exception:\n    pass\n"
+              f"try:\n    shutil.rmtree({str(tmp_path)!r})\nexcept Exception:\n    pass\nprint('done')")
+  assert vcode.score(src, [{"input": "", "output": "done"}], timeout_s=T) == 1.0
+  assert victim.read_text() == "keep"
+
+
+def test_sandbox_prefix_probe():
+  prefix = vcode.sandbox_prefix()
+  assert prefix == [] or (prefix[0].endswith("unshare") and "-n" in prefix)
