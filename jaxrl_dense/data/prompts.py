@@ -1,0 +1,381 @@
+"""Prompt datasets: one record type, readers for jsonl / parquet / the shipped math sets.
+
+Public API
+----------
+`PromptRecord(prompt_messages, gold, data_source, uid)`
+    One RL prompt. `prompt_messages` is a tuple of chat messages `{"role", "content"}` (the
+    tokenizer's chat template turns it into tokens, see `data.batching`); `gold` is the
+    reference answer as a string (what the verifier compares against); `data_source` names the
+    dataset (veRL's column; verifiers may dispatch on it); `uid` is a stable id, unique within
+    a dataset.
+
+`load_prompts(source, *, instruction=None, system_prompt=None, data_source=None, limit=None)`
+    -> list[PromptRecord]. `source` is a `.jsonl` / `.json` (one object per line) or `.parquet`
+    path, or the name of a shipped math set (`SHIPPED_DATASETS`, read through
+    `jaxrl_dense.verifiers.datasets`).
+
+`load_jsonl(path, ...)`, `load_parquet(path, ...)`: the two readers behind `load_prompts`.
+
+`PromptDataError(ValueError)`: raised for a malformed file or row; the message names the file
+and the 1-based line (jsonl) or 0-based row (parquet) and what is wrong.
+
+Accepted row layouts (per row, auto-detected)
+---------------------------------------------
+* veRL / Eurus-2-RL-Data parquet (or jsonl with the same fields):
+  `prompt`: list of `{"role", "content"}` messages; `reward_model`: `{"ground_truth": ...}`
+  (a JSON-encoded string is accepted too); optional `data_source`; optional
+  `extra_info.index` (used for the uid).
+* plain: `problem` or `question` (str) and `answer` (str or number). The user message is the
+  problem text, followed by `instruction` when given (e.g. `BOXED_INSTRUCTION`), preceded by a
+  `system_prompt` message when given. For veRL rows the messages are used as they are
+  (`instruction` / `system_prompt` are not applied: the prompt is already formatted).
+
+Golds are kept as strings: a number becomes `str(value)` (AMC's 27.0 -> "27.0"); the math
+verifier compares answers semantically, so such formatting does not matter there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Mapping, Optional
+
+# Appended to plain math problems (PRIME's instruction, as in Eurus-2-RL-Data and
+# `jaxrl_dense.verifiers.datasets.PRIME_MATH_SUFFIX`).
+BOXED_INSTRUCTION = "Present the answer in LaTex format: \\boxed{Your answer}"
+
+# Names accepted by `load_prompts` for the math sets shipped in `jaxrl_dense/data/datasets/`.
+# (The names of `jaxrl_dense.verifiers.datasets.DATASETS`; "math500_test" is accepted for
+# "math500", after its file name.)
+SHIPPED_DATASETS = (
+    "gsm8k_train", "gsm8k_test", "math_train", "math500", "aime24", "amc23",
+    "minerva_math", "olympiadbench", "aimo_validation_aime", "aimo_validation_amc",
+)
+_ALIASES = {"math500_test": "math500"}
+
+DATASETS_DIR = pathlib.Path(__file__).resolve().parent / "datasets"
+
+_VALID_ROLES = ("system", "user", "assistant", "tool")
+
+
+class PromptDataError(ValueError):
+  """A prompt file or row is malformed; the message names the file and line/row."""
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class PromptRecord:
+  """One RL prompt.
+
+  Attributes:
+    prompt_messages: chat messages, a tuple of `{"role": str, "content": str}` dicts, ending
+      with the user turn the policy answers.
+    gold: reference answer (string) handed to the verifier.
+    data_source: dataset name (veRL's `data_source`), e.g. "arithmetic", "math500_test".
+    uid: stable identifier, unique within its dataset (e.g. "gsm8k_test:17").
+  """
+
+  prompt_messages: tuple
+  gold: str
+  data_source: str
+  uid: str
+
+  def __post_init__(self):
+    msgs = self.prompt_messages
+    if isinstance(msgs, list):
+      object.__setattr__(self, "prompt_messages", tuple(msgs))
+      msgs = self.prompt_messages
+    if not isinstance(msgs, tuple) or not msgs:
+      raise ValueError(f"PromptRecord {self.uid!r}: prompt_messages must be a non-empty "
+                       f"sequence of messages, got {type(msgs).__name__} {msgs!r:.80}")
+    for m in msgs:
+      if not (type(m) is dict or isinstance(m, Mapping)) or type(m.get("role")) is not str or \
+          type(m.get("content")) is not str:
+        raise ValueError(f"PromptRecord {self.uid!r}: each message must be a dict with string "
+                         f"'role' and 'content', got {m!r:.120}")
+    if not isinstance(self.gold, str):
+      raise ValueError(f"PromptRecord {self.uid!r}: gold must be a str, got "
+                       f"{type(self.gold).__name__}")
+
+  @property
+  def question(self) -> str:
+    """The content of the last user message (handy for reports)."""
+    for m in reversed(self.prompt_messages):
+      if m["role"] == "user":
+        return m["content"]
+    return self.prompt_messages[-1]["content"]
+
+  def to_json(self) -> dict:
+    return {"prompt": [dict(m) for m in self.prompt_messages], "gold": self.gold,
+            "data_source": self.data_source, "uid": self.uid}
+
+
+def _gold_to_str(value: Any, where: str) -> str:
+  if isinstance(value, bool) or value is None:
+    raise PromptDataError(f"{where}: the answer must be a string or a number, got {value!r}")
+  if isinstance(value, (int, float, str)):
+    text = str(value).strip()
+    if not text:
+      raise PromptDataError(f"{where}: the answer is empty")
+    return text
+  if isinstance(value, (list, tuple)) and value and all(
+      isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
+    # veRL ground truths are occasionally lists of acceptable answers; keep them JSON-encoded.
+    return json.dumps(list(value))
+  raise PromptDataError(f"{where}: the answer must be a string or a number, got "
+                        f"{type(value).__name__} {value!r:.80}")
+
+
+def _check_messages(messages: Any, where: str) -> tuple:
+  if isinstance(messages, str):
+    try:
+      messages = json.loads(messages)
+    except json.JSONDecodeError as e:
+      raise PromptDataError(f"{where}: 'prompt' is a string that is not a JSON list of chat "
+                            f"messages ({e})") from None
+  # pyarrow may hand back numpy arrays for list columns when read via pandas; accept sequences.
+  if hasattr(messages, "tolist") and not isinstance(messages, (list, tuple)):
+    messages = messages.tolist()
+  if not isinstance(messages, (list, tuple)) or not messages:
+    raise PromptDataError(f"{where}: 'prompt' must be a non-empty list of chat messages, got "
+                          f"{type(messages).__name__}")
+  out = []
+  for k, m in enumerate(messages):
+    if not isinstance(m, Mapping):
+      raise PromptDataError(f"{where}: prompt message {k} is {type(m).__name__}, expected a dict "
+                            f"with 'role' and 'content'")
+    role, content = m.get("role"), m.get("content")
+    if role not in _VALID_ROLES:
+      raise PromptDataError(f"{where}: prompt message {k} has role {role!r}; expected one of "
+                            f"{_VALID_ROLES}")
+    if not isinstance(content, str) or not content.strip():
+      raise PromptDataError(f"{where}: prompt message {k} ({role}) has no text content")
+    out.append({"role": role, "content": content})
+  if out[-1]["role"] != "user":
+    raise PromptDataError(f"{where}: the last prompt message must be the user's turn, got "
+                          f"{out[-1]['role']!r}")
+  return tuple(out)
+
+
+def _plain_messages(text: str, instruction: Optional[str], system_prompt: Optional[str]) -> tuple:
+  content = text.strip()
+  if instruction:
+    content = f"{content}\n\n{instruction}" if content else instruction
+  msgs = []
+  if system_prompt:
+    msgs.append({"role": "system", "content": system_prompt})
+  msgs.append({"role": "user", "content": content})
+  return tuple(msgs)
+
+
+def _is_chat_prompt(value: Any) -> bool:
+  """veRL layout: `prompt` is a list of messages (or a JSON string of one)."""
+  if value is None:
+    return False
+  if isinstance(value, str):
+    return value.lstrip().startswith("[")
+  return isinstance(value, (list, tuple)) or hasattr(value, "tolist")
+
+
+def record_from_row(row: Mapping[str, Any], *, where: str, default_source: str, default_uid: str,
+                    instruction: Optional[str] = None, system_prompt: Optional[str] = None,
+                    data_source: Optional[str] = None) -> PromptRecord:
+  """Turns one row (veRL or plain layout, see the module docstring) into a `PromptRecord`.
+
+  Args:
+    row: the decoded row.
+    where: "file line N" / "file row N", used in error messages.
+    default_source: data_source when the row has none (the file stem).
+    default_uid: uid when the row has no `extra_info.index` / `id` / `uid`.
+    instruction, system_prompt: applied to plain rows only.
+    data_source: overrides the row's data_source when given.
+  Raises:
+    PromptDataError naming `where` and what is wrong.
+  """
+  if not isinstance(row, Mapping):
+    raise PromptDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  if _is_chat_prompt(row.get("prompt")):
+    messages = _check_messages(row["prompt"], where)
+    rm = row.get("reward_model")
+    if isinstance(rm, str):
+      try:
+        rm = json.loads(rm)
+      except json.JSONDecodeError:
+        raise PromptDataError(f"{where}: 'reward_model' is a string that is not JSON") from None
+    if isinstance(rm, Mapping) and "ground_truth" in rm:
+      gold = _gold_to_str(rm["ground_truth"], f"{where} (reward_model.ground_truth)")
+    elif "answer" in row:
+      gold = _gold_to_str(row["answer"], f"{where} (answer)")
+    else:
+      raise PromptDataError(f"{where}: veRL-style row (chat 'prompt') has no "
+                            f"'reward_model.ground_truth' and no 'answer'")
+  else:
+    text = None
+    for key in ("problem", "question", "prompt"):
+      if isinstance(row.get(key), str) and row[key].strip():
+        text = row[key]
+        break
+    if text is None:
+      raise PromptDataError(f"{where}: no prompt found: expected a veRL 'prompt' list of chat "
+                            f"messages, or a non-empty 'problem'/'question' string; keys are "
+                            f"{sorted(row)}")
+    if "answer" not in row:
+      rm = row.get("reward_model")
+      if isinstance(rm, Mapping) and "ground_truth" in rm:
+        gold = _gold_to_str(rm["ground_truth"], f"{where} (reward_model.ground_truth)")
+      else:
+        raise PromptDataError(f"{where}: missing 'answer' (keys are {sorted(row)})")
+    else:
+      gold = _gold_to_str(row["answer"], f"{where} (answer)")
+    messages = _plain_messages(text, instruction, system_prompt)
+  src = data_source or row.get("data_source") or default_source
+  if not isinstance(src, str):
+    raise PromptDataError(f"{where}: 'data_source' must be a string, got {src!r:.60}")
+  uid = None
+  extra = row.get("extra_info")
+  if isinstance(extra, Mapping) and extra.get("index") is not None:
+    uid = f"{src}:{extra['index']}"
+  elif row.get("uid") is not None:
+    uid = str(row["uid"])
+  elif row.get("id") is not None:
+    uid = f"{src}:{row['id']}"
+  if uid is None:
+    uid = default_uid
+  return PromptRecord(prompt_messages=messages, gold=gold, data_source=src, uid=uid)
+
+
+def _dedupe_uids(records: list, path: str) -> list:
+  seen: dict = {}
+  out = []
+  for r in records:
+    if r.uid in seen:
+      seen[r.uid] += 1
+      r = dataclasses.replace(r, uid=f"{r.uid}#{seen[r.uid]}")
+    else:
+      seen[r.uid] = 0
+    out.append(r)
+  return out
+
+
+def load_jsonl(path: str | os.PathLike, *, instruction: Optional[str] = None,
+               system_prompt: Optional[str] = None, data_source: Optional[str] = None,
+               limit: Optional[int] = None) -> list:
+  """Reads a JSON-lines prompt file (one object per line; blank lines skipped).
+
+  Raises PromptDataError("<path> line <n>: ...") for undecodable JSON or a malformed row.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+  stem = path.stem
+  records = []
+  with open(path, "r", encoding="utf-8") as f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path} line {lineno}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise PromptDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+      records.append(record_from_row(row, where=where, default_source=stem,
+                                     default_uid=f"{stem}:{len(records)}", instruction=instruction,
+                                     system_prompt=system_prompt, data_source=data_source))
+      if limit is not None and len(records) >= limit:
+        break
+  if not records:
+    raise PromptDataError(f"{path}: no rows")
+  return _dedupe_uids(records, str(path))
+
+
+def load_parquet(path: str | os.PathLike, *, instruction: Optional[str] = None,
+                 system_prompt: Optional[str] = None, data_source: Optional[str] = None,
+                 limit: Optional[int] = None) -> list:
+  """Reads a parquet prompt file (veRL / Eurus-2-RL-Data columns, or plain problem/answer).
+
+  Raises PromptDataError("<path> row <i>: ...") (0-based row index) for a malformed row.
+  """
+  import pyarrow.parquet as pq  # local import: pyarrow is heavy and only needed here
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises ArrowInvalid & co.
+    raise PromptDataError(f"{path}: not a readable parquet file ({e})") from None
+  stem = path.stem
+  records = []
+  row_index = 0
+  for batch in pf.iter_batches(batch_size=1024):
+    for row in batch.to_pylist():
+      where = f"{path} row {row_index}"
+      records.append(record_from_row(row, where=where, default_source=stem,
+                                     default_uid=f"{stem}:{row_index}", instruction=instruction,
+                                     system_prompt=system_prompt, data_source=data_source))
+      row_index += 1
+      if limit is not None and len(records) >= limit:
+        return _dedupe_uids(records, str(path))
+  if not records:
+    raise PromptDataError(f"{path}: no rows")
+  return _dedupe_uids(records, str(path))
+
+
+def load_shipped(name: str, *, instruction: Optional[str] = BOXED_INSTRUCTION,
+                 system_prompt: Optional[str] = None, limit: Optional[int] = None) -> list:
+  """Loads one of `SHIPPED_DATASETS` through `jaxrl_dense.verifiers.datasets.load`.
+
+  The verifier package's adapters know each file's schema (GSM8K's "#### N", Minerva's last
+  `\\boxed{}`, OlympiadBench's list-valued answers) and yield `MathRecord(prompt, gold, source,
+  id)`; each becomes a plain-layout record (problem text + `instruction` as the user turn).
+  """
+  name = _ALIASES.get(name, name)
+  if name not in SHIPPED_DATASETS:
+    raise ValueError(f"unknown shipped dataset {name!r}; expected one of {SHIPPED_DATASETS}")
+  from jaxrl_dense.verifiers import datasets as vdatasets  # verifiers import data, not vice versa
+
+  records = []
+  for i, item in enumerate(vdatasets.load(name)):
+    records.append(PromptRecord(
+        prompt_messages=_plain_messages(item.prompt, instruction, system_prompt),
+        gold=_gold_to_str(item.gold, f"shipped dataset {name} item {i}"),
+        data_source=name,
+        uid=str(item.id) if str(item.id).startswith(name) else f"{name}:{item.id}"))
+    if limit is not None and len(records) >= limit:
+      break
+  if not records:
+    raise PromptDataError(f"shipped dataset {name}: no rows")
+  return _dedupe_uids(records, name)
+
+
+def load_prompts(source: str | os.PathLike, *, instruction: Optional[str] = None,
+                 system_prompt: Optional[str] = None, data_source: Optional[str] = None,
+                 limit: Optional[int] = None) -> list:
+  """Loads prompts from a path (`.jsonl`/`.json`/`.parquet`) or a shipped dataset name.
+
+  For shipped names, `instruction=None` means `BOXED_INSTRUCTION`.
+  """
+  if limit is not None and limit <= 0:
+    raise ValueError(f"limit must be positive, got {limit}")
+  s = str(source)
+  if s in SHIPPED_DATASETS or s in _ALIASES:
+    return load_shipped(s, instruction=BOXED_INSTRUCTION if instruction is None else instruction,
+                        system_prompt=system_prompt, limit=limit)
+  suffix = pathlib.Path(s).suffix.lower()
+  kw = dict(instruction=instruction, system_prompt=system_prompt, data_source=data_source,
+            limit=limit)
+  if suffix in (".jsonl", ".json"):
+    return load_jsonl(s, **kw)
+  if suffix in (".parquet", ".pq"):
+    return load_parquet(s, **kw)
+  raise ValueError(f"prompt source {s!r}: expected a .jsonl/.json/.parquet path or one of the "
+                   f"shipped datasets {SHIPPED_DATASETS}")
+
+
+def write_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike) -> None:
+  """Writes records in the veRL-like jsonl layout that `load_jsonl` reads back."""
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps({"prompt": [dict(m) for m in r.prompt_messages],
+                          "reward_model": {"ground_truth": r.gold},
+                          "data_source": r.data_source, "uid": r.uid}) + "\n")
