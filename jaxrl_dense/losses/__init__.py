@@ -1,0 +1,95 @@
+"""Policy losses, loss aggregation, KL estimators and entropy.
+
+Public API (stable names):
+  ppo_clip_loss(log_prob, old_log_prob, advantages, mask, *, clip_ratio_low=0.2,
+                clip_ratio_high=None, clip_ratio_c=3.0, log_ratio_clamp=20.0,
+                loss_agg_mode="token-mean", loss_scale_factor=None)
+      -> PolicyLossOutput(loss, loss_sum, count, metrics{pg_clipfrac, pg_clipfrac_lower, ppo_kl})
+  ppo_clip_token_loss(...) -> PPOTokenTerms(token_loss, clipped, dual_clipped, neg_log_ratio)
+  prime_policy_loss(log_prob, old_log_prob, advantages, mask, *, cliprange=0.2)   (PRIME-RL original)
+  aggregate_terms(loss_mat, mask, mode, *, loss_scale_factor) -> (sum, count); aggregate(...);
+  combine(mode, sums, counts); token_mean / seq_mean_token_sum / seq_mean_token_mean /
+  seq_mean_token_sum_norm
+  kl_k1, kl_abs, kl_k2, kl_k3, kl_in_reward(token_scores, old_log_prob, ref_log_prob, *, kl_coef)
+  entropy_from_logits(logits, *, temperature=1.0)
+
+Registries:
+  get_kl(name) -> fn(log_prob, ref_log_prob) -> [B, T]; names "kl", "k1", "abs", "mse", "k2",
+      "low_var_kl", "k3". A "+" suffix (straight-through k2 gradient, documented by veRL) raises
+      NotImplementedError, as veRL at the pinned commit does.
+  get_aggregation(name) -> fn(loss_mat, mask) -> (sum, count); names = aggregation.MODES.
+  get_policy_loss(name) -> "vanilla" (ppo_clip_loss) | "prime_original" (prime_policy_loss).
+Adding a loss (e.g. ``losses/tgdpo.py``): write the module, then one ``*.register`` line below.
+"""
+
+from jaxrl_dense.losses import aggregation
+from jaxrl_dense.losses.aggregation import (
+    aggregate,
+    aggregate_terms,
+    combine,
+    seq_mean_token_mean,
+    seq_mean_token_sum,
+    seq_mean_token_sum_norm,
+    token_mean,
+)
+from jaxrl_dense.losses.entropy import entropy_from_logits
+from jaxrl_dense.losses.kl import kl_abs, kl_in_reward, kl_k1, kl_k2, kl_k3
+from jaxrl_dense.losses.ppo import (
+    PolicyLossOutput,
+    PPOTokenTerms,
+    ppo_clip_loss,
+    ppo_clip_token_loss,
+    prime_policy_loss,
+)
+from jaxrl_dense.registry import Registry, UnknownNameError
+
+KL_ESTIMATORS = Registry("KL estimator")
+KL_ESTIMATORS.register("kl", kl_k1)
+KL_ESTIMATORS.register("k1", kl_k1)
+KL_ESTIMATORS.register("abs", kl_abs)
+KL_ESTIMATORS.register("mse", kl_k2)
+KL_ESTIMATORS.register("k2", kl_k2)
+KL_ESTIMATORS.register("low_var_kl", kl_k3)
+KL_ESTIMATORS.register("k3", kl_k3)
+
+AGGREGATIONS = Registry("loss aggregation mode")
+AGGREGATIONS.register("token-mean", token_mean, additive_count=True)
+AGGREGATIONS.register("seq-mean-token-sum", seq_mean_token_sum, additive_count=True)
+AGGREGATIONS.register("seq-mean-token-mean", seq_mean_token_mean, additive_count=True)
+AGGREGATIONS.register("seq-mean-token-sum-norm", seq_mean_token_sum_norm, additive_count=False)
+
+POLICY_LOSSES = Registry("policy loss")
+POLICY_LOSSES.register("vanilla", ppo_clip_loss)
+POLICY_LOSSES.register("prime_original", prime_policy_loss)
+
+
+def get_kl(name: str):
+  """KL estimator by name (see module docstring); '+' names raise NotImplementedError."""
+  if isinstance(name, str) and name.endswith("+") and name[:-1] in KL_ESTIMATORS:
+    raise NotImplementedError(
+        f"KL estimator {name!r}: the '+' straight-through form (value of {name[:-1]!r}, gradient "
+        "of k2) is not implemented; veRL at b178a3cd raises NotImplementedError for it too. "
+        f"Use {name[:-1]!r} or 'k2'.")
+  return KL_ESTIMATORS.get(name)
+
+
+get_aggregation = AGGREGATIONS.get
+get_policy_loss = POLICY_LOSSES.get
+
+__all__ = [
+    "ppo_clip_loss", "ppo_clip_token_loss", "prime_policy_loss", "PolicyLossOutput",
+    "PPOTokenTerms", "aggregation", "aggregate", "aggregate_terms", "combine", "token_mean",
+    "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
+    "kl_k1", "kl_abs", "kl_k2", "kl_k3", "kl_in_reward", "entropy_from_logits",
+    "KL_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "get_kl", "get_aggregation",
+    "get_policy_loss", "UnknownNameError",
+]
+
+# Pairwise preference losses on token log-probs (methods.md §1.5): TGDPO and plain DPO.
+from jaxrl_dense.losses.tgdpo import dpo_loss_from_token_logps, tgdpo_loss  # noqa: E402
+
+PREFERENCE_LOSSES = Registry("preference loss")
+PREFERENCE_LOSSES.register("dpo", dpo_loss_from_token_logps)
+PREFERENCE_LOSSES.register("tgdpo", tgdpo_loss)
+get_preference_loss = PREFERENCE_LOSSES.get
+__all__ += ["tgdpo_loss", "dpo_loss_from_token_logps", "PREFERENCE_LOSSES", "get_preference_loss"]

@@ -1,0 +1,91 @@
+"""Dense rewards: PRIME implicit process rewards, PRM losses/metrics, Implicit-PRM objectives.
+
+Public API (stable names; shapes ``[B, T]`` with ``mask``, see ``jaxrl_dense.ops``):
+
+  Token rewards (stop-gradient)
+    implicit_token_rewards(logp_prm, logp_ref, mask, *, beta, variant, granularity, lam, acc, use_gt)
+        -> ImplicitRewards(scores, q)        variants "verl" (default) | "original" | "paper"
+    token_log_ratio(logp_prm, logp_ref, mask) -> q            (differentiable, for PRM losses)
+    prime_batch_norm(scores, *, eps) / prime_norm(scores, norm="batch_norm"|"none")
+  PRM losses (carry gradients)
+    prm_ce_loss(q, mask, acc, *, beta) / prm_ce_loss_terms(...) -> [B]
+    prm_detached_dpo_loss(q, mask, acc, q_bc, acc_bc, *, beta, bon_mode="none"|"bon_acc"|"bon_rm")
+    group_matrix(v, n) -> [B, n]             (builds q_bc / acc_bc from contiguous groups)
+  PRM metrics
+    prm_pairwise_accuracy(token_scores, mask, acc, *, n), prm_sign_accuracy(...), prm_metrics(...)
+  Implicit-PRM objectives (arXiv 2412.01981)
+    sequence_logratio, dpo_loss, implicit_ce_loss, nca_loss, kto_loss,
+    implicit_step_rewards(logp_prm, logp_ref, mask, step_ids, num_steps, *, beta, mode),
+    aggregate_step_scores(v, step_mask, how="min"|"sum")
+
+Registry: ``get_prm_loss(name)`` with names "ce", "dpo" (detached DPO), "bon_acc", "bon_rm".
+New reward modules (e.g. ``rewards/sar.py``): add the module, import its public names here.
+"""
+import functools
+
+from jaxrl_dense.registry import Registry
+from jaxrl_dense.rewards.implicit_prm import (
+    ImplicitRewards,
+    group_matrix,
+    implicit_token_rewards,
+    prime_batch_norm,
+    prime_norm,
+    prm_ce_loss,
+    prm_ce_loss_terms,
+    prm_detached_dpo_loss,
+    prm_metrics,
+    prm_pairwise_accuracy,
+    prm_sign_accuracy,
+    token_log_ratio,
+)
+from jaxrl_dense.rewards.implicit_prm_objectives import (
+    aggregate_step_scores,
+    dpo_loss,
+    implicit_ce_loss,
+    implicit_step_rewards,
+    kto_loss,
+    nca_loss,
+    sequence_logratio,
+)
+
+PRM_LOSSES = Registry("PRM loss")
+PRM_LOSSES.register("ce", prm_ce_loss)
+PRM_LOSSES.register("dpo", functools.partial(prm_detached_dpo_loss, bon_mode="none"))
+PRM_LOSSES.register("bon_acc", functools.partial(prm_detached_dpo_loss, bon_mode="bon_acc"))
+PRM_LOSSES.register("bon_rm", functools.partial(prm_detached_dpo_loss, bon_mode="bon_rm"))
+get_prm_loss = PRM_LOSSES.get
+
+__all__ = [
+    "ImplicitRewards", "implicit_token_rewards", "token_log_ratio", "prime_batch_norm", "prime_norm",
+    "prm_ce_loss", "prm_ce_loss_terms", "prm_detached_dpo_loss", "group_matrix",
+    "prm_pairwise_accuracy", "prm_sign_accuracy", "prm_metrics",
+    "sequence_logratio", "dpo_loss", "implicit_ce_loss", "nca_loss", "kto_loss",
+    "implicit_step_rewards", "aggregate_step_scores", "PRM_LOSSES", "get_prm_loss",
+]
+
+# Tier-1 fine-grained reward methods (methods.md §1.3, §1.7–§1.9).
+from jaxrl_dense.rewards.fine_grained import (  # noqa: E402
+    fine_grained_advantages,
+    fine_grained_token_rewards,
+    kl_shaped_rewards,
+    place_segment_rewards,
+)
+from jaxrl_dense.rewards.sar import combine_with_sar, sar_schedule, self_aligned_reward  # noqa: E402
+from jaxrl_dense.rewards.turn_level import (  # noqa: E402
+    assignment_call_rewards,
+    information_gain_turn_rewards,
+    turn_rewards_from_calls,
+)
+
+EXTRA_REWARDS = Registry("extra reward")
+EXTRA_REWARDS.register("sar", self_aligned_reward, density="sequence")
+EXTRA_REWARDS.register("fine_grained", fine_grained_token_rewards, density="token")
+EXTRA_REWARDS.register("matchtir", turn_rewards_from_calls, density="turn")
+EXTRA_REWARDS.register("igpo", information_gain_turn_rewards, density="turn")
+get_extra_reward = EXTRA_REWARDS.get
+__all__ += [
+    "fine_grained_token_rewards", "fine_grained_advantages", "kl_shaped_rewards",
+    "place_segment_rewards", "self_aligned_reward", "sar_schedule", "combine_with_sar",
+    "assignment_call_rewards", "turn_rewards_from_calls", "information_gain_turn_rewards",
+    "EXTRA_REWARDS", "get_extra_reward",
+]
