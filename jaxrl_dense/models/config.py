@@ -37,6 +37,8 @@ class ModelConfig:
     bos_token_id / eos_token_ids / pad_token_id: special ids from the checkpoint.
     param_dtype: storage dtype of parameters ("float32" or "bfloat16").
     dtype: compute dtype of activations and matmuls ("float32" or "bfloat16").
+    remat: rematerialise each decoder layer in the backward pass (`jax.checkpoint`); not
+      part of the HF config.
   """
 
   model_type: str = "llama"
@@ -58,6 +60,7 @@ class ModelConfig:
   pad_token_id: Optional[int] = None
   param_dtype: str = "float32"
   dtype: str = "float32"
+  remat: bool = False
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -87,6 +90,11 @@ class ModelConfig:
       raise ValueError(
           f"{source}: unsupported architecture model_type={model_type!r} (architectures={archs}); "
           f"jaxrl_dense supports {SUPPORTED_MODEL_TYPES}.")
+    # Features that change the math without adding tensors: refuse rather than compute wrong logits.
+    if hf.get("use_sliding_window"):
+      raise ValueError(f"{source}: use_sliding_window=true (sliding-window attention) is not supported.")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"{source}: hidden_act={hf.get('hidden_act')!r} is not supported (only 'silu').")
     try:
       hidden = int(hf["hidden_size"])
       num_heads = int(hf["num_attention_heads"])

@@ -1,0 +1,221 @@
+"""Jitted KV-cache sampler for the Llama/Qwen2 decoders in `jaxrl_dense.models`.
+
+`generate` prefills the (left-padded) prompts once, optionally shares each prompt's cache across
+`num_samples` samples, then runs the whole decode loop on device in one `lax.while_loop`
+(it stops as soon as every row has emitted an EOS id). At step s, for every row:
+
+  z = logits / temperature,  z = top_k(z),  z = top_p(z),  x_s ~ softmax(z)
+  logprobs[:, s]     = log softmax(z)[x_s]          (the distribution actually sampled from)
+  raw_logprobs[:, s] = log softmax(logits)[x_s]     (untempered, unfiltered)
+
+Greedy decoding (temperature == 0) takes argmax(logits) and reports the untempered log-prob in
+both fields. `mask` is 1 up to and including the first EOS of each row and 0 after it (those
+tokens are `pad_id`). Prompt lengths are padded on the left to a multiple of `prompt_bucket`,
+so new prompts of a similar length reuse the compiled program; the batch size, max_new_tokens,
+top_k, the EOS set and whether top-p/greedy is active are static.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrl_dense.models import transformer
+from jaxrl_dense.models.config import ModelConfig
+
+# Number of times the jitted sampler has been traced (tests use it to detect recompiles).
+TRACE_COUNT = {"generate": 0}
+
+
+class GenerationOutput(NamedTuple):
+  """Sampled continuations; rows are prompt-major (`B * num_samples`, samples of a prompt contiguous).
+
+  tokens: int32 [B*n, max_new_tokens] (pad_id after EOS).
+  logprobs: float32 [B*n, max_new_tokens] log-probs under the sampling distribution used.
+  mask: int32 [B*n, max_new_tokens] 1 up to and including EOS.
+  raw_logprobs: float32 [B*n, max_new_tokens] untempered, unfiltered log-probs.
+  lengths: int32 [B*n] number of generated tokens (= mask.sum(-1)).
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  raw_logprobs: jax.Array
+  lengths: jax.Array
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p=1.0, use_top_p: bool = False) -> jax.Array:
+  """Sets the logits [B, V] of tokens outside the top-k / top-p (nucleus) set to -inf.
+
+  top-k keeps the k largest logits (k static; 0 disables). top-p keeps the smallest prefix of
+  tokens sorted by decreasing probability whose mass reaches p: token i stays when the mass of
+  the tokens ranked above it is < p (so the most likely token always stays; HF semantics).
+  Ties at the threshold are all kept.
+  """
+  neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+  if top_k > 0:
+    vals = lax.top_k(logits, top_k)[0]  # [B, k] descending
+    logits = jnp.where(logits < vals[:, -1:], neg_inf, logits)
+  if use_top_p:
+    if top_k <= 0:
+      vals = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+    probs = jax.nn.softmax(vals, axis=-1)  # [B, k or V]
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # [B, k or V]
+    keep = mass_above < top_p
+    keep = keep.at[:, 0].set(True)
+    num_keep = jnp.sum(keep, axis=-1)  # [B]
+    threshold = jnp.take_along_axis(vals, (num_keep - 1)[:, None], axis=-1)  # [B, 1]
+    logits = jnp.where(logits < threshold, neg_inf, logits)
+  return logits
+
+
+def _sample_step(logits, key, temperature, top_p, *, greedy, top_k, use_top_p):
+  """logits [B, V] float32 -> (token [B], logprob used [B], untempered logprob [B])."""
+  raw = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+  if greedy:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    lp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
+    return tok, lp, lp
+  z = filter_logits(logits / temperature, top_k, top_p, use_top_p)  # [B, V]
+  tok = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)  # [B]
+  lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
+  raw_lp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
+  return tok, lp, raw_lp
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_new_tokens", "top_k", "greedy", "use_top_p", "eos_ids", "num_samples", "pad_id"))
+def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *, config: ModelConfig,
+                  max_new_tokens: int, top_k: int, greedy: bool, use_top_p: bool,
+                  eos_ids: tuple, num_samples: int, pad_id: int) -> GenerationOutput:
+  TRACE_COUNT["generate"] += 1
+  b, tp = prompt_tokens.shape
+  n = num_samples
+  s = tp + max_new_tokens
+  cache = transformer.init_cache(config, b, s)
+  logits, cache = transformer.prefill(params, config, prompt_tokens, prompt_mask, cache)  # [B, V]
+  valid = prompt_mask.astype(bool)  # [B, Tp]
+  if n > 1:  # share each prompt's cache across its n samples: rows b*n .. b*n+n-1
+    logits = jnp.repeat(logits, n, axis=0)
+    cache = transformer.KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1))
+    valid = jnp.repeat(valid, n, axis=0)
+  bn = b * n
+  n_prompt = jnp.sum(valid, axis=-1).astype(jnp.int32)  # [BN]
+  key_mask = jnp.concatenate([valid, jnp.ones((bn, max_new_tokens), bool)], axis=1)  # [BN, S]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)  # [E]
+  sample = functools.partial(_sample_step, temperature=temperature, top_p=top_p, greedy=greedy,
+                             top_k=top_k, use_top_p=use_top_p)
+
+  def emit(state, logits):
+    step, rng, finished, out = state[0], state[1], state[2], state[3]
+    rng, key = jax.random.split(rng)
+    tok, lp, raw_lp = sample(logits, key)
+    live = ~finished  # [BN]
+    tok = jnp.where(live, tok, pad_id)
+    col = lambda a, x: lax.dynamic_update_slice(a, x[:, None].astype(a.dtype), (0, step))
+    out = (col(out[0], tok), col(out[1], jnp.where(live, lp, 0.0)),
+           col(out[2], live.astype(jnp.int32)), col(out[3], jnp.where(live, raw_lp, 0.0)))
+    finished = finished | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+    return tok, rng, finished, out
+
+  out0 = (jnp.full((bn, max_new_tokens), pad_id, jnp.int32),
+          jnp.zeros((bn, max_new_tokens), jnp.float32),
+          jnp.zeros((bn, max_new_tokens), jnp.int32),
+          jnp.zeros((bn, max_new_tokens), jnp.float32))
+  finished0 = jnp.zeros((bn,), bool)
+
+  def cond(carry):
+    step, _, finished, _, _, _ = carry
+    return (step < max_new_tokens - 1) & ~jnp.all(finished)
+
+  def body(carry):
+    step, rng, finished, out, logits, cache = carry
+    tok, rng, finished, out = emit((step, rng, finished, out), logits)
+    logits, cache = transformer.decode_step_fast(params, weights, config, tok, n_prompt + step,
+                                                 cache, key_mask, tp + step)
+    return step + 1, rng, finished, out, logits, cache
+
+  weights = transformer.decode_weights(params, config)  # once, outside the loop
+  carry = (jnp.zeros((), jnp.int32), rng, finished0, out0, logits, transformer.split_cache(cache))
+  step, rng, finished, out, logits, _ = lax.while_loop(cond, body, carry)
+  _, _, _, out = emit((step, rng, finished, out), logits)  # the last token needs no decode step
+  tokens, lps, mask, raw = out
+  return GenerationOutput(tokens, lps, mask, raw, jnp.sum(mask, axis=-1))
+
+
+def _bucket(length: int, bucket: int) -> int:
+  return max(bucket, -(-length // bucket) * bucket)
+
+
+def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             eos_ids: Optional[Sequence[int]] = None, num_samples: int = 1,
+             prompt_bucket: int = 16, pad_id: Optional[int] = None) -> GenerationOutput:
+  """Samples continuations of left-padded prompts with a preallocated KV cache.
+
+  Args:
+    params: params pytree of `config`.
+    config: static ModelConfig.
+    prompt_tokens: int [B, Tp] prompts, left-padded.
+    prompt_mask: [B, Tp], 1 on real prompt tokens; every row needs >= 1 and its last column 1.
+    rng: PRNG key (the same key reproduces the same samples).
+    max_new_tokens: static number of decode steps (>= 1).
+    temperature: 0 for greedy, else > 0.
+    top_p: nucleus mass in (0, 1]; 1 disables.
+    top_k: keep the k most likely tokens; 0 disables.
+    eos_ids: ids that end a row (default: `config.eos_token_ids`); empty: never stop early.
+    num_samples: n samples per prompt sharing one prefill; output rows are B * n, prompt-major.
+    prompt_bucket: Tp is left-padded to a multiple of this, so shapes (and compiles) are reused.
+    pad_id: token written after EOS (default: pad, else first EOS, else 0).
+
+  Returns:
+    GenerationOutput (see its docstring).
+  """
+  max_new_tokens = int(max_new_tokens)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  temperature = float(temperature)
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}.")
+  top_p = float(top_p)
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+  top_k = int(top_k)
+  if top_k < 0 or top_k > config.vocab_size:
+    raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}.")
+  if int(num_samples) < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  eos_ids = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+  if pad_id is None:
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
+                     "must both be [B, Tp].")
+  if not isinstance(prompt_mask, jax.core.Tracer):
+    m = np.asarray(prompt_mask)
+    if (m.sum(-1) == 0).any():
+      raise ValueError(f"prompt_mask rows {np.flatnonzero(m.sum(-1) == 0).tolist()} have no tokens.")
+    if not m[:, -1].all():
+      raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 for every row.")
+  if not isinstance(prompt_tokens, jax.core.Tracer):
+    t = np.asarray(prompt_tokens)
+    if t.min() < 0 or t.max() >= config.vocab_size:
+      raise ValueError(f"prompt_tokens must lie in [0, {config.vocab_size}); got [{t.min()}, {t.max()}].")
+
+  b, tp = prompt_tokens.shape
+  tp_bucket = _bucket(tp, int(prompt_bucket))
+  tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  mask = jnp.asarray(prompt_mask, jnp.int32)
+  if tp_bucket > tp:
+    tokens = jnp.pad(tokens, ((0, 0), (tp_bucket - tp, 0)), constant_values=pad_id)
+    mask = jnp.pad(mask, ((0, 0), (tp_bucket - tp, 0)))
+  greedy = temperature == 0.0
+  return _generate_jit(
+      params, tokens, mask, rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+      config=config, max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
+      use_top_p=(top_p < 1.0) and not greedy, eos_ids=eos_ids, num_samples=int(num_samples),
+      pad_id=int(pad_id))
