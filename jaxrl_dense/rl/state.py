@@ -1,0 +1,59 @@
+"""Train state pytree and optimizer builder shared by the RL step builders."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(NamedTuple):
+  """Parameters, optimizer state and optimizer-step counter of one trained model.
+
+  A NamedTuple, hence a pytree: it can be donated to `jax.jit`, sharded leaf by leaf and
+  checkpointed as `state._asdict()`.
+
+  Attributes:
+    params: nested dict of arrays (the models API's params pytree).
+    opt_state: the optax state of `params`.
+    step: int32 scalar, number of optimizer steps applied so far.
+  """
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def make_optimizer(
+    learning_rate: float,
+    *,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip: Optional[float] = 1.0,
+    warmup_steps: int = 0,
+) -> optax.GradientTransformation:
+  """AdamW with global-norm gradient clipping (veRL's actor / PRM optimizer, spec §11).
+
+  `grad_clip` None or <= 0 disables clipping; `warmup_steps` > 0 ramps the learning rate linearly
+  from 0 (the PRIME scripts use a constant schedule, i.e. 0).
+  """
+  if learning_rate < 0:
+    raise ValueError(f"learning_rate={learning_rate} must be >= 0.")
+  schedule = learning_rate
+  if warmup_steps > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+        [warmup_steps])
+  chain = []
+  if grad_clip is not None and grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(grad_clip))
+  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*chain)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  """Builds a TrainState; jitted so the optimizer state inherits the params' shardings."""
+  opt_state = jax.jit(optimizer.init)(params)
+  return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))

@@ -1,0 +1,352 @@
+"""Jittable step builders for RL of language models: scoring, implicit-PRM update, PPO update.
+
+Each `make_*` returns ONE jitted function whose shapes are fixed by the (bucketed) batch, so an RL
+run compiles each of them once. Experiments compose them (see experiments/prime_math.py):
+
+  scoring(policy, ref, prm, batch)         -> old/ref/PRM log-probs of the response tokens
+  prm_update(prm_state, batch)             -> implicit-PRM CE update (PRIME spec §5)
+  policy_update(policy_state, batch, rng)  -> PPO-clip over epochs x mini-batches x micro-batches
+                                              (spec §7), normalised by the GLOBAL token count
+
+Batch layout (architecture.md conventions; spec §1), B rows, prompt length P, response length R:
+  tokens          int32   [B, P + R]   left-padded prompt followed by the right-padded response
+  attention_mask  int32   [B, P + R]   1 on real prompt tokens and on response tokens incl. EOS
+  response_mask   float32 [B, R]       1 on generated tokens up to and including the first EOS
+  acc             float32 [B]          verifier label
+  ref_logp, old_logp, advantages  float32 [B, R]
+The prompt length P is static: P = tokens.shape[1] - response_mask.shape[1].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_dense.models import logprobs, transformer
+from jaxrl_dense import losses
+from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rl.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossSettings:
+  """PPO-clip policy objective (spec §7; veRL defaults).
+
+  Attributes:
+    variant: "verl" (ratio clamp ±20 + dual clip) or "original" (PRIME-RL: plain clip, no dual clip).
+    clip_low / clip_high: ε_low, ε_high of clip(ρ, 1−ε_low, 1+ε_high).
+    clip_c: dual-clip constant c (verl only; <= 1 disables dual clip).
+    agg_mode: loss aggregation (spec §7.2): "token-mean", "seq-mean-token-sum",
+      "seq-mean-token-mean", "seq-mean-token-sum-norm".
+    entropy_coeff: objective = pg_loss − entropy_coeff · H.
+    kl_coef: coefficient of a KL-to-reference loss term (0 in PRIME).
+    kl_type: KL estimator ("k1", "abs", "k2", "k3" / "low_var_kl").
+  """
+  variant: str = "verl"
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  clip_c: float = 3.0
+  agg_mode: str = "token-mean"
+  entropy_coeff: float = 0.0
+  kl_coef: float = 0.0
+  kl_type: str = "low_var_kl"
+
+  def __post_init__(self):
+    if self.variant not in ("verl", "original"):
+      raise ValueError(f"PolicyLossSettings.variant={self.variant!r}; expected 'verl' or 'original'.")
+    if self.agg_mode not in losses.aggregation.MODES:
+      raise ValueError(f"PolicyLossSettings.agg_mode={self.agg_mode!r}; expected one of "
+                       f"{losses.aggregation.MODES}.")
+    losses.get_kl(self.kl_type)  # raises for an unknown estimator
+    if not (0 <= self.clip_low < 1) or self.clip_high < 0:
+      raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0.")
+
+
+def _split(n: int, size: int, what: str) -> int:
+  if size <= 0 or n % size:
+    raise ValueError(f"{what}: {n} rows are not divisible into chunks of {size}.")
+  return n // size
+
+
+def _chunk(tree, num_chunks: int):
+  """[B, ...] leaves -> [num_chunks, B // num_chunks, ...]."""
+  return jax.tree.map(lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]), tree)
+
+
+def _response_logprobs(params, config, tokens, attention_mask, response_len: int, with_entropy: bool):
+  """Log-probs (and entropies) of the last `response_len` tokens: [b, R] (and [b, R] or None).
+
+  The trunk runs over the whole sequence [b, P+R]; the LM head (vocabulary-sized, chunked) runs
+  only over the R positions that predict response tokens, not over the prompt.
+  """
+  hidden = transformer.hidden_states(params, config, tokens, attention_mask)  # [b, P+R, D]
+  w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))  # [D, V]
+  cut = tokens.shape[1] - response_len - 1  # last prompt position predicts response token 0
+  out = logprobs.logprobs_from_hidden(
+      hidden[:, cut:], w, tokens[:, cut:], attention_mask[:, cut:], return_entropy=with_entropy)
+  if with_entropy:
+    logp, ent = out
+    return logp[:, 1:], ent[:, 1:]  # [b, R], [b, R]
+  return out[:, 1:], None  # [b, R]
+
+
+def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=()):
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=donate_argnums)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+
+def make_scoring(
+    config,
+    *,
+    micro_batch_size: int,
+    with_policy: bool = True,
+    with_ref: bool = True,
+    with_prm: bool = True,
+    with_entropy: bool = True,
+    prm_config=None,
+    ref_config=None,
+    mesh=None,
+    param_shardings: Optional[Mapping[str, Any]] = None,
+    batch_sharding=None,
+) -> Callable:
+  """Builds `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
+
+  Runs up to three no-grad forwards over micro-batches of `micro_batch_size` rows (lax.map, so a
+  single compilation) and returns float32 [B, R] arrays: "old_logp" (policy; with "entropy" if
+  requested), "ref_logp" (frozen reference) and "prm_logp" (implicit PRM), for the response tokens.
+  Models that are switched off may be passed as None.
+  """
+  prm_config = prm_config or config
+  ref_config = ref_config or config
+
+  def scoring(policy_params, ref_params, prm_params, batch):
+    tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
+    chex.assert_rank([tokens, attn, rmask], [2, 2, 2])
+    B, R = rmask.shape
+    nm = _split(B, micro_batch_size, "scoring micro_batch_size")
+    chunks = _chunk((tokens, attn), nm)
+
+    def one(chunk):
+      tok, am = chunk  # [b, P+R]
+      out = {}
+      if with_policy:
+        lp, ent = _response_logprobs(policy_params, config, tok, am, R, with_entropy)
+        out["old_logp"] = lp
+        if with_entropy:
+          out["entropy"] = ent
+      if with_ref:
+        out["ref_logp"], _ = _response_logprobs(ref_params, ref_config, tok, am, R, False)
+      if with_prm:
+        out["prm_logp"], _ = _response_logprobs(prm_params, prm_config, tok, am, R, False)
+      return out
+
+    out = jax.lax.map(one, chunks)
+    return jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((B, R))), out)  # [B, R] each
+
+  in_sh = out_sh = None
+  if mesh is not None:
+    ps = param_shardings or {}
+    in_sh = (ps.get("policy"), ps.get("ref"), ps.get("prm"), batch_sharding)
+    out_sh = batch_sharding
+  return _jit(scoring, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh)
+
+
+def make_prm_update(
+    config,
+    optimizer: optax.GradientTransformation,
+    *,
+    beta: float,
+    mini_batch_size: int,
+    micro_batch_size: int,
+    mesh=None,
+    state_sharding=None,
+    batch_sharding=None,
+) -> Callable:
+  """Builds `prm_update(prm_state, batch) -> (prm_state, prm_logp [B, R], metrics)` (PRIME spec §5).
+
+  The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
+  order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
+  `micro_batch_size` rows. Loss (spec §5.1): z_i = β Σ_t m q, q = logp_prm − logp_ref,
+  ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)]; each micro-batch loss is scaled by
+  micro/mini so the step sees the mini-batch mean. Gradient clipping and AdamW live in `optimizer`.
+
+  `prm_logp` holds the log-probs computed inside the update loop: mini-batch k is scored by the PRM
+  after k optimizer steps of this call, i.e. PRIME-RL's "single forward" (`update: after`) scores.
+  Required batch keys: tokens, attention_mask, response_mask, acc, ref_logp.
+  """
+  def prm_update(state: TrainState, batch: Batch):
+    tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
+    acc, ref_logp = batch["acc"], batch["ref_logp"]
+    chex.assert_rank([tokens, rmask, acc, ref_logp], [2, 2, 1, 2])
+    B, R = rmask.shape
+    n_mini = _split(B, mini_batch_size, "PRM mini_batch_size")
+    n_micro = _split(mini_batch_size, micro_batch_size, "PRM micro_batch_size")
+    scale = micro_batch_size / mini_batch_size
+    rows = dict(tokens=tokens, attn=attn, rmask=rmask, acc=acc, ref_logp=ref_logp)
+    minis = _chunk(rows, n_mini)
+
+    def micro_loss(params, mb):
+      logp, _ = _response_logprobs(params, config, mb["tokens"], mb["attn"], R, False)  # [b, R]
+      q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
+      loss = implicit_prm.prm_ce_loss(q, mb["rmask"], mb["acc"], beta=beta)
+      return loss * scale, logp
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def mini_step(st: TrainState, mini):
+      micros = _chunk(mini, n_micro)
+
+      def acc_step(carry, mb):
+        gsum, lsum = carry
+        (loss, logp), g = grad_fn(st.params, mb)
+        return (jax.tree.map(jnp.add, gsum, g), lsum + loss), logp
+
+      zeros = jax.tree.map(jnp.zeros_like, st.params)
+      (grads, loss), logps = jax.lax.scan(acc_step, (zeros, jnp.zeros((), jnp.float32)), micros)
+      gnorm = optax.global_norm(grads)
+      updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+      params = optax.apply_updates(st.params, updates)
+      new = TrainState(params=params, opt_state=opt_state, step=st.step + 1)
+      return new, (logps.reshape((mini_batch_size, R)), loss, gnorm)
+
+    state, (logps, losses, gnorms) = jax.lax.scan(mini_step, state, minis)
+    prm_logp = jax.lax.stop_gradient(logps.reshape((B, R)))  # [B, R]
+    metrics = {"prm/loss": jnp.mean(losses), "prm/grad_norm": jnp.mean(gnorms)}
+    return state, prm_logp, metrics
+
+  in_sh = out_sh = None
+  if mesh is not None:
+    in_sh = (state_sharding, batch_sharding)
+    out_sh = (state_sharding, batch_sharding, None)
+  return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
+
+
+def make_policy_update(
+    config,
+    optimizer: optax.GradientTransformation,
+    settings: PolicyLossSettings,
+    *,
+    mini_batch_size: int,
+    micro_batch_size: int,
+    epochs: int = 1,
+    shuffle: bool = True,
+    mesh=None,
+    state_sharding=None,
+    batch_sharding=None,
+) -> Callable:
+  """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)` (PPO, spec §7).
+
+  For each of `epochs` epochs the B rows are (optionally) shuffled with `rng` and cut into
+  B / mini_batch_size mini-batches; each mini-batch is one optimizer step. Its gradient is
+  accumulated over micro-batches, and every micro-batch loss is divided by the aggregation count
+  of the WHOLE mini-batch (tokens for token-mean, sequences for seq-mean-*), obtained first as a
+  parameter-free (sum, count) reduction. So the step equals the loss of the full mini-batch for
+  any micro-batch size (Tunix / veRL "global token count" normalisation):
+
+    L = [Σ_micro pg_sum − c_H Σ_micro H_sum + c_KL Σ_micro KL_sum] / count(mini-batch).
+
+  Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
+  when kl_coef > 0).
+  """
+  if epochs < 1:
+    raise ValueError(f"epochs={epochs} must be >= 1.")
+  need_entropy = True  # entropy is always reported as a metric
+
+  def policy_update(state: TrainState, batch: Batch, rng: jax.Array):
+    rmask = batch["response_mask"]
+    B, R = rmask.shape
+    n_mini = _split(B, mini_batch_size, "policy mini_batch_size")
+    n_micro = _split(mini_batch_size, micro_batch_size, "policy micro_batch_size")
+    keys = ["tokens", "attention_mask", "response_mask", "old_logp", "advantages"]
+    if settings.kl_coef > 0:
+      keys.append("ref_logp")
+    rows = {k: batch[k] for k in keys}
+
+    def micro_terms(params, mb):
+      logp, ent = _response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy)
+      m = mb["response_mask"]
+      if settings.variant == "verl":  # veRL vanilla: ratio clamp ±20, dual clip
+        terms = losses.ppo_clip_token_loss(
+            logp, mb["old_logp"], mb["advantages"], clip_ratio_low=settings.clip_low,
+            clip_ratio_high=settings.clip_high,
+            clip_ratio_c=settings.clip_c if settings.clip_c > 1 else None, log_ratio_clamp=20.0)
+      else:  # PRIME-RL original: plain clip, no clamp, no dual clip
+        terms = losses.ppo_clip_token_loss(
+            logp, mb["old_logp"], mb["advantages"], clip_ratio_low=settings.clip_low,
+            clip_ratio_high=settings.clip_high, clip_ratio_c=None, log_ratio_clamp=None)
+      pg_sum, _ = losses.aggregate_terms(terms.token_loss, m, settings.agg_mode)
+      ent_sum, _ = losses.aggregate_terms(ent, m, settings.agg_mode)
+      total = pg_sum - settings.entropy_coeff * ent_sum
+      sums = {"pg": pg_sum, "entropy": ent_sum}
+      if settings.kl_coef > 0:
+        kl_tok = losses.get_kl(settings.kl_type)(logp, mb["ref_logp"])  # [b, R]
+        kl_sum, _ = losses.aggregate_terms(kl_tok, m, settings.agg_mode)
+        total = total + settings.kl_coef * kl_sum
+        sums["kl"] = kl_sum
+      tok_stats = {"clipfrac": terms.clipped.astype(jnp.float32),
+                   "clipfrac_lower": terms.dual_clipped.astype(jnp.float32),
+                   "ppo_kl": terms.neg_log_ratio}
+      # Token-level diagnostics as masked sums (divided by the token count at the end).
+      for name, v in tok_stats.items():
+        sums["tok/" + name] = jnp.sum(v * m)
+      return total, sums
+
+    def mini_step(st: TrainState, mini):
+      count = losses.aggregate_terms(jnp.zeros_like(mini["response_mask"]), mini["response_mask"],
+                                     settings.agg_mode)[1]  # parameter-free global count
+      count = jnp.maximum(count, 1e-8)
+      micros = _chunk(mini, n_micro)
+
+      def loss_fn(params, mb):
+        total, sums = micro_terms(params, mb)
+        return total / count, sums
+
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+      def acc_step(carry, mb):
+        gsum, lsum, ssum = carry
+        (loss, sums), g = grad_fn(st.params, mb)
+        return (jax.tree.map(jnp.add, gsum, g), lsum + loss, jax.tree.map(jnp.add, ssum, sums)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, st.params)
+      _, sums_shape = jax.eval_shape(micro_terms, st.params, jax.tree.map(lambda x: x[0], micros))
+      zsums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+      (grads, loss, sums), _ = jax.lax.scan(acc_step, (zeros, jnp.zeros((), jnp.float32), zsums), micros)
+      gnorm = optax.global_norm(grads)
+      updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+      params = optax.apply_updates(st.params, updates)
+      ntok = jnp.maximum(jnp.sum(mini["response_mask"]), 1.0)
+      stats = {"loss": loss, "grad_norm": gnorm, "pg_loss": sums["pg"] / count,
+               "entropy": sums["entropy"] / count}
+      if "kl" in sums:
+        stats["kl_loss"] = sums["kl"] / count
+      for k, v in sums.items():
+        if k.startswith("tok/"):
+          stats[k[4:]] = v / ntok
+      return TrainState(params=params, opt_state=opt_state, step=st.step + 1), stats
+
+    def epoch_step(st, key):
+      if shuffle:
+        perm = jax.random.permutation(key, B)
+        data = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
+      else:
+        data = rows
+      return jax.lax.scan(mini_step, st, _chunk(data, n_mini))
+
+    state, stats = jax.lax.scan(epoch_step, state, jax.random.split(rng, epochs))
+    metrics = {"actor/" + k: jnp.mean(v) for k, v in stats.items()}
+    metrics["actor/loss_finite"] = jnp.all(jnp.isfinite(stats["loss"]))
+    return state, metrics
+
+  in_sh = out_sh = None
+  if mesh is not None:
+    in_sh = (state_sharding, batch_sharding, None)
+    out_sh = (state_sharding, None)
+  return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))

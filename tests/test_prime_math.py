@@ -1,0 +1,313 @@
+"""Tests of the PRIME training loop: rl/ step builders and experiments/prime_math.py.
+
+Fast tests check the jitted step builders on a tiny model against direct computations (the
+global-token-count normalisation, the PRM CE update, scoring) and the flag validation. Slow tests
+(`-m slow`) run the smoke config end to end in subprocesses: resume exactness, the compile count,
+and the NaN stop.
+"""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrl_dense import losses, models
+from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rl import state as state_lib
+from jaxrl_dense.rl import steps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "prime_math.py"
+SMOKE = REPO / "experiments" / "configs" / "smoke.flags"
+
+TINY = models.ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32,
+                          num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                          max_position_embeddings=64, eos_token_ids=(1,), pad_token_id=0)
+P, R = 5, 6  # prompt / response lengths of the synthetic batches
+
+
+def _prime_math():
+  """The experiment module (absl flags registered once per process)."""
+  name = "prime_math_under_test"
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[name] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _batch(b=8, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(2, TINY.vocab_size, size=(b, P + R)).astype(np.int32)
+  prompt_mask = np.ones((b, P), np.int32)
+  prompt_mask[::3, :2] = 0  # some left padding
+  lengths = rng.integers(1, R + 1, size=b)
+  resp_mask = (np.arange(R)[None, :] < lengths[:, None]).astype(np.int32)
+  tokens[:, P:][resp_mask == 0] = 0
+  return {
+      "tokens": jnp.asarray(tokens),
+      "attention_mask": jnp.asarray(np.concatenate([prompt_mask, resp_mask], 1)),
+      "response_mask": jnp.asarray(resp_mask, jnp.float32),
+      "acc": jnp.asarray(rng.integers(0, 2, size=b), jnp.float32),
+      "advantages": jnp.asarray(rng.normal(size=(b, R)), jnp.float32),
+  }
+
+
+def _params(seed=0):
+  return models.init_params(TINY, jax.random.PRNGKey(seed))
+
+
+def _resp_logp(params, batch):
+  lp = models.token_logprobs(params, TINY, batch["tokens"], batch["attention_mask"])
+  return lp[:, P:]  # [B, R]
+
+
+def test_scoring_matches_token_logprobs():
+  params, ref = _params(0), _params(1)
+  batch = _batch()
+  scoring = steps.make_scoring(TINY, micro_batch_size=4, with_prm=True)
+  out = scoring(params, ref, ref, batch)
+  np.testing.assert_allclose(out["old_logp"], _resp_logp(params, batch), atol=1e-5)
+  np.testing.assert_allclose(out["ref_logp"], _resp_logp(ref, batch), atol=1e-5)
+  np.testing.assert_allclose(out["prm_logp"], _resp_logp(ref, batch), atol=1e-5)
+  assert out["entropy"].shape == (8, R) and bool(jnp.all(out["entropy"] >= 0))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_policy_update_is_the_global_mean_gradient(agg):
+  """One mini-batch, SGD(lr=1): Δθ = −∇ of the loss of the WHOLE batch, for any micro-batch size."""
+  params = _params(0)
+  batch = _batch()
+  batch["old_logp"] = _resp_logp(params, batch) + 0.05 * jax.random.normal(jax.random.PRNGKey(3), (8, R))
+  settings = steps.PolicyLossSettings(agg_mode=agg, entropy_coeff=0.01)
+
+  def full_loss(p):
+    logp = _resp_logp(p, batch)
+    _, ent = models.token_logprobs(p, TINY, batch["tokens"], batch["attention_mask"], return_entropy=True)
+    terms = losses.ppo_clip_token_loss(logp, batch["old_logp"], batch["advantages"])
+    s, c = losses.aggregate_terms(terms.token_loss, batch["response_mask"], agg)
+    es, _ = losses.aggregate_terms(ent[:, P:], batch["response_mask"], agg)
+    return (s - 0.01 * es) / c
+
+  grads = jax.grad(full_loss)(params)
+  expected = jax.tree.map(lambda p, g: p - g, params, grads)
+  results = []
+  for micro in (8, 2):
+    opt = optax.sgd(1.0)
+    update = steps.make_policy_update(TINY, opt, settings, mini_batch_size=8, micro_batch_size=micro,
+                                      shuffle=False)
+    st = state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt)
+    new, metrics = update(st, batch, jax.random.PRNGKey(0))
+    results.append(new.params)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(metrics["actor/loss"], full_loss(params), rtol=1e-5, atol=1e-6)
+  for got in results:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), got, expected)
+
+
+def test_policy_update_minibatches_and_epochs_count_optimizer_steps():
+  params = _params(0)
+  batch = _batch()
+  batch["old_logp"] = _resp_logp(params, batch)
+  opt = optax.adam(1e-3)
+  update = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(), mini_batch_size=4,
+                                    micro_batch_size=2, epochs=3)
+  new, metrics = update(state_lib.init_train_state(params, opt), batch, jax.random.PRNGKey(1))
+  assert int(new.step) == 6  # 2 mini-batches x 3 epochs
+  assert bool(metrics["actor/loss_finite"])
+  with pytest.raises(ValueError, match="micro_batch_size"):
+    bad = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(), mini_batch_size=4,
+                                   micro_batch_size=3)
+    bad(state_lib.init_train_state(_params(0), opt), batch, jax.random.PRNGKey(1))
+
+
+def test_prm_update_ce_gradient_and_scores():
+  """PRM step = SGD on the mini-batch-mean CE (spec §5.1); returned scores use pre-step params."""
+  prm, ref = _params(0), _params(1)
+  batch = _batch()
+  batch["ref_logp"] = _resp_logp(ref, batch)
+  beta = 0.5
+
+  def ce(p):
+    q = implicit_prm.token_log_ratio(_resp_logp(p, batch), batch["ref_logp"], batch["response_mask"])
+    return implicit_prm.prm_ce_loss(q, batch["response_mask"], batch["acc"], beta=beta)
+
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, prm, jax.grad(ce)(prm))
+  opt = optax.sgd(0.1)
+  update = steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=8, micro_batch_size=2)
+  new, prm_logp, metrics = update(state_lib.init_train_state(jax.tree.map(jnp.copy, prm), opt), batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), new.params, expected)
+  np.testing.assert_allclose(prm_logp, _resp_logp(prm, batch), atol=1e-5)
+  np.testing.assert_allclose(metrics["prm/loss"], ce(prm), rtol=1e-5)
+  # Repeated AdamW steps on one batch drive the CE loss down.
+  opt = state_lib.make_optimizer(1e-2, grad_clip=10.0)
+  update = steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=4, micro_batch_size=4)
+  st = state_lib.init_train_state(_params(0), opt)
+  first = None
+  for _ in range(5):
+    st, _, m = update(st, batch)
+    first = float(m["prm/loss"]) if first is None else first
+  assert float(m["prm/loss"]) < first - 0.05
+
+
+def test_select_groups_soft_band_filter():
+  pm = _prime_math()
+  cfg = pm.RunConfig(n=4, prompts_per_step=2, oversample=2, max_response_length=8)
+  acc = np.array([0, 0, 0, 0,  1, 0, 0, 0,  1, 1, 1, 1,  1, 1, 0, 0], np.float32)  # 0, .25, 1, .5
+  lengths = np.array([3] * 16)
+  keep, ok = pm.select_groups(acc, lengths, cfg)
+  assert ok.tolist() == [False, True, False, True]
+  assert keep.tolist() == [1, 3]
+  lengths[4] = 7  # verl: L >= R - 1 counts as truncated
+  keep, ok = pm.select_groups(acc, lengths, cfg)
+  assert ok.tolist() == [False, False, False, True] and keep.tolist() == [3, 0]  # soft fill
+
+
+def _run(args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=str(REPO), env=env)
+
+
+@pytest.mark.parametrize("flag,value", [("n", "1"), ("micro_batch_size", "5"), ("mesh", "data:3"),
+                                        ("acc_low", "0.9"), ("model", "/no/such/model")])
+def test_bad_flag_fails_before_any_work(flag, value, tmp_path):
+  r = _run([f"--flagfile={SMOKE}", f"--{flag}={value}", f"--checkpoint_dir={tmp_path}/ck"], timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert f"--{flag}=" in r.stderr, r.stderr[-2000:]
+  assert not (tmp_path / "ck").exists()  # nothing was built
+
+
+def test_eurus2_config_dry_run_prints_plan():
+  r = _run([f"--flagfile={REPO / 'experiments' / 'configs' / 'eurus2_7b_prime.flags'}", "--dry_run"],
+           timeout=120)
+  out = r.stdout + r.stderr
+  assert "memory per device" in out and "7" in out, out[-3000:]
+  # The SFT checkpoint and the parquet files are not on this machine: named, exit status 1.
+  assert r.returncode == 1 and "--model=" in out, out[-3000:]
+
+
+# ------------------------------------------------------------------------------ slow, end to end
+def _metrics(logdir):
+  rows = [json.loads(l) for l in open(os.path.join(logdir, "metrics.jsonl")) if l.strip()]
+  return {r["step"]: r for r in rows if "actor/loss" in r}
+
+
+def _comparable(rec):
+  return {k: v for k, v in rec.items() if not k.startswith("time/") and k != "tokens_per_s"}
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end_and_exact_resume(tmp_path):
+  """Smoke config: 4 steps straight == 2 steps + a fresh process resuming + 2 steps."""
+  from jaxrl_dense import checkpoint as ckpt_lib
+  common = [f"--flagfile={SMOKE}", "--eval_data=", "--checkpoint_every=1", "--checkpoint_keep=2"]
+  a = [*common, "--steps=4", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck"]
+  b = [*common, "--steps=2", f"--logdir={tmp_path}/b", f"--checkpoint_dir={tmp_path}/b/ck"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env) for args in (a, b)]
+  for p in procs:
+    out, err = p.communicate(timeout=1200)
+    assert p.returncode == 0, err[-3000:]
+  r = _run([*common, "--steps=4", "--resume", f"--logdir={tmp_path}/b", f"--checkpoint_dir={tmp_path}/b/ck"],
+           timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "restored step 2" in r.stdout
+  ma, mb = _metrics(f"{tmp_path}/a"), _metrics(f"{tmp_path}/b")
+  assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
+  for s in ma:
+    ra, rb = _comparable(ma[s]), _comparable(mb[s])
+    assert ra.keys() == rb.keys()
+    for k in ra:
+      assert math.isfinite(ra[k]), (s, k, ra[k])
+      np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6, err_msg=f"step {s} {k}")
+  sa, _ = ckpt_lib.Checkpointer(f"{tmp_path}/a/ck", fingerprint=_fingerprint(f"{tmp_path}/a/ck")).restore()
+  sb, _ = ckpt_lib.Checkpointer(f"{tmp_path}/b/ck", fingerprint=_fingerprint(f"{tmp_path}/b/ck")).restore()
+  leaves_a, leaves_b = jax.tree.leaves(sa), jax.tree.leaves(sb)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=1e-6)
+  assert int(np.asarray(sa["policy"]["step"])) == 4
+  # A different config must not resume from (or overwrite) this checkpoint.
+  r = _run([*common, "--steps=6", "--resume", "--beta=0.1", f"--checkpoint_dir={tmp_path}/b/ck"], timeout=600)
+  assert r.returncode == 4 and "beta" in r.stderr, r.stderr[-3000:]
+  assert sorted(int(p.name) for p in (tmp_path / "b" / "ck").iterdir() if p.name.isdigit())[-1] == 4
+
+
+def _fingerprint(ckpt_dir):
+  """The fingerprint stored in a checkpoint dir (to open it read-only for comparison)."""
+  steps_ = sorted(int(p.name) for p in pathlib.Path(ckpt_dir).iterdir() if p.name.isdigit())
+  return json.load(open(pathlib.Path(ckpt_dir) / str(steps_[-1]) / "fingerprint" / "metadata"))
+
+
+@pytest.mark.slow
+def test_steps_after_the_first_never_recompile(tmp_path):
+  pm = _prime_math()
+  cfg = pm.RunConfig(**{**_smoke_kwargs(pm), "eval_data": "", "steps": 3})
+  pm.validate(cfg)
+  run = pm.Run(cfg)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  try:
+    run.train_step()
+    first = len(compiles)
+    assert first > 0
+    run.train_step()
+    run.train_step()
+    assert len(compiles) == first, f"{len(compiles) - first} compilations after step 1"
+  finally:
+    jax.monitoring.clear_event_listeners()
+    run.verifier.close()
+
+
+def _smoke_kwargs(pm):
+  kw = {}
+  for line in open(SMOKE):
+    line = line.strip()
+    if not line.startswith("--"):
+      continue
+    k, v = line[2:].split("=", 1)
+    field = {f.name: f for f in __import__("dataclasses").fields(pm.RunConfig)}[k]
+    default = field.default
+    kw[k] = (v.lower() == "true") if isinstance(default, bool) else type(default)(v)
+  return kw
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  """lr=1e30 makes step 1's update blow the params up; step 2's loss is NaN."""
+  r = _run([f"--flagfile={SMOKE}", "--eval_data=", "--steps=4", "--lr=1e30", "--grad_clip=0",
+            "--checkpoint_every=1", f"--checkpoint_dir={tmp_path}/ck"], timeout=1200)
+  assert r.returncode == 3, r.stderr[-3000:]
+  assert "not finite" in r.stderr and "last good checkpoint is step 1" in r.stderr, r.stderr[-3000:]
+  saved = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
+  assert saved == [1]
+
+
+@pytest.mark.slow
+def test_smoke_runs_sharded_on_8_simulated_devices(tmp_path):
+  """data:2 x fsdp:2 x tensor:2 on 8 simulated CPU devices: params, optimizer states and batches
+  sharded, every jitted step compiled with explicit shardings."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, str(SCRIPT), f"--flagfile={SMOKE}", "--eval_data=", "--steps=2",
+                      "--mesh=data:2,fsdp:2,tensor:2", f"--logdir={tmp_path}"],
+                     capture_output=True, text=True, timeout=1200, cwd=str(REPO), env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "devices=8" in r.stdout
+  m = _metrics(str(tmp_path))
+  assert sorted(m) == [1, 2]
+  for rec in m.values():
+    for k, v in _comparable(rec).items():
+      assert math.isfinite(v), (k, v)
