@@ -8,7 +8,10 @@ KV-cache sampler -> verify -> accuracy-band filter -> scoring (old policy / refe
 advantages (`--prime_variant=verl|original`) -> PPO-clip update over epochs x mini-batches x
 micro-batches, normalised by the global token count -> metrics, checkpoint, eval.
 `--algo=grpo|rloo|reinforce_pp` drop the PRM and use outcome-only advantages in the same loop, so
-the same script produces the baselines.
+the same script produces the baselines. Tier-1 methods by flag (methods.md): `--filter=prof` (PROF
+consistency filter on the implicit PRM's step scores, §1.4; `band` = the accuracy band, default;
+`none`), `--advantage=prl` (Process Reward Learning with an outcome --algo, §1.6) and
+`--extra_reward=sar:0.2` (Self-Aligned Reward added to the outcome reward with weight 0.2, §1.9).
 
 Every model-side function is jitted once: prompts are left-padded to `--max_prompt_length`,
 responses right-padded to `--max_response_length`, and every step has the same number of rows, so
@@ -50,6 +53,12 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 ALGOS = ("prime", "grpo", "rloo", "reinforce_pp")
+FILTERS = ("band", "prof", "none")
+# --advantage overrides (sequence-level estimators fed the outcome reward; "prl" adds the
+# old/ref log-ratio suffix term, methods.md §1.6).
+ADVANTAGES = ("prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+EXTRA_REWARDS = ("sar",)
+SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # --------------------------------------------------------------------------------------------
@@ -93,10 +102,43 @@ flags.DEFINE_float("gamma", 1.0, "Discount (PRIME original / REINFORCE++).")
 flags.DEFINE_integer("n", 4, "Responses per prompt.")
 flags.DEFINE_integer("prompts_per_step", 64, "Prompts kept per step (after the filter).")
 flags.DEFINE_integer("oversample", 4, "Prompts sampled per step = prompts_per_step * oversample.")
-flags.DEFINE_bool("filter", True, "Accuracy-band filter (spec §8).")
+
+
+class _FilterParser(flags.ArgumentParser):
+  """--filter=band|prof|none. The former boolean forms still parse: --filter, --filter=true -> band;
+  --nofilter, --filter=false -> none. Other values pass through to `validate` (FlagError)."""
+
+  _BOOL = {"true": "band", "t": "band", "1": "band", "yes": "band",
+           "false": "none", "f": "none", "0": "none", "no": "none"}
+
+  def parse(self, argument):
+    if isinstance(argument, bool):
+      return "band" if argument else "none"
+    value = str(argument).strip().lower()
+    return self._BOOL.get(value, value)
+
+  def flag_type(self):
+    return "string"
+
+
+flags.DEFINE_flag(flags.Flag(
+    _FilterParser(), flags.ArgumentSerializer(), "filter", "band",
+    "Prompt / sample filter: 'band' = accuracy band (spec §8); 'prof' = PROF process-consistency "
+    "filter (methods.md §1.4) on the implicit PRM's step scores, dropping --prof_remove responses "
+    "per group from the policy loss (needs --algo=prime); 'none'. --filter / --nofilter (the former "
+    "boolean) mean band / none.", boolean=True))
 flags.DEFINE_float("acc_low", 0.2, "Accuracy band lower bound (inclusive).")
 flags.DEFINE_float("acc_high", 0.8, "Accuracy band upper bound (inclusive).")
 flags.DEFINE_bool("filter_truncated", True, "Filter out groups with a truncated response.")
+flags.DEFINE_integer("prof_remove", 0, "--filter=prof: responses removed per group (k; 0 = n // 2).")
+flags.DEFINE_integer("step_len", 256, "Fixed step length in tokens for --advantage=prl and --filter=prof.")
+flags.DEFINE_string("advantage", "", "Advantage estimator override for --algo=grpo|rloo|reinforce_pp: "
+                    f"one of {', '.join(ADVANTAGES)} ('' = the one implied by --algo). 'prl' = Process "
+                    "Reward Learning (methods.md §1.6).")
+flags.DEFINE_float("prl_eta", 200.0, "--advantage=prl: inverse KL strength eta (0 = plain GRPO).")
+flags.DEFINE_string("extra_reward", "", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': "
+                    f"'sar:0.2' = Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
+                    f"{SAR_DEFAULT_WEIGHT}). '' = none.")
 
 # Optimisation.
 flags.DEFINE_float("lr", 5e-7, "Policy AdamW learning rate.")
@@ -193,10 +235,15 @@ class RunConfig:
   n: int = 4
   prompts_per_step: int = 64
   oversample: int = 4
-  filter: bool = True
+  filter: str = "band"  # band | prof | none (a bool is accepted: True -> band, False -> none)
   acc_low: float = 0.2
   acc_high: float = 0.8
   filter_truncated: bool = True
+  prof_remove: int = 0
+  step_len: int = 256
+  advantage: str = ""
+  prl_eta: float = 200.0
+  extra_reward: str = ""
   lr: float = 5e-7
   weight_decay: float = 0.01
   grad_clip: float = 1.0
@@ -239,6 +286,10 @@ class RunConfig:
   dry_run: bool = False
   progress: bool = True
 
+  def __post_init__(self):
+    if isinstance(self.filter, bool):  # the former boolean --filter
+      object.__setattr__(self, "filter", "band" if self.filter else "none")
+
   # Derived sizes.
   @property
   def rows(self) -> int:
@@ -261,6 +312,15 @@ class RunConfig:
   def uses_prm(self) -> bool:
     return self.algo == "prime"
 
+  @property
+  def needs_ref(self) -> bool:
+    """The frozen reference is scored (PRIME's PRM, a KL loss, or PRL's log-ratio)."""
+    return self.uses_prm or self.kl_coef > 0 or self.advantage == "prl"
+
+  @property
+  def prof_k(self) -> int:
+    return self.prof_remove or self.n // 2
+
   def fingerprint(self) -> dict:
     """Settings a checkpoint must agree with to be resumed (model, data, shapes, algorithm)."""
     keys = ("model", "ref_model", "prm_model", "tokenizer", "dtype", "train_data", "arith_ops",
@@ -272,7 +332,15 @@ class RunConfig:
             "outcome_coef", "gamma", "clip_low", "clip_high", "clip_c", "loss_agg", "entropy_coeff",
             "kl_coef", "kl_type", "filter", "acc_low", "acc_high", "filter_truncated",
             "temperature", "top_p", "top_k", "shuffle")
-    return {k: getattr(self, k) for k in keys}
+    fp = {k: getattr(self, k) for k in keys}
+    # `filter` was a bool: band / none keep their old values so existing checkpoints resume; the
+    # method flags enter only when set, for the same reason.
+    fp["filter"] = {"band": True, "none": False}.get(self.filter, self.filter)
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for k in ("prof_remove", "step_len", "advantage", "prl_eta", "extra_reward"):
+      if getattr(self, k) != defaults[k]:
+        fp[k] = getattr(self, k)
+    return fp
 
 
 def config_from_flags(fv=None) -> RunConfig:
@@ -286,6 +354,53 @@ def config_from_flags(fv=None) -> RunConfig:
 
 def _flag_err(name: str, value: Any, why: str) -> FlagError:
   return FlagError(f"--{name}={value!r}: {why}")
+
+
+def parse_extra_reward(spec: str) -> tuple:
+  """'sar:0.2' -> ('sar', 0.2); 'sar' -> ('sar', 0.2); '' -> ('', 0.0). Raises FlagError."""
+  if not spec:
+    return "", 0.0
+  name, _, weight = spec.partition(":")
+  name = name.strip()
+  if name not in EXTRA_REWARDS:
+    raise _flag_err("extra_reward", spec, f"unknown reward {name!r}; expected NAME[:WEIGHT] with NAME "
+                    f"one of {', '.join(EXTRA_REWARDS)}")
+  if not weight.strip():
+    return name, SAR_DEFAULT_WEIGHT
+  try:
+    w = float(weight)
+  except ValueError:
+    raise _flag_err("extra_reward", spec, f"weight {weight!r} is not a number") from None
+  if not math.isfinite(w):
+    raise _flag_err("extra_reward", spec, "weight must be finite")
+  return name, w
+
+
+def _validate_methods(cfg: RunConfig) -> None:
+  """--filter / --advantage / --extra_reward (tier-1 methods, methods.md §1.4, §1.6, §1.9)."""
+  if cfg.filter not in FILTERS:
+    raise _flag_err("filter", cfg.filter, f"expected one of {', '.join(FILTERS)} (or the former "
+                    "boolean true / false)")
+  if cfg.filter == "prof":
+    if not cfg.uses_prm:
+      raise _flag_err("filter", cfg.filter, "PROF ranks responses by PRM step scores; it needs the "
+                      "implicit PRM of --algo=prime (use --process_coef=0 to keep them out of the reward)")
+    if not 0 <= cfg.prof_remove < cfg.n or cfg.prof_k < 1:
+      raise _flag_err("prof_remove", cfg.prof_remove, f"must be in 0..n-1 (n={cfg.n}; 0 = n // 2), "
+                      "and at least one response must be removed")
+  if cfg.step_len <= 0:
+    raise _flag_err("step_len", cfg.step_len, "must be > 0")
+  if cfg.advantage:
+    if cfg.advantage not in ADVANTAGES:
+      raise _flag_err("advantage", cfg.advantage, f"expected one of {', '.join(ADVANTAGES)} or ''")
+    if cfg.algo == "prime":
+      raise _flag_err("advantage", cfg.advantage, "overrides the outcome estimator of --algo=grpo|rloo|"
+                      "reinforce_pp; --algo=prime's estimator is PRIME RLOO over the PRM rewards")
+    if cfg.n < 2:
+      raise _flag_err("n", cfg.n, f"--advantage={cfg.advantage} needs n >= 2 samples per prompt")
+  if not (cfg.prl_eta >= 0 and math.isfinite(cfg.prl_eta)):
+    raise _flag_err("prl_eta", cfg.prl_eta, "must be a finite number >= 0")
+  parse_extra_reward(cfg.extra_reward)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -327,6 +442,7 @@ def validate(cfg: RunConfig) -> None:
   if not cfg.recompute_old_logp and (cfg.temperature != 1.0 or cfg.top_p != 1.0 or cfg.top_k != 0):
     raise _flag_err("recompute_old_logp", False, "reusing the sampler's log-probs needs --temperature=1, "
                     "--top_p=1 and --top_k=0 (otherwise they are not the policy's log-probs)")
+  _validate_methods(cfg)
   if cfg.kl_type not in ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"):
     raise _flag_err("kl_type", cfg.kl_type, "expected one of kl, k1, abs, mse, k2, low_var_kl, k3")
   rows = cfg.rows
@@ -614,13 +730,16 @@ def select_groups(acc, lengths, cfg: RunConfig):
   groups pass, which a fixed-shape step cannot do, so failing groups fill the batch here as well
   (this is reported as filter/pass_frac).
 
+  --filter=none|prof keep the first prompts_per_step groups (PROF filters responses later, see
+  `make_prof_fn`).
+
   Returns (kept group indices [prompts_per_step], pass flags [G]).
   """
   import numpy as np
   n, P = cfg.n, cfg.prompts_per_step
   acc_g = np.asarray(acc, np.float64).reshape(-1, n).mean(axis=1)  # [G]
   ok = np.ones_like(acc_g, dtype=bool)
-  if cfg.filter:
+  if cfg.filter == "band":
     ok &= (acc_g >= cfg.acc_low - 1e-9) & (acc_g <= cfg.acc_high + 1e-9)
     if cfg.filter_truncated:
       cut = cfg.max_response_length - (1 if cfg.prime_variant == "verl" else 0)
@@ -630,25 +749,39 @@ def select_groups(acc, lengths, cfg: RunConfig):
 
 
 def make_advantage_fn(cfg: RunConfig):
-  """Jitted (acc [B], mask [B, R], prm_logp, ref_logp) -> (advantages [B, R], returns, stats)."""
+  """Jitted (acc [B], mask [B, R], prm_logp, ref_logp, old_logp=None, extra=None)
+  -> (advantages [B, R], returns, stats).
+
+  The outcome reward is acc, plus `w * extra` with --extra_reward=sar:w (extra = R_SA [B],
+  methods.md §1.9: R = R_verifiable + w * R_SA); the PRM metrics keep using acc. --advantage
+  replaces --algo's outcome estimator; "prl" (methods.md §1.6) needs old_logp [B, R] and uses
+  fixed --step_len steps.
+  """
   import jax
   import jax.numpy as jnp
   from jaxrl_dense import advantages as adv_lib
   from jaxrl_dense import ops
   from jaxrl_dense.rewards import implicit_prm
+  from jaxrl_dense.rewards import sar as sar_lib
 
   n = cfg.n
+  _, extra_w = parse_extra_reward(cfg.extra_reward)
 
-  def fn(acc, mask, prm_logp, ref_logp):
+  def fn(acc, mask, prm_logp, ref_logp, old_logp=None, extra=None):
     m = mask.astype(jnp.float32)
     stats = {}
+    outcome = acc  # [B]
+    if extra is not None:
+      outcome = sar_lib.combine_with_sar(acc, extra, factor=extra_w)  # [B]
+      stats["extra/sar_mean"] = jnp.mean(extra)
+      stats["extra/reward_mean"] = jnp.mean(outcome)
     if cfg.algo == "prime":
       rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.beta,
                                                variant=cfg.prime_variant)
       scores = implicit_prm.prime_batch_norm(rw.scores)  # [B, R]
       gammas = {} if cfg.prime_variant == "verl" else {"process_gamma": cfg.gamma, "outcome_gamma": cfg.gamma}
       adv, ret = adv_lib.prime_rloo_advantages(
-          scores, acc, m, n=n, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+          scores, outcome, m, n=n, variant=cfg.prime_variant, process_coef=cfg.process_coef,
           outcome_coef=cfg.outcome_coef, **gammas)
       pm = implicit_prm.prm_metrics(rw.q, m, acc, n=n)
       stats.update(pm)
@@ -657,10 +790,17 @@ def make_advantage_fn(cfg: RunConfig):
     else:
       num_groups = acc.shape[0] // n
       gids = ops.contiguous_group_ids(num_groups, n)
-      if cfg.algo == "reinforce_pp":
-        adv, ret = adv_lib.reinforce_pp_advantages(ops.place_at_last_token(acc, m), m, gamma=cfg.gamma)
+      name = cfg.advantage or cfg.algo
+      if name == "reinforce_pp":
+        adv, ret = adv_lib.reinforce_pp_advantages(ops.place_at_last_token(outcome, m), m, gamma=cfg.gamma)
+      elif name == "prl":
+        if old_logp is None:
+          raise ValueError("--advantage=prl needs old_logp [B, R]")
+        step_ids = ops.fixed_length_step_ids(m, cfg.step_len)  # [B, R]
+        adv, ret = adv_lib.prl_advantages(outcome, old_logp, ref_logp, m, gids, num_groups, step_ids,
+                                          eta=cfg.prl_eta)
       else:
-        adv, ret = adv_lib.get(cfg.algo)(acc, m, gids, num_groups)
+        adv, ret = adv_lib.get(name)(outcome, m, gids, num_groups)
     stats["adv/mean"] = ops.masked_mean(adv, m)
     stats["adv/std"] = jnp.sqrt(ops.masked_mean(jnp.square(adv - ops.masked_mean(adv, m)), m))
     stats["adv/max"] = jnp.max(jnp.where(m > 0, adv, -jnp.inf))
@@ -669,6 +809,50 @@ def make_advantage_fn(cfg: RunConfig):
     return adv, ret, stats
 
   return jax.jit(fn)
+
+
+def make_prof_fn(cfg: RunConfig):
+  """Jitted PROF keep mask (methods.md §1.4): (acc [B], mask [B, R], prm_logp, ref_logp) -> keep [B].
+
+  Step scores come from the implicit PRM: v_h = sigmoid(beta * sum_{s <= e(h)} (logp_prm_s -
+  logp_ref_s)), its probability that the prefix ending at step h's last token leads to a correct
+  answer, with fixed --step_len steps. Then c = prof_consistency(v, step_mask, acc) (code variant)
+  and prof_filter removes --prof_remove (k) responses per group of n, balancing correct /
+  incorrect. Departure from the paper: the kept rows' advantages come from --algo over the whole
+  group (the dropped rows are masked out of the policy loss), not a GRPO over the survivors.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jaxrl_dense import ops
+  from jaxrl_dense.filters import prof
+
+  n, k, step_len = cfg.n, cfg.prof_k, cfg.step_len
+
+  def fn(acc, mask, prm_logp, ref_logp):
+    m = mask.astype(jnp.float32)  # [B, R]
+    q = jnp.cumsum(cfg.beta * (prm_logp - ref_logp) * m, axis=1)  # [B, R]
+    step_ids = ops.fixed_length_step_ids(m, step_len)  # [B, R]
+    num_steps = -(-m.shape[1] // step_len)
+    ends = ops.step_ends_from_ids(step_ids) & (m > 0)  # [B, R]
+    v = ops.segment_sum(jnp.where(ends, jax.nn.sigmoid(q), 0.0), step_ids, num_steps)  # [B, S]
+    step_mask = ops.step_mask_from_ids(step_ids, num_steps)  # [B, S]
+    c = prof.prof_consistency(v, step_mask, acc)  # [B]
+    num_groups = acc.shape[0] // n
+    return prof.prof_filter(acc, c, ops.contiguous_group_ids(num_groups, n), num_groups, n_remove=k)
+
+  return jax.jit(fn)
+
+
+def _empty_query(record):
+  """The record with its last (user) message emptied: SAR's answer-only context (§1.9)."""
+  msgs = tuple(record.prompt_messages)
+  return dataclasses.replace(record, prompt_messages=msgs[:-1] + ({**msgs[-1], "content": ""},))
+
+
+def _sar_reward(logp_qa, logp_a, mask):
+  """R_SA [B] from the answer log-probs with (logp_qa [B, R]) and without (logp_a [B, R]) the query."""
+  from jaxrl_dense.rewards import sar as sar_lib
+  return sar_lib.self_aligned_reward(logp_qa, logp_a, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,7 +899,7 @@ class Run:
                         "has a different architecture from --model")
       return place(params)
 
-    need_ref = cfg.uses_prm or cfg.kl_coef > 0
+    need_ref = cfg.needs_ref
     self.ref_params = load_other(cfg.ref_model) if need_ref else None
     prm_params = load_other(cfg.prm_model) if cfg.uses_prm else None
     policy_params = place(policy_params)
@@ -759,6 +943,13 @@ class Run:
           with_prm=True, with_entropy=False, mesh=self.mesh,
           param_shardings={"policy": None, "ref": None, "prm": self.param_sharding}, batch_sharding=bsh)
     self.advantage_fn = make_advantage_fn(cfg)
+    self.prof_fn = make_prof_fn(cfg) if cfg.filter == "prof" else None
+    self.sar_scoring = None
+    if parse_extra_reward(cfg.extra_reward)[0] == "sar":  # policy log-probs of the answer, empty query
+      self.sar_scoring = steps.make_scoring(
+          mc, micro_batch_size=cfg.score_micro_batch_size, with_policy=True, with_ref=False,
+          with_prm=False, with_entropy=False, mesh=self.mesh,
+          param_shardings={"policy": self.param_sharding, "ref": None, "prm": None}, batch_sharding=bsh)
 
     # Data.
     self.train_records, self.eval_records = load_records(cfg)
@@ -875,6 +1066,23 @@ class Run:
     jax.block_until_ready((batch["old_logp"], scores))  # else the scoring time lands in the next stage
     timing["score"] = time.time() - t
 
+    # 4b. --extra_reward=sar: R_SA from the behaviour policy's answer log-probs with and without
+    # the query (the last user message emptied; methods.md §1.9).
+    adv_kw = {}
+    if self.sar_scoring is not None:
+      t = time.time()
+      epb = self.encode([_empty_query(r) for r in records])
+      sar_batch = self.shard({
+          "tokens": np.concatenate([np.repeat(epb.tokens, cfg.n, axis=0)[rows], resp_tokens[rows]],
+                                   axis=1).astype(np.int32),
+          "attention_mask": np.concatenate([np.repeat(epb.mask, cfg.n, axis=0)[rows], resp_mask[rows]],
+                                           axis=1).astype(np.int32),
+          "response_mask": resp_mask[rows].astype(np.float32)})
+      logp_a = self.sar_scoring(self.policy.params, None, None, sar_batch)["old_logp"]  # [B, R]
+      adv_kw["extra"] = _sar_reward(batch["old_logp"], logp_a, batch["response_mask"])
+      jax.block_until_ready(adv_kw["extra"])
+      timing["sar"] = time.time() - t
+
     metrics = {}
     # 5. Implicit PRM update and token scores.
     prm_logp = batch["old_logp"]
@@ -890,10 +1098,21 @@ class Run:
         timing["prm_score"] = time.time() - t
       metrics.update(prm_m)
 
+    ref_logp = batch.get("ref_logp", batch["old_logp"])
+    # 5b. --filter=prof: mask the dropped responses out of the advantages and the policy loss.
+    if self.prof_fn is not None:
+      t = time.time()
+      keep = self.prof_fn(batch["acc"], batch["response_mask"], prm_logp, ref_logp)  # [B]
+      batch["response_mask"] = batch["response_mask"] * keep[:, None].astype(jnp.float32)
+      metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
+      timing["prof"] = time.time() - t
+
     # 6. Advantages.
     t = time.time()
-    ref_logp = batch.get("ref_logp", batch["old_logp"])
-    adv, ret, adv_stats = self.advantage_fn(batch["acc"], batch["response_mask"], prm_logp, ref_logp)
+    if cfg.advantage == "prl":
+      adv_kw["old_logp"] = batch["old_logp"]
+    adv, ret, adv_stats = self.advantage_fn(batch["acc"], batch["response_mask"], prm_logp, ref_logp,
+                                            **adv_kw)
     batch["advantages"] = adv
     metrics.update(adv_stats)
     timing["advantage"] = time.time() - t
@@ -1184,7 +1403,7 @@ def dry_run(cfg: RunConfig) -> int:
     shapes = jax.eval_shape(lambda k: models.init_params(mc, k), jax.random.PRNGKey(0))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
     pbytes = 2 if cfg.dtype == "bfloat16" else 4
-    n_models = 3 if cfg.uses_prm else (2 if cfg.kl_coef > 0 else 1)
+    n_models = 3 if cfg.uses_prm else (2 if cfg.needs_ref else 1)
     n_trained = 2 if cfg.uses_prm else 1
     # params of every model + grads + 2 Adam moments (float32) of each trained model
     state = n_params * (n_models * pbytes + n_trained * (pbytes + 8))
