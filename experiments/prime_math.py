@@ -590,34 +590,14 @@ def _resolve_path(spec: str) -> str:
   return _smollm2_path() if spec == "smollm2" else spec
 
 
-_CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 def chars_tokenizer():
-  """A character-level ChatML tokenizer (printable ASCII + 4 specials, ~104 ids).
+  """`--tokenizer=chars`: the character-level ChatML tokenizer of `jaxrl_dense.models.tokenizer`.
 
-  Built in milliseconds with no model files: what `--tokenizer=chars` gives a `random:` model
-  (the smoke config), where reading SmolLM2's 49k-token GGUF vocabulary would dominate the run.
+  Built in milliseconds with no model files, for a `random:` model (the smoke config), where
+  reading SmolLM2's 49k-token GGUF vocabulary would dominate the run.
   """
-  import string
-  from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
-  vocab = {t: i for i, t in enumerate(specials)}
-  for c in sorted(set(string.printable)):
-    vocab.setdefault(c, len(vocab))
-  tok = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-  tok.decoder = decoders.Fuse()
-  tok.add_special_tokens(specials)
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                 bos_token="<|im_start|>", unk_token="<unk>")
-  fast.chat_template = _CHATML_TEMPLATE
-  return fast
+  from jaxrl_dense.models.tokenizer import char_chat_tokenizer
+  return char_chat_tokenizer()
 
 
 def load_tokenizer(spec: str):

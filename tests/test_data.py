@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxrl_dense.data import arithmetic, batching, iterator, prompts
-from _tiny_chat_tokenizer import tiny_chat_tokenizer
+from jaxrl_dense.models.tokenizer import char_chat_tokenizer as tiny_chat_tokenizer
 
 
 # ------------------------------------------------------------------------------ arithmetic

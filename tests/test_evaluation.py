@@ -9,7 +9,7 @@ from jaxrl_dense import evaluation, sampling
 from jaxrl_dense.data import arithmetic, batching
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
-from _tiny_chat_tokenizer import tiny_chat_tokenizer
+from jaxrl_dense.models.tokenizer import char_chat_tokenizer as tiny_chat_tokenizer
 
 MAX_NEW = 8
 

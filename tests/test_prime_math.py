@@ -5,7 +5,6 @@ global-token-count normalisation, the PRM CE update, scoring) and the flag valid
 (`-m slow`) run the smoke config end to end in subprocesses: resume exactness, the compile count,
 and the NaN stop.
 """
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _experiment_module import load_experiment
 
 from jaxrl_dense import losses, models
 from jaxrl_dense.rewards import implicit_prm
@@ -36,14 +36,7 @@ P, R = 5, 6  # prompt / response lengths of the synthetic batches
 
 def _prime_math():
   """The experiment module (absl flags registered once per process)."""
-  name = "prime_math_under_test"
-  if name in sys.modules:
-    return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[name] = mod
-  spec.loader.exec_module(mod)
-  return mod
+  return load_experiment("prime_math")
 
 
 def _batch(b=8, seed=0):

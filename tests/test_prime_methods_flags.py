@@ -6,32 +6,22 @@ reward, the empty-query record) on tiny numpy inputs; no model, no training loop
 """
 import copy
 import dataclasses
-import importlib.util
-import pathlib
 import sys
 
 import jax
 import numpy as np
 import pytest
+from _experiment_module import load_experiment
 
 from jaxrl_dense import ops
 from jaxrl_dense.advantages import prl as prl_lib
 from jaxrl_dense.filters import prof as prof_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "prime_math.py"
 
 
 def _prime_math():
-  """The experiment module (absl flags registered once per process; shared with test_prime_math)."""
-  name = "prime_math_under_test"
-  if name in sys.modules:
-    return sys.modules[name]
-  spec = importlib.util.spec_from_file_location(name, SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[name] = mod
-  spec.loader.exec_module(mod)
-  return mod
+  """The experiment module (absl flags registered once per process)."""
+  return load_experiment("prime_math")
 
 
 pm = _prime_math()

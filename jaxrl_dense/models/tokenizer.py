@@ -202,3 +202,36 @@ def check_vocab_fits(tokenizer, vocab_size: int, *, source: str = "model") -> No
     raise ValueError(
         f"{source}: the tokenizer has {n} tokens (largest id {max_id}) but the model's embedding "
         f"has only vocab_size={vocab_size} rows; tokenizer and checkpoint do not match.")
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CHAR_SPECIALS = ("<pad>", "<|im_start|>", "<|im_end|>", "<unk>")
+
+
+def char_chat_tokenizer():
+  """A character-level ChatML tokenizer: 4 specials (ids 0-3) + printable ASCII, ~104 ids.
+
+  Built in milliseconds from no files (a `tokenizers` WordLevel model over single characters,
+  wrapped in a transformers `PreTrainedTokenizerFast`, the interface `load_pretrained` returns).
+  For tiny random-initialised models (smoke runs, tests), where reading a real 49k-token
+  vocabulary would dominate the run. pad = `<pad>` (0), bos = `<|im_start|>` (1), eos = `<|im_end|>` (2).
+  """
+  import string  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  vocab = {t: i for i, t in enumerate(CHAR_SPECIALS)}
+  for c in sorted(set(string.printable)):
+    vocab.setdefault(c, len(vocab))
+  tok = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(list(CHAR_SPECIALS))
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                 bos_token="<|im_start|>", unk_token="<unk>")
+  fast.chat_template = CHATML_TEMPLATE
+  return fast
