@@ -16,7 +16,10 @@ consistency filter on the implicit PRM's step scores, §1.4; `band` = the accura
 Every model-side function is jitted once: prompts are left-padded to `--max_prompt_length`,
 responses right-padded to `--max_response_length`, and every step has the same number of rows, so
 steps after the first never recompile. Functions run on a mesh from `--mesh`; params and optimizer
-states are sharded along fsdp (and tensor), batches along (data, fsdp).
+states are sharded along fsdp (and tensor), batches along (data, fsdp). Multi-host: start the same
+command in every process (`jax.distributed` through `sharding.initialize_distributed`, see
+docs/scaling.md §3); each process samples the same seeded prompts, gathers and verifies the whole
+batch, and runs the same steps; process 0 writes the logs, all processes write the checkpoints.
 
 Known differences from the references (spec §2, §8): the PRIME batch-norm of the process rewards
 is taken over the whole batch (the references take it per data-parallel shard of 8); the
@@ -164,7 +167,13 @@ flags.DEFINE_bool("recompute_old_logp", True,
                   "Recompute the rollout policy's log-probs with a full forward (veRL). False reuses "
                   "the sampler's log-probs (same model and params; needs temperature 1, no top-p/k), "
                   "saving one forward pass per step.")
-flags.DEFINE_bool("shuffle", True, "Shuffle rows before cutting PPO mini-batches.")
+flags.DEFINE_bool("shuffle", True, "Shuffle rows before cutting PPO mini-batches (whole groups "
+                  "with --share_prompt).")
+flags.DEFINE_bool("share_prompt", True,
+                  "Run each prompt once per group of n responses in the scoring, PRM and policy "
+                  "passes (same values and gradients). Needs micro-batch sizes that are multiples "
+                  "of --n (a chunk holds whole groups); otherwise the run says so and falls back to "
+                  "full rows. False always runs every row's full sequence.")
 
 # Sampling.
 flags.DEFINE_integer("max_prompt_length", 256, "Prompts are left-padded to this many tokens.")
@@ -265,6 +274,7 @@ class RunConfig:
   epochs: int = 1
   recompute_old_logp: bool = True
   shuffle: bool = True
+  share_prompt: bool = True
   max_prompt_length: int = 256
   max_response_length: int = 256
   temperature: float = 1.0
@@ -316,6 +326,15 @@ class RunConfig:
   def needs_ref(self) -> bool:
     """The frozen reference is scored (PRIME's PRM, a KL loss, or PRL's log-ratio)."""
     return self.uses_prm or self.kl_coef > 0 or self.advantage == "prl"
+
+  @property
+  def prompt_group(self) -> int:
+    """Rows per shared prompt in the jitted passes: n with --share_prompt when every micro-batch
+    holds whole groups, else 1 (each row runs its full sequence)."""
+    sizes = (self.micro_batch_size, self.prm_micro_batch_size, self.score_micro_batch_size)
+    if self.share_prompt and all(s % self.n == 0 for s in sizes):
+      return self.n
+    return 1
 
   @property
   def prof_k(self) -> int:
@@ -868,7 +887,10 @@ class Run:
     self.param_sharding = sharding.param_shardings(policy_params, mc, self.mesh)
 
     def place(params):
-      return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), params, self.param_sharding)
+      # sharding.device_put: also when the mesh spans other processes' devices (every process
+      # holds the same seeded / loaded value and materialises only its own shards).
+      return jax.tree.map(lambda x, s: sharding.device_put(jnp.array(x, copy=True), s), params,
+                          self.param_sharding)
 
     def load_other(spec):
       if not spec or spec == cfg.model:
@@ -885,7 +907,7 @@ class Run:
     policy_params = place(policy_params)
 
     self.policy_opt = state_lib.make_optimizer(cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
-    step0 = lambda: jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh))
+    step0 = lambda: sharding.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh))
     self.policy = state_lib.TrainState(policy_params, sharding.sharded_opt_init(self.policy_opt, policy_params, self.mesh),
                                        step0())
     self.prm = None
@@ -898,6 +920,10 @@ class Run:
     # Jitted steps (explicit shardings; one compilation each).
     bsh = sharding.batch_sharding(self.mesh, 1)  # prefix sharding for every [B, ...] leaf
     st_sh = lambda st: jax.tree.map(lambda x: x.sharding, st)
+    group = cfg.prompt_group  # rows g*n .. g*n+n-1 share prompt g
+    if cfg.share_prompt and group == 1 and cfg.n > 1 and jax.process_index() == 0:
+      print(f"[setup] --share_prompt: micro-batch sizes are not all multiples of --n={cfg.n}; "
+           "running full rows (no prompt sharing)")
     self.need_ref = need_ref
     self.scoring = None
     if cfg.recompute_old_logp or need_ref:
@@ -906,22 +932,24 @@ class Run:
           with_ref=need_ref, with_prm=False, with_entropy=cfg.recompute_old_logp, mesh=self.mesh,
           param_shardings={"policy": self.param_sharding if cfg.recompute_old_logp else None,
                            "ref": self.param_sharding if need_ref else None, "prm": None},
-          batch_sharding=bsh)
+          batch_sharding=bsh, group_size=group)
     self.policy_update = steps.make_policy_update(
         mc, self.policy_opt, steps.PolicyLossSettings(
             variant=cfg.prime_variant, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
             agg_mode=cfg.loss_agg, entropy_coeff=cfg.entropy_coeff, kl_coef=cfg.kl_coef, kl_type=cfg.kl_type),
         mini_batch_size=cfg.policy_mini, micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs,
-        shuffle=cfg.shuffle, mesh=self.mesh, state_sharding=st_sh(self.policy), batch_sharding=bsh)
+        shuffle=cfg.shuffle, mesh=self.mesh, state_sharding=st_sh(self.policy), batch_sharding=bsh,
+        group_size=group)
     if cfg.uses_prm:
       self.prm_update = steps.make_prm_update(
           mc, self.prm_opt, beta=cfg.beta, mini_batch_size=cfg.prm_mini,
           micro_batch_size=cfg.prm_micro_batch_size, mesh=self.mesh, state_sharding=st_sh(self.prm),
-          batch_sharding=bsh)
+          batch_sharding=bsh, group_size=group)
       self.prm_scoring = steps.make_scoring(
           mc, micro_batch_size=cfg.score_micro_batch_size, with_policy=False, with_ref=False,
           with_prm=True, with_entropy=False, mesh=self.mesh,
-          param_shardings={"policy": None, "ref": None, "prm": self.param_sharding}, batch_sharding=bsh)
+          param_shardings={"policy": None, "ref": None, "prm": self.param_sharding}, batch_sharding=bsh,
+          group_size=group)
     self.advantage_fn = make_advantage_fn(cfg)
     self.prof_fn = make_prof_fn(cfg) if cfg.filter == "prof" else None
     self.sar_scoring = None
@@ -929,7 +957,8 @@ class Run:
       self.sar_scoring = steps.make_scoring(
           mc, micro_batch_size=cfg.score_micro_batch_size, with_policy=True, with_ref=False,
           with_prm=False, with_entropy=False, mesh=self.mesh,
-          param_shardings={"policy": self.param_sharding, "ref": None, "prm": None}, batch_sharding=bsh)
+          param_shardings={"policy": self.param_sharding, "ref": None, "prm": None}, batch_sharding=bsh,
+          group_size=group)
 
     # Data.
     self.train_records, self.eval_records = load_records(cfg)
@@ -991,6 +1020,7 @@ class Run:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from jaxrl_dense import sharding
     cfg = self.cfg
     timing = {}
     step = self.step + 1
@@ -1003,8 +1033,9 @@ class Run:
     pb = self.encode(records)
     gen = self.generate(self.policy.params, pb.tokens, pb.mask, gen_key, num_samples=cfg.n,
                         max_new_tokens=cfg.max_response_length, temperature=cfg.temperature)
-    resp_tokens = np.asarray(gen.tokens)  # [G*n, R]
-    resp_mask = np.asarray(gen.mask)  # [G*n, R]
+    # sharding.to_host: np.asarray, or an all-gather when the rows live on several processes
+    # (every process then verifies and filters the whole batch identically).
+    resp_tokens, resp_mask = sharding.to_host((gen.tokens, gen.mask))  # [G*n, R] each
     lengths = resp_mask.sum(axis=1)
     timing["generate"] = time.time() - t
 
@@ -1040,7 +1071,7 @@ class Run:
     if cfg.recompute_old_logp:
       batch["old_logp"] = scores["old_logp"]
     else:  # the sampler's log-probs: same params, temperature 1, no filtering
-      batch["old_logp"] = self.shard({"x": np.asarray(gen.logprobs)[rows].astype(np.float32)})["x"]
+      batch["old_logp"] = self.shard({"x": sharding.to_host(gen.logprobs)[rows].astype(np.float32)})["x"]
     if "ref_logp" in scores:
       batch["ref_logp"] = scores["ref_logp"]
     jax.block_until_ready((batch["old_logp"], scores))  # else the scoring time lands in the next stage
@@ -1101,13 +1132,13 @@ class Run:
     t = time.time()
     self.policy, pol_m = self.policy_update(self.policy, batch, upd_key)
     metrics.update(pol_m)
-    metrics = jax.device_get(metrics)
+    metrics = sharding.to_host(metrics)
     timing["policy_update"] = time.time() - t
 
     m = batch["response_mask"]
-    ntok = float(np.asarray(jax.device_get(m)).sum())
-    kl = jax.device_get(jnp.sum((batch["old_logp"] - ref_logp) * m) / jnp.maximum(jnp.sum(m), 1.0))
-    ent = (jax.device_get(jnp.sum(scores["entropy"] * m) / jnp.maximum(jnp.sum(m), 1.0))
+    ntok = float(sharding.to_host(m).sum())
+    kl = sharding.to_host(jnp.sum((batch["old_logp"] - ref_logp) * m) / jnp.maximum(jnp.sum(m), 1.0))
+    ent = (sharding.to_host(jnp.sum(scores["entropy"] * m) / jnp.maximum(jnp.sum(m), 1.0))
            if "entropy" in scores else metrics.get("actor/entropy", float("nan")))
     total = sum(timing.values())
     out = {"step": step, "epoch": self.iterator.epoch,
@@ -1127,9 +1158,14 @@ class Run:
 
   # ---- evaluation ----------------------------------------------------------------------------
   def evaluate(self, tag: str = "") -> dict:
-    """Greedy pass@1 on the eval set (fixed-size batches, so one compilation)."""
+    """Greedy pass@1 on the eval set (fixed-size batches, so one compilation).
+
+    Every process generates and verifies (the sampler is one SPMD program); process 0 writes
+    the report.
+    """
     import jax
     import numpy as np
+    from jaxrl_dense import sharding
     cfg = self.cfg
     recs = self.eval_records
     if not recs:
@@ -1143,14 +1179,14 @@ class Run:
       pb = self.encode(chunk, num_rows=bs)
       gen = self.generate(self.policy.params, pb.tokens, pb.mask, jax.random.PRNGKey(0),
                           num_samples=1, max_new_tokens=max_new, temperature=0.0)
-      texts = decode_responses(self.tokenizer, gen.tokens, gen.mask)[:len(chunk)]
+      texts = decode_responses(self.tokenizer, *sharding.to_host((gen.tokens, gen.mask)))[:len(chunk)]
       acc = self.verifier(texts, [r.gold for r in chunk], [r.data_source for r in chunk])
       results += [{"uid": r.uid, "gold": r.gold, "response": txt, "correct": float(a)}
                   for r, txt, a in zip(chunk, texts, acc)]
     accuracy = float(np.mean([r["correct"] for r in results]))
     report = {"step": self.step, "eval/pass@1": accuracy, "eval/num": len(results),
               "time/eval": time.time() - t}
-    if cfg.logdir:
+    if cfg.logdir and jax.process_index() == 0:
       os.makedirs(cfg.logdir, exist_ok=True)
       with open(os.path.join(cfg.logdir, f"eval_step{self.step:05d}{tag}.json"), "w") as f:
         json.dump({**report, "results": results}, f, indent=1)
@@ -1251,9 +1287,14 @@ def train(cfg: RunConfig) -> list:
     run.step = int(meta["step"])
     last_saved = run.step
     print(f"[resume] restored step {run.step} from {cfg.checkpoint_dir}")
-  log = MetricsLog(cfg.logdir, resume_step=run.step if cfg.resume else 0)
-  print(f"[setup] {cfg.algo} model={cfg.model} ({run.model_config.num_layers} layers, "
+  # Multi-process: every process runs the same steps (and Orbax saves / restores with all of
+  # them); only process 0 writes metrics.jsonl / TensorBoard / eval reports and prints.
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *a, **k: None)
+  log = MetricsLog(cfg.logdir if lead else "", resume_step=run.step if cfg.resume else 0)
+  say(f"[setup] {cfg.algo} model={cfg.model} ({run.model_config.num_layers} layers, "
         f"d={run.model_config.hidden_size}) mesh={cfg.mesh} devices={jax.device_count()} "
+        f"processes={jax.process_count()} "
         f"rows/step={cfg.rows} (sampled {cfg.sampled_rows}) setup={run.setup_s:.1f}s")
 
   def save(force=False):
@@ -1267,10 +1308,10 @@ def train(cfg: RunConfig) -> list:
 
   if run.step == 0 and cfg.eval_at_start and run.eval_records:
     ev = run.evaluate("_start")
-    print(f"[eval] step 0 pass@1={ev['eval/pass@1']:.4f} on {ev['eval/num']} problems ({ev['time/eval']:.1f}s)")
+    say(f"[eval] step 0 pass@1={ev['eval/pass@1']:.4f} on {ev['eval/num']} problems ({ev['time/eval']:.1f}s)")
     log.write(ev)
   bar = None
-  if cfg.progress:
+  if cfg.progress and lead:
     try:
       from tqdm import tqdm
       bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{cfg.algo}", unit="step", file=sys.stdout)
@@ -1288,14 +1329,14 @@ def train(cfg: RunConfig) -> list:
         bar.set_postfix_str(_fmt(rec))
         bar.update(1)
       else:
-        print(f"[step {run.step}] {_fmt(rec)}")
+        say(f"[step {run.step}] {_fmt(rec)}")
       if ckpt is not None and cfg.checkpoint_every and ckpt.should_save(run.step):
         save()
     if bar is not None:
       bar.close()
     if run.eval_records:
       ev = run.evaluate("_end")
-      print(f"[eval] step {run.step} pass@1={ev['eval/pass@1']:.4f} on {ev['eval/num']} problems")
+      say(f"[eval] step {run.step} pass@1={ev['eval/pass@1']:.4f} on {ev['eval/num']} problems")
       log.write(ev)
     if ckpt is not None and last_saved != run.step:
       save(force=True)
@@ -1411,6 +1452,15 @@ def dry_run(cfg: RunConfig) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+  # Multi-controller start-up before any other JAX call (a no-op for a single process; see
+  # sharding.initialize_distributed for the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  # JAX_PROCESS_ID environment and cluster auto-detection).
+  from jaxrl_dense import sharding
+  try:
+    distributed = sharding.initialize_distributed()
+  except ValueError as e:
+    print(f"prime_math.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
   try:
     cfg = config_from_flags(FLAGS)
   except FlagError as e:
@@ -1429,6 +1479,9 @@ def main(argv):
   except CheckpointMismatchError as e:
     print(f"prime_math.py: error: {e}", file=sys.stderr)
     sys.exit(4)
+  if distributed:
+    import jax
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

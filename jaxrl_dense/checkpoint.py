@@ -54,6 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxrl_dense import sharding
+
 _ITEMS = ("state", "meta", "fingerprint")
 _KEY_PATHS = "__prng_key_leaves__"
 
@@ -164,13 +166,22 @@ def _abstract_target(target: Any) -> Any:
   return jax.tree.map(f, target)
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  """[len(leaves)] bool: whether each float leaf is free of NaN / inf."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def _first_nonfinite(state: Any) -> Optional[str]:
   leaves = jax.tree_util.tree_leaves_with_path(state)
   float_leaves = [(p, x) for p, x in leaves
                   if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)]
   if not float_leaves:
     return None
-  flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in float_leaves])
+  # One jitted program over all leaves, read back with `sharding.to_host`. Not one small
+  # `jnp.all` dispatch per leaf: in a multi-process run (CPU, gloo; 2 processes x 4 devices)
+  # that sequence of tiny SPMD programs deadlocked; one program is also one compile.
+  flags = sharding.to_host(_all_finite([x for _, x in float_leaves]))  # [num_float_leaves] bool
   for (p, _), ok in zip(float_leaves, flags):
     if not bool(ok):
       return _path_str(p)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxrl_dense import sharding
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 
@@ -146,6 +147,19 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
   return GenerationOutput(tokens, lps, mask, raw, jnp.sum(mask, axis=-1))
 
 
+def _host_value(x) -> np.ndarray:
+  """The whole of `x` as numpy for the host-side input checks.
+
+  A global array whose shards live on other processes too (a multi-process run) is all-gathered
+  (`sharding.to_host`, a collective every process reaches, since every process calls `generate`
+  with the same global prompts), so each process checks the same full value and a bad input
+  raises the same error everywhere instead of stopping one process while the others wait.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return sharding.to_host(x)
+  return np.asarray(x)
+
+
 def _bucket(length: int, bucket: int) -> int:
   return max(bucket, -(-length // bucket) * bucket)
 
@@ -196,13 +210,13 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
     raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
                      "must both be [B, Tp].")
   if not isinstance(prompt_mask, jax.core.Tracer):
-    m = np.asarray(prompt_mask)
+    m = _host_value(prompt_mask)
     if (m.sum(-1) == 0).any():
       raise ValueError(f"prompt_mask rows {np.flatnonzero(m.sum(-1) == 0).tolist()} have no tokens.")
     if not m[:, -1].all():
       raise ValueError("prompts must be left-padded: prompt_mask[:, -1] must be 1 for every row.")
   if not isinstance(prompt_tokens, jax.core.Tracer):
-    t = np.asarray(prompt_tokens)
+    t = _host_value(prompt_tokens)
     if t.min() < 0 or t.max() >= config.vocab_size:
       raise ValueError(f"prompt_tokens must lie in [0, {config.vocab_size}); got [{t.min()}, {t.max()}].")
 

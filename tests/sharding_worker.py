@@ -254,6 +254,17 @@ def mode_single_or_multi(args):
   summary["process_count"] = jax.process_count()
   summary["local_devices"] = jax.local_device_count()
   summary["param_bytes_per_device"] = fact["param_bytes_per_device"]
+  # The sampler's host-side prompt checks see the whole global batch in every process: prompt
+  # row 5 (on process 1's devices in the 2-process run) has no token; it must raise everywhere.
+  from jaxrl_dense.sampling import generate
+  bad_mask = data["attention_mask"][:, :P_LEN].copy()
+  bad_mask[5] = 0
+  bad = sh.shard_batch({"t": data["tokens"][:, :P_LEN], "m": bad_mask}, mesh)
+  try:
+    generate(new_params, config, bad["t"], bad["m"], jax.random.PRNGKey(0), max_new_tokens=2)
+    summary["sampler_bad_prompt_error"] = None
+  except ValueError as e:
+    summary["sampler_bad_prompt_error"] = str(e)
 
   if args.mode == "multi" and args.ckpt_dir:
     import orbax.checkpoint as ocp

@@ -304,3 +304,13 @@ def test_smoke_runs_sharded_on_8_simulated_devices(tmp_path):
   for rec in m.values():
     for k, v in _comparable(rec).items():
       assert math.isfinite(v), (k, v)
+
+
+def test_share_prompt_group_size_and_fallback():
+  pm = load_experiment("prime_math")
+  assert pm.RunConfig(n=4, micro_batch_size=8, prm_micro_batch_size=8,
+                      score_micro_batch_size=16).prompt_group == 4
+  # A micro-batch that would split a group: full rows instead (same math, no sharing).
+  assert pm.RunConfig(n=3, micro_batch_size=2, prm_micro_batch_size=3,
+                      score_micro_batch_size=3).prompt_group == 1
+  assert pm.RunConfig(n=4, share_prompt=False).prompt_group == 1

@@ -155,12 +155,17 @@ class _Layer(nn.Module):
   residual stream x [B, T, D]. With a cache it is (x, k_cache [L, B, Hkv, S, hd], v_cache,
   layer index): the layer writes its new keys/values at slot `cache_index` of its own cache row
   and attends to the new keys ("prefill") or to the whole cache row ("decode").
+
+  In "full" mode the layer also takes this layer's slice of `prefix_kv` (keys/values
+  [B, Hkv, S0, hd] of an already-processed prefix, scanned over layers; None for no prefix) and,
+  with `emit_kv`, returns its own rotated keys/values [B, Hkv, T, hd] as the scan output.
   """
   config: ModelConfig
   mode: str = "full"
+  emit_kv: bool = False
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index):
+  def __call__(self, carry, cos, sin, mask, cache_index, prefix_kv=None):
     c = self.config
     dt = compute_dtype(c)
     if self.mode == "full":
@@ -169,24 +174,30 @@ class _Layer(nn.Module):
       x, k_all, v_all, layer = carry
 
     h = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="input_layernorm")(x)  # [B, T, D]
-    x_attn, k_all_v_all = _SelfAttention(c, self.mode, name="self_attn")(
-        h, cos, sin, mask, cache_index, None if self.mode == "full" else (k_all, v_all, layer))
+    x_attn, kv_out = _SelfAttention(c, self.mode, name="self_attn")(
+        h, cos, sin, mask, cache_index, None if self.mode == "full" else (k_all, v_all, layer),
+        prefix_kv)
     x = x + x_attn
     h = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="post_attention_layernorm")(x)
     x = x + _MLP(c, name="mlp")(h)
     if self.mode == "full":
-      return x, None
-    k_all, v_all = k_all_v_all
+      return x, (kv_out if self.emit_kv else None)
+    k_all, v_all = kv_out
     return (x, k_all, v_all, layer + 1), None
 
 
 class _SelfAttention(nn.Module):
-  """GQA self-attention with RoPE; optionally writes to / reads from the stacked KV cache."""
+  """GQA self-attention with RoPE; optionally writes to / reads from the stacked KV cache.
+
+  Returns (output [B, T, D], kv): kv is the updated (k_all, v_all) cache with a cache, else this
+  call's own keys/values (k, v) [B, Hkv, T, hd]. With `prefix_kv` (full mode) the queries attend
+  to concat(prefix keys, own keys) along the key axis; `mask` then covers [B, T, S0 + T].
+  """
   config: ModelConfig
   mode: str = "full"
 
   @nn.compact
-  def __call__(self, h, cos, sin, mask, cache_index, cache):
+  def __call__(self, h, cos, sin, mask, cache_index, cache, prefix_kv=None):
     c = self.config
     dt = compute_dtype(c)
     b, t, _ = h.shape
@@ -197,8 +208,11 @@ class _SelfAttention(nn.Module):
     q = _apply_rope(q, cos, sin)  # [B, T, H, hd]
     k = _apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
     v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
-    new_cache = None
+    new_cache = (k, v)
     keys, values = k, v
+    if prefix_kv is not None:
+      keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)  # [B, Hkv, S0 + T, hd]
+      values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
     if cache is not None:
       k_all, v_all, layer = cache  # [L, B, Hkv, S, hd]
       zero = jnp.zeros((), jnp.int32)
@@ -228,14 +242,19 @@ class _MLP(nn.Module):
 class Transformer(nn.Module):
   """Embedding -> scanned decoder layers -> final RMSNorm. Returns hidden states, not logits.
 
-  __call__(tokens [B, T], positions [B, T], mask [B, T, S], cache=None, cache_index=0)
+  __call__(tokens [B, T], positions [B, T], mask [B, T, S], cache=None, cache_index=0,
+           prefix_kv=None)
     -> (hidden [B, T, D] in the compute dtype, new (k, v) cache or None).
+
+  Full mode only: `prefix_kv` = (k, v) [L, B, Hkv, S0, hd] of a prefix the tokens continue (mask
+  then [B, T, S0 + T]); with `emit_kv` the second output is this call's (k, v) [L, B, Hkv, T, hd].
   """
   config: ModelConfig
   mode: str = "full"
+  emit_kv: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, mask, cache=None, cache_index=None):
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=None, prefix_kv=None):
     c = self.config
     dt = compute_dtype(c)
     x = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=param_dtype(c),
@@ -245,16 +264,18 @@ class Transformer(nn.Module):
     if c.remat:
       layer_cls = nn.remat(_Layer, prevent_cse=False)
     stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=c.num_layers)(c, self.mode, name="layers")
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                    length=c.num_layers)(c, self.mode, self.emit_kv, name="layers")
     if cache_index is None:
       cache_index = jnp.zeros((), jnp.int32)
     if cache is None:
-      x, _ = stack(x, cos, sin, mask, cache_index)
-      new_cache = None
+      x, kv = stack(x, cos, sin, mask, cache_index, prefix_kv)  # kv: (k, v) [L, ...] or None
+      new_cache = kv if self.emit_kv else None
     else:
+      if prefix_kv is not None:
+        raise ValueError("prefix_kv is only supported without a KV cache (full mode).")
       (x, k_all, v_all, _), _ = stack((x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
-                                      cos, sin, mask, cache_index)
+                                      cos, sin, mask, cache_index, None)
       new_cache = KVCache(k_all, v_all)
     x = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="norm")(x)
     return x, new_cache
@@ -317,6 +338,53 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
   mask = causal[None] & valid[:, None, :]  # [B, T, T]
   hidden, _ = Transformer(config).apply({"params": _trunk_params(params)}, tokens, positions, mask)
   return hidden
+
+
+def shared_prefix_hidden_states(params: Params, config: ModelConfig, prompt_tokens: jax.Array,
+                                prompt_mask: jax.Array, response_tokens: jax.Array,
+                                response_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Hidden states of G prompts and of n continuations of each, running every prompt once.
+
+  Equals `hidden_states` over the concatenated rows [prompt_g ; response_{g,i}] (same positions,
+  same causal masking), but the prompt is computed once per group: its per-layer keys/values are
+  broadcast to the group's n responses, which attend to them plus to their own causal prefix.
+  Gradients through the shared prompt are the sum over the group (what the n separate rows give).
+  For G prompts of length P and n responses of length R this costs G*P + G*n*R token passes
+  instead of G*n*(P + R): in RL (GRPO/RLOO/PRIME groups, long prompts, short answers) the
+  prompt usually dominates.
+
+  Args:
+    prompt_tokens / prompt_mask: [G, P], prompts LEFT-padded (the last column is a real token).
+    response_tokens / response_mask: [G * n, R], rows g*n .. g*n + n - 1 continue prompt g;
+      right-padded (mask 1 on real tokens).
+
+  Returns:
+    (prompt hidden [G, P, D], response hidden [G * n, R, D]), final-normed, compute dtype.
+  """
+  chex.assert_rank([prompt_tokens, prompt_mask, response_tokens, response_mask], 2)
+  chex.assert_equal_shape([prompt_tokens, prompt_mask])
+  chex.assert_equal_shape([response_tokens, response_mask])
+  g, p = prompt_tokens.shape
+  b, r = response_tokens.shape
+  if g == 0 or b % g:
+    raise ValueError(f"response rows ({b}) must be a positive multiple of the prompts ({g}).")
+  n = b // g
+  trunk = {"params": _trunk_params(params)}
+  pvalid = prompt_mask.astype(bool)  # [G, P]
+  ppos = positions_from_mask(prompt_mask)  # [G, P]
+  pmask = jnp.tril(jnp.ones((p, p), bool))[None] & pvalid[:, None, :]  # [G, P, P]
+  prompt_hidden, (pk, pv) = Transformer(config, emit_kv=True).apply(
+      trunk, prompt_tokens, ppos, pmask)  # kv: [L, G, Hkv, P, hd]
+  pk, pv = (jnp.repeat(x, n, axis=1) for x in (pk, pv))  # [L, G*n, Hkv, P, hd]
+  rvalid = response_mask.astype(bool)  # [B, R]
+  plen = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=1), n)  # [B]
+  rpos = jnp.maximum(plen[:, None] + jnp.cumsum(rvalid.astype(jnp.int32), axis=1) - 1, 0)  # [B, R]
+  key_prompt = jnp.broadcast_to(jnp.repeat(pvalid, n, axis=0)[:, None, :], (b, r, p))  # [B, R, P]
+  key_resp = jnp.tril(jnp.ones((r, r), bool))[None] & rvalid[:, None, :]  # [B, R, R]
+  rmask = jnp.concatenate([key_prompt, key_resp], axis=2)  # [B, R, P + R]
+  response_hidden, _ = Transformer(config).apply(trunk, response_tokens, rpos, rmask,
+                                                 prefix_kv=(pk, pv))
+  return prompt_hidden, response_hidden
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

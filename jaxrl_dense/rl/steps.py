@@ -79,21 +79,45 @@ def _chunk(tree, num_chunks: int):
   return jax.tree.map(lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]), tree)
 
 
-def _response_logprobs(params, config, tokens, attention_mask, response_len: int, with_entropy: bool):
+def _response_logprobs(params, config, tokens, attention_mask, response_len: int, with_entropy: bool,
+                       group_size: int = 1):
   """Log-probs (and entropies) of the last `response_len` tokens: [b, R] (and [b, R] or None).
 
-  The trunk runs over the whole sequence [b, P+R]; the LM head (vocabulary-sized, chunked) runs
-  only over the R positions that predict response tokens, not over the prompt.
+  group_size == 1: the trunk runs over the whole sequence [b, P+R]. group_size == n > 1: rows
+  come in groups of n consecutive rows sharing one prompt (GRPO/RLOO/PRIME groups), and the trunk
+  runs each prompt once (`transformer.shared_prefix_hidden_states`: same values and gradients,
+  b/n * P + b * R token passes instead of b * (P + R)). Either way the LM head (vocabulary-sized,
+  chunked) runs only over the R positions that predict response tokens.
   """
-  hidden = transformer.hidden_states(params, config, tokens, attention_mask)  # [b, P+R, D]
   w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))  # [D, V]
-  cut = tokens.shape[1] - response_len - 1  # last prompt position predicts response token 0
+  if group_size > 1:
+    p = tokens.shape[1] - response_len
+    n = group_size
+    prompt_tok, prompt_am = tokens[::n, :p], attention_mask[::n, :p]  # [b/n, P]
+    prompt_h, resp_h = transformer.shared_prefix_hidden_states(
+        params, config, prompt_tok, prompt_am, tokens[:, p:], attention_mask[:, p:])
+    # The last (left-padded, so real) prompt position predicts response token 0.
+    hidden = jnp.concatenate([jnp.repeat(prompt_h[:, -1:], n, axis=0), resp_h], axis=1)  # [b, 1+R, D]
+    cut = p - 1
+  else:
+    hidden = transformer.hidden_states(params, config, tokens, attention_mask)  # [b, P+R, D]
+    cut = tokens.shape[1] - response_len - 1
+    hidden = hidden[:, cut:]
   out = logprobs.logprobs_from_hidden(
-      hidden[:, cut:], w, tokens[:, cut:], attention_mask[:, cut:], return_entropy=with_entropy)
+      hidden, w, tokens[:, cut:], attention_mask[:, cut:], return_entropy=with_entropy)
   if with_entropy:
     logp, ent = out
     return logp[:, 1:], ent[:, 1:]  # [b, R], [b, R]
   return out[:, 1:], None  # [b, R]
+
+
+def _check_group_size(group_size: int, **sizes):
+  if group_size < 1:
+    raise ValueError(f"group_size={group_size} must be >= 1.")
+  for name, size in sizes.items():
+    if size % group_size:
+      raise ValueError(f"{name}={size} must be a multiple of group_size={group_size}: prompts are "
+                       "shared by the group's consecutive rows, so a chunk cannot split a group.")
 
 
 def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=()):
@@ -115,14 +139,17 @@ def make_scoring(
     mesh=None,
     param_shardings: Optional[Mapping[str, Any]] = None,
     batch_sharding=None,
+    group_size: int = 1,
 ) -> Callable:
   """Builds `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
 
   Runs up to three no-grad forwards over micro-batches of `micro_batch_size` rows (lax.map, so a
   single compilation) and returns float32 [B, R] arrays: "old_logp" (policy; with "entropy" if
   requested), "ref_logp" (frozen reference) and "prm_logp" (implicit PRM), for the response tokens.
-  Models that are switched off may be passed as None.
+  Models that are switched off may be passed as None. `group_size` = n > 1: rows come in groups
+  of n sharing a prompt, which is then run once per group (see `_response_logprobs`).
   """
+  _check_group_size(group_size, micro_batch_size=micro_batch_size)
   prm_config = prm_config or config
   ref_config = ref_config or config
 
@@ -137,14 +164,14 @@ def make_scoring(
       tok, am = chunk  # [b, P+R]
       out = {}
       if with_policy:
-        lp, ent = _response_logprobs(policy_params, config, tok, am, R, with_entropy)
+        lp, ent = _response_logprobs(policy_params, config, tok, am, R, with_entropy, group_size)
         out["old_logp"] = lp
         if with_entropy:
           out["entropy"] = ent
       if with_ref:
-        out["ref_logp"], _ = _response_logprobs(ref_params, ref_config, tok, am, R, False)
+        out["ref_logp"], _ = _response_logprobs(ref_params, ref_config, tok, am, R, False, group_size)
       if with_prm:
-        out["prm_logp"], _ = _response_logprobs(prm_params, prm_config, tok, am, R, False)
+        out["prm_logp"], _ = _response_logprobs(prm_params, prm_config, tok, am, R, False, group_size)
       return out
 
     out = jax.lax.map(one, chunks)
@@ -168,6 +195,7 @@ def make_prm_update(
     mesh=None,
     state_sharding=None,
     batch_sharding=None,
+    group_size: int = 1,
 ) -> Callable:
   """Builds `prm_update(prm_state, batch) -> (prm_state, prm_logp [B, R], metrics)` (PRIME spec §5).
 
@@ -179,8 +207,11 @@ def make_prm_update(
 
   `prm_logp` holds the log-probs computed inside the update loop: mini-batch k is scored by the PRM
   after k optimizer steps of this call, i.e. PRIME-RL's "single forward" (`update: after`) scores.
-  Required batch keys: tokens, attention_mask, response_mask, acc, ref_logp.
+  Required batch keys: tokens, attention_mask, response_mask, acc, ref_logp. `group_size` = n > 1:
+  rows come in groups of n sharing a prompt, run once per group (same loss and gradient).
   """
+  _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
+
   def prm_update(state: TrainState, batch: Batch):
     tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
     acc, ref_logp = batch["acc"], batch["ref_logp"]
@@ -193,7 +224,7 @@ def make_prm_update(
     minis = _chunk(rows, n_mini)
 
     def micro_loss(params, mb):
-      logp, _ = _response_logprobs(params, config, mb["tokens"], mb["attn"], R, False)  # [b, R]
+      logp, _ = _response_logprobs(params, config, mb["tokens"], mb["attn"], R, False, group_size)
       q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
       loss = implicit_prm.prm_ce_loss(q, mb["rmask"], mb["acc"], beta=beta)
       return loss * scale, logp
@@ -240,6 +271,7 @@ def make_policy_update(
     mesh=None,
     state_sharding=None,
     batch_sharding=None,
+    group_size: int = 1,
 ) -> Callable:
   """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)` (PPO, spec §7).
 
@@ -253,8 +285,10 @@ def make_policy_update(
     L = [Σ_micro pg_sum − c_H Σ_micro H_sum + c_KL Σ_micro KL_sum] / count(mini-batch).
 
   Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
-  when kl_coef > 0).
+  when kl_coef > 0). `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
+  once per group (same loss and gradient); the shuffle then permutes whole groups.
   """
+  _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
   if epochs < 1:
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
@@ -270,7 +304,8 @@ def make_policy_update(
     rows = {k: batch[k] for k in keys}
 
     def micro_terms(params, mb):
-      logp, ent = _response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy)
+      logp, ent = _response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy,
+                                    group_size)
       m = mb["response_mask"]
       if settings.variant == "verl":  # veRL vanilla: ratio clamp ±20, dual clip
         terms = losses.ppo_clip_token_loss(
@@ -333,8 +368,9 @@ def make_policy_update(
       return TrainState(params=params, opt_state=opt_state, step=st.step + 1), stats
 
     def epoch_step(st, key):
-      if shuffle:
-        perm = jax.random.permutation(key, B)
+      if shuffle:  # whole groups move together (a group of 1 = a row)
+        g = group_size
+        perm = (jax.random.permutation(key, B // g)[:, None] * g + jnp.arange(g)[None, :]).reshape(B)
         data = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
       else:
         data = rows
