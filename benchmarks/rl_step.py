@@ -30,7 +30,9 @@ Known differences from our steps (same work otherwise):
     and generation stops once every row has emitted EOS (<|im_end|>); our policy update always runs
     on the fixed [B, max_prompt_length + new_tokens] = [B, 160 + 64] shape (our sampler also stops
     early). The table's `resp tok` column is the mean response length of each system.
-  * TRL computes per-token entropies in its loss forward (ours does not, entropy_coeff = 0).
+  * Both compute per-token entropies in the loss forward (reported as a metric; coefficient 0).
+  * Ours runs each prompt once per group of 4 in the update (--share_prompt, same gradients);
+    TRL runs the 32 full rows.
   * Loss: TRL loss_type="dapo" = token-mean over all 32 rows of the step, clip 0.2, no dual clip;
     ours: verl token-mean, clip 0.2 plus dual clip c = 3. Advantages: group-normalised (mean/std)
     in both. Old log-probs: TRL detaches the current ones (on-policy, num_iterations = 1), ours
@@ -73,6 +75,8 @@ flags.DEFINE_integer("warmup", 1, "Untimed warm-up steps (compilation).")
 flags.DEFINE_list("systems", ["grpo", "prime", "trl"], "Which of grpo, prime, trl to run.")
 flags.DEFINE_string("hf_dir", "", "HF float32 copy of the model for TRL (default: a cache dir).")
 flags.DEFINE_bool("bench_remat", False, "Per-layer remat in our steps (and activation checkpointing in TRL).")
+flags.DEFINE_bool("bench_share_prompt", True, "Our steps run each prompt once per group "
+                  "(prime_math --share_prompt); false = every row's full sequence (ablation).")
 flags.DEFINE_integer("torch_threads", 0, "torch CPU threads for TRL (0 = torch's default, one per core).")
 FLAGS = flags.FLAGS
 
@@ -86,7 +90,8 @@ def _our_config(algo: str) -> "prime_math.RunConfig":
       max_prompt_length=160 if tok_spec == "smollm2" else 64, arith_shots=3 if tok_spec == "smollm2" else 0,
       max_response_length=FLAGS.new_tokens, micro_batch_size=min(8, rows),
       prm_micro_batch_size=min(8, rows), score_micro_batch_size=min(16, rows), lr=1e-6, prm_lr=1e-6,
-      recompute_old_logp=False, remat=FLAGS.bench_remat, eval_data="", steps=10**6, progress=False,
+      recompute_old_logp=False, remat=FLAGS.bench_remat,
+      share_prompt=FLAGS.bench_share_prompt, eval_data="", steps=10**6, progress=False,
       seed=0)
 
 
@@ -253,6 +258,9 @@ def main(argv):
   if sec.get("prime") and sec.get("grpo"):
     ratios["ours_prime_over_ours_grpo"] = sec["prime"] / sec["grpo"]
   results["ratios"] = ratios
+  results["settings"] = {"prompts": FLAGS.prompts, "samples": FLAGS.samples,
+                         "new_tokens": FLAGS.new_tokens, "share_prompt": FLAGS.bench_share_prompt,
+                         "remat": FLAGS.bench_remat, "cpu_count": os.cpu_count()}
   print(f"\n{'system':<10}{'s/step':>10}{'gen+verify':>12}{'update':>10}{'resp tok':>10}{'acc':>7}")
   for s in FLAGS.systems:
     r = results[s]

@@ -122,7 +122,7 @@ def plot(paths: list, output: str, *, labels=None, keys=None, smooth: int = 1, c
       if not xs:
         continue
       c = colors[j % len(colors)]
-      if smooth > 1:
+      if smooth > 1 and len(xs) > smooth:  # sparse series (e.g. before/after evals): raw points
         ax.plot(xs, ys, color=c, alpha=0.3, linewidth=1)
         ax.plot(xs, moving_average(ys, smooth), color=c, linewidth=1.8, label=label)
       else:

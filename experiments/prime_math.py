@@ -1137,7 +1137,9 @@ class Run:
 
     m = batch["response_mask"]
     ntok = float(sharding.to_host(m).sum())
-    kl = sharding.to_host(jnp.sum((batch["old_logp"] - ref_logp) * m) / jnp.maximum(jnp.sum(m), 1.0))
+    kl = float("nan")  # no reference model scored (e.g. GRPO/RLOO without a KL term)
+    if "ref_logp" in batch:
+      kl = sharding.to_host(jnp.sum((batch["old_logp"] - ref_logp) * m) / jnp.maximum(jnp.sum(m), 1.0))
     ent = (sharding.to_host(jnp.sum(scores["entropy"] * m) / jnp.maximum(jnp.sum(m), 1.0))
            if "entropy" in scores else metrics.get("actor/entropy", float("nan")))
     total = sum(timing.values())
