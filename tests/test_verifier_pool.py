@@ -174,3 +174,56 @@ def test_verify_batch_reuses_one_pool():
   assert get_pool(2) is pool
   np.testing.assert_array_equal(s1, [1, 0])
   np.testing.assert_array_equal(s2, [1])
+
+
+def test_stats_name_why_items_failed(pool):
+  ok = "```python\nprint(int(input()) * 2)\n```"
+  wrong = "```python\nprint(0)\n```"
+  tests = [{"input": "2", "output": "4"}]
+  scores = pool.verify(["\\boxed{2}", "\\boxed{3}", ok, wrong, "no code"], ["2", "2", tests, tests, tests],
+                       kinds=["math", "math", "code", "code", "code"], timeout_s=10.0)
+  np.testing.assert_array_equal(scores, [1, 0, 1, 0, 0])
+  st = pool.last_stats
+  assert st.errors == 0 and st.harness_errors == 0
+  assert st.failure_reasons() == {"wrong_answer": 2, "no_code": 1}
+
+
+def test_worker_reports_a_broken_sandbox_as_a_harness_error(monkeypatch):
+  # Runs the worker loop in this process with the code sandbox's guard broken on purpose.
+  import multiprocessing as mp
+  from jaxrl_dense.verifiers import code as vcode
+  from jaxrl_dense.verifiers import pool as pool_lib
+  monkeypatch.setattr(vcode, "_GUARD", vcode._GUARD.replace(
+      "  del _n\n", "  del _n\n  raise PermissionError('disabled in the jaxrl_dense sandbox')\n"))
+  parent, child = mp.Pipe(duplex=True)
+  parent.send((0, "code", "```python\nprint(4)\n```", [{"input": "", "output": "4"}], 10.0, 2.0))
+  parent.send(None)
+  previous = signal.getsignal(signal.SIGINT)
+  try:
+    pool_lib._worker_main(child, None)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  idx, score, status = parent.recv()
+  assert (idx, score) == (0, 0.0)
+  assert status.startswith("harness_error") and "PermissionError" in status
+  stats = pool_lib.VerifyStats(n=1, statuses=[status])
+  assert stats.failure_reasons() == {"harness_error": 1}
+
+
+@pytest.mark.parametrize("source,kind", [
+    ("codecontests", "code"), ("apps", "code"), ("codeforces", "code"), ("taco", "code"),
+    ("TACO", "code"), ("leetcode", "code"), ("numina_olympiads", "math"), ("numina_cn_k12", "math"),
+    ("numina_amc_aime", "math"), ("lighteval/MATH", "math"), ("openai/gsm8k", "math"),
+    ("arithmetic", "math"), ("", "math"), (None, "math")])
+def test_sources_route_like_verl(source, kind):
+  from jaxrl_dense.verifiers import kind_of_source
+  assert kind_of_source(source) == kind
+
+
+def test_code_source_is_scored_as_fraction_of_tests(pool):
+  from jaxrl_dense.verifiers import kinds_of_sources
+  half = "```python\nn = int(input())\nprint(n * 2 if n < 2 else 0)\n```"
+  tests = {"inputs": ["0", "1", "2", "3"], "outputs": ["0", "2", "4", "6"]}
+  kinds = kinds_of_sources(["taco", "numina_olympiads"])
+  scores = pool.verify([half, "\\boxed{5}"], [tests, "5"], kinds=kinds, timeout_s=20.0)
+  np.testing.assert_allclose(scores, [0.5, 1.0])

@@ -205,3 +205,77 @@ def test_sandbox_cannot_delete_files_outside(tmp_path):
 def test_sandbox_prefix_probe():
   prefix = vcode.sandbox_prefix()
   assert prefix == [] or (prefix[0].endswith("unshare") and "-n" in prefix)
+
+
+# ------------------------------------------------------------------ clean interpreters, reasons
+
+
+@pytest.fixture(scope="module")
+def clean_python(tmp_path_factory):
+  """The python of a fresh virtual environment made here: its start-up imports nothing extra.
+
+  The machines' base interpreter carries a site `.pth` file that imports `threading` at start-up,
+  which hid a sandbox bug (issue #18); a new user's venv has no such file, and neither has this one.
+  """
+  import subprocess
+  import sys
+  env_dir = tmp_path_factory.mktemp("clean_venv")
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+  python = str(env_dir / "bin" / "python")
+  # the point of the fixture: nothing beyond the bare interpreter's own start-up modules
+  out = subprocess.run([python, "-I", "-c", "import sys; print('threading' in sys.modules)"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+  assert out == "False"
+  return python
+
+
+def test_clean_interpreter_runs_every_test_kind(clean_python):
+  assert vcode.score(ADD, ADD_TESTS, timeout_s=T, python=clean_python) == 1.0
+  add = block("def add(a, b):\n    return a + b")
+  assert vcode.score(add, ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], timeout_s=T,
+                     python=clean_python) == 1.0
+  call = block("def twice(x):\n    return 2 * x")
+  assert vcode.score(call, {"fn_name": "twice", "inputs": [[3]], "outputs": [6]}, timeout_s=T,
+                     python=clean_python) == 1.0
+  # modules whose import registers at-fork hooks still import inside the sandbox
+  uses = block("import random, logging, threading\nprint(random.Random(0).randint(5, 5))")
+  assert vcode.score(uses, [{"input": "", "output": "5"}], timeout_s=T, python=clean_python) == 1.0
+
+
+def test_clean_interpreter_limits(clean_python, tmp_path):
+  huge = block("x = bytearray(10 * 1024 ** 3)\nprint('allocated')")
+  r = vcode.score_detailed(huge, [{"input": "", "output": "allocated"}], timeout_s=T, python=clean_python)
+  assert (r.score, r.reason) == (0.0, vcode.RUNTIME_ERROR)
+  loud = block("while True:\n    print('x' * 10000)")
+  r = vcode.score_detailed(loud, [{"input": "", "output": "x"}], timeout_s=T, python=clean_python)
+  assert r.score == 0.0 and r.reason != vcode.HARNESS_ERROR
+  victim = tmp_path / "keep.txt"
+  victim.write_text("keep")
+  src = block(f"import os, shutil\ntry:\n    os.remove({str(victim)!r})\nexcept Exception:\n    pass\n"
+              f"try:\n    shutil.rmtree({str(tmp_path)!r})\nexcept Exception:\n    pass\nprint('done')")
+  assert vcode.score(src, [{"input": "", "output": "done"}], timeout_s=T, python=clean_python) == 1.0
+  assert victim.read_text() == "keep"
+
+
+def test_score_detailed_names_the_reason():
+  assert vcode.score_detailed(ADD, ADD_TESTS, timeout_s=T).reason == vcode.PASS
+  wrong = block("print(0)")
+  assert vcode.score_detailed(wrong, ADD_TESTS, timeout_s=T).reason == vcode.WRONG_ANSWER
+  assert vcode.score_detailed(block("raise SystemExit(3)"), ADD_TESTS, timeout_s=T).reason == vcode.RUNTIME_ERROR
+  assert vcode.score_detailed(block("def f():\n  return 1"), ["assert f() == 2"], timeout_s=T).reason == vcode.WRONG_ANSWER
+  assert vcode.score_detailed(block("import time\ntime.sleep(60)"), ["assert True"], timeout_s=T).reason == vcode.TIMEOUT
+  assert vcode.score_detailed("no code here", ADD_TESTS, timeout_s=T).reason == vcode.NO_CODE
+
+
+def test_broken_sandbox_is_a_harness_error_not_a_wrong_answer(monkeypatch, caplog):
+  # Simulate the issue-#18 failure: the guard's own set-up raises before the solution runs.
+  monkeypatch.setattr(vcode, "_GUARD", vcode._GUARD.replace(
+      "  del _n\n", "  del _n\n  raise PermissionError('disabled in the jaxrl_dense sandbox')\n"))
+  monkeypatch.setattr(vcode, "_HARNESS_ERROR_LOGGED", False)
+  with caplog.at_level("ERROR"):
+    r = vcode.score_detailed(ADD, ADD_TESTS, timeout_s=T)
+    vcode.score_detailed(ADD, ADD_TESTS, timeout_s=T)
+  assert r.score == 0.0 and r.reason == vcode.HARNESS_ERROR
+  assert "PermissionError" in r.detail
+  broken = [rec for rec in caplog.records if "BROKEN" in rec.getMessage()]
+  assert len(broken) == 1  # loud, once

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import logging
 import math as _pymath
 import os
 import re
@@ -43,12 +44,16 @@ import tempfile
 from typing import Any, Sequence
 
 __all__ = [
+    "CodeScore",
+    "OUTCOMES",
     "TestCase",
     "extract_code",
     "normalize_tests",
+    "run_test_outcomes",
     "run_tests",
     "sandbox_prefix",
     "score",
+    "score_detailed",
 ]
 
 MAX_TESTS_FOR_FRACTION = 10  # PRIME: fraction over the first <= 10 tests
@@ -135,34 +140,53 @@ def normalize_tests(tests: Any) -> list[TestCase]:
 
 # ----------------------------------------------------------------------------- sandbox
 
-_GUARD = r'''
-import builtins, os, sys
-def _jaxrl_blocked(*a, **k):
-  raise PermissionError("disabled in the jaxrl_dense sandbox")
-import socket as _s, _socket
-class _NoSocket:
-  def __init__(self, *a, **k):
-    raise PermissionError("network is disabled in the jaxrl_dense sandbox")
-_s.socket = _socket.socket = _NoSocket
-for _n in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
-  setattr(_s, _n, _jaxrl_blocked)
-import resource as _r
-_r.setrlimit = _jaxrl_blocked
-for _n in ("fork", "forkpty", "system", "popen", "kill", "killpg", "putenv", "remove", "unlink",
-           "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
-           "lchown", "fchmod", "fchown", "setuid", "setgid", "execv", "execve", "execvp", "execvpe",
-           "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-           "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp", "register_at_fork"):
-  if hasattr(os, _n):
-    setattr(os, _n, _jaxrl_blocked)
-import subprocess as _sp, shutil as _sh
-_sp.Popen = _sp.run = _sp.call = _sp.check_call = _sp.check_output = _jaxrl_blocked
-_sh.rmtree = _sh.move = _sh.chown = _jaxrl_blocked
-del _n
-'''
+# Exit status and stderr marker of a sandbox whose own set-up failed (not the solution's fault).
+HARNESS_ERROR_RC = 86
+HARNESS_ERROR_MARKER = "JAXRL_SANDBOX_HARNESS_ERROR"
 
-_HARNESS = r'''
-import json, runpy, sys
+# The guard first imports every module the harness (and the modules it pulls in) needs, THEN
+# disables dangerous functions: importing `subprocess` imports `threading`, and `threading`,
+# `random` and `logging` call `os.register_at_fork` in their module bodies. A clean virtual
+# environment imports none of them at start-up (a site `.pth` file may), so the order matters.
+# `os.register_at_fork` becomes a no-op (at-fork hooks are harmless once fork itself is blocked),
+# so solutions may still `import random` / `logging` / `threading`. Any failure of the set-up
+# exits with HARNESS_ERROR_RC and a marker on stderr, so it is never mistaken for a wrong answer.
+_GUARD = r"""
+try:
+  import builtins, json, os, runpy, sys, threading, random, logging
+  import socket as _s, _socket, resource as _r, subprocess as _sp, shutil as _sh
+  def _jaxrl_blocked(*a, **k):
+    raise PermissionError("disabled in the jaxrl_dense sandbox")
+  def _jaxrl_noop(*a, **k):
+    return None
+  class _NoSocket:
+    def __init__(self, *a, **k):
+      raise PermissionError("network is disabled in the jaxrl_dense sandbox")
+  _s.socket = _socket.socket = _NoSocket
+  for _n in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
+    setattr(_s, _n, _jaxrl_blocked)
+  _r.setrlimit = _jaxrl_blocked
+  for _n in ("fork", "forkpty", "system", "popen", "kill", "killpg", "putenv", "remove", "unlink",
+             "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
+             "lchown", "fchmod", "fchown", "setuid", "setgid", "execv", "execve", "execvp", "execvpe",
+             "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+             "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp"):
+    if hasattr(os, _n):
+      setattr(os, _n, _jaxrl_blocked)
+  if hasattr(os, "register_at_fork"):
+    os.register_at_fork = _jaxrl_noop
+  _sp.Popen = _sp.run = _sp.call = _sp.check_call = _sp.check_output = _jaxrl_blocked
+  _sh.rmtree = _sh.move = _sh.chown = _jaxrl_blocked
+  del _n
+except BaseException as _e:
+  import sys as _sys
+  _sys.stderr.write("%s: %s: %s\n" % ("JAXRL_SANDBOX_HARNESS_ERROR", type(_e).__name__, _e))
+  _sys.stderr.flush()
+  import os as _os
+  _os._exit(86)
+"""
+
+_HARNESS = r"""
 mode = sys.argv[1]
 if mode == "stdio":
   runpy.run_path("solution.py", run_name="__main__")
@@ -189,7 +213,7 @@ elif mode == "call":
     json.dump({"result": result}, f)
 else:
   raise ValueError(mode)
-'''
+"""
 
 _PREFIX_CACHE: list[str] | None = None
 
@@ -291,8 +315,35 @@ def _results_match(got: Any, expected: Any) -> bool:
   return False
 
 
+# Outcomes of one test run (`run_test_outcomes`); only PASS counts as passed.
+PASS = "pass"
+WRONG_ANSWER = "wrong_answer"
+RUNTIME_ERROR = "runtime_error"
+TIMEOUT = "timeout"
+HARNESS_ERROR = "harness_error"  # the sandbox itself failed: never the solution's fault
+NO_CODE = "no_code"  # the response has no ```python block (score-level reason only)
+OUTCOMES = (PASS, WRONG_ANSWER, RUNTIME_ERROR, TIMEOUT, HARNESS_ERROR)
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeScore:
+  """A code label with the reason behind it.
+
+  Attributes:
+    score: the PRIME code label in [0, 1] (see module docstring).
+    reason: PASS if every test passed; otherwise the outcome of the first failed test
+      (WRONG_ANSWER, RUNTIME_ERROR, TIMEOUT, HARNESS_ERROR) or NO_CODE.
+    detail: for HARNESS_ERROR, the sandbox's stderr tail; else "".
+  """
+  score: float
+  reason: str
+  detail: str = ""
+
+
 def _run_one(code: str, test: TestCase, workdir: str, prefix: list[str], timeout_s: float,
-             memory_bytes: int, file_bytes: int, nproc: int | None) -> bool:
+             memory_bytes: int, file_bytes: int, nproc: int | None,
+             python: str) -> tuple[str, str]:
+  """Runs one test; returns (outcome, detail) with outcome in OUTCOMES."""
   os.makedirs(workdir)
   with open(os.path.join(workdir, "solution.py"), "w") as f:
     f.write(code)
@@ -315,15 +366,15 @@ def _run_one(code: str, test: TestCase, workdir: str, prefix: list[str], timeout
   out_path, err_path = os.path.join(workdir, "stdout.txt"), os.path.join(workdir, "stderr.txt")
   env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
          "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-  cmd = prefix + [sys.executable, "-I", "-B", "_harness.py", test.kind]
+  cmd = prefix + [python, "-I", "-B", "_harness.py", test.kind]
   cpu_s = max(1, int(_pymath.ceil(timeout_s)) + 1)
   with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
     try:
       proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=fin, stdout=fout, stderr=ferr,
                               start_new_session=True, close_fds=True,
                               preexec_fn=_make_preexec(cpu_s, memory_bytes, file_bytes, nproc))
-    except OSError:
-      return False
+    except OSError as e:
+      return HARNESS_ERROR, f"cannot start the sandbox: {e}"
     try:
       rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -334,27 +385,36 @@ def _run_one(code: str, test: TestCase, workdir: str, prefix: list[str], timeout
       except (ProcessLookupError, PermissionError):
         pass
       proc.wait()
+  if rc is None or rc == -signal.SIGXCPU or rc == -signal.SIGKILL:
+    return TIMEOUT, ""
   if rc != 0:
-    return False
+    with open(err_path, "rb") as f:
+      err = f.read(file_bytes).decode("utf-8", errors="replace")
+    if rc == HARNESS_ERROR_RC and HARNESS_ERROR_MARKER in err:
+      return HARNESS_ERROR, err[-500:]
+    if test.kind == "assert" and "AssertionError" in err:
+      return WRONG_ANSWER, ""
+    return RUNTIME_ERROR, ""
   if test.kind == "assert":
-    return True
+    return PASS, ""
   if test.kind == "stdio":
     with open(out_path, "rb") as f:
       got = f.read(file_bytes).decode("utf-8", errors="replace")
-    return _outputs_match(got, test.output)
+    return (PASS if _outputs_match(got, test.output) else WRONG_ANSWER), ""
   try:
     with open(os.path.join(workdir, "result.json")) as f:
       got = json.load(f)["result"]
   except (OSError, ValueError, KeyError):
-    return False
-  return _results_match(got, test.output)
+    return RUNTIME_ERROR, ""
+  return (PASS if _results_match(got, test.output) else WRONG_ANSWER), ""
 
 
-def run_tests(code: str, tests: Sequence[TestCase], *, timeout_s: float = 5.0,
-              memory_bytes: int = _DEFAULT_MEMORY_BYTES, file_bytes: int = _DEFAULT_FILE_BYTES,
-              stop_after_first_failure: int | None = None,
-              use_unshare: bool | None = None) -> list[bool]:
-  """Runs `code` on each test in its own sandboxed process; returns pass/fail per test run.
+def run_test_outcomes(code: str, tests: Sequence[TestCase], *, timeout_s: float = 5.0,
+                      memory_bytes: int = _DEFAULT_MEMORY_BYTES, file_bytes: int = _DEFAULT_FILE_BYTES,
+                      stop_after_first_failure: int | None = None,
+                      use_unshare: bool | None = None,
+                      python: str | None = None) -> list[tuple[str, str]]:
+  """Runs `code` on each test in its own sandboxed process; returns (outcome, detail) per test run.
 
   Args:
     code: Python source of the solution.
@@ -366,9 +426,11 @@ def run_tests(code: str, tests: Sequence[TestCase], *, timeout_s: float = 5.0,
       test has failed (their outcome cannot change the score any more).
     use_unshare: None: use `unshare` namespaces when the kernel allows; False: only the
       in-process socket shim and rlimits; True: require `unshare` (RuntimeError if unusable).
+    python: interpreter that runs the solution (default: this one, `sys.executable`).
   """
   if timeout_s <= 0:
     raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+  python = python or sys.executable
   prefix = sandbox_prefix() if use_unshare is not False else []
   if use_unshare and not prefix:
     raise RuntimeError("use_unshare=True but `unshare -n -p -f` is not usable on this machine")
@@ -376,41 +438,64 @@ def run_tests(code: str, tests: Sequence[TestCase], *, timeout_s: float = 5.0,
   if os.geteuid() != 0:  # RLIMIT_NPROC counts all processes of the uid and does not bind root
     nproc = _count_user_processes(os.geteuid()) + _DEFAULT_NPROC_HEADROOM
   root = tempfile.mkdtemp(prefix=f"{SANDBOX_DIR_PREFIX}{os.getpid()}_")
-  results: list[bool] = []
+  results: list[tuple[str, str]] = []
   try:
     for k, test in enumerate(tests):
       if (stop_after_first_failure is not None and k >= stop_after_first_failure
-          and not all(results)):
+          and any(o != PASS for o, _ in results)):
         break
       results.append(_run_one(code, test, os.path.join(root, f"t{k}"), prefix, timeout_s,
-                              memory_bytes, file_bytes, nproc))
+                              memory_bytes, file_bytes, nproc, python))
   finally:
     shutil.rmtree(root, ignore_errors=True)
   return results
 
 
-def score(response: str | None, tests: Any, *, timeout_s: float = 5.0,
-          memory_bytes: int = _DEFAULT_MEMORY_BYTES, file_bytes: int = _DEFAULT_FILE_BYTES,
-          use_unshare: bool | None = None) -> float:
-  """PRIME code label of one response (see module docstring): 1.0 if all tests pass, else the
-  fraction of the first min(10, n) tests passed. No ```python block -> 0.0.
+def run_tests(code: str, tests: Sequence[TestCase], **kwargs) -> list[bool]:
+  """`run_test_outcomes` reduced to pass/fail per test run (same arguments)."""
+  return [o == PASS for o, _ in run_test_outcomes(code, tests, **kwargs)]
+
+
+_HARNESS_ERROR_LOGGED = False
+
+
+def score_detailed(response: str | None, tests: Any, *, timeout_s: float = 5.0,
+                   memory_bytes: int = _DEFAULT_MEMORY_BYTES, file_bytes: int = _DEFAULT_FILE_BYTES,
+                   use_unshare: bool | None = None, python: str | None = None) -> CodeScore:
+  """PRIME code label of one response (see module docstring) and why: 1.0 if all tests pass,
+  else the fraction of the first min(10, n) tests passed. No ```python block -> 0.0 (NO_CODE).
+
+  A HARNESS_ERROR (the sandbox itself failed, e.g. a broken interpreter set-up) is logged at
+  ERROR level once per process: a broken sandbox must never look like wrong answers.
 
   Args:
     response: decoded response text.
     tests: tests in any accepted format (`normalize_tests`); an empty list raises ValueError.
     timeout_s: wall-clock limit per test (PRIME/APPS: 5 s).
-    memory_bytes, file_bytes, use_unshare: sandbox limits, see `run_tests`.
+    memory_bytes, file_bytes, use_unshare, python: sandbox settings, see `run_test_outcomes`.
   """
+  global _HARNESS_ERROR_LOGGED
   cases = normalize_tests(tests)
   if not cases:
     raise ValueError("tests: no test cases")
   code = extract_code(response)
   if code is None:
-    return 0.0
+    return CodeScore(0.0, NO_CODE)
   n_frac = min(MAX_TESTS_FOR_FRACTION, len(cases))
-  passed = run_tests(code, cases, timeout_s=timeout_s, memory_bytes=memory_bytes,
-                     file_bytes=file_bytes, stop_after_first_failure=n_frac,
-                     use_unshare=use_unshare)
+  outcomes = run_test_outcomes(code, cases, timeout_s=timeout_s, memory_bytes=memory_bytes,
+                               file_bytes=file_bytes, stop_after_first_failure=n_frac,
+                               use_unshare=use_unshare, python=python)
+  passed = [o == PASS for o, _ in outcomes]
   if len(passed) == len(cases) and all(passed):
-    return 1.0
-  return sum(passed[:n_frac]) / n_frac
+    return CodeScore(1.0, PASS)
+  reason, detail = next((o, d) for o, d in outcomes if o != PASS)
+  if reason == HARNESS_ERROR and not _HARNESS_ERROR_LOGGED:
+    _HARNESS_ERROR_LOGGED = True
+    logging.getLogger(__name__).error(
+        "jaxrl_dense code sandbox is BROKEN (every program will score 0): %s", detail)
+  return CodeScore(sum(passed[:n_frac]) / n_frac, reason, detail)
+
+
+def score(response: str | None, tests: Any, **kwargs) -> float:
+  """PRIME code label of one response: `score_detailed(response, tests, **kwargs).score`."""
+  return score_detailed(response, tests, **kwargs).score

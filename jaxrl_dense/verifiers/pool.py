@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
 import math as _pymath
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -43,7 +44,11 @@ def default_workers() -> int:
 
 
 def _worker_main(conn, memory_bytes: int | None) -> None:
-  """Worker loop: receive (idx, kind, response, gold, timeout_s), send (idx, score, status)."""
+  """Worker loop: receive (idx, kind, response, gold, timeout_s), send (idx, score, status).
+
+  status: "ok" (full marks), "ok:<reason>" (judged: wrong_answer, no_code, runtime_error, timeout
+  of a code test), "harness_error: ..." (the code sandbox itself failed), "memory", "error: ...".
+  """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
   if memory_bytes:
     import resource
@@ -64,9 +69,14 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
       if kind == "math":
         # math-verify's own (signal) limit, per parse/compare, below the parent's hard limit so
         # that most slow items end in the worker instead of costing a kill and a restart.
-        s, status = math_lib.score(response, gold, timeout_s=max(1.0, timeout_s / 2)), "ok"
+        s = math_lib.score(response, gold, timeout_s=max(1.0, timeout_s / 2))
+        status = "ok" if s >= 1.0 else "ok:wrong_answer"
       else:
-        s, status = code_lib.score(response, gold, timeout_s=code_test_timeout_s), "ok"
+        r = code_lib.score_detailed(response, gold, timeout_s=code_test_timeout_s)
+        s = r.score
+        # A broken sandbox is an error of the verifier, never a wrong answer.
+        status = f"harness_error: {r.detail[-300:]}" if r.reason == code_lib.HARNESS_ERROR else (
+            "ok" if r.reason == code_lib.PASS else f"ok:{r.reason}")
     except MemoryError:
       s, status = 0.0, "memory"
     except RecursionError:
@@ -85,13 +95,37 @@ class VerifyStats:
   n: int = 0
   timeouts: int = 0
   crashes: int = 0  # worker died without answering (e.g. killed by the OS)
-  errors: int = 0  # the verifier raised; item scored 0
+  errors: int = 0  # the verifier raised or its sandbox broke; item scored 0
+  harness_errors: int = 0  # code items whose sandbox itself failed (counted in `errors` too)
   restarts: int = 0
   wall_s: float = 0.0
   statuses: list[str] = dataclasses.field(default_factory=list)
 
+  def failure_reasons(self) -> dict[str, int]:
+    """Why items did not score 1, by kind: "wrong_answer" (judged wrong, incl. no answer),
+    code outcomes ("no_code", "runtime_error", "timeout" of a test), "harness_error",
+    "timeout" (the whole item overran), "crash", "memory", "error" (the verifier raised)."""
+    out: dict[str, int] = {}
+    for st in self.statuses:
+      if st == "ok":
+        continue
+      key = st.split(":", 2)[1] if st.startswith("ok:") else st.split(":", 1)[0]
+      out[key] = out.get(key, 0) + 1
+    return out
+
 
 _MAIN_LOCK = threading.Lock()
+_HARNESS_ERROR_LOGGED = False
+
+
+def _log_harness_error(status: str) -> None:
+  """Logs a broken code sandbox loudly, once per process."""
+  global _HARNESS_ERROR_LOGGED
+  if not _HARNESS_ERROR_LOGGED:
+    _HARNESS_ERROR_LOGGED = True
+    logging.getLogger(__name__).error(
+        "jaxrl_dense code sandbox is BROKEN: code items score 0 because the sandbox failed, not "
+        "because the answers are wrong (VerifyStats.harness_errors counts them): %s", status)
 
 
 @contextlib.contextmanager
@@ -335,7 +369,10 @@ class VerifierPool:
           continue
         scores[i] = s
         statuses[i] = status
-        if status != "ok":
+        if status.startswith("harness_error"):
+          stats.harness_errors += 1
+          _log_harness_error(status)
+        if not (status == "ok" or status.startswith("ok:")):
           stats.errors += 1
         done += 1
         w.item = None

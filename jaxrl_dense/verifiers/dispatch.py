@@ -1,0 +1,33 @@
+"""Which verifier scores a record: routing by `data_source`, as veRL's PRIME reward manager does.
+
+veRL (`verl/utils/reward_score/__init__.py`, `default_compute_score`, PRIME spec §3) sends the
+code sources of Eurus-2-RL-Data (`codecontests`, `apps`, `codeforces`, `taco`) to `prime_code`
+(fraction of the first <= 10 tests passed) and the math sources (`numina_*`, `lighteval/MATH`,
+`openai/gsm8k`, ...) to `prime_math`. We route the same names the same way, plus any source whose
+name contains "code" (e.g. `leetcode`, `code_contests`), and everything else to math.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["CODE_SOURCES", "kind_of_source", "kinds_of_sources"]
+
+# Eurus-2-RL-Data's code sources, routed to prime_code by veRL.
+CODE_SOURCES = frozenset({"codecontests", "apps", "codeforces", "taco"})
+
+
+def kind_of_source(data_source: str | None) -> str:
+  """"code" for veRL's code sources (and names containing "code"), else "math".
+
+  Args:
+    data_source: the record's `data_source` (veRL parquet column); None or "" means math.
+  """
+  if data_source is not None and not isinstance(data_source, str):
+    raise TypeError(f"data_source must be a str or None, got {type(data_source).__name__}")
+  s = (data_source or "").strip().lower()
+  return "code" if s in CODE_SOURCES or "code" in s else "math"
+
+
+def kinds_of_sources(data_sources: Sequence[str | None]) -> list[str]:
+  """`kind_of_source` of each source."""
+  return [kind_of_source(s) for s in data_sources]
