@@ -329,15 +329,41 @@ def compare_case(case, out: Out):
       np.testing.assert_allclose(got, exp.astype(np.float32), rtol=rtol, atol=atol, err_msg=key)
 
 
+# The golden set, pinned: a file that goes missing or a case count that changes fails loudly
+# instead of silently testing less.
+GOLDEN_CASE_COUNTS = {
+    "entropy.json": 1, "gae_advantage.json": 4, "grpo_advantage.json": 6, "kl_penalty.json": 14,
+    "ppo_policy_loss.json": 13, "prime_implicit_reward.json": 7, "prime_prm_loss.json": 8,
+    "prime_rloo_advantage.json": 8, "prompt_filter.json": 8, "reinforce_pp_advantage.json": 6,
+    "rloo_outcome_advantage.json": 3,
+}
+
+# Where a reference raises, the error we raise and what its message must say. The reference's
+# NotImplementedError stays a NotImplementedError; where the reference crashes at run time
+# (RuntimeError from a bad slice assignment) we refuse up front with a ValueError that says why.
+EXPECTED_RAISES = {
+    ("kl_penalty", "pub_n4_kl_k1plus"): (NotImplementedError, r"'k1\+'.*not implemented"),
+    ("kl_penalty", "pub_n4_kl_k3plus"): (NotImplementedError, r"'k3\+'.*not implemented"),
+    ("kl_penalty", "pub_n4_kl_low_var_klplus"): (NotImplementedError, r"'low_var_kl\+'.*not implemented"),
+    ("prime_implicit_reward", "pub_n4_recipe_whole_raises"): (ValueError, r"granularity='whole' is broken"),
+}
+_REFERENCE_ERROR_OF = {NotImplementedError: {"NotImplementedError"}, ValueError: {"RuntimeError", "ValueError"}}
+
+
 def run_case(family: str, case) -> None:
   if family not in RUNNERS:
     raise NotUnderstood(f"unknown golden family {family!r}")
   runner = RUNNERS[family]
   exp = case["expected"]
   if isinstance(exp, dict) and "raises" in exp:
-    with pytest.raises(CLEAR_ERRORS) as info:
+    key = (family, case["name"])
+    if key not in EXPECTED_RAISES:
+      raise NotUnderstood(f"raises case {key} has no pinned error (EXPECTED_RAISES)")
+    err_type, pattern = EXPECTED_RAISES[key]
+    assert exp["raises"] in _REFERENCE_ERROR_OF[err_type], (
+        f"{key}: the reference raises {exp['raises']}, pinned as {err_type.__name__}")
+    with pytest.raises(err_type, match=pattern):
       runner(case)
-    assert len(str(info.value)) > 20, f"error message is not explanatory: {info.value!r}"
     return
   compare_case(case, runner(case))
 
@@ -366,8 +392,25 @@ def _report(request, line: str):
   plugin.lines.append(line)
 
 
-def test_golden_files_present():
-  assert GOLDEN_FILES, f"no golden files in {GOLDEN_DIR}"
+def test_golden_files_and_case_counts_are_pinned():
+  found = {p.name: len(json.loads(p.read_text())["cases"]) for p in GOLDEN_FILES}
+  assert found == GOLDEN_CASE_COUNTS
+  raises = {(json.loads(p.read_text()).get("file", p.stem), c["name"])
+            for p in GOLDEN_FILES for c in json.loads(p.read_text())["cases"]
+            if isinstance(c["expected"], dict) and "raises" in c["expected"]}
+  assert raises == set(EXPECTED_RAISES)
+
+
+def test_harness_checks_the_error_message():
+  case = next(c for c in json.loads((GOLDEN_DIR / "kl_penalty.json").read_text())["cases"]
+              if c["name"] == "pub_n4_kl_k1plus")
+  real = EXPECTED_RAISES[("kl_penalty", case["name"])]
+  try:
+    EXPECTED_RAISES[("kl_penalty", case["name"])] = (NotImplementedError, "a message we never write")
+    with pytest.raises(AssertionError):  # pytest.raises(match=...) failing
+      run_case("kl_penalty", case)
+  finally:
+    EXPECTED_RAISES[("kl_penalty", case["name"])] = real
 
 
 @pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
