@@ -7,6 +7,24 @@ import optax
 import pytest
 
 
+# Tolerance of float32 gradients of the sharpened (x6) test model: eps32 (1.2e-7) times the
+# conditioning of its saturated softmaxes (~1e3) = 1e-4. Measured on a 2-core EPYC: worst leaf
+# 4e-5 (relative norm), worst SGD update 6e-5 of the largest update. Masking or prefix bugs show
+# as O(1) relative errors, far above it.
+F32_SHARP_TOL = 1e-4
+
+
+def _close_grads(x, y, tol=F32_SHARP_TOL):
+  """Leafwise ||x - y|| <= tol ||y||, or max|x - y| <= tol * max|y| over the whole tree (for
+  leaves whose exact gradient is 0 and whose computed one is rounding noise, e.g. the key bias,
+  which softmax's shift invariance makes irrelevant)."""
+  scale = max(float(np.max(np.abs(np.asarray(c)))) for c in jax.tree.leaves(y))
+  for a, c in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    a, c = np.asarray(a, np.float64), np.asarray(c, np.float64)
+    ok = np.linalg.norm(a - c) <= tol * np.linalg.norm(c) or np.abs(a - c).max() <= tol * scale
+    assert ok, (np.linalg.norm(a - c) / np.linalg.norm(c), np.abs(a - c).max() / scale)
+
+
 def _close_tree(x, y, tol, atol=0.0):
   """Leafwise ||x - y|| <= tol * ||y|| or max|x - y| <= atol (float32 sums in another order)."""
   for a, c in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
@@ -81,12 +99,26 @@ def test_response_logprobs_and_grads_match():
   if with_entropy:
     np.testing.assert_allclose(en, e1, atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(vn, v1, rtol=2e-5)
-  _close_tree(gn, g1, 2e-5)
+  _close_grads(gn, g1)
+
+
+def _close_updates(new, ref, start, rtol):
+  """Parameter updates (new - start vs ref - start) equal up to rtol of the largest update."""
+  d_new = jax.tree.map(lambda a, s: np.asarray(a, np.float64) - np.asarray(s, np.float64), new, start)
+  d_ref = jax.tree.map(lambda a, s: np.asarray(a, np.float64) - np.asarray(s, np.float64), ref, start)
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(d_ref))
+  assert scale > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=rtol * scale), d_new, d_ref)
 
 
 def test_policy_and_prm_updates_match_rowwise():
+  # SGD, not Adam: parameters after an SGD step are linear in the gradients, so float32
+  # summation-order differences stay at their own size. Adam divides by sqrt(v) + eps and turns
+  # them into full-size steps on near-zero gradients (ill-conditioned by construction).
+  # A small step size keeps 3-4 sequential steps close to linear in the gradients (a large one
+  # lets the sharpened model amplify the rounding of step 1 in steps 2-4).
   params, b = _params(), _batch(2)
-  opt = optax.adamw(1e-3)
+  opt = optax.sgd(1e-2)
   b = dict(b, old_logp=jnp.zeros_like(b["response_mask"]) - 1.0, ref_logp=jnp.zeros_like(b["response_mask"]) - 2.0)
   out = {}
   for g in (1, N):
@@ -100,7 +132,9 @@ def test_policy_and_prm_updates_match_rowwise():
     pst, prm_logp, pm = prm(state_lib.TrainState(fresh(), opt.init(params), jnp.zeros((), jnp.int32)), b)
     out[g] = (st.params, m, pst.params, prm_logp, pm)
   (p1, m1, q1, l1, n1), (pn, mn, qn, ln, nn_) = out[1], out[N]
-  _close_tree((pn, qn), (p1, q1), 1e-5, atol=1e-5)
+  # float32 rounding of sums over the batch's tokens, relative to the largest update
+  _close_updates(pn, p1, params, 2 * F32_SHARP_TOL)  # 4 SGD steps compound the gradient error
+  _close_updates(qn, q1, params, 2 * F32_SHARP_TOL)
   np.testing.assert_allclose(ln, l1, atol=2e-5, rtol=2e-5)
   for k in m1:
     np.testing.assert_allclose(mn[k], m1[k], atol=1e-5, rtol=1e-4, err_msg=k)
