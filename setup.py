@@ -24,7 +24,11 @@ setuptools.setup(
     install_requires=_requirements(),
     extras_require={
         # torch + transformers' PyTorch models are used only as parity references in tests.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0"],
+        # wandb (offline-mode sink tests), nbclient/nbformat/ipykernel (the walkthrough notebook).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.0",
+                 "wandb>=0.31", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        # Optional W&B logging in the experiments (`--wandb_project`).
+        "wandb": ["wandb>=0.31"],
     },
     license="Apache-2.0",
 )

@@ -13,6 +13,8 @@ Public API
     `truncate_after(step)`: on resume, drop logged rows with step > `step` (rows written after
     the checkpoint we resume from, by the run that crashed) from the JSONL and `history`.
     `flush()`, `close()`; a context manager.
+    `sinks=[...]`: extra sinks, each with `write(step, scalars: dict)`, `flush()`, `close()`,
+    called after the JSONL/TensorBoard write (e.g. `jaxrl_dense.wandb_sink.WandbSink`).
 `TensorBoardWriter(logdir)`: `write(scalars, step)`, `flush()`, `close()` (what MetricsWriter
     uses; for loops that keep their own JSONL).
 `read_jsonl(path) -> list[dict]`: the rows of a metrics JSONL (for plotting / tests).
@@ -35,7 +37,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -99,7 +101,8 @@ class MetricsWriter:
   """Per-step metrics to `<logdir>/<jsonl_name>` and TensorBoard event files in `logdir`."""
 
   def __init__(self, logdir: str | os.PathLike, *, jsonl_name: str = "metrics.jsonl",
-               tensorboard: bool = True, fresh: bool = False):
+               tensorboard: bool = True, fresh: bool = False, sinks: Sequence[Any] = ()):
+    self.sinks = list(sinks)
     self.logdir = pathlib.Path(logdir)
     self.logdir.mkdir(parents=True, exist_ok=True)
     self.jsonl_path = self.logdir / jsonl_name
@@ -128,6 +131,8 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.write({k: v for k, v in row.items() if k not in ("step", "time")}, int(step),
                      wall_time=row["time"])
+    for sink in self.sinks:
+      sink.write(int(step), {k: v for k, v in row.items() if k not in ("step", "time")})
     self.history.append(row)
     return row
 
@@ -153,6 +158,8 @@ class MetricsWriter:
     self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
+    for sink in self.sinks:
+      sink.flush()
 
   def close(self) -> None:
     if not self._jsonl.closed:
@@ -160,6 +167,9 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    for sink in self.sinks:
+      sink.close()
+    self.sinks = []
 
   def __enter__(self):
     return self
