@@ -78,7 +78,11 @@ def build_fns(config, grad_shardings=None):
   from jaxrl_dense.models.transformer import forward
   from jaxrl_dense.models.logprobs import token_logprobs
 
-  optimizer = optax.adamw(LR, weight_decay=0.01)
+  # eps = 1 keeps the step linear in the gradients: with Adam's usual eps, one step from zero
+  # moments is lr * g / (|g| + 1e-8) ~ lr * sign(g), so float32 noise on near-zero gradients
+  # (sharded sums run in another order) becomes a full +-lr step and parameters compared after
+  # it are ill-conditioned. The Adam moments, whose sharding the test checks, are still there.
+  optimizer = optax.adamw(LR, eps=1.0, weight_decay=0.01)
 
   def response_logp(params, batch):
     lp = token_logprobs(params, config, batch["tokens"], batch["attention_mask"])  # [B, P+R]
@@ -105,14 +109,14 @@ def build_fns(config, grad_shardings=None):
     loss, grads = jax.value_and_grad(prm_loss)(prm_params, ref_params, batch)
     grads = sh.constrain(grads, grad_shardings)
     updates, opt_state = optimizer.update(grads, opt_state, prm_params)
-    return optax.apply_updates(prm_params, updates), opt_state, loss
+    return optax.apply_updates(prm_params, updates), opt_state, loss, updates
 
   def policy_step(params, opt_state, batch):
     old_logp = jax.lax.stop_gradient(response_logp(params, batch)) + batch["logp_shift"]
     loss, grads = jax.value_and_grad(ppo_loss)(params, batch, old_logp)
     grads = sh.constrain(grads, grad_shardings)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, updates
 
   return optimizer, forward, token_logprobs, prm_step, policy_step
 
@@ -141,10 +145,13 @@ def run_workload(mesh, config, params_host, prm_host, data, *, with_generate=Tru
   def workload(params, pol_opt, prm, prm_opt, batch):
     logits = forward(params, config, batch["tokens"], batch["attention_mask"])  # [B, T, V]
     logp = token_logprobs(params, config, batch["tokens"], batch["attention_mask"])  # [B, T]
-    new_prm, new_prm_opt, prm_loss = prm_step(prm, prm_opt, params, batch)
-    new_params, new_pol_opt, pol_loss = policy_step(params, pol_opt, batch)
-    report = {"logits": logits, "logprobs": logp, "prm_loss": prm_loss, "prm_params": flat(new_prm),
-              "policy_loss": pol_loss, "policy_params": flat(new_params)}
+    new_prm, new_prm_opt, prm_loss, prm_updates = prm_step(prm, prm_opt, params, batch)
+    new_params, new_pol_opt, pol_loss, pol_updates = policy_step(params, pol_opt, batch)
+    # The optimizer steps in units of the learning rate: O(|g|) per element (eps = 1), so a wrong
+    # gradient shows at its own size and float32 noise stays at its own size too.
+    report = {"logits": logits, "logprobs": logp, "prm_loss": prm_loss,
+              "prm_step": flat(prm_updates) / LR,
+              "policy_loss": pol_loss, "policy_step": flat(pol_updates) / LR}
     return report, (new_params, new_pol_opt), (new_prm, new_prm_opt)
 
   fn = jax.jit(workload, out_shardings=(rep, (ps, opt_sh), (ps, opt_sh)))

@@ -211,7 +211,7 @@ def check_equivalence(summary, meshes):
   for spec, res in summary["results"].items():
     for what, diff in res["max_abs_diff"].items():
       assert diff <= TOL, f"{spec}: {what} differs from the 1x1x1 mesh by {diff}"
-    assert "gen_tokens" in res["max_abs_diff"] and "policy_params" in res["max_abs_diff"]
+    assert "gen_tokens" in res["max_abs_diff"] and "policy_step" in res["max_abs_diff"]
   errors = summary["errors"]   # errors that need a multi-device mesh
   assert "batch dimension 6" in errors["batch"] and "data*fsdp=4" in errors["batch"]
   assert "multiply to 3" in errors["mesh"] and "8 devices" in errors["mesh"]
