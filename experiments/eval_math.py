@@ -11,8 +11,20 @@ r"""Evaluate a model on math: greedy pass@1 or sampled mean@k, with a per-proble
     python experiments/eval_math.py --model=/path/to/Eurus-2-7B-PRIME --dataset=aime24 \
         --nogreedy --samples=16 --temperature=0.3 --max_new_tokens=3072
 
+    # Chained arithmetic (held-out split), 8 samples: unbiased pass@1/2/4/8, mean@8, maj@8, and
+    # with an implicit PRM best-of-8 by PRM reward and the PRM-weighted vote:
+    python experiments/eval_math.py --dataset=chain_arith:eval --nogreedy --samples=8 \
+        --temperature=0.7 --prm_model=runs/prm_hf
+
+With --nogreedy the summary holds, besides mean@k: the unbiased pass@k of Chen et al. 2021 for
+--ks (`evaluation.pass_at_k`), maj@k (majority vote over the verifier's normalised answers, ties
+counted as the expected correctness of a random tie break), and with --prm_model
+prm_best_of_n@k (the response with the highest implicit-PRM reward) and prm_vote@k (vote
+weighted by sigmoid(reward)); each problem's answers and PRM rewards go into the report.
+
 --dataset is "arithmetic" (the held-out split of the synthetic task; its --arith_* flags must
-match the training run's so the split is the same), a shipped set (jaxrl_dense.data.prompts
+match the training run's so the split is the same), "chain_arith:eval[:k=v,...]" (the chained-
+arithmetic task, `jaxrl_dense.data.chain_arith`), a shipped set (jaxrl_dense.data.prompts
 .SHIPPED_DATASETS: gsm8k_test, math500, aime24, amc23, minerva_math, olympiadbench,
 aimo_validation_aime, aimo_validation_amc, ...) or a .jsonl / .parquet prompt file (veRL
 columns or {problem|question, answer}). The library function behind it is
@@ -57,6 +69,14 @@ flags.DEFINE_integer("arith_max_digits", 2, "Arithmetic task: operand digits (1.
 flags.DEFINE_integer("arith_num_eval", 200, "Arithmetic task: held-out split size.")
 flags.DEFINE_integer("arith_seed", 0, "Arithmetic task: split seed.")
 flags.DEFINE_integer("arith_shots", 3, "Arithmetic task: few-shot examples in the prompt (0..3).")
+flags.DEFINE_list("ks", [], "With --nogreedy: k values of the unbiased pass@k (Chen et al. 2021; "
+                  "default 1, 2, 4, ... up to --samples).")
+flags.DEFINE_string("prm_model", "", "With --nogreedy: an implicit PRM (HF directory or .gguf, "
+                    "e.g. implicit_prm.py --save_dir) whose sequence reward beta * sum log(pi_prm / "
+                    "pi_ref) reranks the samples (prm_best_of_n@k) and weights the vote "
+                    "(prm_vote@k).")
+flags.DEFINE_string("ref_model", "", "Reference of the implicit PRM (default: --model).")
+flags.DEFINE_float("prm_beta", 0.05, "beta of the implicit PRM.")
 flags.DEFINE_string("output", "", "JSON report path (default: runs/eval/<model>_<dataset>.json).")
 
 
@@ -89,10 +109,29 @@ def validate_flags() -> None:
     if not 0 < f.top_p <= 1:
       raise _flag_err("top_p", f.top_p, "must be in (0, 1]")
   ds = f.dataset
-  if ds != "arithmetic" and ds not in prompts.SHIPPED_DATASETS and ds != "math500_test":
+  from jaxrl_dense.data import chain_arith
+  if chain_arith.is_source(ds):
+    try:
+      chain_arith.parse_source(ds)
+    except ValueError as e:
+      raise _flag_err("dataset", ds, str(e)) from None
+  elif ds != "arithmetic" and ds not in prompts.SHIPPED_DATASETS and ds != "math500_test":
     if not pathlib.Path(ds).is_file():
       raise _flag_err("dataset", ds, f"is neither 'arithmetic', a shipped set "
                       f"{prompts.SHIPPED_DATASETS} nor an existing .jsonl/.parquet file")
+  for name in ("prm_model", "ref_model"):
+    v = getattr(f, name)
+    if v and f.greedy:
+      raise _flag_err(name, v, "needs --nogreedy (the PRM reranks --samples sampled responses)")
+    if v and v != "smollm2" and not pathlib.Path(v).expanduser().exists():
+      raise _flag_err(name, v, "does not exist (expected 'smollm2', an HF directory or a .gguf "
+                      "file)")
+  try:
+    ks = [int(k) for k in f.ks]
+  except ValueError:
+    raise _flag_err("ks", ",".join(f.ks), "expected integers") from None
+  if ks and (f.greedy or any(not 1 <= k <= f.samples for k in ks)):
+    raise _flag_err("ks", ",".join(f.ks), f"needs --nogreedy and 1 <= k <= --samples={f.samples}")
   if f.model != "smollm2" and not pathlib.Path(f.model).expanduser().exists():
     raise _flag_err("model", f.model, "does not exist (expected 'smollm2', an HF directory or a "
                     ".gguf file)")
@@ -116,6 +155,38 @@ def load_records():
   if f.num_problems:
     records = records[:f.num_problems]
   return records
+
+
+def add_sampled_estimators(result, lm, records, encoder) -> None:
+  """Adds unbiased pass@k, mean@k, maj@k and (with --prm_model) PRM best-of-N / PRM-weighted
+  vote to `result.summary` (see `jaxrl_dense.evaluation.sampled_summary`)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxrl_dense import evaluation
+  from jaxrl_dense.models import loading
+  f = FLAGS
+  scores = np.array([p["scores"] for p in result.problems], np.float64)  # [N, k]
+  answers = [evaluation.extract_answers(p["responses"]) for p in result.problems]
+  rewards = None
+  if f.prm_model:
+    t0 = time.time()
+    load = lambda spec: loading.load_pretrained(
+        loading.default_model_path() if spec == "smollm2" else spec, dtype=getattr(jnp, f.dtype),
+        cache_dir=f.cache_dir or None)
+    prm = load(f.prm_model)
+    ref = lm if not f.ref_model or f.ref_model == f.model else load(f.ref_model)
+    truncated = np.array([p["lengths"] for p in result.problems]) >= f.max_new_tokens
+    rewards = evaluation.implicit_prm_rewards(
+        prm.params, ref.params, lm.config, lm.tokenizer, records,
+        [p["responses"] for p in result.problems], beta=f.prm_beta, batch_size=f.batch_size,
+        encoder=encoder, truncated=truncated)
+    for p, r in zip(result.problems, rewards):
+      p["prm_rewards"] = r.tolist()
+    result.summary["prm_seconds"] = time.time() - t0
+  for p, a in zip(result.problems, answers):
+    p["answers"] = a
+  ks = [int(k) for k in f.ks] or None
+  result.summary.update(evaluation.sampled_summary(scores, answers, rewards, ks))
 
 
 def main(argv):
@@ -157,6 +228,8 @@ def main(argv):
       lm.params, lm.config, lm.tokenizer, records, max_new_tokens=f.max_new_tokens,
       num_samples=k, temperature=temperature, top_p=f.top_p if not f.greedy else 1.0,
       batch_size=f.batch_size, seed=f.seed, encoder=encoder, progress=True)
+  if not f.greedy:
+    add_sampled_estimators(result, lm, records, encoder)
   result.summary["skipped_overlong"] = len(dropped)
   result.summary["load_seconds"] = load_s
   output = f.output or os.path.join(
@@ -165,7 +238,7 @@ def main(argv):
       "model", "dtype", "dataset", "num_problems", "greedy", "samples", "temperature", "top_p",
       "max_new_tokens", "max_prompt_length", "batch_size", "seed", "instruction",
       "system_prompt", "arith_ops", "arith_max_digits", "arith_num_eval", "arith_seed",
-      "arith_shots")}
+      "arith_shots", "ks", "prm_model", "ref_model", "prm_beta")}
   evaluation.write_report(result, output, model=str(model_path), dataset=f.dataset,
                           flags=flag_values)
   print(json.dumps(result.summary, indent=1))

@@ -195,3 +195,68 @@ def test_eval_math_cli_writes_report(setup, tmp_path):
   # the held-out split of the same task, in order
   task = arithmetic.ArithmeticTask(ops=("+", "-", "*"), max_digits=1, num_eval=5, num_shots=1)
   assert [p["uid"] for p in data["problems"]] == [r.uid for r in arithmetic.make_splits(task)[1][:3]]
+
+
+# ------------------------------------------------ implicit-PRM rewards and sampled estimators
+def test_implicit_prm_rewards_match_direct_scoring(setup):
+  tok, config, params, records = setup
+  from jaxrl_dense.models import logprobs as lp_lib
+  prm_params = transformer.init_params(config, jax.random.key(7))
+  recs = records[:3]
+  responses = [["The answer is 3.", "1 + 2 = 3."], ["4", "no idea"], ["The answer is 12.", "x"]]
+  truncated = np.array([[False, True], [False, False], [True, False]])
+  r = evaluation.implicit_prm_rewards(prm_params, params, config, tok, recs, responses,
+                                      beta=0.1, batch_size=4, truncated=truncated)
+  assert r.shape == (3, 2) and np.isfinite(r).all()
+  enc = batching.PromptEncoder(tok, max_prompt_length=1024)
+  for i, j in ((0, 0), (2, 0)):  # one complete response (+ EOS), one truncated; other rows padded
+    p = enc.encode(recs[i].prompt_messages)
+    a = tok(responses[i][j], add_special_tokens=False)["input_ids"]
+    a = a if truncated[i, j] else a + [config.eos_token_ids[0]]
+    t = np.array([p + a], np.int32)
+    m = np.ones_like(t)
+    lp = np.asarray(lp_lib.token_logprobs(prm_params, config, t, m))[0, len(p):]
+    lr = np.asarray(lp_lib.token_logprobs(params, config, t, m))[0, len(p):]
+    assert r[i, j] == pytest.approx(0.1 * float((lp - lr).sum()), abs=1e-4)
+  same = evaluation.implicit_prm_rewards(params, params, config, tok, recs, responses,
+                                         batch_size=4, truncated=truncated)
+  np.testing.assert_allclose(same, 0.0, atol=1e-6)
+  with pytest.raises(ValueError, match="same number k"):
+    evaluation.implicit_prm_rewards(params, params, config, tok, recs, [["a"], ["b", "c"], ["d"]])
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--prm_model=smollm2"], "--prm_model='smollm2': needs --nogreedy"),
+    (["--nogreedy", "--samples=4", "--ks=1,8"], "--ks"),
+    (["--dataset=chain_arith"], "name the split"),
+])
+def test_eval_math_sampled_flags_fail_early(args, flag):
+  out = _run_cli(*args, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert flag in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_math_cli_sampled_estimators_with_prm(setup, tmp_path):
+  tok, config, params, _ = setup
+  from jaxrl_dense.models import loading
+  model_dir = loading.save_pretrained(params, config, tok, tmp_path / "tiny_hf")
+  prm_dir = loading.save_pretrained(transformer.init_params(config, jax.random.key(3)), config,
+                                    tok, tmp_path / "tiny_prm")
+  report = tmp_path / "report.json"
+  out = _run_cli(f"--model={model_dir}", "--dataset=chain_arith:eval:shots=1,num_train=10",
+                 "--num_problems=2", "--nogreedy", "--samples=4", "--temperature=1.0",
+                 "--max_new_tokens=6", f"--prm_model={prm_dir}", f"--output={report}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  data = json.loads(report.read_text())
+  s = data["summary"]
+  for key in ("pass@1", "pass@2", "pass@4", "mean@4", "maj@4", "prm_best_of_n@4", "prm_vote@4"):
+    assert 0.0 <= s[key] <= 1.0, key
+  scores = np.array([p["scores"] for p in data["problems"]])
+  assert s["pass@1"] == pytest.approx(s["mean@4"]) == pytest.approx(scores.mean())
+  assert s["pass@4"] == pytest.approx(scores.max(1).mean())
+  rewards = np.array([p["prm_rewards"] for p in data["problems"]])
+  assert rewards.shape == (2, 4) and np.isfinite(rewards).all()
+  assert s["prm_best_of_n@4"] == pytest.approx(evaluation.best_of_n(scores, rewards).mean())
+  assert all(len(p["answers"]) == 4 for p in data["problems"])
+  assert data["problems"][0]["uid"].startswith("chain_arith:eval:")

@@ -353,11 +353,16 @@ def load_prompts(source: str | os.PathLike, *, instruction: Optional[str] = None
                  limit: Optional[int] = None) -> list:
   """Loads prompts from a path (`.jsonl`/`.json`/`.parquet`) or a shipped dataset name.
 
-  For shipped names, `instruction=None` means `BOXED_INSTRUCTION`.
+  For shipped names, `instruction=None` means `BOXED_INSTRUCTION`. The generated chained-
+  arithmetic task is loaded by name too: `chain_arith:train` / `chain_arith:eval[:k=v,...]`
+  (see `jaxrl_dense.data.chain_arith.parse_source`; `instruction` is not applied to it).
   """
   if limit is not None and limit <= 0:
     raise ValueError(f"limit must be positive, got {limit}")
   s = str(source)
+  from jaxrl_dense.data import chain_arith  # generated task: 'chain_arith:train|eval[:k=v,...]'
+  if chain_arith.is_source(s):
+    return chain_arith.load_source(s, system_prompt=system_prompt, limit=limit)
   if s in SHIPPED_DATASETS or s in _ALIASES:
     return load_shipped(s, instruction=BOXED_INSTRUCTION if instruction is None else instruction,
                         system_prompt=system_prompt, limit=limit)
