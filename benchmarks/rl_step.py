@@ -40,13 +40,16 @@ Known differences from our steps (same work otherwise):
   * Optimizer: torch AdamW (TrainingArguments' default `optim`, recorded in the JSON) vs optax
     adamw; same lr, weight decay, grad-norm clip 1.0. TRL's lr decays linearly (irrelevant here).
 
+Our steps are `jaxrl_dense.rl.trainer.Trainer.train_step` (the library; this file does not import
+the experiment script): `rl.rollout.collect` then the one jitted `rl.prime.make_prime` update, so
+our "update" column is that whole program (scoring, PRM update, advantages, PPO update).
+
 Output: a table (seconds per step, generation+verification vs policy-update seconds, mean
 response tokens, accuracy; ratios: TRL / ours GRPO, ours PRIME / ours GRPO) and, with --json, the
 same numbers plus the per-stage timings of our steps.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -60,10 +63,8 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-_spec = importlib.util.spec_from_file_location("prime_math", REPO / "experiments" / "prime_math.py")
-prime_math = importlib.util.module_from_spec(_spec)
-sys.modules["prime_math"] = prime_math
-_spec.loader.exec_module(prime_math)  # defines the experiment's absl flags too (unused here)
+from jaxrl_dense.rl import config as config_lib  # noqa: E402
+from jaxrl_dense.rl import rollout, setup  # noqa: E402
 
 flags.DEFINE_string("json", "", "Write the results to this JSON file.")
 flags.DEFINE_string("bench_model", "smollm2", "Model spec for our steps (see prime_math --model).")
@@ -81,30 +82,30 @@ flags.DEFINE_integer("torch_threads", 0, "torch CPU threads for TRL (0 = torch's
 FLAGS = flags.FLAGS
 
 
-def _our_config(algo: str) -> "prime_math.RunConfig":
+def _our_config(algo: str) -> config_lib.RunConfig:
   tok_spec = "chars" if FLAGS.bench_model.startswith("random:") else "smollm2"
   rows = FLAGS.prompts * FLAGS.samples
-  return prime_math.RunConfig(
+  return config_lib.build(config_lib.RunConfig, dict(
       model=FLAGS.bench_model, tokenizer=tok_spec, algo=algo, prime_variant="verl", prm_update="after",
-      n=FLAGS.samples, prompts_per_step=FLAGS.prompts, oversample=1, filter=False,
+      n=FLAGS.samples, prompts_per_step=FLAGS.prompts, oversample=1, filter="none",
       max_prompt_length=160 if tok_spec == "smollm2" else 64, arith_shots=3 if tok_spec == "smollm2" else 0,
       max_response_length=FLAGS.new_tokens, micro_batch_size=min(8, rows),
       prm_micro_batch_size=min(8, rows), score_micro_batch_size=min(16, rows), lr=1e-6, prm_lr=1e-6,
-      recompute_old_logp=False, remat=FLAGS.bench_remat,
-      share_prompt=FLAGS.bench_share_prompt, eval_data="", steps=10**6, progress=False,
-      seed=0)
+      entropy_coeff=0.0, recompute_old_logp=False, remat=FLAGS.bench_remat,
+      share_prompt=FLAGS.bench_share_prompt, eval_data="", steps=10**6, progress=False, seed=0))
 
 
 def bench_ours(algo: str) -> dict:
+  from jaxrl_dense.rl.trainer import Trainer
   cfg = _our_config(algo)
-  prime_math.validate(cfg)
-  run = prime_math.Run(cfg)
+  setup.check_inputs(cfg)
+  run = Trainer(cfg)
   try:
     for _ in range(FLAGS.warmup):
       run.train_step()
     recs = [run.train_step() for _ in range(FLAGS.bench_steps)]
   finally:
-    run.verifier.close()
+    run.close()
   per_step = [r["time/step"] for r in recs]
   stages = {k[5:]: statistics.mean(r[k] for r in recs) for k in recs[0] if k.startswith("time/") and k != "time/step"}
   return {"seconds_per_step": statistics.mean(per_step), "steps": per_step, "stages": stages,
@@ -112,19 +113,19 @@ def bench_ours(algo: str) -> dict:
           "accuracy": statistics.mean(r["outcome/acc"] for r in recs)}
 
 
-def _trl_prompt_records(cfg: "prime_math.RunConfig", num_steps: int) -> list:
+def _trl_prompt_records(cfg: config_lib.RunConfig, num_steps: int) -> list:
   """The prompt records our steps draw (same data, same seeded iterator), `num_steps` batches."""
   from jaxrl_dense.data import iterator
-  train, _ = prime_math.load_records(cfg)
+  train, _ = setup.load_records(cfg)
   it = iterator.PromptIterator(train, seed=cfg.seed)
-  return [r for _ in range(num_steps) for r in it.next_batch(cfg.prompts_per_step)]
+  return [r for _ in range(num_steps) for r in it.next_batch(cfg.prime.rollout.prompts_per_step)]
 
 
-def _check_same_prompt_tokens(cfg: "prime_math.RunConfig", hf_tokenizer, messages) -> int:
+def _check_same_prompt_tokens(cfg: config_lib.RunConfig, hf_tokenizer, messages) -> int:
   """Raises unless TRL's chat-template tokenization equals ours; returns the prompt length."""
   from jaxrl_dense.data import batching
-  ours = batching.PromptEncoder(prime_math.load_tokenizer(cfg.tokenizer),
-                                max_prompt_length=cfg.max_prompt_length).encode(messages)
+  ours = batching.PromptEncoder(setup.load_tokenizer(cfg.tokenizer),
+                                max_prompt_length=cfg.prime.rollout.max_prompt_length).encode(messages)
   theirs = hf_tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
                                             tokenize=True)
   if not isinstance(theirs, list):  # transformers 5 returns a BatchEncoding
@@ -159,8 +160,9 @@ def bench_trl() -> dict:
   from jaxrl_dense.models import loading
 
   cfg = _our_config("grpo")
+  pol = cfg.prime.policy
   rows = FLAGS.prompts * FLAGS.samples
-  micro = cfg.micro_batch_size
+  micro = pol.micro_batch_size
   if rows % micro:
     raise app.UsageError(f"--prompts * --samples = {rows} must be a multiple of the micro-batch {micro}")
   hf_dir = pathlib.Path(FLAGS.hf_dir or pathlib.Path(tempfile.gettempdir()) / "jaxrl_dense_smollm2_hf")
@@ -174,7 +176,7 @@ def bench_trl() -> dict:
   ds = Dataset.from_list([{"prompt": [dict(m) for m in r.prompt_messages], "gold": r.gold,
                            "source": r.data_source} for r in recs])
 
-  verifier = prime_math.Verifier(cfg.verify_timeout, cfg.verify_workers)  # ours: same pool, same limit
+  verifier = rollout.Verifier(cfg.prime.rollout.verify_timeout, cfg.verify_workers)  # ours: same pool, same limit
   accs = []
 
   def math_verifier(completions, gold, source, **kw):
@@ -206,9 +208,9 @@ def bench_trl() -> dict:
       output_dir=tempfile.mkdtemp(prefix="rl_step_trl_"),
       per_device_train_batch_size=micro, gradient_accumulation_steps=rows // micro,  # 1 optimizer step
       num_generations=FLAGS.samples, max_completion_length=FLAGS.new_tokens, temperature=1.0,
-      top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=cfg.clip_low, loss_type="dapo",
-      scale_rewards="group", learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-      max_grad_norm=cfg.grad_clip, activation_checkpointing=FLAGS.bench_remat, use_vllm=False,
+      top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=pol.clip_low, loss_type="dapo",
+      scale_rewards="group", learning_rate=pol.lr, weight_decay=pol.weight_decay,
+      max_grad_norm=pol.grad_clip, activation_checkpointing=FLAGS.bench_remat, use_vllm=False,
       max_steps=num_steps, logging_strategy="no", save_strategy="no", report_to="none",
       disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, shuffle_dataset=False,
       dataloader_num_workers=0, seed=cfg.seed)
@@ -269,7 +271,8 @@ def main(argv):
       continue
     st = r["stages"]
     gen = st.get("generate_verify_advantage", st.get("generate", 0.0) + st.get("verify", 0.0))
-    print(f"{s:<10}{r['seconds_per_step']:>10.2f}{gen:>12.2f}{st['policy_update']:>10.2f}"
+    upd = st.get("policy_update", st.get("update", 0.0))  # TRL's update / our whole jitted update
+    print(f"{s:<10}{r['seconds_per_step']:>10.2f}{gen:>12.2f}{upd:>10.2f}"
           f"{r['mean_completion_tokens']:>10.1f}{r['accuracy']:>7.2f}")
   for k, v in ratios.items():
     print(f"{k:<26}{v:>6.2f}")

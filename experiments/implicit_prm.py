@@ -5,19 +5,20 @@ arXiv 2412.01981; methods.md §1.2).
 
 Samples n responses per arithmetic training problem from the policy (SmolLM2-135M-Instruct by
 default), labels them with the verifier, and trains an implicit PRM pi_phi (initialised from the
-policy; the frozen policy is the reference) on the sequence log-ratio z = sum_t (logp_phi - logp_ref)
-with one of the objectives in jaxrl_dense.rewards: ce (unpaired BCE), dpo / nca (pairs: every
-correct x incorrect response of the same prompt), kto (balanced, same pairs split into w / l).
-
-Memory-light exact gradients for any objective L(z_1..z_B): compute z for all rows, c = dL/dz,
-then accumulate grad of sum_i c_i z_i(phi) over micro-batches.
+policy; the frozen policy is the reference) on the token log-ratio q = logp_phi - logp_ref with
+one of the PRM losses of `jaxrl_dense.rewards.PRM_LOSSES` (`--objective`): ce (PRIME's / the
+paper's CE on z = sum_t q), dpo (veRL's detached DPO: each response against the mean z of the
+other-label responses of its prompt), bon_acc / bon_rm (its best-of-N weightings). The update is
+the library's `rl.steps.make_prm_update(loss_fn=...)` (the one PRIME trains with): one jitted
+optimizer step over the whole batch per `--steps`, gradients accumulated over `--micro_batch`
+rows. The pairwise sequence objectives of the paper (rewards.dpo_loss / nca_loss / kto_loss on
+z) stay available as library functions.
 
 Prints the training loss per step and, on freshly sampled held-out (eval split) responses, the PRM
 pairwise accuracy (PRIME's `compute_dpo_accuracy`) before and after training.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -36,36 +37,16 @@ import optax  # noqa: E402
 from experiments import dense_common as dc  # noqa: E402
 from experiments.dense_rules import contrastive_pairs  # noqa: E402
 from jaxrl_dense import rewards  # noqa: E402
+from jaxrl_dense.rl import state as state_lib  # noqa: E402
+from jaxrl_dense.rl import steps as steps_lib  # noqa: E402
 
-OBJECTIVES = ("ce", "dpo", "nca", "kto")
+OBJECTIVES = rewards.PRM_LOSSES.names()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("objective", "ce", OBJECTIVES, "Implicit-PRM objective.")
 flags.DEFINE_integer("num_eval_prompts", 8, "Held-out prompts for the pairwise accuracy.")
 flags.DEFINE_float("beta", 0.05, "Implicit-reward scale beta.")
 flags.DEFINE_string("save_dir", "", "Save the trained PRM here (HF safetensors), optional.")
-
-
-def objective_fn(objective: str, acc: np.ndarray, n: int, beta: float):
-  """loss(z [B]) for the chosen objective, or None if the batch has no usable signal."""
-  if objective == "ce":
-    labels = jnp.asarray(acc)
-    return lambda z: rewards.implicit_ce_loss(z, labels, beta=beta)
-  w, l = contrastive_pairs(acc, n)
-  if len(w) == 0:
-    return None
-  w, l = jnp.asarray(w), jnp.asarray(l)
-  fn = {"dpo": rewards.dpo_loss, "nca": rewards.nca_loss, "kto": rewards.kto_loss}[objective]
-  return lambda z: fn(z[w], z[l], beta=beta)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "response_len"))
-def _weighted_z_grad(params, config, tokens, attn, ref_logp, rmask, coef, response_len):
-  def f(p):
-    lp = dc.response_logprobs(p, config, tokens, attn, response_len)  # [b, R]
-    z = rewards.sequence_logratio(lp, ref_logp, rmask)  # [b]
-    return jnp.sum(coef * z)
-  return jax.grad(f)(params)
 
 
 def sequence_z(params, config, ro: dc.Rollout, ref_logp: np.ndarray, micro: int) -> np.ndarray:
@@ -76,33 +57,23 @@ def sequence_z(params, config, ro: dc.Rollout, ref_logp: np.ndarray, micro: int)
 
 def train_prm(lm, ro: dc.Rollout, ref_logp: np.ndarray, *, objective: str, steps: int, lr: float,
               beta: float, micro: int):
-  """Returns (trained params, list of per-step losses)."""
-  loss_fn = objective_fn(objective, ro.acc, ro.n, beta)
-  if loss_fn is None:
-    dc.log(f"objective {objective}: no (correct, incorrect) pair in the batch; PRM left unchanged")
-    return lm.params, []
+  """Returns (trained params, list of per-step losses): `steps` optimizer steps of
+  `make_prm_update(loss_fn=objective)` over the whole batch."""
+  rows = ro.tokens.shape[0]
   opt = optax.adam(lr)
-  params = lm.params
-  opt_state = opt.init(params)
+  update = steps_lib.make_prm_update(lm.config, opt, beta=beta, mini_batch_size=rows,
+                                     micro_batch_size=micro, loss_fn=objective, num_samples=ro.n)
+  batch = {"tokens": jnp.asarray(ro.tokens), "attention_mask": jnp.asarray(ro.attention_mask),
+           "response_mask": jnp.asarray(ro.response_mask, jnp.float32),
+           "acc": jnp.asarray(ro.acc, jnp.float32), "ref_logp": jnp.asarray(ref_logp, jnp.float32)}
+  state = state_lib.init_train_state(jax.tree.map(jnp.copy, lm.params), opt)  # the update donates it
   losses = []
   for step in range(steps):
     t0 = time.time()
-    z = sequence_z(params, lm.config, ro, ref_logp, micro)
-    loss, coef = jax.value_and_grad(loss_fn)(jnp.asarray(z))
-    coef = np.asarray(coef)
-    grads = None
-    for i in range(0, z.shape[0], micro):
-      sl = slice(i, i + micro)
-      g = _weighted_z_grad(params, lm.config, jnp.asarray(ro.tokens[sl]),
-                           jnp.asarray(ro.attention_mask[sl]), jnp.asarray(ref_logp[sl]),
-                           jnp.asarray(ro.response_mask[sl]), jnp.asarray(coef[sl]),
-                           ro.response_len)
-      grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    losses.append(float(loss))
-    dc.log(f"step {step}: {objective} loss {float(loss):.5f}  ({time.time() - t0:.0f}s)")
-  return params, losses
+    state, _, metrics = update(state, batch)
+    losses.append(float(metrics["prm/loss"]))
+    dc.log(f"step {step}: {objective} loss {losses[-1]:.5f}  ({time.time() - t0:.0f}s)")
+  return state.params, losses
 
 
 def pairwise_accuracy(z: np.ndarray, acc: np.ndarray, n: int) -> float:

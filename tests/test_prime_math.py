@@ -1,4 +1,4 @@
-"""Tests of the PRIME training loop: rl/ step builders and experiments/prime_math.py.
+"""Tests of the PRIME training loop: rl/ step builders, rl.trainer and experiments/prime_math.py.
 
 Fast tests check the jitted step builders on a tiny model against direct computations (the
 global-token-count normalisation, the PRM CE update, scoring) and the flag validation. Slow tests
@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _experiment_module import load_experiment
 
 from jaxrl_dense import losses, models
 from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rl import config as config_lib
+from jaxrl_dense.rl import rollout
 from jaxrl_dense.rl import state as state_lib
 from jaxrl_dense.rl import steps
 
@@ -34,9 +35,9 @@ TINY = models.ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, int
 P, R = 5, 6  # prompt / response lengths of the synthetic batches
 
 
-def _prime_math():
-  """The experiment module (absl flags registered once per process)."""
-  return load_experiment("prime_math")
+def _smoke_config(**overrides):
+  """The smoke flag file parsed as prime_math parses it, plus overrides (flag name -> value)."""
+  return config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}"]), **overrides)
 
 
 def _batch(b=8, seed=0):
@@ -108,6 +109,38 @@ def test_policy_update_is_the_global_mean_gradient(agg):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), got, expected)
 
 
+@pytest.mark.parametrize("norm,shards", [("micro_batch", 1), ("device_micro_batch", 2)])
+def test_policy_update_reference_normalisers(norm, shards):
+  """--loss_norm: [O] mean of micro-batch token means; [V] mean over micro-batches and device
+  shards of their token means (docs/algorithms.md). SGD(lr=1) step = −∇ of that loss."""
+  params = _params(0)
+  batch = _batch()
+  batch["old_logp"] = _resp_logp(params, batch) + 0.05 * jax.random.normal(jax.random.PRNGKey(3), (8, R))
+  micro, parts = 4, 4 // shards  # rows per (shard of a) micro-batch
+
+  def ref_loss(p):
+    terms = losses.ppo_clip_token_loss(_resp_logp(p, batch), batch["old_logp"], batch["advantages"])
+    m = batch["response_mask"]
+    means = [jnp.sum(terms.token_loss[i:i + parts] * m[i:i + parts]) / jnp.sum(m[i:i + parts])
+             for i in range(0, 8, parts)]
+    return sum(means) / len(means)
+
+  expected = jax.tree.map(lambda p, g: p - g, params, jax.grad(ref_loss)(params))
+  opt = optax.sgd(1.0)
+  settings = steps.PolicyLossSettings(entropy_coeff=0.0, loss_norm=norm, loss_shards=shards)
+  update = steps.make_policy_update(TINY, opt, settings, mini_batch_size=8, micro_batch_size=micro,
+                                    shuffle=False)
+  new, metrics = update(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch,
+                        jax.random.PRNGKey(0))
+  np.testing.assert_allclose(metrics["actor/pg_loss"], ref_loss(params), rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), new.params, expected)
+  # The default (global token count) differs from both on these unequal lengths.
+  glob = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(entropy_coeff=0.0),
+                                  mini_batch_size=8, micro_batch_size=micro, shuffle=False)
+  _, m2 = glob(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch, jax.random.PRNGKey(0))
+  assert abs(float(m2["actor/pg_loss"]) - float(ref_loss(params))) > 1e-4
+
+
 def test_policy_update_minibatches_and_epochs_count_optimizer_steps():
   params = _params(0)
   batch = _batch()
@@ -154,16 +187,18 @@ def test_prm_update_ce_gradient_and_scores():
 
 
 def test_select_groups_soft_band_filter():
-  pm = _prime_math()
-  cfg = pm.RunConfig(n=4, prompts_per_step=2, oversample=2, max_response_length=8)
+  cfg = config_lib.build(config_lib.PrimeConfig, dict(n=4, prompts_per_step=2, oversample=2,
+                                                      max_response_length=8, micro_batch_size=4,
+                                                      prm_micro_batch_size=4, score_micro_batch_size=4))
   acc = np.array([0, 0, 0, 0,  1, 0, 0, 0,  1, 1, 1, 1,  1, 1, 0, 0], np.float32)  # 0, .25, 1, .5
   lengths = np.array([3] * 16)
-  keep, ok = pm.select_groups(acc, lengths, cfg)
+  rows, ok = rollout.select_groups(acc, lengths, cfg)
   assert ok.tolist() == [False, True, False, True]
-  assert keep.tolist() == [1, 3]
+  assert rows.tolist() == [4, 5, 6, 7, 12, 13, 14, 15]  # groups 1 and 3
   lengths[4] = 7  # verl: L >= R - 1 counts as truncated
-  keep, ok = pm.select_groups(acc, lengths, cfg)
-  assert ok.tolist() == [False, False, False, True] and keep.tolist() == [3, 0]  # soft fill
+  rows, ok = rollout.select_groups(acc, lengths, cfg)
+  assert ok.tolist() == [False, False, False, True]
+  assert rows.tolist() == [12, 13, 14, 15, 0, 1, 2, 3]  # soft fill: group 3, then group 0
 
 
 def _run(args, timeout=900):
@@ -197,7 +232,7 @@ def _metrics(logdir):
 
 
 def _comparable(rec):
-  return {k: v for k, v in rec.items() if not k.startswith("time/") and k != "tokens_per_s"}
+  return {k: v for k, v in rec.items() if not k.startswith("time/") and k not in ("time", "tokens_per_s")}
 
 
 @pytest.mark.slow
@@ -246,10 +281,8 @@ def _fingerprint(ckpt_dir):
 
 @pytest.mark.slow
 def test_steps_after_the_first_never_recompile(tmp_path):
-  pm = _prime_math()
-  cfg = pm.RunConfig(**{**_smoke_kwargs(pm), "eval_data": "", "steps": 3})
-  pm.validate(cfg)
-  run = pm.Run(cfg)
+  from jaxrl_dense.rl.trainer import Trainer
+  run = Trainer(_smoke_config(eval_data="", steps=3))
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -262,20 +295,7 @@ def test_steps_after_the_first_never_recompile(tmp_path):
     assert len(compiles) == first, f"{len(compiles) - first} compilations after step 1"
   finally:
     jax.monitoring.clear_event_listeners()
-    run.verifier.close()
-
-
-def _smoke_kwargs(pm):
-  kw = {}
-  for line in open(SMOKE):
-    line = line.strip()
-    if not line.startswith("--"):
-      continue
-    k, v = line[2:].split("=", 1)
-    field = {f.name: f for f in __import__("dataclasses").fields(pm.RunConfig)}[k]
-    default = field.default
-    kw[k] = (v.lower() == "true") if isinstance(default, bool) else type(default)(v)
-  return kw
+    run.close()
 
 
 @pytest.mark.slow
@@ -307,10 +327,9 @@ def test_smoke_runs_sharded_on_8_simulated_devices(tmp_path):
 
 
 def test_share_prompt_group_size_and_fallback():
-  pm = load_experiment("prime_math")
-  assert pm.RunConfig(n=4, micro_batch_size=8, prm_micro_batch_size=8,
-                      score_micro_batch_size=16).prompt_group == 4
+  build = lambda **kw: config_lib.build(config_lib.PrimeConfig, kw)
+  assert build(n=4, micro_batch_size=8, prm_micro_batch_size=8, score_micro_batch_size=16).prompt_group == 4
   # A micro-batch that would split a group: full rows instead (same math, no sharing).
-  assert pm.RunConfig(n=3, micro_batch_size=2, prm_micro_batch_size=3,
-                      score_micro_batch_size=3).prompt_group == 1
-  assert pm.RunConfig(n=4, share_prompt=False).prompt_group == 1
+  assert build(n=3, micro_batch_size=2, prm_micro_batch_size=3, score_micro_batch_size=3,
+               prompts_per_step=4).prompt_group == 1
+  assert build(n=4, share_prompt=False).prompt_group == 1

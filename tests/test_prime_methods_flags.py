@@ -1,38 +1,32 @@
-"""Tier-1 method flags of experiments/prime_math.py: --filter=band|prof|none, --advantage=,
---extra_reward=NAME[:WEIGHT] (methods.md §1.4, §1.6, §1.9).
+"""Tier-1 method flags of experiments/prime_math.py (rl.config fields): --filter=band|prof|none,
+--advantage=, --extra_reward=NAME[:WEIGHT] (methods.md §1.4, §1.6, §1.9).
 
-Fast: flag parsing / validation and the pure pieces (advantage function, PROF keep mask, SAR
-reward, the empty-query record) on tiny numpy inputs; no model, no training loop.
+Fast: flag parsing / validation and the pure pieces of the library (advantage function, PROF keep
+mask, SAR reward, the empty-query record) on tiny numpy inputs; no model, no training loop.
 """
-import copy
-import dataclasses
-import sys
-
-import jax
 import numpy as np
 import pytest
-from _experiment_module import load_experiment
 
-from jaxrl_dense import ops
+from jaxrl_dense import advantages, ops
 from jaxrl_dense.advantages import prl as prl_lib
 from jaxrl_dense.filters import prof as prof_lib
-
-
-
-def _prime_math():
-  """The experiment module (absl flags registered once per process)."""
-  return load_experiment("prime_math")
-
-
-pm = _prime_math()
+from jaxrl_dense.rewards import sar as sar_lib
+from jaxrl_dense.rl import config as config_lib
+from jaxrl_dense.rl import prime, rollout
+from jaxrl_dense.rl.config import ConfigError
 
 
 def _cfg(**kw):
-  base = dict(model="random:hidden=16,layers=1,heads=2,kv_heads=1,mlp=32", tokenizer="chars",
-              n=3, prompts_per_step=2, oversample=1, micro_batch_size=2, prm_micro_batch_size=2,
-              score_micro_batch_size=2, max_response_length=6, eval_data="")
+  base = dict(n=3, prompts_per_step=2, oversample=1, micro_batch_size=2, prm_micro_batch_size=2,
+              score_micro_batch_size=2, max_response_length=6)
   base.update(kw)
-  return pm.RunConfig(**base)
+  return config_lib.build(config_lib.PrimeConfig, base)
+
+
+def _adv(cfg, acc, mask, prm_logp, ref_logp, old_logp=None, **kw):
+  """prime.make_advantage_fn with the old call shape (old_logp defaults to prm_logp)."""
+  return prime.make_advantage_fn(cfg)(acc, mask, prm_logp, ref_logp,
+                                      prm_logp if old_logp is None else old_logp, **kw)
 
 
 # ---- --filter: the former boolean forms keep working ------------------------------------------
@@ -41,34 +35,31 @@ def _cfg(**kw):
     (["--filter=false"], "none"), (["--filter=prof"], "prof"), (["--filter=none"], "none"),
     (["--filter=band"], "band")])
 def test_filter_flag_parses_old_and_new_forms(argv, expected):
-  fv = pm.flags.FlagValues()
-  fv["filter"] = copy.deepcopy(pm.FLAGS["filter"])  # the script's own definition, fresh values
-  fv(["prog", *argv])
-  assert fv.filter == expected
+  assert config_lib.from_args(argv).prime.filter.filter == expected
 
 
-def test_runconfig_accepts_the_former_bool_and_keeps_the_fingerprint():
-  assert _cfg(filter=True).filter == "band" and _cfg(filter=False).filter == "none"
-  # band / none fingerprint as the old bool, so checkpoints written before these flags resume.
-  assert _cfg().fingerprint()["filter"] is True
-  assert _cfg(filter="none").fingerprint()["filter"] is False
-  assert _cfg(filter="prof").fingerprint()["filter"] == "prof"
-  default_fp = _cfg().fingerprint()
-  for k in ("advantage", "extra_reward", "prl_eta", "step_len", "prof_remove"):
-    assert k not in default_fp
-  assert _cfg(algo="grpo", advantage="prl").fingerprint()["advantage"] == "prl"
-  assert _cfg(extra_reward="sar:0.2").fingerprint()["extra_reward"] == "sar:0.2"
+def test_config_accepts_the_former_bool_and_fingerprints_every_method_setting():
+  assert _cfg(filter=True).filter.filter == "band" and _cfg(filter=False).filter.filter == "none"
+  fp = config_lib.fingerprint(config_lib.RunConfig())
+  for k in ("filter", "advantage", "extra_reward", "prl_eta", "step_len", "prof_remove", "prm_loss"):
+    assert k in fp
+  run = lambda **kw: config_lib.replace(config_lib.RunConfig(), **kw)
+  assert config_lib.fingerprint(run(algo="grpo", advantage="prl"))["advantage"] == "prl"
+  assert config_lib.fingerprint(run(extra_reward="sar:0.2"))["extra_reward"] == "sar:0.2"
 
 
 def test_select_groups_filter_modes():
   cfg = _cfg(n=2, prompts_per_step=2, oversample=2, max_response_length=8)
   acc = np.array([0, 0, 1, 0, 1, 1, 0, 1], np.float32)  # group means 0, .5, 1, .5
   lengths = np.full(8, 3)
-  keep, ok = pm.select_groups(acc, lengths, cfg)
-  assert ok.tolist() == [False, True, False, True] and keep.tolist() == [1, 3]
+  rows, ok = rollout.select_groups(acc, lengths, cfg)
+  assert ok.tolist() == [False, True, False, True] and rows.tolist() == [2, 3, 6, 7]
   for mode in ("none", "prof"):
-    keep, ok = pm.select_groups(acc, lengths, dataclasses.replace(cfg, filter=mode))
-    assert ok.all() and keep.tolist() == [0, 1]
+    kw = dict(filter=mode, n=4, prof_remove=2) if mode == "prof" else dict(filter=mode, n=2)
+    c = _cfg(prompts_per_step=2, oversample=2, max_response_length=8, **kw)
+    n = c.rollout.n
+    rows, ok = rollout.select_groups(np.tile(acc, n // 2), np.full(4 * n, 3), c)
+    assert ok.all() and rows.tolist() == list(range(2 * n))
 
 
 # ---- validation: bad values raise FlagError naming the flag ---------------------------------
@@ -85,23 +76,23 @@ def test_select_groups_filter_modes():
     (dict(extra_reward="sar:abc"), "--extra_reward"),
     (dict(extra_reward="sar:inf"), "--extra_reward"),
 ])
-def test_bad_method_flags_raise_flag_error(kw, flag):
-  with pytest.raises(pm.FlagError, match=flag):
-    pm.validate(_cfg(**kw))
+def test_bad_method_flags_raise_config_error(kw, flag):
+  with pytest.raises(ConfigError, match=flag):
+    _cfg(**kw)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(filter="prof"), dict(filter="none"),
                                 dict(algo="grpo", advantage="prl"), dict(algo="rloo", advantage="grpo"),
                                 dict(extra_reward="sar:0.2"), dict(extra_reward="sar")])
 def test_good_method_flags_validate(kw):
-  pm.validate(_cfg(**kw))
+  _cfg(**kw)
 
 
 def test_parse_extra_reward():
-  assert pm.parse_extra_reward("") == ("", 0.0)
-  assert pm.parse_extra_reward("sar") == ("sar", 0.2)
-  assert pm.parse_extra_reward("sar:0.5") == ("sar", 0.5)
-  assert pm.parse_extra_reward("sar:-1") == ("sar", -1.0)
+  assert config_lib.parse_extra_reward("") == ("", 0.0)
+  assert config_lib.parse_extra_reward("sar") == ("sar", 0.2)
+  assert config_lib.parse_extra_reward("sar:0.5") == ("sar", 0.5)
+  assert config_lib.parse_extra_reward("sar:-1") == ("sar", -1.0)
 
 
 def test_prl_needs_the_reference():
@@ -131,14 +122,14 @@ def _grpo_ref(scores, mask, n, eps=1e-6):
 def test_default_advantage_unchanged_by_new_arguments():
   acc, mask, old, ref = _inputs()
   cfg = _cfg(algo="grpo")
-  adv, _, _ = pm.make_advantage_fn(cfg)(acc, mask, old, ref)
+  adv, _, _ = _adv(cfg, acc, mask, old, ref)
   np.testing.assert_allclose(np.asarray(adv), _grpo_ref(acc, mask, 3), atol=1e-5)
 
 
 def test_advantage_prl_matches_the_formula():
   acc, mask, old, ref = _inputs()
   cfg = _cfg(algo="grpo", advantage="prl", prl_eta=2.0, step_len=2)
-  adv, ret, stats = pm.make_advantage_fn(cfg)(acc, mask, old, ref, old_logp=old)
+  adv, ret, stats = _adv(cfg, acc, mask, old, ref, old_logp=old)
   # Hand formula: A = GRPO(acc) - D_{e(t)} / eta, D = suffix sum of (old - ref), steps of 2 tokens.
   d = (old - ref) * mask
   suffix = np.cumsum(d[:, ::-1], axis=1)[:, ::-1]
@@ -151,7 +142,7 @@ def test_advantage_prl_matches_the_formula():
   np.testing.assert_allclose(np.asarray(adv), want, atol=1e-5)
   np.testing.assert_allclose(np.asarray(ret), want, atol=1e-5)
   # eta = 0 disables the process term: plain GRPO.
-  adv0, _, _ = pm.make_advantage_fn(dataclasses.replace(cfg, prl_eta=0.0))(acc, mask, old, ref, old_logp=old)
+  adv0, _, _ = _adv(config_lib.replace(cfg, prl_eta=0.0), acc, mask, old, ref, old_logp=old)
   np.testing.assert_allclose(np.asarray(adv0), _grpo_ref(acc, mask, 3), atol=1e-5)
   # And the library function gives the same values.
   lib, _ = prl_lib.prl_advantages(acc, old, ref, mask, ops.contiguous_group_ids(2, 3), 2,
@@ -162,7 +153,8 @@ def test_advantage_prl_matches_the_formula():
 def test_prl_without_old_logp_is_an_error():
   acc, mask, old, ref = _inputs()
   with pytest.raises(ValueError, match="old_logp"):
-    pm.make_advantage_fn(_cfg(algo="grpo", advantage="prl"))(acc, mask, old, ref)
+    advantages.ESTIMATORS.get("prl")(advantages.AdvantageInputs(acc, mask, ref_logp=ref),
+                                     advantages.AdvantageParams(n=3))
 
 
 def test_extra_reward_sar_is_added_to_the_outcome():
@@ -170,17 +162,17 @@ def test_extra_reward_sar_is_added_to_the_outcome():
   extra = np.array([0.5, -0.25, 0.1, 0.9, -1.0, 0.0], np.float32)
   for algo in ("grpo", "rloo"):
     cfg = _cfg(algo=algo, extra_reward="sar:0.2")
-    adv, _, stats = pm.make_advantage_fn(cfg)(acc, mask, old, ref, extra=extra)
-    base, _, _ = pm.make_advantage_fn(_cfg(algo=algo))(acc + 0.2 * extra, mask, old, ref)
+    adv, _, stats = _adv(cfg, acc, mask, old, ref, extra=extra)
+    base, _, _ = _adv(_cfg(algo=algo), acc + 0.2 * extra, mask, old, ref)
     np.testing.assert_allclose(np.asarray(adv), np.asarray(base), atol=1e-6)
     assert float(stats["extra/sar_mean"]) == pytest.approx(extra.mean(), abs=1e-6)
     assert float(stats["extra/reward_mean"]) == pytest.approx((acc + 0.2 * extra).mean(), abs=1e-6)
   # PRIME: the combined reward is the outcome term of the RLOO, the PRM metrics keep acc.
   cfg = _cfg(algo="prime", extra_reward="sar:0.5")
-  adv, _, stats = pm.make_advantage_fn(cfg)(acc, mask, old, ref, extra=extra)
-  base, _, base_stats = pm.make_advantage_fn(_cfg(algo="prime"))(acc + 0.5 * extra, mask, old, ref)
+  adv, _, stats = _adv(cfg, acc, mask, old, ref, extra=extra)
+  base, _, base_stats = _adv(_cfg(algo="prime"), acc + 0.5 * extra, mask, old, ref)
   np.testing.assert_allclose(np.asarray(adv), np.asarray(base), atol=1e-6)
-  plain, _, plain_stats = pm.make_advantage_fn(_cfg(algo="prime"))(acc, mask, old, ref)
+  plain, _, plain_stats = _adv(_cfg(algo="prime"), acc, mask, old, ref)
   assert not np.allclose(np.asarray(adv), np.asarray(plain))
   for k, v in plain_stats.items():
     if k.startswith("prm/"):
@@ -191,13 +183,13 @@ def test_sar_reward_and_empty_query():
   mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
   qa = np.log(np.array([[0.5, 0.5, 1.0], [0.9, 0.9, 0.9]], np.float32))
   a = np.log(np.array([[0.25, 0.25, 1.0], [0.9, 0.9, 0.9]], np.float32))
-  r = np.asarray(pm._sar_reward(qa, a, mask))
+  r = np.asarray(sar_lib.self_aligned_reward(qa, a, mask))
   # ppl(a|q) = 2, ppl(a) = 4 -> (4 - 2) / 4 = 0.5; equal perplexities -> 0.
   np.testing.assert_allclose(r, [0.5, 0.0], atol=1e-6)
   from jaxrl_dense.data.prompts import PromptRecord
   rec = PromptRecord(prompt_messages=({"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"}),
                      gold="2", data_source="arithmetic", uid="a:0")
-  e = pm._empty_query(rec)
+  e = rollout.empty_query(rec)
   assert e.prompt_messages == ({"role": "system", "content": "S"}, {"role": "user", "content": ""})
   assert e.gold == "2" and rec.prompt_messages[-1]["content"] == "1+1?"
 
@@ -206,7 +198,8 @@ def test_sar_reward_and_empty_query():
 def test_prof_fn_matches_library_on_implicit_prm_step_scores():
   acc, mask, prm, ref = _inputs(seed=3)
   cfg = _cfg(filter="prof", beta=0.5, step_len=2, prof_remove=1)
-  keep = np.asarray(pm.make_prof_fn(cfg)(acc, mask, prm, ref))
+  keep = np.asarray(prime.prof_keep(acc, mask, prm, ref, beta=cfg.prm.beta, n=cfg.rollout.n,
+                                    k=cfg.prof_k, step_len=cfg.step_len))
   # Hand-built step values: sigmoid of the cumulative beta * log-ratio at each 2-token step end.
   q = np.cumsum(0.5 * (prm - ref) * mask, axis=1)
   v = np.zeros((6, 3), np.float32)
@@ -229,6 +222,8 @@ def test_prof_fn_drops_the_least_consistent_correct_response():
   acc = np.array([1, 1, 1, 0], np.float32)
   ref = np.zeros((4, 2), np.float32)
   prm = np.array([[1.0, 1.0], [-2.0, -2.0], [0.5, 0.5], [0.0, 0.0]], np.float32)
-  cfg = _cfg(n=4, prompts_per_step=1, filter="prof", beta=1.0, step_len=1)
-  keep = np.asarray(pm.make_prof_fn(cfg)(acc, mask, prm, ref))  # prof_remove=0 -> k = n // 2 = 2
+  cfg = _cfg(n=4, prompts_per_step=1, filter="prof", beta=1.0, step_len=1, micro_batch_size=4,
+             prm_micro_batch_size=4, score_micro_batch_size=4)
+  assert cfg.prof_k == 2  # prof_remove=0 -> k = n // 2
+  keep = np.asarray(prime.prof_keep(acc, mask, prm, ref, beta=1.0, n=4, k=cfg.prof_k, step_len=1))
   assert keep.tolist() == [True, False, False, True]

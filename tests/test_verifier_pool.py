@@ -227,3 +227,16 @@ def test_code_source_is_scored_as_fraction_of_tests(pool):
   kinds = kinds_of_sources(["taco", "numina_olympiads"])
   scores = pool.verify([half, "\\boxed{5}"], [tests, "5"], kinds=kinds, timeout_s=20.0)
   np.testing.assert_allclose(scores, [0.5, 1.0])
+
+
+def test_trainer_verifier_routes_code_sources_to_the_sandbox():
+  from jaxrl_dense.rl import rollout
+  v = rollout.Verifier(20.0, workers=1)
+  try:
+    half = "```python\nn = int(input())\nprint(n * 2 if n < 2 else 0)\n```"
+    tests = {"inputs": ["0", "1", "2", "3"], "outputs": ["0", "2", "4", "6"]}
+    scores = v([half, "The answer is 5."], [tests, "5"], ["codecontests", "numina_cn_k12"])
+    np.testing.assert_allclose(scores, [0.5, 1.0])
+    assert v.last_stats.failure_reasons() == {"wrong_answer": 1}
+  finally:
+    v.close()

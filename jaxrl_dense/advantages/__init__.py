@@ -19,6 +19,14 @@ Registry: ``get(name)`` returns the function, ``density(name)`` its reward densi
 
 Adding a method: write ``advantages/<name>.py`` with a pure function, then one line below:
 ``REGISTRY.register("<name>", <module>.<fn>, density="token")``.
+
+One calling convention (what trainers call; no caller branches on a name):
+``ESTIMATORS.get(name)(inputs: AdvantageInputs, hp: AdvantageParams) -> (advantages, returns)``.
+Each entry is a small adapter that takes what its estimator needs from ``inputs`` (outcome
+``[B]``, mask ``[B, T]``, optional process rewards / old / ref log-probs / step ids ``[B, T]``) and
+``hp`` (static: n, variant, coefficients, gamma, eta). Registered: "prime_rloo", "grpo",
+"dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "prl". ``REGISTRY`` / ``get`` keep
+the raw functions (golden tests call them with their own signatures).
 """
 from jaxrl_dense.advantages.gae import gae_advantages
 from jaxrl_dense.advantages.outcome import (
@@ -69,3 +77,85 @@ REGISTRY.register("prl", prl_advantages, density="sequence")
 REGISTRY.register("dual_level", dual_level_advantages, density="turn")
 REGISTRY.register("igpo", igpo_advantages, density="turn")
 __all__ += ["prl_advantages", "dual_level_advantages", "igpo_advantages"]
+
+
+# ------------------------------------------------------------------ one calling convention
+import dataclasses as _dc  # noqa: E402
+from typing import NamedTuple as _NamedTuple, Optional as _Optional  # noqa: E402
+
+import jax as _jax  # noqa: E402
+
+from jaxrl_dense import ops as _ops  # noqa: E402
+
+
+class AdvantageInputs(_NamedTuple):
+  """Arrays an estimator may read. Rows come in contiguous groups of ``AdvantageParams.n``.
+
+  outcome: ``[B]`` sequence reward (verifier label, plus any extra reward).
+  mask: ``[B, T]`` response mask (rows non-empty).
+  process_rewards: ``[B, T]`` token process rewards (PRIME: batch-normed implicit rewards) or None.
+  old_logp, ref_logp: ``[B, T]`` behaviour / reference log-probs (PRL) or None.
+  step_ids: ``[B, T]`` step index of each token (PRL) or None.
+  """
+  outcome: _jax.Array
+  mask: _jax.Array
+  process_rewards: _Optional[_jax.Array] = None
+  old_logp: _Optional[_jax.Array] = None
+  ref_logp: _Optional[_jax.Array] = None
+  step_ids: _Optional[_jax.Array] = None
+
+
+@_dc.dataclass(frozen=True)
+class AdvantageParams:
+  """Static hyper-parameters of the estimators (each adapter reads the ones it needs)."""
+  n: int
+  variant: str = "verl"  # PRIME reference (prime_rloo)
+  process_coef: float = 5.0
+  outcome_coef: float = 5.0
+  gamma: float = 1.0  # PRIME original / REINFORCE++
+  prl_eta: float = 200.0
+
+  def __post_init__(self):
+    if not isinstance(self.n, int) or self.n < 1:
+      raise ValueError(f"AdvantageParams.n={self.n!r} must be an int >= 1")
+
+
+def _groups(x: AdvantageInputs, hp: AdvantageParams):
+  g = x.outcome.shape[0] // hp.n
+  return _ops.contiguous_group_ids(g, hp.n), g
+
+
+def _prime_rloo(x: AdvantageInputs, hp: AdvantageParams):
+  gammas = ({} if hp.variant == "verl" else {"process_gamma": hp.gamma, "outcome_gamma": hp.gamma})
+  return prime_rloo_advantages(x.process_rewards, x.outcome, x.mask, n=hp.n, variant=hp.variant,
+                               process_coef=hp.process_coef, outcome_coef=hp.outcome_coef, **gammas)
+
+
+def _sequence(fn):
+  def adapter(x: AdvantageInputs, hp: AdvantageParams):
+    return fn(x.outcome, x.mask, *_groups(x, hp))
+  adapter.__name__ = adapter.__qualname__ = f"sequence_adapter_{fn.__name__}"
+  adapter.__doc__ = f"``{fn.__name__}(outcome, mask, group_ids, num_groups)``."
+  return adapter
+
+
+def _reinforce_pp(x: AdvantageInputs, hp: AdvantageParams):
+  return reinforce_pp_advantages(_ops.place_at_last_token(x.outcome, x.mask), x.mask, gamma=hp.gamma)
+
+
+def _prl(x: AdvantageInputs, hp: AdvantageParams):
+  if x.old_logp is None or x.ref_logp is None or x.step_ids is None:
+    raise ValueError("prl needs old_logp, ref_logp and step_ids [B, T] in AdvantageInputs")
+  gids, g = _groups(x, hp)
+  return prl_advantages(x.outcome, x.old_logp, x.ref_logp, x.mask, gids, g, x.step_ids, eta=hp.prl_eta)
+
+
+ESTIMATORS = Registry("advantage estimator")
+ESTIMATORS.register("prime_rloo", _prime_rloo)
+ESTIMATORS.register("grpo", _sequence(grpo_advantages))
+ESTIMATORS.register("dr_grpo", _sequence(dr_grpo_advantages))
+ESTIMATORS.register("rloo", _sequence(rloo_advantages))
+ESTIMATORS.register("reinforce_pp", _reinforce_pp)
+ESTIMATORS.register("reinforce_pp_baseline", _sequence(reinforce_pp_baseline_advantages))
+ESTIMATORS.register("prl", _prl)
+__all__ += ["AdvantageInputs", "AdvantageParams", "ESTIMATORS"]

@@ -1,13 +1,20 @@
-"""Reusable, jittable RL step builders that experiments compose.
+"""The RL algorithm of jaxrl_dense: configuration, rollout batch, PRIME update, trainer.
 
-  `state`  TrainState (params, opt_state, step) pytree; make_optimizer (AdamW + grad clip).
-  `steps`  make_scoring (old / ref / PRM log-probs in one jitted call), make_prm_update
-           (implicit-PRM CE update, PRIME §5), make_policy_update (PPO-clip over epochs x
-           mini-batches x micro-batches, normalised by the global token count, PRIME §7).
+  `config`   frozen validated configs (RunConfig > PrimeConfig > Rollout/Filter/PRM/PolicyConfig);
+             absl flags generated from the fields; `fingerprint`; `ConfigError` names the field.
+  `batch`    RolloutBatch: the typed pytree of one step's rows (contiguous groups of n).
+  `rollout`  collect(): sample a group batch, decode, verify, select groups (accuracy band).
+  `steps`    make_scoring, make_prm_update (any PRM loss), make_policy_update (PPO-clip over epochs
+             x mini-batches x micro-batches, global token-count normaliser); response_logprobs.
+  `prime`    make_prime(model_config, cfg, mesh) -> (init_fn, update_fn): ONE jitted update
+             (scoring, PRM update, implicit rewards, advantages, PPO, KL / entropy metrics).
+  `trainer`  Trainer: models + data + verifier of a run; train_step, evaluate, checkpoint/restore.
+  `state`    TrainState (params, opt_state, step) pytree; make_optimizer (AdamW + grad clip).
 """
+from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState, init_train_state, make_optimizer
 from jaxrl_dense.rl.steps import (PolicyLossSettings, make_policy_update, make_prm_update,
-                                  make_scoring)
+                                  make_scoring, response_logprobs)
 
-__all__ = ["TrainState", "init_train_state", "make_optimizer", "PolicyLossSettings",
-           "make_policy_update", "make_prm_update", "make_scoring"]
+__all__ = ["RolloutBatch", "TrainState", "init_train_state", "make_optimizer", "PolicyLossSettings",
+           "make_policy_update", "make_prm_update", "make_scoring", "response_logprobs"]

