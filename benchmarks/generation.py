@@ -11,6 +11,17 @@ tokens per row (EOS ignored), on the same machine. The peer and ours alternate p
 that both see the same load; process CPU seconds are recorded too (on a shared machine they
 are the steadier figure). Our compile time is reported separately and excluded from tok/s
 (the sampler is compiled once per (batch, prompt bucket, new_tokens) shape).
+
+  python benchmarks/generation.py --engine_workloads --json /tmp/engine.json   # engine vs static
+
+`--engine_workloads`: the continuous-batching engine (`jaxrl_dense.engine`) against the static
+sampler, both through `sampling.generate(engine=...)`, at temperature 1 on `--batch` rows
+(default 64) of two workloads: heavy-tailed (90% of rows stop after 8..`--short_max`=64
+tokens, 10% run to `--long_len`=1024) and uniform (every row `--uniform_len`=256 tokens).
+The model is `planted_successor_model`: a tiny random Llama (vocab 2048, width 256, 4 layers)
+whose LM head makes token x+1 follow x, so each row's EOS step is set by its last prompt token
+(`rows_off_plan` counts rows whose length differs from the plan; 0 expected). tokens/s =
+generated tokens / best wall time after a first (compiling) call.
 """
 from __future__ import annotations
 
@@ -76,6 +87,89 @@ def _peer(torch_model, tokens, mask, new_tokens, seed, pad_id):
   return dt, time.process_time() - c0
 
 
+# ----------------------------------------------------------------------------------------------
+# Continuous-batching engine vs static sampler on a heavy-tailed and a uniform workload
+# ----------------------------------------------------------------------------------------------
+def planted_successor_model(vocab: int = 2048, hidden: int = 256, layers: int = 4, seed: int = 0):
+  """A tiny random Llama whose sampled continuation of token x is x+1, x+2, ..., EOS = vocab-1.
+
+  Random trunk (every matmul is real work), but the embedding is large (normal(1)) and the LM
+  head column of token y is alpha * E[y - 1] / |E[y - 1]| (alpha = 2): the last hidden state is
+  close to the embedding of the current token, so token x+1 leads by ~30 nats and sampling at
+  temperature 1 follows the chain. A row whose prompt ends in token x0 therefore emits EOS at
+  step vocab - 2 - x0 (length vocab - 1 - x0): the response length is chosen per row by its
+  last prompt token, for both samplers, with no logits processor.
+  """
+  from jaxrl_dense.models import ModelConfig, init_params
+  config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=2 * hidden, num_layers=layers, num_heads=4, num_kv_heads=2,
+                       head_dim=hidden // 4, tie_word_embeddings=False, eos_token_ids=(vocab - 1,),
+                       pad_token_id=0, max_position_embeddings=4096)
+  params = init_params(config, jax.random.PRNGKey(seed))
+  emb = jax.random.normal(jax.random.PRNGKey(seed + 1), (vocab, hidden), jnp.float32)
+  unit = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+  head = 2.0 * jnp.concatenate([unit[-1:], unit[:-1]], axis=0).T  # column y <- E[y - 1]
+  params = dict(params, embed_tokens={"embedding": emb}, lm_head={"kernel": head})
+  return config, params
+
+
+def planted_prompts(config, lengths, prompt_lens, seed: int = 0):
+  """Left-padded prompts [B, Tp] whose last token makes row i stop after lengths[i] tokens."""
+  rs = np.random.RandomState(seed)
+  tp = max(prompt_lens)
+  tokens = np.zeros((len(lengths), tp), np.int32)
+  mask = np.zeros((len(lengths), tp), np.int32)
+  for i, (n, pl) in enumerate(zip(lengths, prompt_lens)):
+    tokens[i, tp - pl:] = rs.randint(1, config.vocab_size - 1, pl)
+    tokens[i, -1] = config.vocab_size - 1 - n
+    mask[i, tp - pl:] = 1
+  return tokens, mask
+
+
+def workloads(batch: int, long_len: int, short_max: int, uniform_len: int, seed: int = 0):
+  """Per-row response lengths: heavy-tailed (~90% in [8, short_max], ~10% = long_len), uniform."""
+  rs = np.random.RandomState(seed)
+  n_long = max(1, int(round(0.1 * batch)))
+  heavy = np.concatenate([rs.randint(8, short_max + 1, batch - n_long), np.full(n_long, long_len)])
+  return {"heavy_tailed": rs.permutation(heavy), "uniform": np.full(batch, uniform_len)}
+
+
+def engine_vs_static(args) -> dict:
+  """tokens/s of sampling.generate(engine="static") and (engine=EngineConfig) per workload."""
+  from jaxrl_dense.engine import EngineConfig
+  config, params = planted_successor_model(args.vocab, args.hidden, args.layers)
+  eng = EngineConfig(page_size=args.page_size, max_slots=args.batch, steps_per_call=args.steps_per_call)
+  rows = []
+  for name, lengths in workloads(args.batch, args.long_len, args.short_max, args.uniform_len).items():
+    max_new = int(lengths.max())
+    prompt_lens = np.random.RandomState(1).randint(16, 49, len(lengths))
+    tokens, mask = planted_prompts(config, lengths, prompt_lens)
+    row = {"workload": name, "batch": args.batch, "max_new_tokens": max_new,
+           "useful_tokens": int(lengths.sum()), "mean_len": float(lengths.mean())}
+    for label, engine in (("static", "static"), ("engine", eng)):
+      def once(seed):
+        t0 = time.perf_counter()
+        out = generate(params, config, tokens, mask, jax.random.PRNGKey(seed), max_new_tokens=max_new,
+                       temperature=1.0, engine=engine)
+        out.tokens.block_until_ready()
+        return time.perf_counter() - t0, out
+      first, _ = once(0)  # compiles
+      best, out = min((once(r + 1) for r in range(args.repeats)), key=lambda x: x[0])
+      got = np.asarray(out.lengths)
+      row.update({f"{label}_s": best, f"{label}_first_call_s": first,
+                  f"{label}_tok_s": int(got.sum()) / best,
+                  f"{label}_rows_off_plan": int((got != lengths).sum())})
+    row["speedup"] = row["engine_tok_s"] / row["static_tok_s"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  print(f"\n{'workload':>13} {'static tok/s':>13} {'engine tok/s':>13} {'speedup':>8}")
+  for r in rows:
+    print(f"{r['workload']:>13} {r['static_tok_s']:>13.1f} {r['engine_tok_s']:>13.1f} {r['speedup']:>8.2f}")
+  return {"benchmark": "generation_engine", "device": str(jax.devices()[0]),
+          "platform": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+          "model": dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers), "rows": rows}
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default=None, help="GGUF file or HF dir (default: SmolLM2 GGUF)")
@@ -85,7 +179,25 @@ def main(argv=None) -> dict:
   ap.add_argument("--repeats", type=int, default=1, help="timed runs per batch (best is kept)")
   ap.add_argument("--no_peer", action="store_true", help="skip transformers (e.g. on a GPU box)")
   ap.add_argument("--json", default=None, help="write the figures here")
+  ap.add_argument("--engine_workloads", action="store_true",
+                  help="instead: continuous engine vs static sampler, heavy-tailed and uniform "
+                       "workloads on a planted tiny model (see planted_successor_model)")
+  ap.add_argument("--batch", type=int, default=64, help="engine workloads: rows")
+  ap.add_argument("--long_len", type=int, default=1024, help="engine workloads: the long 10%%")
+  ap.add_argument("--short_max", type=int, default=64, help="engine workloads: the short 90%% max")
+  ap.add_argument("--uniform_len", type=int, default=256, help="engine workloads: uniform length")
+  ap.add_argument("--vocab", type=int, default=2048)
+  ap.add_argument("--hidden", type=int, default=256)
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--page_size", type=int, default=16)
+  ap.add_argument("--steps_per_call", type=int, default=16)
   args = ap.parse_args(argv)
+  if args.engine_workloads:
+    result = engine_vs_static(args)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
   batches = [int(b) for b in args.batches.split(",") if b]
   if not batches or min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
     ap.error("--batches, --new_tokens and --repeats must be positive")

@@ -1,7 +1,8 @@
 """Scaling benchmark: per-stage time on 1, 2, 4 and 8 simulated CPU devices, and a memory plan.
 
   python benchmarks/scaling.py --json /tmp/scaling.json            # CPU device sweep
-  python benchmarks/scaling.py --memory-table                      # docs/scaling.md table
+  python benchmarks/scaling.py --memory-table                      # analytic budget table
+  python benchmarks/scaling.py --plan                              # compiled per-device plan
 
 Device sweep. Each device count runs in its own subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the flag must be set before JAX starts). The
@@ -366,6 +367,65 @@ def train_bench(shape, batch, seq, iters, dtype="bfloat16", remat=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# Compiled memory plan (sharding_plan): the RL step's programs on simulated devices
+# ---------------------------------------------------------------------------------------------
+
+PLAN_SHAPES = {  # name -> (ModelConfig kwargs, rl_step_programs sizes)
+    "tiny": (dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=10, tie_word_embeddings=False,
+                  attention_bias=True),
+             dict(batch_size=16, prompt_len=6, response_len=12, micro_batch_size=8,
+                  mini_batch_size=16, num_samples=2)),
+}
+PLAN_MESHES = ("data:1", "data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
+
+
+def plan_child(args):
+  """In a process with 8 simulated devices: memory_plan of every program on every mesh."""
+  import jax
+  from jaxrl_dense import sharding as sh
+  from jaxrl_dense import sharding_plan as plan_lib
+  from jaxrl_dense.models.config import ModelConfig
+  cfg_kwargs, sizes = PLAN_SHAPES[args.plan_shape]
+  cfg = ModelConfig(**cfg_kwargs)
+  out = {"shape": args.plan_shape, "config": cfg_kwargs, "sizes": sizes, "plans": {}}
+  for spec in args.plan_meshes.split(";"):
+    mesh = sh.make_mesh(spec, devices=jax.devices()[:1] if spec == "data:1" else None)
+    t0 = time.perf_counter()
+    out["plans"][spec] = plan_lib.memory_plan(cfg, mesh, plan_lib.rl_step_programs(cfg, mesh, **sizes))
+    out["plans"][spec]["compile_s"] = round(time.perf_counter() - t0, 1)
+  print("RESULT " + json.dumps(out), flush=True)
+
+
+def plan_markdown(result) -> str:
+  """docs/scaling.md table: per-device bytes of every program on every mesh."""
+  lines = ["| mesh | program | arguments | outputs | temporaries | aliased | peak |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for spec, plan in result["plans"].items():
+    for name, p in plan["programs"].items():
+      lines.append(f"| `{spec}` | {name} | {p['argument_bytes']:,} | {p['output_bytes']:,} | "
+                   f"{p['temp_bytes']:,} | {p['alias_bytes']:,} | {p['peak_bytes']:,} |")
+  return "\n".join(lines)
+
+
+def run_plan(args):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--plan-child", "--plan-shape",
+                         args.plan_shape, "--plan-meshes", args.plan_meshes],
+                        env=env, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f"plan child failed:\n{proc.stderr[-3000:]}")
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT "):])
+  print(plan_markdown(result))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Parent
 # ---------------------------------------------------------------------------------------------
 
@@ -383,9 +443,21 @@ def main():
                        "(tokens/s, MFU); use on a GPU/TPU" % ",".join(TRAIN_SHAPES))
   ap.add_argument("--train-batch", type=int, default=64)
   ap.add_argument("--train-seq", type=int, default=512)
+  ap.add_argument("--plan", action="store_true",
+                  help="compile the RL step's programs (generate, scoring, PRM and policy update) "
+                       "on 8 simulated devices and print their per-device memory (docs/scaling.md)")
+  ap.add_argument("--plan-shape", default="tiny", choices=sorted(PLAN_SHAPES))
+  ap.add_argument("--plan-meshes", default=";".join(PLAN_MESHES), help="';'-separated mesh specs")
+  ap.add_argument("--plan-child", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
     child(args)
+    return
+  if args.plan_child:
+    plan_child(args)
+    return
+  if args.plan:
+    run_plan(args)
     return
   if args.memory_table:
     print(memory_table_markdown())

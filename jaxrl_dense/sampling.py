@@ -73,17 +73,55 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p=1.0, use_top_p: bool 
   return logits
 
 
-def _sample_step(logits, key, temperature, top_p, *, greedy, top_k, use_top_p):
-  """logits [B, V] float32 -> (token [B], logprob used [B], untempered logprob [B])."""
-  raw = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+def _top_p_sorted(z: jax.Array, top_p) -> jax.Array:
+  """Nucleus filter of logits z [B, K] sorted in decreasing order (HF semantics, as `filter_logits`)."""
+  probs = jax.nn.softmax(z, axis=-1)  # [B, K]
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  keep = keep.at[:, 0].set(True)
+  num_keep = jnp.sum(keep, axis=-1)  # [B]
+  threshold = jnp.take_along_axis(z, (num_keep - 1)[:, None], axis=-1)  # [B, 1]
+  return jnp.where(z < threshold, -jnp.inf, z)
+
+
+def _sample_step(logits, key, temperature, top_p, *, greedy, top_k, use_top_p, select_dtype=None):
+  """logits [B, V] float32 -> (token [B], logprob used [B], untempered logprob [B]).
+
+  No [B, V] log-softmax is materialised: log-probs are `logit[tok] - logsumexp(logits)`, one
+  reduction over the vocabulary for the raw log-prob and, only when the sampled distribution
+  differs (temperature != 1 or top-p without top-k), one more for it.
+  With top-k the rest of the step lives in [B, k]: `lax.top_k` (on logits cast to
+  `select_dtype`, e.g. bfloat16 when the model computes in bfloat16; the kept values themselves
+  stay float32), then temperature, top-p on the already sorted k values (no vocabulary sort),
+  the categorical draw over k and its log-prob. Without top-k the draw is the full-vocabulary
+  `jax.random.categorical` of `filter_logits(logits / temperature)`, token for token the
+  previous implementation's on the same key. With top-k the distribution is the same (the draw
+  uses k Gumbel variates instead of V, so the tokens on a given key differ); exact ties at the
+  k-th value keep k tokens here, all tied ones in `filter_logits`.
+  """
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B] the untempered normaliser
+  pick = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=-1)[:, 0]
   if greedy:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-    lp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
+    lp = pick(logits, tok) - lse
     return tok, lp, lp
-  z = filter_logits(logits / temperature, top_k, top_p, use_top_p)  # [B, V]
+  if top_k > 0:
+    sel = logits if select_dtype is None else logits.astype(select_dtype)
+    idx = lax.top_k(sel, top_k)[1]  # [B, k] descending
+    z = jnp.take_along_axis(logits, idx, axis=-1) / temperature  # [B, k] float32
+    if use_top_p:
+      z = _top_p_sorted(z, top_p)
+    j = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)  # [B]
+    tok = pick(idx, j).astype(jnp.int32)
+    lp = pick(z, j) - jax.nn.logsumexp(z, axis=-1)
+    return tok, lp, pick(logits, tok) - lse
+  z = logits / temperature
+  if use_top_p:
+    z = filter_logits(z, 0, top_p, True)  # full sort: only without top-k
   tok = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)  # [B]
-  lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tok[:, None], axis=-1)[:, 0]
-  raw_lp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
+  raw_lp = pick(logits, tok) - lse
+  if not use_top_p and isinstance(temperature, (int, float)) and temperature == 1.0:
+    return tok, raw_lp, raw_lp
+  lp = pick(z, tok) - jax.nn.logsumexp(z, axis=-1)
   return tok, lp, raw_lp
 
 
@@ -103,12 +141,16 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
     logits = jnp.repeat(logits, n, axis=0)
     cache = transformer.KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1))
     valid = jnp.repeat(valid, n, axis=0)
+  # Under a mesh (generate(..., mesh=)): rows over data x fsdp, kv heads over tensor.
+  cache = transformer.KVCache(*(sharding.constrain_kv_cache(x) for x in cache))  # [L, BN, K, S, hd]
+  logits = sharding.with_logical_constraint(logits, ("batch", None))  # [BN, V]
   bn = b * n
   n_prompt = jnp.sum(valid, axis=-1).astype(jnp.int32)  # [BN]
   key_mask = jnp.concatenate([valid, jnp.ones((bn, max_new_tokens), bool)], axis=1)  # [BN, S]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)  # [E]
   sample = functools.partial(_sample_step, temperature=temperature, top_p=top_p, greedy=greedy,
-                             top_k=top_k, use_top_p=use_top_p)
+                             top_k=top_k, use_top_p=use_top_p,
+                             select_dtype=transformer.compute_dtype(config))
 
   def emit(state, logits):
     step, rng, finished, out = state[0], state[1], state[2], state[3]
@@ -135,11 +177,13 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
   def body(carry):
     step, rng, finished, out, logits, cache = carry
     tok, rng, finished, out = emit((step, rng, finished, out), logits)
-    logits, cache = transformer.decode_step_fast(params, weights, config, tok, n_prompt + step,
-                                                 cache, key_mask, tp + step)
+    logits, cache = transformer.decode_step(layer_params, config, tok, n_prompt + step, cache,
+                                            key_mask, tp + step)  # per-layer caches, in place
+    cache = [tuple(sharding.constrain_kv_cache(x) for x in kv) for kv in cache]  # [BN, K, S, hd]
+    logits = sharding.with_logical_constraint(logits, ("batch", None))
     return step + 1, rng, finished, out, logits, cache
 
-  weights = transformer.decode_weights(params, config)  # once, outside the loop
+  layer_params = transformer.split_layers(params)  # per-layer weights, sliced once per rollout
   carry = (jnp.zeros((), jnp.int32), rng, finished0, out0, logits, transformer.split_cache(cache))
   step, rng, finished, out, logits, _ = lax.while_loop(cond, body, carry)
   _, _, _, out = emit((step, rng, finished, out), logits)  # the last token needs no decode step
@@ -167,7 +211,8 @@ def _bucket(length: int, bucket: int) -> int:
 def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_ids: Optional[Sequence[int]] = None, num_samples: int = 1,
-             prompt_bucket: int = 16, pad_id: Optional[int] = None) -> GenerationOutput:
+             prompt_bucket: int = 16, pad_id: Optional[int] = None,
+             mesh: Optional[jax.sharding.Mesh] = None, engine="static") -> GenerationOutput:
   """Samples continuations of left-padded prompts with a preallocated KV cache.
 
   Args:
@@ -184,6 +229,15 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
     num_samples: n samples per prompt sharing one prefill; output rows are B * n, prompt-major.
     prompt_bucket: Tp is left-padded to a multiple of this, so shapes (and compiles) are reused.
     pad_id: token written after EOS (default: pad, else first EOS, else 0).
+    mesh: the device mesh (default: the mesh of `params`' shardings, if they span several
+      devices). The prompts, the KV cache and the outputs are then split by rows over
+      data x fsdp (and the cache's kv heads over tensor): each device decodes its own rows.
+      Pass params in the rollout layout (`sharding.inference_params`, once per rollout) so the
+      decode loop moves no weights.
+    engine: "static" (this module's one-batch `while_loop`), "continuous" (the paged-KV
+      continuous-batching engine, `jaxrl_dense.engine`, default `EngineConfig`) or an
+      `engine.EngineConfig`. Same outputs; greedy tokens are identical, sampled rows use per-row
+      keys (`fold_in(fold_in(rng, row), step)`) so they differ from the static ones.
 
   Returns:
     GenerationOutput (see its docstring).
@@ -220,6 +274,15 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
     if t.min() < 0 or t.max() >= config.vocab_size:
       raise ValueError(f"prompt_tokens must lie in [0, {config.vocab_size}); got [{t.min()}, {t.max()}].")
 
+  if not (isinstance(engine, str) and engine == "static"):
+    from jaxrl_dense import engine as engine_lib  # the engine imports this module
+    if isinstance(engine, str) and engine != "continuous":
+      raise ValueError(f"engine must be 'static', 'continuous' or an EngineConfig, got {engine!r}.")
+    return engine_lib.generate(
+        params, config, prompt_tokens, prompt_mask, rng, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
+        num_samples=num_samples, pad_id=pad_id, mesh=mesh,
+        engine=None if isinstance(engine, str) else engine)
   b, tp = prompt_tokens.shape
   tp_bucket = _bucket(tp, int(prompt_bucket))
   tokens = jnp.asarray(prompt_tokens, jnp.int32)
@@ -228,8 +291,15 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
     tokens = jnp.pad(tokens, ((0, 0), (tp_bucket - tp, 0)), constant_values=pad_id)
     mask = jnp.pad(mask, ((0, 0), (tp_bucket - tp, 0)))
   greedy = temperature == 0.0
-  return _generate_jit(
-      params, tokens, mask, rng, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-      config=config, max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
+  run = functools.partial(
+      _generate_jit, config=config, max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
       use_top_p=(top_p < 1.0) and not greedy, eos_ids=eos_ids, num_samples=int(num_samples),
       pad_id=int(pad_id))
+  scalars = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))
+  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  if mesh is None or mesh.size == 1:
+    return run(params, tokens, mask, rng, *scalars)
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), tokens.shape, mesh))
+  tokens, mask = sharding.device_put(tokens, rows), sharding.device_put(mask, rows)
+  with sharding.use_mesh(mesh):  # traced under the mesh: the cache / activation constraints apply
+    return run(params, tokens, mask, rng, *scalars)

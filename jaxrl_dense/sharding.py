@@ -28,22 +28,33 @@ and the model config; `LOGICAL_RULES` maps logical names to mesh axes:
 A mesh axis of size > 1 must divide the dimension it shards; otherwise `param_shardings`
 raises a ValueError naming the parameter, the dimension (e.g. ``num_kv_heads=3``) and the axis.
 
+Activations follow `ACTIVATION_RULES` (batch -> (data, fsdp), heads / kv_heads / mlp / vocab
+-> tensor, the residual width whole) through `with_logical_constraint`, which the model calls
+after the embedding and in every layer, and the sampler on its KV cache. They apply while a
+program is traced under a mesh (`use_mesh(mesh)` around the first call or `.lower`, or
+`jax.jit(with_mesh(fn, mesh))`) and are no-ops otherwise. That is what makes `fsdp` FSDP:
+rows stay on their device and each layer's weights are all-gathered inside the layer scan,
+instead of GSPMD splitting the activations' width like the weights' and all-reducing them.
+
 Typical use:
 
   mesh = make_mesh("data:2,fsdp:2,tensor:2")
   params = shard_params(params, config, mesh)           # or sharded_init(...)
   opt_state = shard_opt_state(optimizer.init(params), params, mesh)
   batch = shard_batch(batch, mesh)                       # leading dim over (data, fsdp)
-  step = jax.jit(train_step)                             # GSPMD does the rest
+  step = jax.jit(with_mesh(train_step, mesh))            # activation constraints + GSPMD
+  rollout_params = inference_params(params, config, mesh, max_bytes=...)  # once per rollout
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -332,6 +343,182 @@ def constrain(tree: PyTree, shardings: Optional[PyTree]) -> PyTree:
   return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
 
+def constrain_like_params(grads: PyTree, params_or_shardings: PyTree, config: Any = None,
+                          mesh: Optional[Mesh] = None) -> PyTree:
+  """Constrains a gradient tree (inside jit) to its parameters' shardings.
+
+  `params_or_shardings` is either a tree of `Sharding`s (e.g. `param_shardings(...)`, or the
+  params part of `tree_shardings(state, ...)`) or the params themselves, whose shardings are
+  then computed from `config` and `mesh` (default: the context mesh, `current_mesh()`). With no
+  mesh this is a no-op. Where gradients are summed over the batch (`value_and_grad` over
+  batch-sharded activations, then the micro-batch accumulation) this makes XLA reduce-scatter
+  each weight gradient straight into the FSDP layout (1/fsdp of it per device) instead of
+  all-reducing a full copy onto every device.
+  """
+  leaves = jax.tree_util.tree_leaves(params_or_shardings,
+                                     is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  if leaves and all(isinstance(s, jax.sharding.Sharding) for s in leaves):
+    shardings = params_or_shardings
+  else:
+    mesh = mesh if mesh is not None else current_mesh()
+    if mesh is None or config is None:
+      return grads
+    specs = param_specs(params_or_shardings, config, mesh, strict=False)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                             is_leaf=lambda s: isinstance(s, P))
+  return constrain(grads, shardings)
+
+
+# ----------------------------------------------------------------------------------------
+# Activation sharding (logical-axis constraints inside the model, as MaxText does)
+# ----------------------------------------------------------------------------------------
+
+# Logical activation axis -> mesh axes. Activations are split along the batch over
+# ("data", "fsdp") and along heads / MLP units / vocabulary over "tensor"; the model width of the
+# residual stream ("act_embed") stays whole, so FSDP all-gathers weights per layer instead of
+# all-reducing activations (the tensor axis alone all-reduces the row-parallel o_proj/down_proj
+# outputs, Megatron style).
+ACTIVATION_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "length": None,
+    "act_embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "head_dim": None,
+    "layers": None,
+}
+
+# Logical axes of the KV cache [L, B, Hkv, S, hd] (transformer.KVCache); a per-layer cache
+# [B, Hkv, S, hd] uses the last four.
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+
+
+def current_mesh() -> Optional[Any]:
+  """The mesh of the enclosing `use_mesh` / `jax.set_mesh` / `with_mesh` context, else None.
+
+  Returns the (abstract) mesh JAX traces under; only its axis names and sizes are used.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  return mesh
+
+
+def mesh_of(tree: PyTree) -> Optional[Mesh]:
+  """The mesh of the first array of `tree` placed with a multi-device `NamedSharding`, else None."""
+  for x in jax.tree_util.tree_leaves(tree):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh) and s.mesh.size > 1:
+      return s.mesh
+  return None
+
+
+def use_mesh(mesh: Mesh):
+  """Context manager that makes `mesh` the context mesh (`jax.set_mesh`), outside jit.
+
+  Programs traced (first called, or `.lower`ed) inside it get the activation and KV-cache
+  constraints of `with_logical_constraint`; outside any mesh context those are no-ops, so the
+  single-device code path is unchanged. The mesh is part of JAX's trace-cache key, so the same
+  function traced with and without a mesh (or with two meshes) is compiled separately.
+  """
+  return jax.set_mesh(mesh)
+
+
+def with_mesh(fn: Callable, mesh: Optional[Mesh]) -> Callable:
+  """`fn` traced under `mesh`'s abstract mesh, for `jax.jit(with_mesh(fn, mesh), ...)`.
+
+  Equivalent to calling the jitted function inside `use_mesh(mesh)`, but carried by the
+  function itself, so a step builder that knows its mesh gets the activation constraints
+  whoever calls it. `mesh` None returns `fn` unchanged.
+  """
+  if mesh is None:
+    return fn
+  abstract = mesh.abstract_mesh if isinstance(mesh, Mesh) else mesh
+
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(abstract):
+      return fn(*args, **kwargs)
+
+  wrapped.__name__ = getattr(fn, "__name__", "fn")
+  wrapped.__doc__ = getattr(fn, "__doc__", None)
+  wrapped.__wrapped__ = fn
+  return wrapped
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Any,
+                    rules: Optional[Mapping[str, Any]] = None) -> P:
+  """PartitionSpec of an activation with logical axis `names`, for `mesh`.
+
+  Each named dimension goes to its mesh axis (or axes) from `rules` (default
+  `ACTIVATION_RULES`) when the axis size divides the dimension; for a tuple of axes (the batch:
+  ("data", "fsdp")) the longest prefix whose product divides the dimension is used, so a batch
+  of 2 on data:2,fsdp:2 is split over "data" only. A mesh axis is used at most once; size-1
+  axes and axes the mesh lacks are dropped. Nothing here raises for indivisible sizes: an
+  activation that cannot be split stays replicated along that dimension.
+  """
+  rules = ACTIVATION_RULES if rules is None else rules
+  sizes = dict(mesh.shape)
+  used: set = set()
+  entries: list = []
+  for name, dim in zip(names, shape):
+    axes = rules.get(name) if name is not None else None
+    if axes is None:
+      entries.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    chosen: list = []
+    prod = 1
+    for a in axes:
+      size = sizes.get(a, 1)
+      if a in used or size == 1:
+        continue
+      if dim % (prod * size):
+        break
+      chosen.append(a)
+      prod *= size
+    used.update(chosen)
+    entries.append(None if not chosen else (chosen[0] if len(chosen) == 1 else tuple(chosen)))
+  return P(*entries)
+
+
+def with_logical_constraint(x: jax.Array, names: Sequence[Optional[str]],
+                            rules: Optional[Mapping[str, Any]] = None) -> jax.Array:
+  """Constrains activation `x` (inside jit) to the sharding its logical axis `names` imply.
+
+  The MaxText `nn.with_logical_constraint` idea without Flax's global rule context: the mesh
+  comes from the enclosing `use_mesh` / `with_mesh` context and the rules from `rules`
+  (default `ACTIVATION_RULES`). Without a context mesh, or on a mesh of one device, `x` is
+  returned untouched, so single-device programs are unchanged.
+
+  Args:
+    x: array of rank len(names), e.g. the residual stream [B, T, D] with
+      ("batch", "length", "act_embed").
+    names: one logical axis name (or None) per dimension of `x`.
+  """
+  if len(names) != np.ndim(x):
+    raise ValueError(f"with_logical_constraint: {len(names)} axis names {tuple(names)} for an "
+                     f"array of shape {np.shape(x)}; give one name (or None) per dimension.")
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return x
+  spec = logical_to_spec(names, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def constrain_kv_cache(x: jax.Array) -> jax.Array:
+  """Constrains a stacked [L, B, Hkv, S, hd] or per-layer [B, Hkv, S, hd] KV-cache array.
+
+  Rows over ("data", "fsdp"), kv heads over "tensor" (where they divide); a no-op without a
+  context mesh.
+  """
+  if x.ndim not in (4, 5):
+    raise ValueError(f"constrain_kv_cache: expected [L, B, Hkv, S, hd] or [B, Hkv, S, hd], got "
+                     f"shape {x.shape}.")
+  return with_logical_constraint(x, KV_CACHE_AXES[5 - x.ndim:])
+
+
 # ----------------------------------------------------------------------------------------
 # Logical axes of parameters
 # ----------------------------------------------------------------------------------------
@@ -442,6 +629,21 @@ def _match_dims(shape: tuple, rule: _Rule, cfg: dict[str, int], is_bias: bool) -
   return None
 
 
+def _lora_axes(parent: str, leaf: str, shape: tuple, cfg: dict[str, int]) -> tuple:
+  """LoRA factors of the linear layer at `parent`: lora_a [.., in, r] takes the base kernel's
+  input axis, lora_b [.., r, out] its output axis; the rank r (and a leading layers dim) stay
+  replicated."""
+  for rule in _RULES:
+    if re.search(rule.pattern, parent):
+      (a_in, a_out), (n_in, n_out) = rule.kernel, rule.dims
+      axis, size, pos = (a_in, n_in, -2) if leaf == "lora_a" else (a_out, n_out, -1)
+      if len(shape) >= 2 and shape[pos] == cfg[size]:
+        names = [None] * len(shape)
+        names[pos] = axis
+        return tuple(names)
+  return (None,) * len(shape)
+
+
 def logical_axes(path: Union[str, Sequence[Any]], shape: Sequence[int], config: Any, *,
                  strict: bool = False) -> tuple:
   """Logical axis name (or None) of every dimension of the parameter at `path`.
@@ -459,6 +661,8 @@ def logical_axes(path: Union[str, Sequence[Any]], shape: Sequence[int], config: 
   leaf = pstr.rsplit("/", 1)[-1]
   is_bias = leaf in ("bias", "b")
   parent = pstr.rsplit("/", 1)[0] if "/" in pstr else ""
+  if leaf in ("lora_a", "lora_b"):  # LoRA factors shard like their base matrix (models/lora.py)
+    return _lora_axes(parent, leaf, shape, cfg)
   if _NORM_PATTERN.search(pstr) and not re.search(r"proj|embed|lm_head", parent):
     return (None,) * len(shape)
   matched = []
@@ -624,6 +828,113 @@ def shard_tree(tree: PyTree, config: Any, mesh: Mesh,
                rules: Optional[Mapping[str, Any]] = None) -> PyTree:
   """Places every leaf of `tree` with `tree_shardings` (e.g. a whole `TrainState`)."""
   return jax.tree.map(_put, tree, tree_shardings(tree, config, mesh, rules))
+
+
+# ----------------------------------------------------------------------------------------
+# Inference layout (the rollout)
+# ----------------------------------------------------------------------------------------
+
+# Parameter rules of the tensor-parallel inference layout: heads / MLP units / vocabulary over
+# "tensor", the model width whole (no per-step FSDP all-gathers in the decode loop).
+INFERENCE_TP_RULES: dict[str, Any] = {**LOGICAL_RULES, "embed": None}
+
+INFERENCE_LAYOUTS = ("replicated", "tensor", "train")
+
+
+def _shard_bytes(x: Any, spec: P, sizes: Mapping[str, int], dtype: Any = None) -> int:
+  """Bytes of one device's shard of `x` (array or ShapeDtypeStruct) under `spec`."""
+  shape = tuple(getattr(x, "shape", np.shape(x)))
+  itemsize = jnp.dtype(dtype if dtype is not None else x.dtype).itemsize
+  n = 1
+  for i, d in enumerate(shape):
+    entry = spec[i] if i < len(spec) else None
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    n *= d // math.prod(sizes.get(a, 1) for a in axes)
+  return n * itemsize
+
+
+def _cast_dtype(x: Any, dtype: Any) -> Any:
+  if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.dtype(x.dtype)
+  return jnp.dtype(dtype)
+
+
+def inference_shardings(params: PyTree, config: Any, mesh: Mesh, *,
+                        max_bytes: Optional[int] = None, dtype: Any = None,
+                        layout: str = "auto") -> tuple[PyTree, str]:
+  """Shardings of the rollout's copy of the weights, and the layout chosen.
+
+  Layouts (Tunix `tunix/rl/reshard.py` moves trainer weights to the sampler's layout once per
+  rollout in the same way):
+    "replicated": every device holds all weights; decoding needs no weight communication.
+    "tensor":     heads / MLP units / vocabulary split over "tensor" (Megatron), the model
+                  width whole: one all-reduce of [B, D] per row-parallel matmul per step.
+    "train":      the training (FSDP + tensor) layout: every decode step all-gathers every
+                  weight; the fallback when nothing else fits.
+  `layout="auto"` takes the first that needs at most `max_bytes` per device (None: no limit,
+  so "replicated"), counting every floating leaf in `dtype` (None: its own dtype).
+
+  Returns:
+    (tree of NamedSharding like `params`, layout name).
+  """
+  if layout not in INFERENCE_LAYOUTS + ("auto",):
+    raise ValueError(f"inference_shardings: layout={layout!r}; expected 'auto' or one of "
+                     f"{INFERENCE_LAYOUTS}.")
+  sizes = dict(mesh.shape)
+  is_p = lambda s: isinstance(s, P)
+  candidates = {
+      "replicated": jax.tree.map(lambda x: P(), params),
+      "tensor": param_specs(params, config, mesh, INFERENCE_TP_RULES),
+      "train": param_specs(params, config, mesh),
+  }
+
+  def per_device(specs):
+    return sum(_shard_bytes(x, s, sizes, _cast_dtype(x, dtype))
+               for x, s in zip(jax.tree_util.tree_leaves(params),
+                               jax.tree_util.tree_leaves(specs, is_leaf=is_p)))
+
+  if layout == "auto":
+    order = [name for name in INFERENCE_LAYOUTS
+             if max_bytes is None or per_device(candidates[name]) <= max_bytes]
+    if not order:
+      need = per_device(candidates["train"])
+      raise ValueError(
+          f"inference_shardings: the weights need {need} bytes per device even in the training "
+          f"layout on mesh {sizes}, more than max_bytes={max_bytes}.")
+    layout = order[0]
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), candidates[layout], is_leaf=is_p)
+  return shardings, layout
+
+
+def inference_params(params: PyTree, config: Any, mesh: Mesh, *, max_bytes: Optional[int] = None,
+                     dtype: Any = None, layout: str = "auto") -> PyTree:
+  """The rollout's copy of `params`: resharded (and optionally cast) once per rollout.
+
+  Call it once before `sampling.generate` (which then decodes without moving weights) and drop
+  the result after the rollout; the training params are not touched. One jitted
+  identity-with-`out_shardings` does the move, so XLA all-gathers each weight once (the FSDP ->
+  replicated / tensor-parallel reshard) instead of once per decode step; `dtype` (e.g.
+  "bfloat16") casts floating leaves on the way, halving the copy of float32 master weights.
+
+  Args:
+    params: the (training-layout) params.
+    config: their ModelConfig.
+    mesh: the mesh the sampler runs on.
+    max_bytes: per-device budget for the weights (e.g. HBM minus the KV cache); see
+      `inference_shardings` for how the layout is chosen.
+    dtype: cast floating leaves to this dtype (None: keep).
+    layout: "auto", "replicated", "tensor" or "train".
+  """
+  shardings, _ = inference_shardings(params, config, mesh, max_bytes=max_bytes, dtype=dtype,
+                                     layout=layout)
+  if dtype is not None:
+    params = _cast_floating(params, jnp.dtype(dtype).name)  # in the source layout: no communication
+  return jax.device_put(params, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_floating(tree: PyTree, dtype: str) -> PyTree:
+  return jax.tree.map(lambda x: x.astype(_cast_dtype(x, dtype)), tree)
 
 
 # ----------------------------------------------------------------------------------------

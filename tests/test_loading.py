@@ -27,7 +27,7 @@ TINY_CONFIGS = {
         model_type="llama", vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=3, num_key_value_heads=1, head_dim=16, rope_theta=5e4, rms_norm_eps=1e-5,
         tie_word_embeddings=False, attention_bias=False),
-    # (HF Llama's attention_bias also adds an o_proj bias, which no supported checkpoint uses.)
+    # (attention_bias / mlp_bias Llamas, Qwen3 and Gemma 3: tests/test_families.py.)
     "llama_mha_tied": dict(
         model_type="llama", vocab_size=101, hidden_size=40, intermediate_size=56, num_hidden_layers=3,
         num_attention_heads=5, num_key_value_heads=5, head_dim=8, rope_theta=1e4, rms_norm_eps=1e-6,
@@ -392,6 +392,60 @@ def test_gguf_cache_dir_roundtrip(tmp_path):
   back = transformers.AutoModelForCausalLM.from_pretrained(cached[0]).eval()
   tokens, mask = left_padded_batch(direct.config.vocab_size)
   assert max_valid_diff(torch_logits(back, tokens, mask), torch_logits(model, tokens, mask), mask) <= 1e-5
+
+
+def test_tiny_qwen3_gguf_matches_hf_state_dict_and_logits(tmp_path):
+  """Qwen3 GGUF (llama.cpp `qwen3`): attn_q_norm/attn_k_norm tensors, head_dim from key_length
+  (12 != hidden / heads = 8), q/k not permuted."""
+  tokens, types = _gguf_vocab()
+  cfg = transformers.Qwen3Config(vocab_size=len(tokens), hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=12, rope_theta=1e6, rms_norm_eps=1e-6,
+                                 max_position_embeddings=256, tie_word_embeddings=True,
+                                 bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.2)
+  torch.manual_seed(3)
+  model = transformers.Qwen3ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if p.ndim == 1:
+        p.copy_(1.0 + 0.3 * torch.randn_like(p))
+  path = tmp_path / "qwen3.gguf"
+  w = gguf.GGUFWriter(str(path), "qwen3")
+  w.add_block_count(2)
+  w.add_context_length(256)
+  w.add_embedding_length(32)
+  w.add_feed_forward_length(48)
+  w.add_head_count(4)
+  w.add_head_count_kv(2)
+  w.add_key_length(12)
+  w.add_value_length(12)
+  w.add_rope_freq_base(1e6)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_tokenizer_model("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(_MERGES)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+  for name, t in model.state_dict().items():
+    if name == "lm_head.weight":  # tied: llama.cpp omits it
+      continue
+    gname = gguf_io.hf_to_gguf_name(name)
+    assert gname is not None, name
+    w.add_tensor(gname, t.detach().float().numpy())
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  ckpt = gguf_io.read_gguf(path)
+  ref = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+  assert sorted(ckpt.state_dict) == sorted(ref)
+  for k, v in ref.items():
+    np.testing.assert_array_equal(ckpt.state_dict[k], v, err_msg=k)
+  loaded = loading.load_pretrained(path)
+  assert (loaded.config.model_type, loaded.config.head_dim, loaded.config.qk_norm) == ("qwen3", 12, True)
+  toks, mask = left_padded_batch(loaded.config.vocab_size, seed=2)
+  assert max_valid_diff(our_logits(loaded, toks, mask), torch_logits(model, toks, mask), mask) <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------------

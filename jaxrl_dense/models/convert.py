@@ -8,15 +8,21 @@ a leading axis `L` (the model scans over layers):
   layers/self_attn/{q,k,v}_proj/kernel      [L, D, H*hd] / [L, D, Hkv*hd]   (in, out)
   layers/self_attn/{q,k,v}_proj/bias        [L, H*hd] / [L, Hkv*hd]          (attention_bias)
   layers/self_attn/o_proj/kernel            [L, H*hd, D]
+  layers/self_attn/o_proj/bias              [L, D]                           (attention_out_bias)
+  layers/self_attn/{q,k}_norm/scale         [L, hd]                          (qk_norm: Qwen3, Gemma 3)
   layers/post_attention_layernorm/scale     [L, D]
+  layers/{pre,post}_feedforward_layernorm/scale [L, D]                       (post_norms: Gemma 3)
   layers/mlp/{gate,up}_proj/kernel          [L, D, I]
+  layers/mlp/{gate,up,down}_proj/bias       [L, I] / [L, D]                  (mlp_bias)
   layers/mlp/down_proj/kernel               [L, I, D]
   norm/scale                                [D]
   lm_head/kernel                            [D, V]      (only when not tie_word_embeddings)
 
 HF names are `model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight` (out, in),
 `model.layers.{i}.self_attn.q_proj.bias`, `model.layers.{i}.mlp.gate_proj.weight`,
-`model.layers.{i}.input_layernorm.weight`, `model.norm.weight`, `lm_head.weight`.
+`model.layers.{i}.input_layernorm.weight`, `model.layers.{i}.self_attn.q_norm.weight`,
+`model.norm.weight`, `lm_head.weight`. Gemma's norm weights are stored as in HF (the `w` of
+`(1 + w)`), so checkpoints round-trip bit for bit.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ Params = dict[str, Any]
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
-# (our module path, HF suffix, transpose?) for every per-layer tensor.
+# (our module path, HF suffix) of every per-layer linear layer.
 _LAYER_LINEARS = (
     (("self_attn", "q_proj"), "self_attn.q_proj"),
     (("self_attn", "k_proj"), "self_attn.k_proj"),
@@ -42,37 +48,63 @@ _LAYER_LINEARS = (
     (("mlp", "up_proj"), "mlp.up_proj"),
     (("mlp", "down_proj"), "mlp.down_proj"),
 )
-_LAYER_NORMS = (
-    ("input_layernorm", "input_layernorm"),
-    ("post_attention_layernorm", "post_attention_layernorm"),
-)
-_BIASED = ("q_proj", "k_proj", "v_proj")
 # Buffers some checkpoints carry that are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _has_bias(config: ModelConfig, name: str) -> bool:
+  if name in ("q_proj", "k_proj", "v_proj"):
+    return config.attention_bias
+  if name == "o_proj":
+    return config.attention_out_bias
+  return config.mlp_bias
+
+
+def _layer_norms(config: ModelConfig) -> tuple:
+  """(our module path, HF suffix) of every per-layer RMSNorm the config uses."""
+  norms = [(("input_layernorm",), "input_layernorm"),
+           (("post_attention_layernorm",), "post_attention_layernorm")]
+  if config.post_norms:
+    norms += [(("pre_feedforward_layernorm",), "pre_feedforward_layernorm"),
+              (("post_feedforward_layernorm",), "post_feedforward_layernorm")]
+  if config.qk_norm:
+    norms += [(("self_attn", "q_norm"), "self_attn.q_norm"), (("self_attn", "k_norm"), "self_attn.k_norm")]
+  return tuple(norms)
 
 
 def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> (out, in) shape for every tensor the architecture needs."""
   c = config
-  d, hd = c.hidden_size, c.head_dim
+  d, hd, inter = c.hidden_size, c.head_dim, c.intermediate_size
   q, kv = c.num_heads * hd, c.num_kv_heads * hd
   shapes = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
-  per_layer = {
-      "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-      "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-      "mlp.gate_proj.weight": (c.intermediate_size, d), "mlp.up_proj.weight": (c.intermediate_size, d),
-      "mlp.down_proj.weight": (d, c.intermediate_size),
-      "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-  }
-  if c.attention_bias:
-    per_layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                      "self_attn.v_proj.bias": (kv,)})
+  linear_shapes = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+                   "gate_proj": (inter, d), "up_proj": (inter, d), "down_proj": (d, inter)}
+  per_layer = {}
+  for (_, name), hf in _LAYER_LINEARS:
+    per_layer[f"{hf}.weight"] = linear_shapes[name]
+    if _has_bias(c, name):
+      per_layer[f"{hf}.bias"] = (linear_shapes[name][0],)
+  for path, hf in _layer_norms(c):
+    per_layer[f"{hf}.weight"] = (hd,) if path[-1] in ("q_norm", "k_norm") else (d,)
   for i in range(c.num_layers):
     for k, s in per_layer.items():
       shapes[f"model.layers.{i}.{k}"] = s
   if not c.tie_word_embeddings:
     shapes["lm_head.weight"] = (c.vocab_size, d)
   return shapes
+
+
+def _set(tree: Params, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Params, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -111,8 +143,9 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: ModelConfig
   if unexpected:
     raise ValueError(
         f"state dict has {len(unexpected)} tensor(s) the {config.model_type} config does not use "
-        f"(attention_bias={config.attention_bias}, tie_word_embeddings="
-        f"{config.tie_word_embeddings}), e.g. {unexpected[:5]}")
+        f"(attention_bias={config.attention_bias}, attention_out_bias={config.attention_out_bias}, "
+        f"mlp_bias={config.mlp_bias}, qk_norm={config.qk_norm}, post_norms={config.post_norms}, "
+        f"tie_word_embeddings={config.tie_word_embeddings}), e.g. {unexpected[:5]}")
   dtype = _NP_DTYPES[config.param_dtype]
 
   def get(name: str) -> np.ndarray:
@@ -130,11 +163,11 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: ModelConfig
   layers: Params = {}
   for (group, name), hf in _LAYER_LINEARS:
     entry = {"kernel": stack(f"{hf}.weight", transpose=True)}
-    if config.attention_bias and name in _BIASED:
+    if _has_bias(config, name):
       entry["bias"] = stack(f"{hf}.bias", transpose=False)
     layers.setdefault(group, {})[name] = entry
-  for ours, hf in _LAYER_NORMS:
-    layers[ours] = {"scale": stack(f"{hf}.weight", transpose=False)}
+  for path, hf in _layer_norms(config):
+    _set(layers, path, {"scale": stack(f"{hf}.weight", transpose=False)})
 
   params: Params = {
       "embed_tokens": {"embedding": jnp.asarray(get("model.embed_tokens.weight").astype(dtype))},
@@ -165,15 +198,20 @@ def hf_state_dict_from_params(params: Params, config: ModelConfig) -> dict[str, 
     stacked: dict[str, np.ndarray] = {}
     for (group, name), hf in _LAYER_LINEARS:
       stacked[f"{hf}.weight"] = np.swapaxes(np.asarray(layers[group][name]["kernel"]), 1, 2)
-      if c.attention_bias and name in _BIASED:
+      if _has_bias(c, name):
         stacked[f"{hf}.bias"] = np.asarray(layers[group][name]["bias"])
-    for ours, hf in _LAYER_NORMS:
-      stacked[f"{hf}.weight"] = np.asarray(layers[ours]["scale"])
+    for path, hf in _layer_norms(c):
+      stacked[f"{hf}.weight"] = np.asarray(_get(layers, path)["scale"])
     if not c.tie_word_embeddings:
       out["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
   except KeyError as e:
-    raise ValueError(f"params lack the entry {e.args[0]!r} required by the config "
-                     f"(attention_bias={c.attention_bias}, tie={c.tie_word_embeddings}).") from None
+    raise ValueError(f"params lack the entry {e.args[0]!r} required by the {c.model_type} config "
+                     f"(attention_bias={c.attention_bias}, attention_out_bias={c.attention_out_bias}, "
+                     f"mlp_bias={c.mlp_bias}, qk_norm={c.qk_norm}, post_norms={c.post_norms}, "
+                     f"tie={c.tie_word_embeddings}).") from None
+  if "lora" in params:
+    raise ValueError("params carry attached LoRA adapters ('lora'); merge them first "
+                     "(jaxrl_dense.models.lora.merge) to write an HF checkpoint.")
   for suffix, arr in stacked.items():
     if arr.shape[0] != c.num_layers:
       raise ValueError(f"params for {suffix!r} stack {arr.shape[0]} layers; config has {c.num_layers}.")

@@ -14,7 +14,13 @@ llama.cpp's `convert_hf_to_gguf.py` (LlamaModel.permute) reorders the rows of q/
   W_gguf = W_hf.reshape(n, 2, r/(2n), ...).swapaxes(1, 2).reshape(W_hf.shape)   (r rows, n heads)
 
 and `unpermute_qk` inverts it: `W_hf = W_gguf.reshape(n, r/(2n), 2, ...).swapaxes(1, 2)`,
-with n = num_heads for q and n = num_kv_heads for k. Qwen2 files are not permuted.
+with n = num_heads for q and n = num_kv_heads for k. Qwen2 and Qwen3 files are not permuted.
+
+Qwen3 files add the per-head q/k norms `blk.{i}.attn_q_norm.weight` / `attn_k_norm.weight`
+([head_dim], `qwen3.attention.key_length` gives head_dim, which may differ from
+hidden / heads). Gemma 3 GGUF files are not read: llama.cpp stores its norms as `1 + w` and
+hard-codes the sliding pattern, local RoPE base and (for 27B) the attention scale, which the
+file does not record; load the Hugging Face checkpoint instead.
 """
 from __future__ import annotations
 
@@ -27,8 +33,9 @@ import numpy as np
 
 PathLike = Union[str, os.PathLike]
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
-_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
 _PERMUTED_ARCHITECTURES = ("llama",)
 
 _GLOBAL_NAMES = {
@@ -42,6 +49,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -175,7 +184,7 @@ def hf_config_from_gguf_metadata(metadata: dict, tensor_shapes: dict[str, tuple]
   hidden = int(key("embedding_length"))
   num_heads = int(key("attention.head_count"))
   head_dim = key("attention.key_length", None)
-  if head_dim is None and arch == "llama":
+  if head_dim is None and arch in ("llama", "qwen3"):
     head_dim = key("rope.dimension_count", None)
   hf: dict[str, Any] = {
       "architectures": [_HF_ARCHITECTURE[arch]],
@@ -192,6 +201,7 @@ def hf_config_from_gguf_metadata(metadata: dict, tensor_shapes: dict[str, tuple]
       "max_position_embeddings": int(key("context_length", 8192)),
       "tie_word_embeddings": "output.weight" not in tensor_shapes,
       "attention_bias": "blk.0.attn_q.bias" in tensor_shapes,
+      "mlp_bias": "blk.0.ffn_gate.bias" in tensor_shapes,
       "hidden_act": "silu",
       "torch_dtype": "float32",
       "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
@@ -237,7 +247,7 @@ def _dequantize(tensor, source: str) -> np.ndarray:
 
 
 def read_gguf(path: PathLike) -> GGUFCheckpoint:
-  """Reads a llama/qwen2 GGUF file -> (HF config dict, HF float32 state dict, metadata).
+  """Reads a llama/qwen2/qwen3 GGUF file -> (HF config dict, HF float32 state dict, metadata).
 
   Raises:
     FileNotFoundError: the file does not exist.

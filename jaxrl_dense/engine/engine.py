@@ -1,0 +1,587 @@
+"""Continuous-batching rollout engine over a paged KV cache (vLLM / JetStream / Levanter style).
+
+`generate` returns exactly what `sampling.generate` returns (`GenerationOutput`, rows
+prompt-major, samples of a prompt contiguous), with the same sampling semantics (temperature,
+top-k / top-p via `sampling._sample_step`, the EOS set, log-probs of the sampled and of the
+untempered distribution), but schedules the work differently:
+
+  * KV cache = a pool of pages (`page_table.PagePool`); a row holds only the pages its prompt and
+    its tokens so far need, and gives them back when it finishes.
+  * At most `max_slots` rows decode at once; waiting rows are admitted (FIFO) as others finish
+    (JetStream's insert / generate loop). A decode call runs on the live rows only, compacted and
+    padded to a power-of-two width, over a block table cut to the longest live row (power-of-two
+    pages): finished rows cost nothing and a long tail runs at the width of the tail.
+  * `steps_per_call` decode steps per jitted call (a `fori_loop`), so host scheduling and
+    transfers are paid once per K tokens.
+  * Each prompt is prefilled once at its real length (padded to a power-of-two bucket, chunks of
+    at most `prefill_chunk` tokens for long prompts, prompts batched per bucket); its n samples
+    reference the same prompt pages (refcounts) and copy only the partially filled last page
+    (copy-on-write), Levanter's `clone` of a sequence.
+
+Random keys: the token of row r at step s is drawn with `fold_in(fold_in(rng, r), s)`, so the
+samples do not depend on the schedule (slots, K, page size, pool size). Greedy decoding
+(temperature 0) gives the static sampler's tokens (the same math, up to float reduction order).
+
+Admission reserves a row's worst-case pages (prompt + max_new - 1 positions) so a running row
+never waits for a page and no preemption is needed; memory is bounded by `num_pages`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Optional, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrl_dense import sampling, sharding
+from jaxrl_dense.engine import paged_attention as pa
+from jaxrl_dense.engine.page_table import NULL_PAGE, PagePool, Sequence, pages_for
+from jaxrl_dense.models import transformer
+from jaxrl_dense.models.config import ModelConfig
+
+# Traces of each jitted program (tests use it to bound recompiles).
+TRACE_COUNT = collections.Counter()
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# Under a mesh the pages are split over kv heads ("tensor") and replicated over the batch axes:
+# any row may read any page; each device decodes its own rows (rows over data x fsdp).
+_PAGE_AXES = ("kv_heads", None, None, "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Static knobs of the continuous-batching engine.
+
+  Attributes:
+    page_size: P, token slots per KV page.
+    max_slots: rows decoding at once (the largest decode width); None: every row (the static
+      sampler's concurrency; finished rows still leave the decode batch).
+    num_pages: pages in the pool including the null page; None sizes it for `max_slots` rows
+      of the longest prompt plus their prompts' pages (about the static sampler's cache when
+      max_slots >= rows; less when fewer slots).
+    steps_per_call: K, decode steps per jitted call.
+    prefill_chunk: longest prefill chunk (tokens); longer prompts are prefilled in chunks.
+    min_prefill_bucket: shortest prefill length bucket (prompts are padded to powers of two).
+    attention: "auto" (Pallas on TPU / GPU, XLA gather elsewhere), "xla" or "pallas".
+    min_decode_width / min_table_tokens: smallest decode width and block-table span (tokens)
+      buckets; widths and spans are powers of two from there (fewer compiled shapes).
+  """
+  page_size: int = 16
+  max_slots: Optional[int] = None
+  num_pages: Optional[int] = None
+  steps_per_call: int = 8
+  prefill_chunk: int = 512
+  min_prefill_bucket: int = 16
+  attention: str = "auto"
+  min_decode_width: int = 8
+  min_table_tokens: int = 64
+
+  def __post_init__(self):
+    for name in ("page_size", "max_slots", "steps_per_call", "prefill_chunk", "min_prefill_bucket",
+                 "min_decode_width", "min_table_tokens"):
+      if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+        raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if self.num_pages is not None and self.num_pages < 2:
+      raise ValueError(f"EngineConfig.num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}.")
+    if self.attention not in ("auto", "xla", "pallas"):
+      raise ValueError(f"EngineConfig.attention must be 'auto', 'xla' or 'pallas', got {self.attention!r}.")
+    if self.prefill_chunk % self.page_size:
+      raise ValueError(f"EngineConfig.prefill_chunk={self.prefill_chunk} must be a multiple of "
+                       f"page_size={self.page_size}.")
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """What a run did: calls, pages, widths (for tests and benchmarks)."""
+  num_pages: int = 0
+  peak_pages_in_use: int = 0
+  peak_live_rows: int = 0
+  prefill_calls: int = 0
+  prefill_tokens: int = 0
+  decode_calls: int = 0
+  decode_row_steps: int = 0      # sum over decode calls of width * K (padded work)
+  generated_tokens: int = 0
+  page_copies: int = 0
+  pages_in_use_at_end: int = -1  # 0 after every run (checked by `run` too)
+  widths: list = dataclasses.field(default_factory=list)
+
+
+def _pow2(x: int, lo: int = 1, hi: Optional[int] = None) -> int:
+  b = max(lo, 1 << max(0, int(x) - 1).bit_length())
+  return b if hi is None else min(b, hi)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device programs
+# ----------------------------------------------------------------------------------------------
+# ModelConfig fields whose non-default values change the decoder math this engine implements
+# (Llama / Qwen2: pre-norm, SwiGLU, q/k/v bias only); such models use engine="static".
+_UNSUPPORTED_FEATURES = {"attention_out_bias": False, "mlp_bias": False, "qk_norm": False,
+                         "hidden_act": "silu", "rms_norm_unit_offset": False,
+                         "scale_embeddings": False, "post_norms": False,
+                         "query_pre_attn_scalar": None, "final_logit_softcapping": None,
+                         "sliding_window": None, "layer_types": None}
+
+
+def _check_config(config: ModelConfig, params) -> None:
+  """Raises for models whose math the engine does not implement (naming the field)."""
+  if config.model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"the continuous engine supports model_type in {SUPPORTED_MODEL_TYPES}, "
+                     f"got {config.model_type!r}; use engine='static'.")
+  bad = {k: getattr(config, k) for k, v in _UNSUPPORTED_FEATURES.items()
+         if getattr(config, k, v) != v}
+  if bad:
+    raise ValueError(f"the continuous engine does not implement {bad}; use engine='static'.")
+  if isinstance(params, dict) and "lora" in params:
+    raise ValueError("the continuous engine takes merged weights; merge the LoRA adapters first "
+                     "or use engine='static'.")
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prepare_weights(params, config: ModelConfig) -> list:
+  """Per-layer weights in (out, in) layout, q|k|v and gate|up fused, in the compute dtype.
+
+  Read from the params pytree of `models.transformer` (layers stacked on a leading [L] axis);
+  built once per run.
+  """
+  dt = transformer.compute_dtype(config)
+  lay = params["layers"]
+  sa, mlp = lay["self_attn"], lay["mlp"]
+  tr = lambda x: jnp.swapaxes(x, 1, 2).astype(dt)  # [L, in, out] -> [L, out, in]
+  qkv = jnp.concatenate([tr(sa[n]["kernel"]) for n in ("q_proj", "k_proj", "v_proj")], axis=1)
+  qkv_b = (jnp.concatenate([sa[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], axis=1).astype(dt)
+           if config.attention_bias else None)
+  gate_up = jnp.concatenate([tr(mlp["gate_proj"]["kernel"]), tr(mlp["up_proj"]["kernel"])], axis=1)
+  o, down = tr(sa["o_proj"]["kernel"]), tr(mlp["down_proj"]["kernel"])
+  ln1, ln2 = lay["input_layernorm"]["scale"], lay["post_attention_layernorm"]["scale"]
+  return [dict(ln1=ln1[i], qkv=qkv[i], qkv_b=None if qkv_b is None else qkv_b[i], o=o[i], ln2=ln2[i],
+               gate_up=gate_up[i], down=down[i]) for i in range(config.num_layers)]
+
+
+def _rms(x, scale, eps, dt):
+  """RMSNorm(x) = scale * x / sqrt(mean(x^2) + eps), normalised in float32."""
+  xf = x.astype(jnp.float32)
+  return scale.astype(dt) * (xf * lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)).astype(dt)
+
+
+def _rope(x, cos, sin):
+  """x [B, T, N, hd], cos/sin [B, T, hd]: x cos + rotate_half(x) sin (HF convention)."""
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None].astype(x.dtype) + rot * sin[:, :, None].astype(x.dtype)
+
+
+def _linear(x, w_t):
+  """x [..., in] @ w_t[out, in]^T -> [..., out]."""
+  return lax.dot_general(x, w_t, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page_ids, offsets,
+             block_table, attention: str):
+  """Decoder over paged KV: tokens [B, T] at positions [B, T] -> final-normed hidden [B, T, D].
+
+  Each layer writes its keys/values of the T tokens to (page_ids, offsets) [B, T] and then
+  attends, per row, over the pages of `block_table` [B, pp] up to each query's position.
+  pool: tuple of L (k_pages, v_pages) [Hkv, N, P, hd]. Returns (hidden, new pool).
+  """
+  c = config
+  dt = transformer.compute_dtype(c)
+  b, t = tokens.shape
+  hd, h, hkv = c.head_dim, c.num_heads, c.num_kv_heads
+  x = params["embed_tokens"]["embedding"][tokens].astype(dt)  # [B, T, D]
+  x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
+  cos, sin = transformer.rope_cos_sin(c, positions)  # [B, T, hd]
+  new_pool = []
+  for w, (k_pages, v_pages) in zip(weights, pool):
+    y = _rms(x, w["ln1"], c.rms_norm_eps, dt)
+    qkv = _linear(y, w["qkv"])  # [B, T, (H + 2Hkv) hd]
+    if w["qkv_b"] is not None:
+      qkv = qkv + w["qkv_b"]
+    q = _rope(qkv[..., : h * hd].reshape(b, t, h, hd), cos, sin)  # [B, T, H, hd]
+    k = _rope(qkv[..., h * hd: (h + hkv) * hd].reshape(b, t, hkv, hd), cos, sin)  # [B, T, Hkv, hd]
+    v = qkv[..., (h + hkv) * hd:].reshape(b, t, hkv, hd)
+    k_pages = pa.write_pages(k_pages, k, page_ids, offsets)
+    v_pages = pa.write_pages(v_pages, v, page_ids, offsets)
+    k_pages, v_pages = (sharding.with_logical_constraint(a, _PAGE_AXES) for a in (k_pages, v_pages))
+    new_pool.append((k_pages, v_pages))
+    attn = pa.paged_attention(q, k_pages, v_pages, block_table, positions, impl=attention)
+    x = x + _linear(attn.astype(dt), w["o"])
+    y = _rms(x, w["ln2"], c.rms_norm_eps, dt)
+    gu = _linear(y, w["gate_up"])  # [B, T, 2I]
+    x = x + _linear(jax.nn.silu(gu[..., : c.intermediate_size]) * gu[..., c.intermediate_size:], w["down"])
+    x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
+  return _rms(x, params["norm"]["scale"], c.rms_norm_eps, dt), tuple(new_pool)
+
+
+def _row_keys(rng, rows, steps):
+  """Key of (row, step): fold_in(fold_in(rng, row), step), [R] keys."""
+  return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(rng, r), s))(rows, steps)
+
+
+def _sample_rows(logits, keys, temperature, top_p, *, greedy, top_k, use_top_p):
+  """Per-row keys around `sampling._sample_step`: logits [R, V], keys [R] -> 3 x [R]."""
+  one = lambda lg, k: sampling._sample_step(lg[None], k, temperature, top_p, greedy=greedy,
+                                            top_k=top_k, use_top_p=use_top_p)
+  tok, lp, raw = jax.vmap(one)(logits, keys)
+  return tok[:, 0], lp[:, 0], raw[:, 0]
+
+
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple:
+  """Zeroed page pool: L x (k, v) [Hkv, num_pages, page_size, hd] (default: compute dtype)."""
+  dtype = transformer.compute_dtype(config) if dtype is None else dtype
+  shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("pool",))
+def _prefill(weights, params, pool, tokens, start, n_valid, block_table, *, config, attention):
+  """One prefill chunk of Bp prompts: tokens [Bp, C] at positions start + [0, C), the first
+  n_valid [Bp] of them real. Writes their KV pages; returns (pool, logits [Bp, V] after the
+  last real token)."""
+  TRACE_COUNT["prefill"] += 1
+  page_size = pool[0][0].shape[2]
+  c = tokens.shape[1]
+  positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)[None]  # [Bp, C]
+  valid = jnp.arange(c)[None] < n_valid[:, None]  # [Bp, C]
+  page_ids = jnp.where(valid, jnp.take_along_axis(block_table, positions // page_size, axis=1,
+                                                  mode="clip"), NULL_PAGE)
+  offsets = jnp.where(valid, positions % page_size, 0)
+  hidden, pool = _forward(weights, params, config, pool, tokens, positions, page_ids, offsets,
+                          block_table, attention)
+  last = jnp.take_along_axis(hidden, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+  return pool, transformer.logits_from_hidden(params, config, last)
+
+
+@functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
+def _sample_first(logits, rows, rng, temperature, top_p, *, greedy, top_k, use_top_p):
+  """Step-0 tokens of newly admitted rows from their prompts' logits [R, V]."""
+  TRACE_COUNT["sample_first"] += 1
+  keys = _row_keys(rng, rows, jnp.zeros_like(rows))
+  return _sample_rows(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool",))
+def _copy_pages(pool, src, dst):
+  """pool pages dst[i] <- src[i] in every layer (copy-on-write of shared partial pages)."""
+  TRACE_COUNT["copy"] += 1
+  return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in pool)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "steps", "greedy", "top_k", "use_top_p", "pad_id", "attention"),
+    donate_argnames=("pool",))
+def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max_new, eos, rng,
+            temperature, top_p, *, config, steps, greedy, top_k, use_top_p, pad_id, attention):
+  """K = `steps` decode steps of W rows.
+
+  Row i at sample step s feeds its last token at position plen + s - 1 and samples token s.
+  A row stops after an EOS id or its max_new-th token; stopped rows (and padding rows,
+  live=False) write to the null page and emit nothing.
+
+  Args: block_table [W, pp]; tok, plen, step, rows, max_new int32 [W]; live bool [W];
+    eos int32 [E] the EOS ids (padded with -1).
+  Returns: (pool, tokens [W, K], logprobs [W, K], raw logprobs [W, K], emitted bool [W, K]).
+  """
+  TRACE_COUNT["decode"] += 1
+  page_size = pool[0][0].shape[2]
+  span = block_table.shape[1] * page_size
+  w = tok.shape[0]
+
+  def body(i, carry):
+    pool, tok, step, live, out = carry
+    pos = jnp.minimum(plen + step - 1, span - 1)  # [W]
+    page = jnp.where(live, jnp.take_along_axis(block_table, (pos // page_size)[:, None], axis=1)[:, 0],
+                     NULL_PAGE)
+    off = jnp.where(live, pos % page_size, 0)
+    hidden, pool = _forward(weights, params, config, pool, tok[:, None], pos[:, None], page[:, None],
+                            off[:, None], block_table, attention)
+    logits = transformer.logits_from_hidden(params, config, hidden[:, 0])  # [W, V]
+    logits = sharding.with_logical_constraint(logits, ("batch", None))
+    new, lp, raw = _sample_rows(logits, _row_keys(rng, rows, step), temperature, top_p,
+                                greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    new = jnp.where(live, new, pad_id)
+    upd = lambda a, x: lax.dynamic_update_slice(a, x[:, None].astype(a.dtype), (0, i))
+    out = (upd(out[0], new), upd(out[1], jnp.where(live, lp, 0.0)),
+           upd(out[2], jnp.where(live, raw, 0.0)), upd(out[3], live))
+    stop = jnp.any(new[:, None] == eos[None], axis=-1) | (step + 1 >= max_new)
+    return pool, jnp.where(live, new, tok), step + live, live & ~stop, out
+
+  out0 = (jnp.full((w, steps), pad_id, jnp.int32), jnp.zeros((w, steps), jnp.float32),
+          jnp.zeros((w, steps), jnp.float32), jnp.zeros((w, steps), bool))
+  pool, _, _, _, out = lax.fori_loop(0, steps, body, (pool, tok, step, live, out0))
+  return (pool,) + out
+
+
+# ----------------------------------------------------------------------------------------------
+# Host scheduler
+# ----------------------------------------------------------------------------------------------
+def _real_prompts(prompt_tokens, prompt_mask) -> list:
+  """Left- (or any-) padded [B, Tp] prompts -> list of B int32 arrays of their real tokens."""
+  t = sampling._host_value(prompt_tokens)
+  m = sampling._host_value(prompt_mask).astype(bool)
+  return [t[i][m[i]].astype(np.int32) for i in range(t.shape[0])]
+
+
+def _default_num_pages(cfg: EngineConfig, lens, n: int, max_new: int) -> int:
+  """Pool for min(max_slots, rows) rows of the longest prompt plus every prompt's own pages."""
+  p = cfg.page_size
+  rows = min(cfg.max_slots, len(lens) * n)
+  per_row = pages_for(max(lens) + max_new - 1, p) + 1
+  return 1 + rows * per_row + min(len(lens), rows) * pages_for(max(lens), p)
+
+
+def run(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
+        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+        eos_ids: Optional[Seq[int]] = None, num_samples: int = 1, pad_id: Optional[int] = None,
+        max_new_per_row=None, engine: Optional[EngineConfig] = None, mesh=None):
+  """Continuous-batching generation; returns (sampling.GenerationOutput, EngineStats).
+
+  Args are those of `sampling.generate` (prompts [B, Tp] with a mask; any padding side works
+  here), plus:
+    max_new_per_row: optional int [B * n] per-row limits <= max_new_tokens (rows stop there).
+    engine: EngineConfig (default EngineConfig()).
+    mesh: device mesh (default: the mesh of `params`' shardings, if any). Decode rows are split
+      over data x fsdp, the page pool over kv heads ("tensor") and replicated over rows.
+  The output has max_new_tokens columns whatever the per-row limits.
+  """
+  _check_config(config, params)
+  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  if mesh is not None and mesh.size > 1:
+    with sharding.use_mesh(mesh):
+      return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
+                  top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine)
+  return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
+              top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine)
+
+
+def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature, top_p, top_k,
+         eos_ids, num_samples, pad_id, max_new_per_row, engine):
+  if engine is not None and not isinstance(engine, EngineConfig):
+    raise TypeError(f"engine must be an EngineConfig or None, got {type(engine).__name__}.")
+  cfg = engine or EngineConfig()
+  max_new = int(max_new_tokens)
+  if max_new < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new}.")
+  n = int(num_samples)
+  if n < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+  temperature = float(temperature)
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}.")
+  top_p, top_k = float(top_p), int(top_k)
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+  if top_k < 0 or top_k > config.vocab_size:
+    raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}.")
+  eos_ids = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+  if pad_id is None:
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+  pad_id = int(pad_id)
+  prompts = _real_prompts(prompt_tokens, prompt_mask)
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError(f"prompt_mask rows {[i for i, p in enumerate(prompts) if not len(p)]} have no tokens.")
+  if any(p.min() < 0 or p.max() >= config.vocab_size for p in prompts):
+    raise ValueError(f"prompt_tokens must lie in [0, {config.vocab_size}).")
+  num_rows = len(prompts) * n
+  limits = np.full((num_rows,), max_new, np.int32)
+  if max_new_per_row is not None:
+    limits = np.asarray(max_new_per_row, np.int32).reshape(-1)
+    if limits.shape != (num_rows,) or limits.min() < 1 or limits.max() > max_new:
+      raise ValueError(f"max_new_per_row must be [{num_rows}] ints in [1, {max_new}], got shape "
+                       f"{limits.shape}, range [{limits.min()}, {limits.max()}].")
+
+  p_size, k_steps = cfg.page_size, cfg.steps_per_call
+  if cfg.max_slots is None:
+    cfg = dataclasses.replace(cfg, max_slots=num_rows)
+  lens = [len(p) for p in prompts]
+  num_pages = cfg.num_pages or _default_num_pages(cfg, lens, n, max_new)
+  pool_pages = PagePool(num_pages)
+  worst = max(pages_for(lens[r // n] + int(limits[r]) - 1, p_size) + 1 for r in range(num_rows))
+  if worst > num_pages - 1:
+    raise ValueError(f"EngineConfig.num_pages={num_pages}: a row needs up to {worst} pages "
+                     f"(page_size={p_size}) plus the null page; raise num_pages.")
+  max_pp = max(pages_for(lens[r // n] + int(limits[r]) - 1, p_size) for r in range(num_rows))
+  stats = EngineStats(num_pages=num_pages)
+
+  greedy = temperature == 0.0
+  samp = dict(greedy=greedy, top_k=top_k, use_top_p=(top_p < 1.0) and not greedy)
+  temp_arr, top_p_arr = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
+  eos_arr = np.full((_pow2(len(eos_ids), lo=8),), -1, np.int32)  # a runtime input: no recompiles
+  eos_arr[:len(eos_ids)] = eos_ids
+  weights = prepare_weights(params, config)
+  pool = init_pool(config, num_pages, p_size)
+
+  out_tok = np.full((num_rows, max_new), pad_id, np.int32)
+  out_lp = np.zeros((num_rows, max_new), np.float32)
+  out_raw = np.zeros((num_rows, max_new), np.float32)
+  out_mask = np.zeros((num_rows, max_new), np.int32)
+
+  pending = collections.deque(range(num_rows))
+  pending_of = collections.Counter(r // n for r in range(num_rows))  # samples not yet admitted
+  prompt_pages: dict = {}    # prompt -> its page ids (one reference held while samples wait)
+  prompt_logits: dict = {}   # prompt -> device logits [V] after its last token
+  live: list = []            # admitted, unfinished Sequences (<= max_slots)
+
+  def prefill(todo: list):
+    nonlocal pool
+    # Bucket each prompt: one chunk of pow2(len) tokens, or chunks of prefill_chunk tokens.
+    plan = {}
+    for p in todo:
+      c = min(_pow2(lens[p], cfg.min_prefill_bucket), cfg.prefill_chunk)
+      plan.setdefault(c, []).append(p)
+    for c, group in plan.items():
+      n_chunks = max(pages_for(lens[p], c) for p in group)
+      for j in range(n_chunks):
+        rows = [p for p in group if lens[p] > j * c]
+        bp = _pow2(len(rows))
+        pp = _pow2(pages_for((j + 1) * c, p_size))
+        toks = np.zeros((bp, c), np.int32)
+        table = np.zeros((bp, pp), np.int32)
+        start = np.full((bp,), j * c, np.int32)
+        n_valid = np.zeros((bp,), np.int32)
+        for i, p in enumerate(rows):
+          seg = prompts[p][j * c:(j + 1) * c]
+          toks[i, :len(seg)] = seg
+          n_valid[i] = len(seg)
+          ids = prompt_pages[p][:pp]
+          table[i, :len(ids)] = ids
+        pool, logits = _prefill(weights, params, pool, toks, start, n_valid, table, config=config,
+                                attention=cfg.attention)
+        stats.prefill_calls += 1
+        stats.prefill_tokens += bp * c
+        for i, p in enumerate(rows):
+          if lens[p] <= (j + 1) * c:
+            prompt_logits[p] = logits[i]
+
+  def admit():
+    """Admits waiting rows FIFO while slots and pages allow; samples their first token."""
+    nonlocal pool
+    admitted, new_prompts, budget = [], [], pool_pages.num_available
+    while pending and len(live) + len(admitted) < cfg.max_slots:
+      r = pending[0]
+      p = r // n
+      fresh = p not in prompt_pages and p not in new_prompts
+      need = (pages_for(lens[p] + int(limits[r]) - 1, p_size) - pages_for(lens[p], p_size)  # growth
+              + (1 if lens[p] % p_size else 0)                   # copy of the shared last page
+              + (pages_for(lens[p], p_size) if fresh else 0))    # the prompt's own pages
+      if need > budget:
+        break
+      budget -= need
+      if fresh:
+        new_prompts.append(p)
+      admitted.append(pending.popleft())
+    if not admitted:
+      return
+    for p in new_prompts:
+      prompt_pages[p] = pool_pages.alloc(pages_for(lens[p], p_size))
+    if new_prompts:
+      prefill(new_prompts)
+    copies = []
+    seqs = []
+    for r in admitted:
+      p = r // n
+      shared = prompt_pages[p]
+      pool_pages.incref(shared)
+      pending_of[p] -= 1
+      if pending_of[p] == 0:  # the prompt's own reference goes with its last sample
+        pool_pages.decref(shared)
+        del prompt_pages[p]
+      table = list(shared)
+      if lens[p] % p_size:  # the partially filled last page is written by every sample
+        table[-1], src = pool_pages.make_private(table[-1])
+        if src is not None:
+          copies.append((src, table[-1]))
+      seq = Sequence(row=r, prompt=p, prompt_len=lens[p], max_new=int(limits[r]), block_table=table)
+      seq.reserved = pages_for(lens[p] + seq.max_new - 1, p_size) - len(table)
+      pool_pages.reserve(seq.reserved)
+      seqs.append(seq)
+    if copies:
+      m = _pow2(len(copies))
+      src = np.zeros((m,), np.int32)
+      dst = np.zeros((m,), np.int32)
+      src[:len(copies)], dst[:len(copies)] = zip(*copies)
+      pool = _copy_pages(pool, src, dst)
+      stats.page_copies += len(copies)
+    # Step 0 of every admitted row, from its prompt's logits.
+    m = _pow2(len(seqs))
+    logits = jnp.stack([prompt_logits[s.prompt] for s in seqs] +
+                       [prompt_logits[seqs[0].prompt]] * (m - len(seqs)))
+    rows = np.zeros((m,), np.int32)
+    rows[:len(seqs)] = [s.row for s in seqs]
+    tok, lp, raw = (np.asarray(a) for a in _sample_first(logits, rows, rng, temp_arr, top_p_arr, **samp))
+    for i, s in enumerate(seqs):
+      out_tok[s.row, 0], out_lp[s.row, 0], out_raw[s.row, 0], out_mask[s.row, 0] = tok[i], lp[i], raw[i], 1
+      s.step, s.last_token = 1, int(tok[i])
+      if int(tok[i]) in eos_ids or s.max_new == 1:
+        s.release(pool_pages)
+      else:
+        live.append(s)
+    for p in [p for p in prompt_logits if pending_of[p] == 0]:
+      del prompt_logits[p]
+
+  def decode():
+    nonlocal pool
+    for s in live:  # pages for the next K steps, drawn from each row's reservation
+      grow = pages_for(s.positions_needed(k_steps), p_size) - len(s.block_table)
+      if grow > 0:
+        s.block_table += pool_pages.alloc(grow, from_reserved=True)
+        s.reserved -= grow
+    w = max(_pow2(len(live), lo=cfg.min_decode_width, hi=cfg.max_slots), len(live))
+    pp = _pow2(max(len(s.block_table) for s in live), lo=pages_for(cfg.min_table_tokens, p_size),
+               hi=max_pp)
+    table = np.zeros((w, pp), np.int32)
+    tok, plen, step, rows = (np.zeros((w,), np.int32) for _ in range(4))
+    max_n = np.ones((w,), np.int32)
+    alive = np.zeros((w,), bool)
+    for i, s in enumerate(live):
+      table[i, :len(s.block_table)] = s.block_table
+      tok[i], plen[i], step[i], rows[i], max_n[i], alive[i] = (
+          s.last_token, s.prompt_len, s.step, s.row, s.max_new, True)
+    pool, t, lp, raw, emitted = _decode(
+        weights, params, pool, table, tok, plen, step, alive, rows, max_n, eos_arr, rng, temp_arr,
+        top_p_arr, config=config, steps=k_steps, pad_id=pad_id, attention=cfg.attention, **samp)
+    t, lp, raw, emitted = (np.asarray(a) for a in (t, lp, raw, emitted))
+    stats.decode_calls += 1
+    stats.decode_row_steps += w * k_steps
+    stats.widths.append(w)
+    still = []
+    for i, s in enumerate(live):
+      k = int(emitted[i].sum())
+      cols = slice(s.step, s.step + k)
+      out_tok[s.row, cols], out_lp[s.row, cols], out_raw[s.row, cols] = t[i, :k], lp[i, :k], raw[i, :k]
+      out_mask[s.row, cols] = 1
+      s.step += k
+      if k:
+        s.last_token = int(t[i, k - 1])
+      finished = s.step >= s.max_new or (k and int(t[i, k - 1]) in eos_ids) or k < k_steps
+      if finished:
+        s.release(pool_pages)
+      else:
+        still.append(s)
+    live[:] = still
+
+  while pending or live:
+    admit()
+    stats.peak_live_rows = max(stats.peak_live_rows, len(live))
+    if live:
+      decode()
+    elif pending:
+      raise RuntimeError("engine made no progress: no row fits the page pool "  # unreachable by `worst`
+                         f"({pool_pages.num_available} pages available).")
+  stats.pages_in_use_at_end = pool_pages.num_in_use
+  pool_pages.check_all_free()
+  stats.peak_pages_in_use = pool_pages.peak_in_use
+  stats.generated_tokens = int(out_mask.sum())
+  lengths = out_mask.sum(-1).astype(np.int32)
+  out = sampling.GenerationOutput(jnp.asarray(out_tok), jnp.asarray(out_lp), jnp.asarray(out_mask),
+                                  jnp.asarray(out_raw), jnp.asarray(lengths))
+  return out, stats
+
+
+def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
+             engine: Optional[EngineConfig] = None, **kwargs) -> "sampling.GenerationOutput":
+  """`run(...)[0]`: the `sampling.generate` signature on the continuous engine."""
+  return run(params, config, prompt_tokens, prompt_mask, rng, engine=engine, **kwargs)[0]
