@@ -356,3 +356,23 @@ def test_smollm2_greedy_identical_to_static_sampler(smollm2):
                               engine=EngineConfig(page_size=16, max_slots=4, steps_per_call=8), **kw)
   _assert_same_output(ref, out, atol=2e-3)
   assert stats.pages_in_use_at_end == 0 and stats.peak_live_rows == 4
+
+
+@pytest.mark.slow
+def test_prime_math_runs_on_the_continuous_engine(tmp_path):
+  """`--rollout_engine=continuous`: the smoke PRIME run samples with the engine end to end."""
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  logdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, str(repo / "experiments" / "prime_math.py"), "--flagfile=experiments/configs/smoke.flags",
+       f"--logdir={logdir}", "--steps=2", "--eval_at_start=false", "--rollout_engine=continuous"],
+      capture_output=True, text=True, timeout=900, cwd=str(repo), env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(l) for l in (logdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  steps = [r for r in rows if "prm/loss" in r]
+  assert len(steps) == 2 and all(r["prm/loss"] == r["prm/loss"] for r in steps)  # finite, not NaN

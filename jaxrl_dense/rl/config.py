@@ -100,6 +100,10 @@ class RolloutConfig:
   top_k: int = _f(0, "Rollout top-k (0 = off).", lo=0)
   verify_timeout: float = _f(10.0, "Hard wall-clock limit per verified response (s).", lo=0.0,
                              lo_open=True, hi=86400.0)
+  rollout_engine: str = _f("static", "Rollout sampler: 'static' (one batch until every row stops) or "
+                           "'continuous' (jaxrl_dense.engine: paged KV cache, finished rows free "
+                           "their slots; Llama / Qwen2 models). They draw different random keys.",
+                           choices=("static", "continuous"))
 
   def __post_init__(self):
     _check(self)

@@ -290,7 +290,8 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
       else:
         st_sh = jax.tree.map(lambda x: x.sharding, state)
         bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
-        jitted["fn"] = jax.jit(update, in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
+        # traced under the mesh: the model's activation constraints apply (issue 12)
+        jitted["fn"] = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
                                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     return jitted["fn"](state, batch, key)
 

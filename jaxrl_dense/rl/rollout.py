@@ -107,7 +107,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
   pb = encoder.batch(records, pad_to=r.max_prompt_length)
   gen = sampling.generate(params, model_config, pb.tokens, pb.mask, key, max_new_tokens=r.max_response_length,
                           temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, num_samples=n,
-                          prompt_bucket=r.max_prompt_length)
+                          prompt_bucket=r.max_prompt_length, engine=r.rollout_engine)
   # to_host: np.asarray, or an all-gather when the rows live on several processes.
   tokens, mask, logp = sharding.to_host((gen.tokens, gen.mask, gen.logprobs))  # [G*n, R] each
   lengths = mask.sum(axis=1)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_dense.models import logprobs, transformer
-from jaxrl_dense import losses, ops, rewards
+from jaxrl_dense import losses, ops, rewards, sharding
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.state import TrainState
 
@@ -167,7 +167,10 @@ def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
     return fn
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+  # Traced under the mesh, so the model's activation constraints (FSDP: rows over data x fsdp)
+  # and the gradient constraints below apply (issue 12).
+  return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
+                 donate_argnums=donate_argnums)
 
 
 def make_scoring(
@@ -317,6 +320,7 @@ def make_prm_update(
       def acc_step(carry, mb):
         gsum, lsum = carry
         (loss, logp), g = grad_fn(st.params, mb)
+        g = sharding.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss), logp
 
       zeros = jax.tree.map(jnp.zeros_like, st.params)
@@ -451,6 +455,7 @@ def make_policy_update(
       def acc_step(carry, mb):
         gsum, lsum, ssum = carry
         (loss, sums), g = grad_fn(st.params, mb)
+        g = sharding.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss, jax.tree.map(jnp.add, ssum, sums)), None
 
       zeros = jax.tree.map(jnp.zeros_like, st.params)
