@@ -155,10 +155,6 @@ def make_mesh(spec: str = "data:1,fsdp:1,tensor:1", devices: Optional[Sequence[A
   return Mesh(np.asarray(devs, dtype=object).reshape(shape), AXES, axis_types=axis_types)
 
 
-def mesh_sizes(mesh: Mesh) -> dict[str, int]:
-  return dict(mesh.shape)
-
-
 def _tpu_vm_cluster() -> Optional[str]:
   """Name of JAX's TPU cluster environment if this is a Cloud TPU VM (GCE or GKE), else None.
 
@@ -322,13 +318,6 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, process_local: bool = False) -> Py
     return _put(x, sharding)
 
   return jax.tree_util.tree_map_with_path(put, batch)
-
-
-def constrain_batch(x: jax.Array, mesh: Optional[Mesh] = None) -> jax.Array:
-  """`with_sharding_constraint` of an activation `[B, ...]` to the batch sharding (inside jit)."""
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.ndim))
 
 
 def constrain(tree: PyTree, shardings: Optional[PyTree]) -> PyTree:
@@ -824,12 +813,6 @@ def tree_shardings(tree: PyTree, config: Any, mesh: Mesh,
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 
 
-def shard_tree(tree: PyTree, config: Any, mesh: Mesh,
-               rules: Optional[Mapping[str, Any]] = None) -> PyTree:
-  """Places every leaf of `tree` with `tree_shardings` (e.g. a whole `TrainState`)."""
-  return jax.tree.map(_put, tree, tree_shardings(tree, config, mesh, rules))
-
-
 # ----------------------------------------------------------------------------------------
 # Inference layout (the rollout)
 # ----------------------------------------------------------------------------------------
@@ -967,11 +950,6 @@ def kv_cache_spec(shape: Sequence[int], config: Any, mesh: Mesh) -> P:
       if sizes["tensor"] > 1 and cfg["num_kv_heads"] % sizes["tensor"] == 0:
         entries[k_dim] = "tensor"
   return P(*entries)
-
-
-def kv_cache_shardings(cache: PyTree, config: Any, mesh: Mesh) -> PyTree:
-  """`NamedSharding` for every array of a KV-cache pytree (see `kv_cache_spec`)."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, kv_cache_spec(np.shape(x), config, mesh)), cache)
 
 
 # ----------------------------------------------------------------------------------------
