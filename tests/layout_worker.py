@@ -92,7 +92,12 @@ def main():
 
     if spec == "fsdp:8":   # control: scoring traced WITHOUT the mesh context (no activation constraints)
       with open(os.path.join(outdir, spec, "scoring_unconstrained.hlo"), "w") as f:
-        f.write(plan_lib.compile_program(programs["scoring"], None).as_text())
+        # The step builders trace under their mesh (`sharding.with_mesh`); unwrap to the raw
+        # function and jit it without the context: GSPMD then follows the weights' layout alone.
+        fn, args, kwargs = programs["scoring"]
+        raw = fn.__wrapped__.__wrapped__
+        control = plan_lib.Program(jax.jit(raw), args, kwargs)
+        f.write(plan_lib.compile_program(control, None).as_text())
     inputs = {}
     for name, prog in programs.items():   # weights (params / train state) first, then the batch
       n_weights = 3 if name == "scoring" else 1
