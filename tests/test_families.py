@@ -99,13 +99,7 @@ def left_padded_batch(vocab, seed=0, lengths=(11, 7, 3), total=11):
   return tokens, mask
 
 
-def torch_logits(model, tokens, mask):
-  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-  with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
-                attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                position_ids=torch.from_numpy(positions.astype(np.int64)))
-  return out.logits.float().numpy()
+from test_loading import torch_logits  # noqa: E402  (transformers' logits, left padding)
 
 
 def our_logits(params, config, tokens, mask):
