@@ -86,6 +86,10 @@ flags.DEFINE_string("baseline", "rloo", "The method PRIME is compared against (p
 flags.DEFINE_string("trainer", os.path.join(_REPO, "experiments", "prime_math.py"),
                     "Training script run per (method, seed) (tests use a stand-in).")
 flags.DEFINE_bool("plot", True, "Write curves.png (needs matplotlib).")
+flags.DEFINE_bool("share_start_eval", True, "Runs without a step-0 eval (--extra_flags="
+                  "--eval_at_start=false) take it from the runs that have one: greedy decoding of "
+                  "the same initial model, identical for every method and seed (shared only when "
+                  "all measured values agree).")
 
 
 class CompareError(ValueError):
@@ -562,9 +566,30 @@ def settings_from_flags() -> dict:
           "out": f.out, "trainer": os.path.abspath(f.trainer)}
 
 
+def share_start_eval(runs: list) -> list:
+  """Fills the step-0 eval of runs started with `--eval_at_start=false` from the runs that have
+  one. The step-0 eval is greedy decoding of the same initial model on the same problems, so it
+  is one number for every method and seed; it is shared only when every run that measured it
+  agrees exactly (else nothing changes). Shared values are marked `"start_shared": True`."""
+  measured = {r["start"] for r in runs if r["start"] is not None}
+  if len(measured) != 1:
+    return runs
+  (value,) = measured
+  out = []
+  for r in runs:
+    if r["start"] is None and r["curve"]:
+      r = dict(r, start=value, curve=[(0, value)] + list(r["curve"]), start_shared=True)
+      if r["final"] is not None:
+        r["gain"] = r["final"] - value
+    out.append(r)
+  return out
+
+
 def collect(cfg: dict) -> dict:
   specs = run_specs(cfg["out"], cfg["methods"], cfg["seeds"])
   runs = [summarize_run(sp, cfg["budget"]["sampled_rows_per_step"], cfg["steps"]) for sp in specs]
+  if FLAGS.share_start_eval:
+    runs = share_start_eval(runs)
   return summarize(runs, methods=cfg["methods"], seeds=cfg["seeds"], steps=cfg["steps"],
                    budget=cfg["budget"], baseline=FLAGS.baseline, num_resamples=FLAGS.bootstrap,
                    ci=FLAGS.ci, config={k: cfg[k] for k in ("flagfile", "extra", "trainer")})

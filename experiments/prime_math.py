@@ -67,7 +67,7 @@ def check_finite(rec: dict, ckpt_dir: str, last_saved: Optional[int]) -> None:
 
 
 def _fmt(rec: dict) -> str:
-  keys = ("outcome/acc", "outcome/acc_sampled", "prm/loss", "prm/dpo_acc", "actor/pg_loss",
+  keys = ("outcome/acc", "outcome/acc_sampled", "prm/loss", "prm/dpo_acc", "prm_health/auroc", "actor/pg_loss",
           "actor/clipfrac", "entropy", "response/length_mean", "time/step")
   return " ".join(f"{k.split('/')[-1]}={rec[k]:.4g}" for k in keys if k in rec)
 
@@ -107,11 +107,24 @@ def train(cfg: config_lib.RunConfig) -> list:
   # them); only process 0 writes metrics.jsonl / TensorBoard / eval reports and prints.
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)
-  log = None
+  log = wandb = None
   if cfg.logdir and lead:
-    log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not cfg.resume)
+    if cfg.wandb_project:
+      from jaxrl_dense.wandb_sink import WandbSink
+      wandb = WandbSink(cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.logdir)),
+                        config=config_lib.flat(cfg), dir=cfg.logdir, mode=cfg.wandb_mode)
+    log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not cfg.resume, sinks=[wandb] if wandb else ())
     if cfg.resume:
       log.truncate_after(trainer.step)
+  # Reward-hacking alarm (prm_health.RewardHackingMonitor, docs/prm_health.md): host-side, over
+  # the logged history, so a resumed run rebuilds its window from the checkpointed history.
+  monitor = None
+  if cfg.prime.uses_prm:
+    from jaxrl_dense import prm_health
+    monitor = prm_health.RewardHackingMonitor(cfg.hacking_window, cfg.hacking_t)
+    for old in history:
+      monitor.update(old["step"], old.get("prm_health/implicit_reward_mean", math.nan),
+                     old.get("outcome/acc_sampled", math.nan), quiet=True)
   p = cfg.prime
   mc = trainer.model_config
   say(f"[setup] {p.algo} model={cfg.model} ({mc.num_layers} layers, d={mc.hidden_size}) mesh={cfg.mesh} "
@@ -138,6 +151,14 @@ def train(cfg: config_lib.RunConfig) -> list:
     while trainer.step < cfg.steps:
       rec = {"step": trainer.step + 1, **trainer.train_step()}
       check_finite(rec, cfg.checkpoint_dir, last_saved)
+      if monitor is not None:
+        rec.update(monitor.update(trainer.step, rec.get("prm_health/implicit_reward_mean", math.nan),
+                                  rec.get("outcome/acc_sampled", math.nan)))
+      if cfg.sample_every and cfg.logdir and lead and trainer.step % cfg.sample_every == 0:
+        page = trainer.write_samples(os.path.join(cfg.logdir, "samples"))
+        if wandb is not None:
+          wandb.log_html(trainer.step, "samples/page", page["html"])
+          wandb.log_samples(trainer.step, page["page"])
       if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
         rec.update(trainer.evaluate())
       history.append(rec)
@@ -157,6 +178,9 @@ def train(cfg: config_lib.RunConfig) -> list:
       write(ev)
     if ckpt is not None and last_saved != trainer.step:
       save(force=True)
+    if cfg.export_dir:
+      trainer.export(cfg.export_dir)
+      say(f"[export] policy written to {cfg.export_dir} (Hugging Face format)")
   finally:
     if ckpt is not None:
       ckpt.close()
@@ -164,6 +188,49 @@ def train(cfg: config_lib.RunConfig) -> list:
       log.close()
     trainer.close()
   return history
+
+
+def _simulate_devices(mesh_spec: str) -> None:
+  """Adds --xla_force_host_platform_device_count=N (N = the mesh's device count) to XLA_FLAGS so
+  that a machine without the accelerators can compile for the mesh on simulated CPU devices."""
+  n = 1
+  for item in mesh_spec.split(","):
+    size = item.split(":", 1)[1] if ":" in item else "1"
+    if not size.strip().lstrip("-").isdigit() or int(size) < 1:
+      return  # -1 / malformed: the mesh check names it; use the devices there are
+    n *= int(size)
+  flags_ = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags_:
+    os.environ["XLA_FLAGS"] = f"{flags_} --xla_force_host_platform_device_count={n}".strip()
+
+
+def print_aot_plan(cfg) -> dict:
+  """Compiles the step's programs from abstract inputs and prints (and with --plan_json writes)
+  the per-device memory plan (`rl.setup.aot_plan`)."""
+  import json
+  import jax
+  from jaxrl_dense.rl import setup
+  n = setup.mesh_devices(cfg)
+  devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
+  if len(devices) < n:
+    raise config_lib.ConfigError("mesh", cfg.mesh, f"needs {n} devices; {len(devices)} available "
+                                 "(simulated CPU devices are added only when XLA_FLAGS does not set a count)")
+  plan = setup.aot_plan(cfg, devices=devices[:n])
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  print(f"Compiled memory plan (per device; {plan['devices']} {plan['platform']} device(s), mesh "
+        f"{plan['mesh']}, params {plan['param_dtype']}, compute {plan['compute_dtype']}):")
+  for name, m in plan["programs"].items():
+    print(f"  {name:9s} peak {gib(m['peak_bytes'])} = arguments {gib(m['argument_bytes'])} + outputs "
+          f"{gib(m['output_bytes'])} + temporaries {gib(m['temp_bytes'])} - aliased {gib(m['alias_bytes'])}")
+  print(f"  resident training state {gib(plan['resident_state_bytes'])}; generate + state "
+        f"{gib(plan['generate_with_state_bytes'])}")
+  print(f"  peak per device: {gib(plan['peak_bytes_per_device'])}")
+  if cfg.plan_json:
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.plan_json)), exist_ok=True)
+    with open(cfg.plan_json, "w") as f:
+      json.dump(plan, f, indent=1)
+    print(f"  written to {cfg.plan_json}")
+  return plan
 
 
 def _fail(code: int, msg: str):
@@ -174,6 +241,8 @@ def _fail(code: int, msg: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+  if FLAGS.dry_run and FLAGS.aot:  # before JAX starts: simulated CPU devices for the mesh
+    _simulate_devices(FLAGS.mesh)
   from jaxrl_dense import checkpoint as ckpt_lib
   from jaxrl_dense import sharding
   from jaxrl_dense.rl import setup
@@ -188,6 +257,8 @@ def main(argv):
       setup.check_mesh(cfg, setup.mesh_devices(cfg))
       text, problems = setup.plan(cfg)
       print(text)
+      if cfg.aot:  # needs the model shape only (--arch when the weights are absent)
+        print_aot_plan(cfg)
       print("Problems:\n  " + "\n  ".join(problems) if problems else "All paths and flags are valid.")
       sys.exit(1 if problems else 0)
     setup.check_mesh(cfg)

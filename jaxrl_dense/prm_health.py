@@ -230,9 +230,10 @@ class RewardHackingMonitor:
     self.alarm = False
     self.num_alarms = 0
 
-  def update(self, step: int, process_reward: float, outcome_acc: float) -> dict:
+  def update(self, step: int, process_reward: float, outcome_acc: float, *, quiet: bool = False) -> dict:
     """Adds one step's values; returns ``{prefix+"hacking_alarm": 0|1, prefix+"process_trend_t",
-    prefix+"outcome_trend_t"}`` (python floats/ints, NaN t values until W values are held)."""
+    prefix+"outcome_trend_t"}`` (python floats/ints, NaN t values until W values are held).
+    ``quiet``: no warning (replaying a resumed run's history)."""
     p, a = float(process_reward), float(outcome_acc)
     if math.isfinite(p) and math.isfinite(a):
       self._p.append(p)
@@ -246,6 +247,7 @@ class RewardHackingMonitor:
       alarm = t_p >= self.t_threshold and t_a <= -self.t_threshold
     if alarm and not self.alarm:
       self.num_alarms += 1
+    if alarm and not self.alarm and not quiet:
       logger.warning(
           "reward-hacking alarm at step %d: over steps %d..%d the process reward rose "
           "(%.4g -> %.4g, slope t=%.2f) while outcome accuracy fell (%.4g -> %.4g, slope t=%.2f); "

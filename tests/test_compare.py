@@ -284,3 +284,16 @@ def test_end_to_end_smoke_two_seeds_two_methods(tmp_path):
   # Rerunning skips every finished run.
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
   assert r.returncode == 0 and r.stdout.count("done, skipped") == 4
+
+
+def test_share_start_eval_fills_only_an_agreed_step0_value():
+  run = lambda start, curve, final: {"method": "prime", "seed": 0, "start": start, "curve": curve,
+                                     "final": final, "gain": None if start is None else final - start}
+  runs = [run(0.275, [(0, 0.275), (24, 0.3)], 0.3), run(None, [(24, 0.25)], 0.25)]
+  out = compare.share_start_eval(runs)
+  assert out[0] is runs[0] and "start_shared" not in out[0]
+  assert out[1]["start"] == 0.275 and out[1]["start_shared"] and out[1]["curve"][0] == (0, 0.275)
+  assert out[1]["gain"] == pytest.approx(0.25 - 0.275)
+  # measured starts that disagree (not the same model / problems): nothing is filled
+  runs2 = runs + [run(0.2, [(0, 0.2), (24, 0.3)], 0.3)]
+  assert compare.share_start_eval(runs2)[1]["start"] is None

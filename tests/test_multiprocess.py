@@ -211,7 +211,8 @@ def test_prime_math_two_processes_match_one_process_and_resume(tmp_path):
     keys = {k for k in mm[s] if not k.startswith("time/") and k not in wall}
     assert keys == {k for k in ms[s] if not k.startswith(("time/", "eval/")) and k not in wall}
     for k in sorted(keys):
-      assert math.isfinite(mm[s][k]), (s, k, mm[s][k])
+      # prm_health/auroc etc. are NaN when every label of a batch agrees (equal NaN still compared)
+      assert math.isfinite(mm[s][k]) or k.startswith("prm_health/"), (s, k, mm[s][k])
       np.testing.assert_allclose(mm[s][k], ms[s][k], rtol=1e-5, atol=1e-6,
                                  err_msg=f"step {s} {k}: 2 processes vs 1 process")
   # Greedy eval after step 1 (process 0 wrote it): the same responses.

@@ -239,7 +239,10 @@ def _comparable(rec):
 def test_smoke_end_to_end_and_exact_resume(tmp_path):
   """Smoke config: 4 steps straight == 2 steps + a fresh process resuming + 2 steps."""
   from jaxrl_dense import checkpoint as ckpt_lib
-  common = [f"--flagfile={SMOKE}", "--eval_data=", "--checkpoint_every=1", "--checkpoint_keep=2"]
+  # --hacking_window=3: the reward-hacking monitor's t values are finite from step 3 and must be
+  # rebuilt from the checkpointed history on resume (issue 16).
+  common = [f"--flagfile={SMOKE}", "--eval_data=", "--checkpoint_every=1", "--checkpoint_keep=2",
+            "--hacking_window=3"]
   a = [*common, "--steps=4", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck"]
   b = [*common, "--steps=2", f"--logdir={tmp_path}/b", f"--checkpoint_dir={tmp_path}/b/ck"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -254,11 +257,12 @@ def test_smoke_end_to_end_and_exact_resume(tmp_path):
   assert "restored step 2" in r.stdout
   ma, mb = _metrics(f"{tmp_path}/a"), _metrics(f"{tmp_path}/b")
   assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
+  assert math.isnan(mb[2]["prm_health/process_trend_t"]) and not math.isnan(mb[4]["prm_health/process_trend_t"])
   for s in ma:
     ra, rb = _comparable(ma[s]), _comparable(mb[s])
     assert ra.keys() == rb.keys()
     for k in ra:
-      assert math.isfinite(ra[k]), (s, k, ra[k])
+      assert math.isfinite(ra[k]) or k.startswith("prm_health/"), (s, k, ra[k])  # NaN: one label
       np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-6, err_msg=f"step {s} {k}")
   sa, _ = ckpt_lib.Checkpointer(f"{tmp_path}/a/ck", fingerprint=_fingerprint(f"{tmp_path}/a/ck")).restore()
   sb, _ = ckpt_lib.Checkpointer(f"{tmp_path}/b/ck", fingerprint=_fingerprint(f"{tmp_path}/b/ck")).restore()
@@ -277,6 +281,42 @@ def _fingerprint(ckpt_dir):
   """The fingerprint stored in a checkpoint dir (to open it read-only for comparison)."""
   steps_ = sorted(int(p.name) for p in pathlib.Path(ckpt_dir).iterdir() if p.name.isdigit())
   return json.load(open(pathlib.Path(ckpt_dir) / str(steps_[-1]) / "fingerprint" / "metadata"))
+
+
+@pytest.mark.slow
+def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
+  """--sample_every writes the token heatmap of a step's trained groups (from the jitted update's
+  token series); the update reports PRM health; the eval scores its responses with the PRM."""
+  from jaxrl_dense.rl.trainer import Trainer
+  from jaxrl_dense import prm_health
+  # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls
+  run = Trainer(_smoke_config(steps=1, sample_every=1, logdir=str(tmp_path), generate_batch_size=4))
+  try:
+    m = run.train_step()
+    for k in ("prm_health/auroc", "prm_health/return_outcome_corr", "prm_health/implicit_reward_mean"):
+      assert k in m and (math.isnan(m[k]) or -1.0 <= m[k] <= 1.0 or k.endswith("mean")), (k, m.get(k))
+    batch, series = run.last_rollout
+    assert set(series) == {"advantage", "return", "log_ratio_ref", "process_reward", "entropy"}
+    b, r = np.asarray(batch.response_mask).shape
+    for v in series.values():
+      assert v.shape == (b, r) and np.isfinite(v).all()
+    pad = np.asarray(batch.response_mask) == 0
+    assert (series["process_reward"][pad] == 0).all() and (series["log_ratio_ref"][pad] == 0).all()
+    # the process reward the update used is beta * (log pi_prm - log pi_ref) on real tokens
+    assert np.abs(series["process_reward"][~pad]).max() > 0
+    page = run.write_samples(str(tmp_path / "samples"))
+    html = pathlib.Path(page["html"]).read_text()
+    assert page["html"].name == "step_00001.html" and "process_reward" in html and "advantage" in html
+    assert "http://" not in html and "https://" not in html  # self-contained
+    ev = run.evaluate()
+    assert 0.0 <= ev["eval/pass@1"] <= 1.0 and "eval/prm_auroc" in ev
+    assert math.isnan(ev["eval/prm_auroc"]) or 0.0 <= ev["eval/prm_auroc"] <= 1.0
+  finally:
+    run.close()
+  # the monitor replays a history silently and alarms on a rising reward with falling accuracy
+  mon = prm_health.RewardHackingMonitor(window=4, t_threshold=2.0)
+  outs = [mon.update(i, 0.1 * i, 1.0 - 0.1 * i + 0.01 * (i % 2)) for i in range(1, 7)]
+  assert outs[2]["prm_health/hacking_alarm"] == 0 and outs[-1]["prm_health/hacking_alarm"] == 1
 
 
 @pytest.mark.slow
@@ -323,7 +363,7 @@ def test_smoke_runs_sharded_on_8_simulated_devices(tmp_path):
   assert sorted(m) == [1, 2]
   for rec in m.values():
     for k, v in _comparable(rec).items():
-      assert math.isfinite(v), (k, v)
+      assert math.isfinite(v) or k.startswith("prm_health/"), (k, v)
 
 
 def test_share_prompt_group_size_and_fallback():
@@ -333,3 +373,27 @@ def test_share_prompt_group_size_and_fallback():
   assert build(n=3, micro_batch_size=2, prm_micro_batch_size=3, score_micro_batch_size=3,
                prompts_per_step=4).prompt_group == 1
   assert build(n=4, share_prompt=False).prompt_group == 1
+
+
+@pytest.mark.slow
+def test_dry_run_aot_writes_the_compiled_memory_plan(tmp_path):
+  """--dry_run --aot compiles the sampler and the one jitted update for --mesh on simulated CPU
+  devices (no weights read) and writes per-device bytes; a LoRA PRM shrinks the resident state."""
+  plans = {}
+  for name, extra in (("full", []), ("lora", ["--prm_lora_rank=4"])):
+    path = tmp_path / f"{name}.json"
+    r = _run([f"--flagfile={SMOKE}", "--dry_run", "--aot", "--mesh=data:2,fsdp:2,tensor:2",
+              f"--plan_json={path}", *extra])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Compiled memory plan" in r.stdout and "peak per device" in r.stdout
+    plans[name] = json.loads(path.read_text())
+  full, lora_ = plans["full"], plans["lora"]
+  assert full["devices"] == 8 and full["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert set(full["programs"]) == {"generate", "update"}
+  for m in full["programs"].values():
+    assert m["peak_bytes"] == m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"] > 0
+  upd = full["programs"]["update"]
+  # the update's arguments are the (donated) state plus the batch; its state outputs alias them
+  assert upd["argument_bytes"] >= full["resident_state_bytes"] and upd["alias_bytes"] >= 0.9 * full["resident_state_bytes"]
+  assert full["peak_bytes_per_device"] == max(full["generate_with_state_bytes"], upd["peak_bytes"])
+  assert lora_["lora"]["prm"]["rank"] == 4 and lora_["resident_state_bytes"] < 0.7 * full["resident_state_bytes"]

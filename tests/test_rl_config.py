@@ -89,7 +89,14 @@ def test_fingerprint_is_the_config_minus_the_runtime_only_fields():
   fp = config_lib.fingerprint(cfg)
   names = {f.name for _, f in config_lib.iter_fields(config_lib.RunConfig)}
   assert config_lib.RUNTIME_ONLY <= names
-  assert set(fp) == names - config_lib.RUNTIME_ONLY
+  # Settings added after checkpoints existed are left out while off, so those checkpoints resume.
+  off = {"lora_rank", "lora_alpha", "lora_targets", "prm_lora_rank", "prm_lora_alpha",
+         "prm_lora_targets", "generate_batch_size"}
+  assert set(fp) == names - config_lib.RUNTIME_ONLY - off
+  on = config_lib.replace(cfg, lora_rank=4, prm_lora_rank=4, generate_batch_size=32)
+  assert set(config_lib.fingerprint(on)) == names - config_lib.RUNTIME_ONLY
+  with pytest.raises(config_lib.ConfigError, match="generate_batch_size"):
+    config_lib.replace(cfg, generate_batch_size=48)  # does not divide the 256 sampled prompts
   json.dumps(fp)  # serialisable
   for k in ("share_prompt", "mesh", "logdir", "micro_batch_size", "eval_every"):
     changed = config_lib.replace(cfg, **{k: {"share_prompt": False, "mesh": "data:2",

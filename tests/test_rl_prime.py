@@ -91,6 +91,8 @@ def test_architecture_snippet_runs():
   m = env["metrics"]
   for k in ("prm/loss", "actor/pg_loss", "actor/loss", "kl_ref", "entropy", "adv/std"):
     assert np.isfinite(float(m[k])), k
+  for k in ("prm_health/auroc", "prm_health/return_outcome_corr", "prm_health/implicit_reward_mean"):
+    assert k in m, k  # PRM health rides along in the one jitted update (issue 16)
   assert int(env["state"].policy.step) == 1 and int(env["state"].prm.step) == 1
 
 

@@ -104,9 +104,22 @@ class RolloutConfig:
                            "'continuous' (jaxrl_dense.engine: paged KV cache, finished rows free "
                            "their slots; Llama / Qwen2 models). They draw different random keys.",
                            choices=("static", "continuous"))
+  generate_batch_size: int = _f(0, "Prompts per sampler call (0 = all prompts_per_step * oversample "
+                                "at once). Bounds the rollout's KV cache and temporaries (memory "
+                                "~ this * n rows); each call draws its own key, so it is part of "
+                                "the run's fingerprint.", lo=0)
 
   def __post_init__(self):
     _check(self)
+    total = self.prompts_per_step * self.oversample
+    if self.generate_batch_size and total % self.generate_batch_size:
+      raise ConfigError("generate_batch_size", self.generate_batch_size,
+                        f"must divide the {total} prompts sampled per step (prompts_per_step * oversample)")
+
+  @property
+  def generate_prompts(self) -> int:
+    """Prompts per sampler call."""
+    return self.generate_batch_size or self.prompts_per_step * self.oversample
 
   @property
   def rows(self) -> int:
@@ -139,6 +152,14 @@ class FilterConfig:
       raise ConfigError("acc_low", self.acc_low, f"need acc_low <= acc_high (acc_high={self.acc_high})")
 
 
+def _check_lora_targets(name: str, spec: str) -> None:
+  from jaxrl_dense.models import lora  # pylint: disable=import-outside-toplevel
+  try:
+    lora.LoraConfig(target_modules=spec)
+  except ValueError as e:
+    raise ConfigError(name, spec, str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class PRMConfig:
   """Implicit PRM (PRIME spec §5): r = beta log pi_prm / pi_ref, trained on outcome labels."""
@@ -154,9 +175,16 @@ class PRMConfig:
                                 "optimizer step per RL step; the veRL recipe takes 4, e.g. "
                                 "eurus2_7b_prime.flags sets 64 of 256).", lo=0)
   prm_micro_batch_size: int = _f(8, "PRM micro-batch in responses.", lo=1)
+  prm_lora_rank: int = _f(0, "LoRA rank of the implicit PRM (0 = train every weight). With LoRA "
+                          "only the adapters are trained (and held by AdamW); the frozen base, in "
+                          "the compute dtype, is also the PRM's reference (adapters off).", lo=0)
+  prm_lora_alpha: float = _f(16.0, "PRM LoRA alpha (update scale alpha / rank).", lo=0.0, lo_open=True)
+  prm_lora_targets: str = _f("q,k,v,o", "PRM LoRA target modules: q,k,v,o,gate,up,down (or "
+                             "q_proj, ...).")
 
   def __post_init__(self):
     _check(self)
+    _check_lora_targets("prm_lora_targets", self.prm_lora_targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +214,14 @@ class PolicyConfig:
                                 "(veRL). False reuses the sampler's log-probs, which is allowed only "
                                 "where they equal the scorer's: --dtype=float32, --temperature=1, "
                                 "--top_p=1, --top_k=0.")
+  lora_rank: int = _f(0, "LoRA rank of the policy (0 = train every weight). With LoRA only the "
+                      "adapters are trained; the frozen base (compute dtype) is the reference.", lo=0)
+  lora_alpha: float = _f(16.0, "Policy LoRA alpha (update scale alpha / rank).", lo=0.0, lo_open=True)
+  lora_targets: str = _f("q,k,v,o", "Policy LoRA target modules: q,k,v,o,gate,up,down (or q_proj, ...).")
 
   def __post_init__(self):
     _check(self)
+    _check_lora_targets("lora_targets", self.lora_targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +314,28 @@ class PrimeConfig:
     return self.algo == "prime"
 
   @property
+  def policy_lora(self):
+    """`models.lora.LoraConfig` of the policy, or None (full fine-tuning)."""
+    from jaxrl_dense.models import lora  # pylint: disable=import-outside-toplevel
+    p = self.policy
+    return (lora.LoraConfig(rank=p.lora_rank, alpha=p.lora_alpha, target_modules=p.lora_targets)
+            if p.lora_rank else None)
+
+  @property
+  def prm_lora(self):
+    """`models.lora.LoraConfig` of the implicit PRM, or None (full fine-tuning / no PRM)."""
+    from jaxrl_dense.models import lora  # pylint: disable=import-outside-toplevel
+    q = self.prm
+    return (lora.LoraConfig(rank=q.prm_lora_rank, alpha=q.prm_lora_alpha, target_modules=q.prm_lora_targets)
+            if q.prm_lora_rank and self.uses_prm else None)
+
+  @property
+  def keeps_base(self) -> bool:
+    """The state holds the frozen base / reference params: a reference is scored, or a model is
+    LoRA-adapted (its base is the reference)."""
+    return self.needs_ref or self.policy_lora is not None or self.prm_lora is not None
+
+  @property
   def needs_ref(self) -> bool:
     """The frozen reference is scored (PRIME's PRM, a KL loss, or PRL's log-ratio)."""
     return self.uses_prm or self.policy.kl_coef > 0 or self.advantage == "prl"
@@ -370,8 +425,30 @@ class RunConfig:
   eval_batch_size: int = _f(32, "Rows per eval generate call.", lo=1)
   eval_max_response_length: int = _f(0, "Eval response length (0 = --max_response_length).", lo=0)
   eval_at_start: bool = _f(True, "Evaluate the initial policy before step 1.")
+  eval_prm: bool = _f(True, "PRIME: also score the eval responses with the implicit PRM and report "
+                      "eval/prm_auroc (held-out AUROC of r = beta * sum_t log pi_prm/pi_ref against "
+                      "the verifier's label; two no-grad passes over the eval responses).")
+  export_dir: str = _f("", "At the end, write the trained policy here as a Hugging Face directory "
+                       "(save_pretrained; LoRA adapters merged into the base). '' = no export.")
   dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.")
+  aot: bool = _f(False, "With --dry_run: compile the step's programs (rollout sampler, the one jitted "
+                 "update) for the model shape and --mesh from abstract inputs (no weights) and report "
+                 "per-device memory from XLA (rl.setup.aot_plan); simulated CPU devices stand in "
+                 "for absent accelerators.")
+  plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.")
   progress: bool = _f(True, "Show a progress bar.")
+  sample_every: int = _f(0, "Write <logdir>/samples/step_NNNNN.html (per-token process rewards, "
+                         "advantages, log-ratio to the reference; the best, the worst and the "
+                         "PRM-vs-outcome disagreement groups) every k steps, and one page per eval "
+                         "(0 = never).", lo=0)
+  hacking_window: int = _f(20, "PRM health: steps in the reward-hacking alarm's trend window "
+                           "(prm_health.RewardHackingMonitor; docs/prm_health.md).", lo=3)
+  hacking_t: float = _f(2.0, "PRM health: |t| of both slopes that raises the reward-hacking alarm.",
+                        lo=0.0, lo_open=True)
+  wandb_project: str = _f("", "Also log to this Weights & Biases project ('' = off; needs `pip "
+                          "install wandb`): scalars, the sample pages and a samples table.")
+  wandb_mode: str = _f("offline", "W&B mode: offline (no network; `wandb sync` later) or online.",
+                       choices=("offline", "online"))
   prime: PrimeConfig = dataclasses.field(default_factory=PrimeConfig)
 
   def __post_init__(self):
@@ -381,6 +458,12 @@ class RunConfig:
       raise ConfigError("arith_ops", self.arith_ops, "expected distinct operators from '+,-,*'")
     if self.resume and not self.checkpoint_dir:
       raise ConfigError("resume", True, "needs --checkpoint_dir")
+    if self.prime.policy_lora or self.prime.prm_lora:  # one frozen base serves every adapted model
+      for name in ("ref_model", "prm_model"):
+        spec = getattr(self, name)
+        if spec and spec != self.model:
+          raise ConfigError(name, spec, "LoRA (--lora_rank / --prm_lora_rank) adapts the frozen "
+                            "base of --model, which is also the reference; leave it empty")
     p = self.prime
     if not p.policy.recompute_old_logp and self.dtype != "float32":
       raise ConfigError("recompute_old_logp", False, f"the sampler's log-probs differ from the "
@@ -393,7 +476,8 @@ class RunConfig:
 RUNTIME_ONLY = frozenset({
     "arch", "eval_data", "verify_workers", "mesh", "steps", "logdir", "checkpoint_dir",
     "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
-    "eval_max_response_length", "eval_at_start", "dry_run", "progress", "remat", "share_prompt",
+    "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "progress", "remat", "share_prompt",
+    "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
     "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
 
 
@@ -444,8 +528,17 @@ def build(cls, values: dict):
 
 
 def fingerprint(cfg) -> dict:
-  """The settings a checkpoint must agree with: the flat config minus `RUNTIME_ONLY`."""
-  return {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}
+  """The settings a checkpoint must agree with: the flat config minus `RUNTIME_ONLY`. A LoRA
+  group whose rank is 0 (off) and --generate_batch_size=0 are left out, so checkpoints written
+  before those flags existed still resume."""
+  fp = {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}
+  if not fp.get("generate_batch_size"):
+    fp.pop("generate_batch_size", None)
+  for prefix in ("lora_", "prm_lora_"):
+    if not fp.get(prefix + "rank"):
+      for k in ("rank", "alpha", "targets"):
+        fp.pop(prefix + k, None)
+  return fp
 
 
 # ------------------------------------------------------------------------------------- absl flags

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import advantages as adv_lib
-from jaxrl_dense import ops, sharding
+from jaxrl_dense import ops, prm_health, sharding
 from jaxrl_dense.filters import prof as prof_lib
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rewards import sar as sar_lib
@@ -63,6 +63,28 @@ def checkpoint_tree(state: PrimeState) -> dict:
 def restore_tree(state: PrimeState, tree: dict) -> PrimeState:
   prm = TrainState(**tree["prm"]) if state.prm is not None else None
   return state._replace(policy=TrainState(**tree["policy"]), prm=prm)
+
+
+def model_params(state: PrimeState, which: str, cfg: Optional[config_lib.PrimeConfig] = None):
+  """The params of the state's "policy" or "prm" model as the model functions take them: the
+  trained params, or with LoRA (`cfg.policy_lora` / `cfg.prm_lora`; pass `cfg` outside
+  `make_prime`) `lora.attach(state.ref_params, adapters)`: the frozen base plus the adapters
+  (sampling, scoring and evaluation use this; the sampler merges them once per call)."""
+  ts = state.policy if which == "policy" else state.prm
+  lc = None
+  if cfg is not None:
+    lc = cfg.policy_lora if which == "policy" else cfg.prm_lora
+  elif _is_adapters(ts.params):
+    raise ValueError("model_params: these params are LoRA adapters; pass the PrimeConfig (cfg)")
+  if lc is None:
+    return ts.params
+  from jaxrl_dense.models import lora  # pylint: disable=import-outside-toplevel
+  return lora.attach(state.ref_params, ts.params, lc)
+
+
+def _is_adapters(params) -> bool:
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return bool(leaves) and all(str(getattr(p[-1], "key", "")) in ("lora_a", "lora_b") for p, _ in leaves)
 
 
 def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
@@ -122,6 +144,10 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
       rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.prm.beta,
                                                variant=cfg.prime_variant)
       stats.update(implicit_prm.prm_metrics(rw.q, m, acc, n=n))
+      # PRM health on this step's fresh samples (scored before the PRM trains on them with
+      # --prm_update=after): AUROC / correlation with the outcome; NaN when all labels agree.
+      stats.update({k: v for k, v in prm_health.prm_health_metrics(
+          rw.scores, rw.q, m, acc, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
       stats["prm/q_seq_mean"] = jnp.mean(jnp.sum(rw.q, axis=1))
     rows, group = None, n
     if keep is not None:
@@ -163,7 +189,7 @@ def optimizers(cfg: config_lib.PrimeConfig):
   return pol, prm
 
 
-def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
+def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_series: bool = False):
   """Builds `(init_fn, update_fn)` for PRIME or an outcome-only baseline (see the module docstring).
 
   Args:
@@ -175,7 +201,11 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
     init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: optimizer states
       initialised (sharded like their params on a mesh). The params are used as given: place them
       first (`sharding.device_put`), and pass separate copies, since the state is donated.
-    update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars).
+    update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars). With
+      `token_series=True` the metrics also hold `"token_series"`: {name: [B, R] float32} of the
+      batch's per-token "advantage", "return", "log_ratio_ref" (log pi_old - log pi_ref, when a
+      reference is scored), "process_reward" (the implicit PRM's token reward, PRIME) and
+      "entropy" (when the old log-probs are recomputed): what `viz.write_sample_page` draws.
   """
   n = cfg.rollout.n
   group = cfg.prompt_group
@@ -200,25 +230,30 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
           loss_norm=p.loss_norm, loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1),
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
-      jit=False)
+      lora_config=cfg.policy_lora, jit=False)
   prm_update = None
   if cfg.uses_prm:
     prm_update = steps.make_prm_update(
         model_config, prm_opt, beta=cfg.prm.beta, mini_batch_size=cfg.prm_mini,
         micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
-        group_size=group, jit=False)
+        group_size=group, lora_config=cfg.prm_lora, jit=False)
   advantage_fn = make_advantage_fn(cfg)
   sar = config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar"
+
+  pol_lora, prm_lora = cfg.policy_lora, cfg.prm_lora
+  pol_base = lambda state: state.ref_params if pol_lora is not None else None
+  prm_base = lambda state: state.ref_params if prm_lora is not None else None
 
   def update(state: PrimeState, batch: RolloutBatch, key):
     batch.check(n)
     seq = batch.sequences()
+    pol_params = model_params(state, "policy", cfg)
     m = seq["response_mask"]  # [B, R]
     metrics = {}
     with jax.named_scope("score"):
       entropy = None
       if cfg.policy.recompute_old_logp or batch.old_logp is None:
-        scores = score(state.policy.params, None, None, seq)
+        scores = score(pol_params, None, None, seq)
         old_logp, entropy = scores["old_logp"], scores["entropy"]  # [B, R] each
       else:  # the sampler's log-probs (validated equal to the scorer's: f32, T = 1, no top-p/k)
         old_logp = batch.old_logp
@@ -227,23 +262,25 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
         ref_logp = score_ref(None, state.ref_params, None, seq)["ref_logp"]
     extra = None
     if sar:  # R_SA from the behaviour policy's answer log-probs with and without the query
-      logp_a = score_sar(state.policy.params, None, None, batch.sequences("query_free"))["old_logp"]
+      logp_a = score_sar(pol_params, None, None, batch.sequences("query_free"))["old_logp"]
       extra = sar_lib.self_aligned_reward(old_logp, logp_a, m)  # [B]
     prm_state, prm_logp = state.prm, old_logp
     if cfg.uses_prm:
       with jax.named_scope("prm_update"):
-        prm_state, prm_logp, prm_m = prm_update(state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp))
+        prm_state, prm_logp, prm_m = prm_update(state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp),
+                                                prm_base(state))
         metrics.update(prm_m)
       if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
         with jax.named_scope("prm_score"):
-          prm_logp = score_prm(None, None, prm_state.params, seq)["prm_logp"]
+          prm_logp = score_prm(None, None, model_params(state._replace(prm=prm_state), "prm", cfg),
+                               seq)["prm_logp"]
     keep = None
     if cfg.filter.filter == "prof":
       keep = prof_keep(batch.acc, m, prm_logp, ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
                        step_len=cfg.step_len)  # [B]
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
     with jax.named_scope("advantage"):
-      adv, _, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
+      adv, ret, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
                                        old_logp, extra=extra, keep=keep)
       metrics.update(adv_stats)
     pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
@@ -251,7 +288,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
     if ref_logp is not None:
       pol_batch["ref_logp"] = ref_logp
     with jax.named_scope("policy_update"):
-      policy, pol_m = policy_update(state.policy, pol_batch, key)
+      policy, pol_m = policy_update(state.policy, pol_batch, key, pol_base(state))
       metrics.update(pol_m)
     ntok = jnp.maximum(jnp.sum(m), 1.0)
     metrics["entropy"] = (jnp.sum(entropy * m) / ntok if entropy is not None
@@ -259,11 +296,24 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
     metrics["kl_ref"] = (jnp.sum((old_logp - ref_logp) * m) / ntok if ref_logp is not None
                          else jnp.float32(jnp.nan))  # NaN: no reference scored
     metrics["response/tokens"] = jnp.sum(m)
+    if token_series:
+      series = {"advantage": adv, "return": ret}
+      if ref_logp is not None:
+        series["log_ratio_ref"] = (old_logp - ref_logp) * m
+      if cfg.uses_prm:
+        series["process_reward"] = implicit_prm.implicit_token_rewards(
+            prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
+      if entropy is not None:
+        series["entropy"] = entropy * m
+      metrics["token_series"] = series
     return PrimeState(policy, prm_state, state.ref_params), metrics
 
   def init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState:
     if cfg.uses_prm and prm_params is None:
       raise ValueError("make_prime: algo='prime' needs prm_params")
+    if (pol_lora is not None or prm_lora is not None) and ref_params is None:
+      raise ValueError("make_prime: LoRA (policy_lora / prm_lora) adapts the frozen base; pass it "
+                       "as ref_params (in the compute dtype: models.lora.freeze_base)")
     if cfg.needs_ref and ref_params is None:
       raise ValueError(f"make_prime: this config scores a frozen reference (algo={cfg.algo!r}, "
                        f"kl_coef={cfg.policy.kl_coef}, advantage={cfg.advantage!r}); pass ref_params")
@@ -279,11 +329,11 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
 
     return PrimeState(train_state(policy_params, pol_opt),
                       train_state(prm_params, prm_opt) if cfg.uses_prm else None,
-                      ref_params if cfg.needs_ref else None)
+                      ref_params if cfg.keeps_base else None)
 
   jitted = {}
 
-  def update_fn(state: PrimeState, batch: RolloutBatch, key):
+  def get_jit(state):
     if "fn" not in jitted:
       if mesh is None:
         jitted["fn"] = jax.jit(update, donate_argnums=(0,))
@@ -293,6 +343,12 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None):
         # traced under the mesh: the model's activation constraints apply (issue 12)
         jitted["fn"] = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
                                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-    return jitted["fn"](state, batch, key)
+    return jitted["fn"]
 
+  def update_fn(state: PrimeState, batch: RolloutBatch, key):
+    return get_jit(state)(state, batch, key)
+
+  # Ahead-of-time: `update_fn.lower(abstract_state, abstract_batch, key).compile()` (the compiled
+  # memory plan of `rl.setup.aot_plan`; ShapeDtypeStructs carrying their shardings work).
+  update_fn.lower = lambda state, batch, key: get_jit(state).lower(state, batch, key)
   return init_fn, update_fn

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jaxrl_dense import sampling, sharding
@@ -105,11 +106,17 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
                      f"{r.prompts_per_step * r.oversample}")
   t0 = time.perf_counter()
   pb = encoder.batch(records, pad_to=r.max_prompt_length)
-  gen = sampling.generate(params, model_config, pb.tokens, pb.mask, key, max_new_tokens=r.max_response_length,
-                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, num_samples=n,
-                          prompt_bucket=r.max_prompt_length, engine=r.rollout_engine)
-  # to_host: np.asarray, or an all-gather when the rows live on several processes.
-  tokens, mask, logp = sharding.to_host((gen.tokens, gen.mask, gen.logprobs))  # [G*n, R] each
+  g = r.generate_prompts
+  parts = []
+  for i in range(0, len(records), g):  # --generate_batch_size prompts per sampler call
+    gen = sampling.generate(params, model_config, pb.tokens[i:i + g], pb.mask[i:i + g],
+                            key if g == len(records) else jax.random.fold_in(key, i // g),
+                            max_new_tokens=r.max_response_length, temperature=r.temperature,
+                            top_p=r.top_p, top_k=r.top_k, num_samples=n,
+                            prompt_bucket=r.max_prompt_length, engine=r.rollout_engine)
+    # to_host: np.asarray, or an all-gather when the rows live on several processes.
+    parts.append(sharding.to_host((gen.tokens, gen.mask, gen.logprobs)))
+  tokens, mask, logp = (np.concatenate(x, axis=0) for x in zip(*parts))  # [G*n, R] each
   lengths = mask.sum(axis=1)
   t1 = time.perf_counter()
   texts = decode_responses(tokenizer, tokens, mask)

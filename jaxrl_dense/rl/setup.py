@@ -10,6 +10,7 @@ and the dry-run plan. Every failure is a `ConfigError` naming the flag (field) a
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from typing import Optional
@@ -111,6 +112,14 @@ def check_inputs(cfg: RunConfig) -> None:
   check_data_spec("eval_data", cfg.eval_data, cfg, allow_empty=True)
   if cfg.resume and not os.path.isdir(cfg.checkpoint_dir):
     raise ConfigError("checkpoint_dir", cfg.checkpoint_dir, "does not exist (nothing to resume)")
+  if (cfg.sample_every or cfg.wandb_project) and not cfg.logdir:
+    raise ConfigError("sample_every" if cfg.sample_every else "wandb_project",
+                      cfg.sample_every or cfg.wandb_project, "needs --logdir")
+  if cfg.wandb_project:
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+      raise ConfigError("wandb_project", cfg.wandb_project, "needs the optional `wandb` package "
+                        "(pip install wandb)")
 
 
 def load_tokenizer(spec: str):
@@ -287,3 +296,95 @@ def plan(cfg: RunConfig):
   else:
     problems.append("cannot build the model config (give a readable --model or --arch)")
   return "\n".join(lines), problems
+
+
+def aot_plan(cfg: RunConfig, devices=None) -> dict:
+  """The compiled memory plan of one RL step (--dry_run --aot; issue 12 item 5).
+
+  Lowers and compiles, from abstract inputs (`jax.ShapeDtypeStruct`s with their shardings; no
+  weights are read), the two programs a training step runs on `cfg.mesh`:
+
+    generate   the rollout sampler (`sampling`'s jitted static sampler; one call of
+               --generate_batch_size prompts x n samples, max_prompt_length + max_response_length
+               tokens, the KV cache in --dtype) on the params exactly as `rl.rollout.collect`
+               passes them: the policy's float32 master weights in the training (FSDP + tensor)
+               layout; XLA gathers each layer's weights (and hoists those gathers out of the
+               decode loop, which the plan shows in the temporaries);
+    update     `rl.prime.make_prime`'s ONE jitted update (scoring, PRM update, advantages, PPO
+               update; donated state), exactly as the trainer builds it (LoRA included).
+
+  and reads per-device bytes from `compiled.memory_analysis()` (`sharding_plan.memory_stats`).
+  While the sampler runs, the training state (policy / PRM params and AdamW states, the
+  reference) stays resident; `generate_with_state_bytes` adds it, and `peak_bytes_per_device`
+  is the larger of that and the update's peak.
+
+  Returns {"mesh", "param_dtype", "compute_dtype", "model", "programs": {name: bytes dict},
+  "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jaxrl_dense import sharding, sharding_plan
+  from jaxrl_dense.models import lora
+  from jaxrl_dense.rl import prime
+  from jaxrl_dense.rl.batch import RolloutBatch
+  from jaxrl_dense.rl.state import TrainState
+  problems: list = []
+  mc, source = _plan_model_config(cfg, problems)
+  if mc is None:
+    raise ConfigError("model", cfg.model, "cannot build the model config for --aot "
+                      "(give a readable --model or an --arch preset)")
+  p, r = cfg.prime, cfg.prime.rollout
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  pol_opt, prm_opt = prime.optimizers(p)
+  key = jax.random.PRNGKey(0)
+
+  def train_state(opt, lc):
+    if lc is None:
+      return sharding_plan.abstract_train_state(mc, opt, mesh)
+
+    def init(k):
+      a = lora.init_adapters(mc, lc, k)
+      return TrainState(params=a, opt_state=opt.init(a), step=jnp.zeros((), jnp.int32))
+
+    shapes = jax.eval_shape(init, key)
+    return sharding_plan.abstract(shapes, sharding.tree_shardings(shapes, mc, mesh))
+
+  lora_any = p.policy_lora is not None or p.prm_lora is not None
+  policy = train_state(pol_opt, p.policy_lora)
+  prm = train_state(prm_opt, p.prm_lora) if p.uses_prm else None
+  # The trainer keeps the frozen reference / LoRA base in the compute dtype.
+  ref = sharding_plan.abstract_params(mc, mesh, dtype=mc.dtype) if p.keeps_base else None
+  state = prime.PrimeState(policy, prm, ref)
+  rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
+  ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
+  b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
+          "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
+          "acc": ((rows,), jnp.float32), "old_logp": ((rows, R_), jnp.float32)})
+  if p.policy.recompute_old_logp:
+    b["old_logp"] = None
+  batch = RolloutBatch(**b)
+  rep = sharding.replicated(mesh)
+  akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+  _, update_fn = prime.make_prime(mc, p, mesh=mesh)
+  gen = sharding_plan.rl_step_programs(
+      mc, mesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
+      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n, rollout_layout="train")["generate"]
+  programs = {"generate": gen}
+  out = {}
+  for name, prog in programs.items():
+    out[name] = sharding_plan.memory_stats(sharding_plan.compile_program(prog, mesh))
+  with sharding.use_mesh(mesh):
+    out["update"] = sharding_plan.memory_stats(update_fn.lower(state, batch, akey).compile())
+  resident = sharding_plan.per_device_bytes(state)
+  # generate's params argument is the policy's master copy, already counted in the resident state
+  gen_total = out["generate"]["peak_bytes"] + resident - sharding_plan.per_device_bytes(gen.args[0])
+  return {"mesh": dict(mesh.shape), "devices": int(mesh.size),
+          "platform": mesh.devices.flat[0].platform, "param_dtype": "float32",
+          "compute_dtype": mc.dtype, "model": source, "num_layers": mc.num_layers,
+          "hidden_size": mc.hidden_size,
+          "lora": {"policy": dataclasses.asdict(p.policy_lora) if p.policy_lora else None,
+                   "prm": dataclasses.asdict(p.prm_lora) if p.prm_lora else None} if lora_any else None,
+          "rows": rows, "sampled_rows": r.sampled_rows, "generate_rows": r.generate_prompts * r.n,
+          "prompt_len": P_, "response_len": R_,
+          "programs": out, "resident_state_bytes": resident, "generate_with_state_bytes": gen_total,
+          "peak_bytes_per_device": max(gen_total, out["update"]["peak_bytes"])}

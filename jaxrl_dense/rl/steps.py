@@ -162,6 +162,18 @@ def _check_group_size(group_size: int, **sizes):
                        "shared by the group's consecutive rows, so a chunk cannot split a group.")
 
 
+def _model_params(lora_config, base) -> Callable:
+  """params -> the model's params: the identity, or (LoRA) `lora.attach(base, adapters)`."""
+  if lora_config is None:
+    if base is not None:
+      raise ValueError("a frozen base was passed to an update built without lora_config")
+    return lambda params: params
+  if base is None:
+    raise ValueError("an update built with lora_config needs the frozen base params (argument `base`)")
+  from jaxrl_dense.models import lora  # pylint: disable=import-outside-toplevel
+  return lambda adapters: lora.attach(base, adapters, lora_config)
+
+
 def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
   if not jit:  # a pure function to compose inside another jitted program (rl.prime)
     return fn
@@ -250,6 +262,8 @@ def make_prm_update(
     state_sharding=None,
     batch_sharding=None,
     group_size: int = 1,
+    lora_config=None,
+    base_sharding=None,
     jit: bool = True,
 ) -> Callable:
   """Builds `prm_update(prm_state, batch) -> (prm_state, prm_logp [B, R], metrics)` (PRIME spec §5).
@@ -272,6 +286,9 @@ def make_prm_update(
   PRIME-RL's "single forward" (`update: after`) scores. Required batch keys: tokens,
   attention_mask, response_mask, acc, ref_logp. `group_size` = n > 1: rows come in groups of n
   sharing a prompt, run once per group (same loss and gradient). `jit=False`: the pure function.
+  `lora_config` (a `models.lora.LoraConfig`): `prm_state.params` are LoRA adapters and the
+  function takes the frozen base as a third argument, `prm_update(prm_state, batch, base)`; the
+  model is `lora.attach(base, adapters)`, so gradients and AdamW states exist for the adapters only.
   """
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
   if isinstance(loss_fn, str):
@@ -283,7 +300,8 @@ def make_prm_update(
       raise ValueError(f"a group-wise PRM loss needs num_samples=n >= 2 dividing mini_batch_size="
                        f"{mini_batch_size}, got n={n}")
 
-  def prm_update(state: TrainState, batch: Batch):
+  def prm_update(state: TrainState, batch: Batch, base=None):
+    model = _model_params(lora_config, base)
     tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
     acc, ref_logp = batch["acc"], batch["ref_logp"]
     chex.assert_rank([tokens, rmask, acc, ref_logp], [2, 2, 1, 2])
@@ -295,7 +313,7 @@ def make_prm_update(
     minis = _chunk(rows, n_mini)
 
     def micro_loss(params, mb):
-      logp, _ = response_logprobs(params, config, mb["tokens"], mb["attn"], R, False, group_size)
+      logp, _ = response_logprobs(model(params), config, mb["tokens"], mb["attn"], R, False, group_size)
       q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
       if grouped:
         loss = loss_fn(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
@@ -308,7 +326,8 @@ def make_prm_update(
     def mini_step(st: TrainState, mini):
       if grouped:  # detached group matrices of Σ_t m q and acc, from the params of this step
         def seq_q(_, mb):
-          logp, _ = response_logprobs(st.params, config, mb["tokens"], mb["attn"], R, False, group_size)
+          logp, _ = response_logprobs(model(st.params), config, mb["tokens"], mb["attn"], R, False,
+                                      group_size)
           return None, ops.masked_sum(implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"]),
                                       mb["rmask"], axis=1)  # [b]
         _, qs = jax.lax.scan(seq_q, None, _chunk(mini, n_micro))
@@ -338,7 +357,7 @@ def make_prm_update(
 
   in_sh = out_sh = None
   if mesh is not None:
-    in_sh = (state_sharding, batch_sharding)
+    in_sh = (state_sharding, batch_sharding) + ((base_sharding,) if lora_config is not None else ())
     out_sh = (state_sharding, batch_sharding, None)
   return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
               jit=jit)
@@ -359,6 +378,8 @@ def make_policy_update(
     group_size: int = 1,
     shuffle_group_size: Optional[int] = None,
     temperature: float = 1.0,
+    lora_config=None,
+    base_sharding=None,
     jit: bool = True,
 ) -> Callable:
   """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)` (PPO, spec §7).
@@ -381,7 +402,9 @@ def make_policy_update(
   rows (default `group_size`); give it explicitly (e.g. n whenever a mini-batch holds whole
   groups) to make the trajectory independent of `group_size`, which is then a speed setting only.
   `temperature`: new log-probs and entropies under softmax(logits / T), as the old ones were
-  scored (veRL). `jit=False` returns the pure function.
+  scored (veRL). `jit=False` returns the pure function. `lora_config`: the state's params are
+  LoRA adapters of the frozen base passed as `policy_update(policy_state, batch, rng, base)`
+  (as `make_prm_update`).
   """
   if settings.loss_norm == "device_micro_batch" and micro_batch_size % settings.loss_shards:
     raise ValueError(f"loss_norm='device_micro_batch': micro_batch_size={micro_batch_size} must split "
@@ -395,7 +418,8 @@ def make_policy_update(
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
 
-  def policy_update(state: TrainState, batch: Batch, rng: jax.Array):
+  def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
+    model = _model_params(lora_config, base)
     rmask = batch["response_mask"]
     B, R = rmask.shape
     n_mini = _split(B, mini_batch_size, "policy mini_batch_size")
@@ -406,7 +430,7 @@ def make_policy_update(
     rows = {k: batch[k] for k in keys}
 
     def micro_terms(params, mb, count):
-      logp, ent = response_logprobs(params, config, mb["tokens"], mb["attention_mask"], R, need_entropy,
+      logp, ent = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, need_entropy,
                                     group_size, temperature)
       m = mb["response_mask"]
       if settings.variant == "verl":  # veRL vanilla: ratio clamp ±20, dual clip
@@ -490,7 +514,7 @@ def make_policy_update(
 
   in_sh = out_sh = None
   if mesh is not None:
-    in_sh = (state_sharding, batch_sharding, None)
+    in_sh = (state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ())
     out_sh = (state_sharding, None)
   return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
               jit=jit)

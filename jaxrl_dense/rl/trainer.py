@@ -40,7 +40,8 @@ class Trainer:
     div = sharding.batch_divisor(self.mesh)
     for name, rows in (("prompts_per_step", r.rows), ("micro_batch_size", p.policy.micro_batch_size),
                        ("prm_micro_batch_size", p.prm.prm_micro_batch_size),
-                       ("score_micro_batch_size", p.score_micro_batch_size)):
+                       ("score_micro_batch_size", p.score_micro_batch_size),
+                       ("generate_batch_size", r.generate_prompts * r.n)):
       if rows % div:
         raise ConfigError(name, rows, f"{rows} rows are not divisible by data*fsdp={div} of --mesh={cfg.mesh}")
     # Policy, frozen reference and PRM each start from their own checkpoint (PRIME: the same SFT
@@ -60,10 +61,29 @@ class Trainer:
         raise ConfigError(name, spec, "has a different architecture from --model")
       return place(params)
 
-    ref = load_other("ref_model") if p.needs_ref else None
-    prm = load_other("prm_model") if p.uses_prm else None
-    self.init_fn, self.update_fn = prime.make_prime(mc, p, mesh=self.mesh)
-    self.state = self.init_fn(place(policy_params), prm, ref)
+    frozen = lambda params: jax.tree.map(lambda x: x.astype(mc.dtype), params)  # compute dtype
+    if p.policy_lora is None and p.prm_lora is None:
+      # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway).
+      ref = sharding.shard_params(frozen(load_other("ref_model")), mc, self.mesh) if p.needs_ref else None
+      prm = load_other("prm_model") if p.uses_prm else None
+      policy = place(policy_params)
+    else:  # LoRA: ONE frozen base (compute dtype) is the reference and every adapted model's base
+      from jaxrl_dense.models import lora
+      base, _ = lora.freeze_base(policy_params, mc)
+      ref = place(base)
+      key = jax.random.PRNGKey(cfg.seed)
+
+      def adapters(lc, i):
+        return sharding.shard_params(lora.init_adapters(mc, lc, jax.random.fold_in(key, i)), mc, self.mesh)
+
+      policy = place(policy_params) if p.policy_lora is None else adapters(p.policy_lora, 0)
+      prm = None
+      if p.uses_prm:
+        prm = place(policy_params) if p.prm_lora is None else adapters(p.prm_lora, 1)
+    self.init_fn, self.update_fn = prime.make_prime(mc, p, mesh=self.mesh,
+                                                    token_series=cfg.sample_every > 0)
+    self.last_rollout = None  # (RolloutBatch, {series: [B, R]}) of the last step, with --sample_every
+    self.state = self.init_fn(policy, prm, ref)
     if p.share_prompt and p.prompt_group == 1 and r.n > 1 and jax.process_index() == 0:
       print(f"[setup] --share_prompt: micro-batch sizes are not all multiples of --n={r.n}; running "
             "full rows (no prompt sharing)")
@@ -95,11 +115,14 @@ class Trainer:
     step = self.step + 1
     gen_key, upd_key = jax.random.split(jax.random.fold_in(self.base_key, step))
     records = self.iterator.next_batch(r.prompts_per_step * r.oversample)
-    batch, stats = rollout.collect(self.state.policy.params, self.model_config, self.tokenizer,
+    batch, stats = rollout.collect(self.policy_params(), self.model_config, self.tokenizer,
                                    self.encoder, records, gen_key, p, self.verifier)
     t = time.perf_counter()
     self.state, metrics = self.update_fn(self.state, sharding.shard_batch(batch, self.mesh), upd_key)
     metrics = sharding.to_host(metrics)  # waits for the update
+    series = metrics.pop("token_series", None)
+    if series is not None:
+      self.last_rollout = (batch, {k: np.asarray(v) for k, v in series.items()})
     stats["time/update"] = time.perf_counter() - t
     stats["time/step"] = stats["time/generate"] + stats["time/verify"] + stats["time/update"]
     trained = float(metrics.pop("response/tokens"))
@@ -114,16 +137,62 @@ class Trainer:
     if not self.eval_records:
       return {}
     res = evaluation.evaluate(
-        self.state.policy.params, self.model_config, self.tokenizer, self.eval_records,
+        self.policy_params(), self.model_config, self.tokenizer, self.eval_records,
         max_new_tokens=cfg.eval_max_response_length or cfg.prime.rollout.max_response_length,
         batch_size=cfg.eval_batch_size, max_prompt_length=cfg.prime.rollout.max_prompt_length,
         verify_fn=self.verifier, encoder=self.encoder, generate_fn=host_generate)
     report = {"eval/pass@1": res.summary["accuracy"], "eval/num": res.summary["num_problems"],
               "eval/truncated_rate": res.summary["truncated_rate"], "time/eval": res.summary["eval_seconds"]}
+    p = cfg.prime
+    if cfg.eval_prm and p.uses_prm and p.needs_ref:  # the PRM's quality on held-out responses
+      from jaxrl_dense import prm_health
+      t = time.perf_counter()
+      max_new = cfg.eval_max_response_length or p.rollout.max_response_length
+      truncated = np.array([[ln >= max_new for ln in pr["lengths"]] for pr in res.problems])
+      r = evaluation.implicit_prm_rewards(
+          prime.model_params(self.state, "prm", p), self.state.ref_params, self.model_config, self.tokenizer,
+          self.eval_records, [pr["responses"] for pr in res.problems], beta=p.prm.beta,
+          batch_size=p.score_micro_batch_size, encoder=self.encoder, truncated=truncated)  # [N, k]
+      labels = np.array([pr["scores"] for pr in res.problems]) > 0.5  # [N, k]
+      report["eval/prm_auroc"] = float(prm_health.auroc(r.reshape(-1), labels.reshape(-1)))
+      report["time/eval_prm"] = time.perf_counter() - t
     if cfg.logdir and jax.process_index() == 0:
       evaluation.write_report(res, os.path.join(cfg.logdir, f"eval_step{self.step:05d}{tag}.json"),
                               step=self.step, model=cfg.model, eval_data=cfg.eval_data)
     return report
+
+  def policy_params(self):
+    """The policy as the model functions take it (LoRA: the base with the adapters attached)."""
+    return prime.model_params(self.state, "policy", self.cfg.prime)
+
+  def export(self, directory: str, which: str = "policy"):
+    """Writes the trained policy (or "prm") as a Hugging Face directory (`save_pretrained`);
+    LoRA adapters are merged into the base first (W + alpha/r A B)."""
+    from jaxrl_dense.models import loading, lora
+    params = prime.model_params(self.state, which, self.cfg.prime)
+    if isinstance(params, dict) and "lora" in params:
+      params = jax.jit(lora.merge_attached)(params)
+    params = sharding.to_host(params)  # a collective on several processes: every process calls
+    if jax.process_index() == 0:
+      return loading.save_pretrained(params, self.model_config, self.tokenizer, directory)
+    return None
+
+  def write_samples(self, out_dir: str, **kwargs) -> dict:
+    """`viz.write_sample_page` of the last step's trained groups (needs --sample_every > 0):
+    `<out_dir>/step_NNNNN.html` with the per-token series of `make_prime(token_series=True)`; the
+    best, the worst and the group where the PRM's return and the outcome disagree most."""
+    from jaxrl_dense import viz
+    if self.last_rollout is None:
+      raise RuntimeError("write_samples: no step has run with token series (--sample_every > 0)")
+    batch, series = self.last_rollout
+    n = self.cfg.prime.rollout.n
+    prompts = [self.tokenizer.decode(np.asarray(batch.prompt_tokens[g])[np.asarray(batch.prompt_mask[g]) > 0]
+                                     .tolist(), skip_special_tokens=False)
+               for g in range(0, batch.num_rows, n)]
+    meta = {"algo": self.cfg.prime.algo, "model": self.cfg.model}
+    return viz.write_sample_page(out_dir, self.step, prompts=prompts, response_tokens=batch.response_tokens,
+                                 mask=batch.response_mask, acc=batch.acc, series=series, n=n,
+                                 tokenizer=self.tokenizer, meta=meta, **kwargs)
 
   def checkpoint(self, history=()) -> tuple:
     """(state tree, meta): the trained states, and step / data-iterator state / history / model."""
