@@ -225,6 +225,7 @@ def print_aot_plan(cfg) -> dict:
   print(f"  resident training state {gib(plan['resident_state_bytes'])}; generate + state "
         f"{gib(plan['generate_with_state_bytes'])}")
   print(f"  peak per device: {gib(plan['peak_bytes_per_device'])}")
+  print(setup.plan_markdown(plan))
   if cfg.plan_json:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.plan_json)), exist_ok=True)
     with open(cfg.plan_json, "w") as f:

@@ -388,3 +388,18 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
           "prompt_len": P_, "response_len": R_,
           "programs": out, "resident_state_bytes": resident, "generate_with_state_bytes": gen_total,
           "peak_bytes_per_device": max(gen_total, out["update"]["peak_bytes"])}
+
+
+def plan_markdown(plan: dict) -> str:
+  """A markdown table of an `aot_plan` (GiB per device), as docs/scaling.md shows it."""
+  gib = lambda b: f"{b / 2**30:.2f}"
+  rows = ["| program | arguments | outputs | temporaries | aliased | peak |",
+          "| --- | --- | --- | --- | --- | --- |"]
+  for name, m in plan["programs"].items():
+    rows.append(f"| {name} | {gib(m['argument_bytes'])} | {gib(m['output_bytes'])} | "
+                f"{gib(m['temp_bytes'])} | {gib(m['alias_bytes'])} | {gib(m['peak_bytes'])} |")
+  rows.append(f"| resident training state (policy + PRM params and AdamW, reference) | | | | | "
+              f"{gib(plan['resident_state_bytes'])} |")
+  rows.append(f"| generate + resident state | | | | | {gib(plan['generate_with_state_bytes'])} |")
+  rows.append(f"| **peak per device** | | | | | **{gib(plan['peak_bytes_per_device'])}** |")
+  return "\n".join(rows)
