@@ -15,7 +15,8 @@ import pytest
 
 from jaxrl_dense import models
 from jaxrl_dense.models import lora
-from jaxrl_dense.rl import RolloutBatch, config as config_lib, prime
+from jaxrl_dense.rl import config as config_lib, prime
+from test_rl_prime import _batch  # the same synthetic groups of 4 (TINY's vocabulary of 48)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "prime_math.py"
@@ -30,18 +31,6 @@ def _cfg(**kw):
               score_micro_batch_size=4, max_prompt_length=5, max_response_length=6,
               prm_update="after", lr=1e-2, prm_lr=1e-2)
   return config_lib.build(config_lib.PrimeConfig, {**base, **kw})
-
-
-def _batch(b=8, p=5, r=6, seed=0):
-  rng = np.random.default_rng(seed)
-  rm = (np.arange(r)[None] < rng.integers(1, r + 1, b)[:, None]).astype(np.float32)
-  pm = np.ones((b // 4, p), np.int32)
-  pm[1, :2] = 0
-  return RolloutBatch(
-      prompt_tokens=jnp.asarray(np.repeat(rng.integers(2, 48, (b // 4, p)) * pm, 4, 0), jnp.int32),
-      prompt_mask=jnp.asarray(np.repeat(pm, 4, 0)),
-      response_tokens=jnp.asarray(rng.integers(2, 48, (b, r)) * rm, jnp.int32),
-      response_mask=jnp.asarray(rm), acc=jnp.asarray([1, 1, 0, 0, 1, 0, 1, 1], jnp.float32))
 
 
 def _params():
