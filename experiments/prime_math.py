@@ -49,10 +49,6 @@ config_lib.define_flags(config_lib.RunConfig)
 FLAGS = flags.FLAGS
 
 
-class NonFiniteError(RuntimeError):
-  """A loss / gradient became NaN or inf; the run stopped without saving that state."""
-
-
 _FINITE_KEYS = ("actor/loss", "actor/grad_norm", "prm/loss", "prm/grad_norm")
 
 
@@ -61,7 +57,8 @@ def check_finite(rec: dict, ckpt_dir: str, last_saved: Optional[int]) -> None:
   if bad:
     where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}" if last_saved is not None
              else "no checkpoint was saved")
-    raise NonFiniteError(
+    from jaxrl_dense.checkpoint import NonFiniteStateError  # nothing of this step is saved
+    raise NonFiniteStateError(
         f"step {rec['step']}: {', '.join(f'{k}={rec[k]}' for k in bad)} is not finite; the run stopped "
         f"without saving this step's state ({where}). Lower --lr / --prm_lr or check the data.")
 
@@ -267,7 +264,7 @@ def main(argv):
     train(cfg)
   except config_lib.ConfigError as e:
     _fail(2, str(e))
-  except NonFiniteError as e:
+  except ckpt_lib.NonFiniteStateError as e:
     _fail(3, str(e))
   except ckpt_lib.CheckpointMismatchError as e:
     _fail(4, str(e))
