@@ -339,6 +339,45 @@ def test_steps_after_the_first_never_recompile(tmp_path):
 
 
 @pytest.mark.slow
+def test_length_buckets_trim_batches_and_compile_once_per_bucket():
+  """--length_bucket=4: every trained batch is cut to its longest prompt / response rounded up to
+  a multiple of 4 (never wider than the flag file's maxima), and the update compiles only when a
+  new (prompt, response) bucket appears."""
+  from jaxrl_dense.rl.trainer import Trainer
+  run = Trainer(_smoke_config(eval_data="", steps=4, length_bucket=4))
+  shapes, compiles = [], []
+  orig = run.update_fn
+
+  def spy(state, batch, key):
+    shapes.append((batch.prompt_tokens.shape[1], batch.response_tokens.shape[1]))
+    longest = int(np.asarray(batch.prompt_mask).sum(1).max())
+    assert shapes[-1][0] - 4 < longest <= shapes[-1][0], (shapes[-1], longest)
+    return orig(state, batch, key)
+
+  run.update_fn = spy
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+  try:
+    counts = []
+    for _ in range(4):
+      before = len(compiles)
+      run.train_step()
+      counts.append(len(compiles) - before)
+  finally:
+    jax.monitoring.clear_event_listeners()
+    run.close()
+  for (p, r) in shapes:
+    assert p % 4 == 0 and r % 4 == 0 and p <= 48 and r <= 16, shapes
+  print("buckets", shapes, "compiles per step", counts)
+  assert any(p < 48 for p, _ in shapes), shapes  # the prompts are shorter than their padding
+  assert len(set(shapes)) < len(shapes), shapes  # a bucket repeats: the no-recompile check bites
+  new_bucket = [i == 0 or shapes[i] not in shapes[:i] for i in range(len(shapes))]
+  for i in range(1, 4):  # a step compiles the update only for a bucket not seen before
+    if not new_bucket[i]:
+      assert counts[i] == 0, (shapes, counts)
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   """lr=1e30 makes step 1's update blow the params up; step 2's loss is NaN."""
   r = _run([f"--flagfile={SMOKE}", "--eval_data=", "--steps=4", "--lr=1e30", "--grad_clip=0",

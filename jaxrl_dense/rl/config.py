@@ -104,6 +104,11 @@ class RolloutConfig:
                            "'continuous' (jaxrl_dense.engine: paged KV cache, finished rows free "
                            "their slots; Llama / Qwen2 models). They draw different random keys.",
                            choices=("static", "continuous"))
+  length_bucket: int = _f(0, "Trim each step's trained batch to its longest prompt and response, "
+                          "rounded up to a multiple of this many tokens (0 = keep the padding to "
+                          "--max_prompt_length / --max_response_length). Speed only: values equal "
+                          "the padded batch's; the update compiles once per (prompt, response) bucket.",
+                          lo=0)
   generate_batch_size: int = _f(0, "Prompts per sampler call (0 = all prompts_per_step * oversample "
                                 "at once). Bounds the rollout's KV cache and temporaries (memory "
                                 "~ this * n rows); each call draws its own key, so it is part of "
@@ -477,7 +482,7 @@ RUNTIME_ONLY = frozenset({
     "arch", "eval_data", "verify_workers", "mesh", "steps", "logdir", "checkpoint_dir",
     "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
     "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "progress", "remat", "share_prompt",
-    "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
+    "length_bucket", "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
     "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
 
 

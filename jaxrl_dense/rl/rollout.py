@@ -22,7 +22,7 @@ import numpy as np
 from jaxrl_dense import sampling, sharding
 from jaxrl_dense.filters import accuracy_band_filter
 from jaxrl_dense.rl import config as config_lib
-from jaxrl_dense.rl.batch import RolloutBatch
+from jaxrl_dense.rl.batch import RolloutBatch, trim_batch
 
 VerifyFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], np.ndarray]
 
@@ -105,7 +105,9 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     raise ValueError(f"collect: got {len(records)} records, expected prompts_per_step * oversample = "
                      f"{r.prompts_per_step * r.oversample}")
   t0 = time.perf_counter()
-  pb = encoder.batch(records, pad_to=r.max_prompt_length)
+  # --length_bucket: prompts padded to the bucket of this step's longest (the encoder's
+  # bucket_multiple, set to it by the Trainer), so the sampler compiles once per bucket too.
+  pb = encoder.batch(records, pad_to=None if r.length_bucket else r.max_prompt_length)
   g = r.generate_prompts
   parts = []
   for i in range(0, len(records), g):  # --generate_batch_size prompts per sampler call
@@ -113,7 +115,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
                             key if g == len(records) else jax.random.fold_in(key, i // g),
                             max_new_tokens=r.max_response_length, temperature=r.temperature,
                             top_p=r.top_p, top_k=r.top_k, num_samples=n,
-                            prompt_bucket=r.max_prompt_length, engine=r.rollout_engine)
+                            prompt_bucket=r.length_bucket or r.max_prompt_length, engine=r.rollout_engine)
     # to_host: np.asarray, or an all-gather when the rows live on several processes.
     parts.append(sharding.to_host((gen.tokens, gen.mask, gen.logprobs)))
   tokens, mask, logp = (np.concatenate(x, axis=0) for x in zip(*parts))  # [G*n, R] each
@@ -137,6 +139,8 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
       acc=np.asarray(acc)[rows].astype(np.float32),
       old_logp=None if cfg.policy.recompute_old_logp else logp[rows].astype(np.float32),
       query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask)
+  if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed (issue 13)
+    batch = trim_batch(batch, r.length_bucket)
   stats = {"outcome/acc_sampled": float(np.mean(acc)), "outcome/acc": float(np.mean(acc[rows])),
            "filter/pass_frac": float(np.mean(passed)), "response/length_mean": float(lengths.mean()),
            "response/truncated_frac": float((lengths >= r.max_response_length).mean()),

@@ -90,7 +90,7 @@ class Trainer:
     # Data.
     self.train_records, self.eval_records = setup.load_records(cfg)
     self.encoder = batching.PromptEncoder(self.tokenizer, max_prompt_length=r.max_prompt_length,
-                                          overflow="error")
+                                          bucket_multiple=r.length_bucket or 64, overflow="error")
     if cfg.train_data == "arithmetic":  # near-uniform lengths: check a sample, not all 25k
       _, dropped = self.encoder.filter_overlong(self.train_records[:256])
       if dropped:
