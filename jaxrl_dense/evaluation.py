@@ -447,13 +447,18 @@ def implicit_prm_rewards(prm_params: Any, ref_params: Any, config: Any, tokenize
                          records: Sequence[Any], responses: Sequence[Sequence[str]], *,
                          beta: float = 0.05, batch_size: int = 16,
                          encoder: Optional[batching.PromptEncoder] = None,
-                         max_prompt_length: int = 1024, truncated: Any = None) -> np.ndarray:
+                         max_prompt_length: int = 1024, truncated: Any = None,
+                         token_rewards: bool = False):
   """Implicit-PRM sequence rewards [N, k] of decoded responses (re-tokenised after the prompt).
 
   Each row is the left-padded chat prompt followed by the response's tokens (+ the first EOS id
   unless `truncated[i, j]`), right-padded to the longest response; r = beta * sum over the
   response tokens of (log pi_prm - log pi_ref) (`implicit_prm_sequence_reward`). Rows run in
   fixed batches of `batch_size` (padded), so the scorer compiles once.
+
+  `token_rewards=True` returns `(r [N, k], tokens [N*k, R], mask [N*k, R], q [N*k, R])` with the
+  response token ids, their mask and the token rewards beta * (log pi_prm - log pi_ref) (0 on
+  padding), rows problem-major: what `viz.write_sample_page` draws.
   """
   from jaxrl_dense.models import logprobs as lp_lib
   if encoder is None:
@@ -486,6 +491,7 @@ def implicit_prm_rewards(prm_params: Any, ref_params: Any, config: Any, tokenize
     attn[b, width_p - len(p):width_p + len(r)] = 1
     rmask[b, width_p:width_p + len(r)] = 1.0
   out = np.zeros(len(rows), np.float64)
+  q_tok = np.zeros((len(rows), width_r), np.float32) if token_rewards else None
   bs = max(1, min(batch_size, len(rows)))
   for start in range(0, len(rows), bs):
     sl = slice(start, start + bs)
@@ -497,4 +503,8 @@ def implicit_prm_rewards(prm_params: Any, ref_params: Any, config: Any, tokenize
     lp_prm = np.asarray(lp_lib.token_logprobs(prm_params, config, t, a))[:n_real]
     lp_ref = np.asarray(lp_lib.token_logprobs(ref_params, config, t, a))[:n_real]
     out[sl] = implicit_prm_sequence_reward(lp_prm, lp_ref, rmask[sl], beta=beta)
+    if token_rewards:  # token_logprobs' column t is log p(token t | tokens < t)
+      q_tok[sl] = beta * (lp_prm - lp_ref)[:, width_p:] * rmask[sl, width_p:]
+  if token_rewards:
+    return (out.reshape(len(records), k), tokens[:, width_p:], rmask[:, width_p:], q_tok)
   return out.reshape(len(records), k)

@@ -311,6 +311,22 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
     ev = run.evaluate()
     assert 0.0 <= ev["eval/pass@1"] <= 1.0 and "eval/prm_auroc" in ev
     assert math.isnan(ev["eval/prm_auroc"]) or 0.0 <= ev["eval/prm_auroc"] <= 1.0
+    eval_page = tmp_path / "samples" / "eval_00001.html"  # one page per eval, PRM token rewards
+    assert eval_page.exists() and "process_reward" in eval_page.read_text()
+  finally:
+    run.close()
+  # the eval's token rewards sum to its sequence rewards (the AUROC's scores)
+  from jaxrl_dense import evaluation
+  run = Trainer(_smoke_config(steps=1))
+  try:
+    recs = run.eval_records[:3]
+    resp = [["12"], ["7 + 5 = 12"], ["x"]]
+    r, tok, mask, q = evaluation.implicit_prm_rewards(
+        models.init_params(run.model_config, jax.random.PRNGKey(5)), run.state.ref_params,
+        run.model_config, run.tokenizer, recs, resp, beta=0.05, batch_size=2, encoder=run.encoder,
+        token_rewards=True)
+    np.testing.assert_allclose(q.sum(1), r.reshape(-1), rtol=1e-4, atol=1e-6)
+    assert (q[mask == 0] == 0).all() and tok.shape == mask.shape == q.shape
   finally:
     run.close()
   # the monitor replays a history silently and alarms on a rising reward with falling accuracy

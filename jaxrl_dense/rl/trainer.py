@@ -149,13 +149,24 @@ class Trainer:
       t = time.perf_counter()
       max_new = cfg.eval_max_response_length or p.rollout.max_response_length
       truncated = np.array([[ln >= max_new for ln in pr["lengths"]] for pr in res.problems])
-      r = evaluation.implicit_prm_rewards(
+      r, tok, mask, q = evaluation.implicit_prm_rewards(
           prime.model_params(self.state, "prm", p), self.state.ref_params, self.model_config, self.tokenizer,
           self.eval_records, [pr["responses"] for pr in res.problems], beta=p.prm.beta,
-          batch_size=p.score_micro_batch_size, encoder=self.encoder, truncated=truncated)  # [N, k]
-      labels = np.array([pr["scores"] for pr in res.problems]) > 0.5  # [N, k]
-      report["eval/prm_auroc"] = float(prm_health.auroc(r.reshape(-1), labels.reshape(-1)))
+          batch_size=p.score_micro_batch_size, encoder=self.encoder, truncated=truncated,
+          token_rewards=True)  # [N, k]; [N*k, R] x3
+      scores = np.array([pr["scores"] for pr in res.problems], np.float32)  # [N, k]
+      report["eval/prm_auroc"] = float(prm_health.auroc(r.reshape(-1), scores.reshape(-1) > 0.5))
       report["time/eval_prm"] = time.perf_counter() - t
+      if cfg.sample_every and cfg.logdir and jax.process_index() == 0:  # the eval's heatmap page
+        from jaxrl_dense import viz
+        k = scores.shape[1]
+        prompts = [pr["question"] for pr in res.problems]
+        viz.write_sample_page(os.path.join(cfg.logdir, "samples"), self.step, prompts=prompts,
+                              response_tokens=tok, mask=mask, acc=scores.reshape(-1),
+                              series={"process_reward": q}, n=k, tokenizer=self.tokenizer,
+                              num_best=2, num_worst=2, num_disagree=2 if k > 1 else 0,
+                              tag=f"eval{tag}", meta={"eval/pass@1": report["eval/pass@1"],
+                                                      "eval/prm_auroc": report["eval/prm_auroc"]})
     if cfg.logdir and jax.process_index() == 0:
       evaluation.write_report(res, os.path.join(cfg.logdir, f"eval_step{self.step:05d}{tag}.json"),
                               step=self.step, model=cfg.model, eval_data=cfg.eval_data)
