@@ -452,3 +452,24 @@ def test_dry_run_aot_writes_the_compiled_memory_plan(tmp_path):
   assert upd["argument_bytes"] >= full["resident_state_bytes"] and upd["alias_bytes"] >= 0.9 * full["resident_state_bytes"]
   assert full["peak_bytes_per_device"] == max(full["generate_with_state_bytes"], upd["peak_bytes"])
   assert lora_["lora"]["prm"]["rank"] == 4 and lora_["resident_state_bytes"] < 0.7 * full["resident_state_bytes"]
+
+
+@pytest.mark.slow
+def test_prm_auroc_tool_scores_a_runs_heldout_responses(tmp_path):
+  """experiments/prm_auroc.py restores a run's PRM from its checkpoint and reports the held-out
+  AUROC of its sequence reward on an eval report's responses; a mismatched config is refused."""
+  common = [f"--flagfile={SMOKE}", "--steps=1", f"--checkpoint_dir={tmp_path}/ck"]
+  r = _run([*common, "--eval_at_start=false", f"--logdir={tmp_path}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = tmp_path / "eval_step00001_end.json"
+  tool = REPO / "experiments" / "prm_auroc.py"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(tool), *common, f"--report={report}", f"--out={tmp_path}/a.json"],
+                     capture_output=True, text=True, timeout=900, cwd=str(REPO), env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((tmp_path / "a.json").read_text())
+  assert res["step"] == 1 and res["num"] == 16 and 0 <= res["positives"] <= 16
+  assert math.isnan(res["auroc"]) or 0.0 <= res["auroc"] <= 1.0
+  r = subprocess.run([sys.executable, str(tool), *common, "--beta=0.1", f"--report={report}"],
+                     capture_output=True, text=True, timeout=900, cwd=str(REPO), env=env)
+  assert r.returncode == 4 and "beta" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
