@@ -61,14 +61,14 @@ class Trainer:
         raise ConfigError(name, spec, "has a different architecture from --model")
       return place(params)
 
-    frozen = lambda params: jax.tree.map(lambda x: x.astype(mc.dtype), params)  # compute dtype
+    from jaxrl_dense.models import lora
     if p.policy_lora is None and p.prm_lora is None:
-      # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway).
-      ref = sharding.shard_params(frozen(load_other("ref_model")), mc, self.mesh) if p.needs_ref else None
+      # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway);
+      # the cast keeps the placement.
+      ref = lora.freeze_base(load_other("ref_model"), mc)[0] if p.needs_ref else None
       prm = load_other("prm_model") if p.uses_prm else None
       policy = place(policy_params)
     else:  # LoRA: ONE frozen base (compute dtype) is the reference and every adapted model's base
-      from jaxrl_dense.models import lora
       base, _ = lora.freeze_base(policy_params, mc)
       ref = place(base)
       key = jax.random.PRNGKey(cfg.seed)
