@@ -78,6 +78,11 @@ flags.DEFINE_string("hf_dir", "", "HF float32 copy of the model for TRL (default
 flags.DEFINE_bool("bench_remat", False, "Per-layer remat in our steps (and activation checkpointing in TRL).")
 flags.DEFINE_bool("bench_share_prompt", True, "Our steps run each prompt once per group "
                   "(prime_math --share_prompt); false = every row's full sequence (ablation).")
+flags.DEFINE_integer("bench_length_bucket", 0, "Our steps trim each batch to its longest prompt and "
+                     "response, rounded up to this many tokens (prime_math --length_bucket; 0 = the "
+                     "fixed [B, 160 + new_tokens] shape).")
+flags.DEFINE_enum("bench_rollout_engine", "static", ["static", "continuous"],
+                  "Our sampler (prime_math --rollout_engine).")
 flags.DEFINE_integer("torch_threads", 0, "torch CPU threads for TRL (0 = torch's default, one per core).")
 FLAGS = flags.FLAGS
 
@@ -92,7 +97,8 @@ def _our_config(algo: str) -> config_lib.RunConfig:
       max_response_length=FLAGS.new_tokens, micro_batch_size=min(8, rows),
       prm_micro_batch_size=min(8, rows), score_micro_batch_size=min(16, rows), lr=1e-6, prm_lr=1e-6,
       entropy_coeff=0.0, recompute_old_logp=False, remat=FLAGS.bench_remat,
-      share_prompt=FLAGS.bench_share_prompt, eval_data="", steps=10**6, progress=False, seed=0))
+      share_prompt=FLAGS.bench_share_prompt, length_bucket=FLAGS.bench_length_bucket,
+      rollout_engine=FLAGS.bench_rollout_engine, eval_data="", steps=10**6, progress=False, seed=0))
 
 
 def bench_ours(algo: str) -> dict:
@@ -262,7 +268,8 @@ def main(argv):
   results["ratios"] = ratios
   results["settings"] = {"prompts": FLAGS.prompts, "samples": FLAGS.samples,
                          "new_tokens": FLAGS.new_tokens, "share_prompt": FLAGS.bench_share_prompt,
-                         "remat": FLAGS.bench_remat, "cpu_count": os.cpu_count()}
+                         "remat": FLAGS.bench_remat, "length_bucket": FLAGS.bench_length_bucket,
+                         "rollout_engine": FLAGS.bench_rollout_engine, "cpu_count": os.cpu_count()}
   print(f"\n{'system':<10}{'s/step':>10}{'gen+verify':>12}{'update':>10}{'resp tok':>10}{'acc':>7}")
   for s in FLAGS.systems:
     r = results[s]
