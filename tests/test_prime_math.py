@@ -292,7 +292,9 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls
   run = Trainer(_smoke_config(steps=1, sample_every=1, logdir=str(tmp_path), generate_batch_size=4))
   try:
+    assert run.prm_is_reference()  # PRM initialised from the reference: eval skips its AUROC
     m = run.train_step()
+    assert not run.prm_is_reference()  # one PRM update later it is scored
     for k in ("prm_health/auroc", "prm_health/return_outcome_corr", "prm_health/implicit_reward_mean"):
       assert k in m and (math.isnan(m[k]) or -1.0 <= m[k] <= 1.0 or k.endswith("mean")), (k, m.get(k))
     batch, series = run.last_rollout
@@ -473,3 +475,21 @@ def test_prm_auroc_tool_scores_a_runs_heldout_responses(tmp_path):
   r = subprocess.run([sys.executable, str(tool), *common, "--beta=0.1", f"--report={report}"],
                      capture_output=True, text=True, timeout=900, cwd=str(REPO), env=env)
   assert r.returncode == 4 and "beta" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_prm_is_reference_detects_an_untrained_prm():
+  """The eval skips the PRM's AUROC only while the PRM equals the reference (every implicit reward
+  exactly 0): full weights equal leaf for leaf, or LoRA adapters whose B is still zero."""
+  from jaxrl_dense.rl.trainer import Trainer
+  for overrides in ({}, {"prm_lora_rank": 2}):
+    run = Trainer(_smoke_config(steps=1, eval_data="", **overrides))
+    try:
+      assert run.prm_is_reference(), overrides
+      state = run.state
+      leaves = jax.tree_util.tree_leaves_with_path(state.prm.params)
+      target = next(p for p, _ in leaves if "lora_b" in jax.tree_util.keystr(p)) if overrides else leaves[-1][0]
+      bumped = jax.tree_util.tree_map_with_path(lambda p, x: x + 1e-3 if p == target else x, state.prm.params)
+      run.state = state._replace(prm=state.prm._replace(params=bumped))
+      assert not run.prm_is_reference(), overrides
+    finally:
+      run.close()

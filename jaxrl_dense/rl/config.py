@@ -432,7 +432,9 @@ class RunConfig:
   eval_at_start: bool = _f(True, "Evaluate the initial policy before step 1.")
   eval_prm: bool = _f(True, "PRIME: also score the eval responses with the implicit PRM and report "
                       "eval/prm_auroc (held-out AUROC of r = beta * sum_t log pi_prm/pi_ref against "
-                      "the verifier's label; two no-grad passes over the eval responses).")
+                      "the verifier's label; two no-grad passes over the eval responses; skipped while "
+                      "the PRM still equals the reference, e.g. before its first update, when every "
+                      "implicit reward is exactly 0).")
   export_dir: str = _f("", "At the end, write the trained policy here as a Hugging Face directory "
                        "(save_pretrained; LoRA adapters merged into the base). '' = no export.")
   dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.")

@@ -144,7 +144,9 @@ class Trainer:
     report = {"eval/pass@1": res.summary["accuracy"], "eval/num": res.summary["num_problems"],
               "eval/truncated_rate": res.summary["truncated_rate"], "time/eval": res.summary["eval_seconds"]}
     p = cfg.prime
-    if cfg.eval_prm and p.uses_prm and p.needs_ref:  # the PRM's quality on held-out responses
+    # The PRM's quality on held-out responses. Skipped while the PRM is still the reference
+    # (PRIME's default start, before any PRM update): every implicit reward is exactly 0 then.
+    if cfg.eval_prm and p.uses_prm and p.needs_ref and not self.prm_is_reference():
       from jaxrl_dense import prm_health
       t = time.perf_counter()
       max_new = cfg.eval_max_response_length or p.rollout.max_response_length
@@ -171,6 +173,22 @@ class Trainer:
       evaluation.write_report(res, os.path.join(cfg.logdir, f"eval_step{self.step:05d}{tag}.json"),
                               step=self.step, model=cfg.model, eval_data=cfg.eval_data)
     return report
+
+  def prm_is_reference(self) -> bool:
+    """True while the PRM computes the reference's log-probs exactly: its weights equal the
+    reference's leaf for leaf, or (LoRA) every adapter B is still zero on the shared base."""
+    p = self.cfg.prime
+    if not (p.uses_prm and p.needs_ref) or self.state.prm is None:
+      return False
+    prm = self.state.prm.params
+    if p.prm_lora is not None:
+      return all(not np.any(np.asarray(leaf)) for path, leaf in jax.tree_util.tree_leaves_with_path(prm)
+                 if "lora_b" in jax.tree_util.keystr(path))
+    ref = self.state.ref_params
+    if jax.tree.structure(prm) != jax.tree.structure(ref):
+      return False
+    return all(x.shape == y.shape and x.dtype == y.dtype and bool(jnp.array_equal(x, y))
+               for x, y in zip(jax.tree.leaves(prm), jax.tree.leaves(ref)))
 
   def policy_params(self):
     """The policy as the model functions take it (LoRA: the base with the adapters attached)."""
