@@ -181,7 +181,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
   lengths = np.concatenate(all_lengths, axis=0)  # [N*k]
   texts = _decode(tokenizer, tokens, lengths)
   golds = [r.gold for r in records for _ in range(k)]
-  sources = [r.data_source for r in records for _ in range(k)]
+  sources = [r.verifier_source for r in records for _ in range(k)]
   scores = np.asarray(verify_fn(texts, golds, sources), dtype=np.float64)  # [N*k]
   if scores.shape != (len(texts),):
     raise ValueError(f"verify_fn returned shape {scores.shape}, expected ({len(texts)},)")

@@ -193,10 +193,10 @@ def test_worker_reports_a_broken_sandbox_as_a_harness_error(monkeypatch):
   import multiprocessing as mp
   from jaxrl_dense.verifiers import code as vcode
   from jaxrl_dense.verifiers import pool as pool_lib
-  monkeypatch.setattr(vcode, "_GUARD", vcode._GUARD.replace(
-      "  del _n\n", "  del _n\n  raise PermissionError('disabled in the jaxrl_dense sandbox')\n"))
+  monkeypatch.setattr(vcode, "_HARNESS", vcode._HARNESS.replace(
+      "import json, runpy\n", "import json, runpy\nraise PermissionError('harness set-up broke')\n", 1))
   parent, child = mp.Pipe(duplex=True)
-  parent.send((0, "code", "```python\nprint(4)\n```", [{"input": "", "output": "4"}], 10.0, 2.0))
+  parent.send((0, "code", "```python\nprint(4)\n```", [{"input": "", "output": "4"}], 10.0, 2.0, "bwrap"))
   parent.send(None)
   previous = signal.getsignal(signal.SIGINT)
   try:
@@ -212,7 +212,7 @@ def test_worker_reports_a_broken_sandbox_as_a_harness_error(monkeypatch):
 
 @pytest.mark.parametrize("source,kind", [
     ("codecontests", "code"), ("apps", "code"), ("codeforces", "code"), ("taco", "code"),
-    ("TACO", "code"), ("leetcode", "code"), ("numina_olympiads", "math"), ("numina_cn_k12", "math"),
+    ("TACO", "code"), ("leetcode", "math"), ("unicode_math", "math"), ("numina_olympiads", "math"), ("numina_cn_k12", "math"),
     ("numina_amc_aime", "math"), ("lighteval/MATH", "math"), ("openai/gsm8k", "math"),
     ("arithmetic", "math"), ("", "math"), (None, "math")])
 def test_sources_route_like_verl(source, kind):

@@ -18,9 +18,10 @@ def block(src: str) -> str:
 
 ADD = block("a, b = map(int, input().split())\nprint(a + b)")
 
-# Run the containment tests with the namespace sandbox (when this kernel allows it) and with
-# the fallback (socket shim + rlimits only), so both paths are exercised wherever CI runs.
-SANDBOXES = [pytest.param(None, id="auto"), pytest.param(False, id="shim-only")]
+# Run the containment tests with bubblewrap (what every run uses) and with the explicit, weaker
+# "unsafe" mode (rlimits + python guard), so both paths are exercised wherever CI runs. The
+# attacks of the red-team review are in tests/test_sandbox_attacks.py.
+SANDBOXES = [pytest.param("auto", id="bwrap"), pytest.param("unsafe", id="unsafe")]
 
 
 def test_extract_code():
@@ -87,6 +88,17 @@ def test_normalize_tests_rejects_bad_specs():
     vcode.score(ADD, [], timeout_s=T)
   with pytest.raises(ValueError, match="timeout_s"):
     vcode.run_tests("print(1)", vcode.normalize_tests(["assert True"]), timeout_s=0)
+  # an assert-style test must be one assert the parent can check on plain data
+  with pytest.raises(ValueError, match="one `assert` statement"):
+    vcode.normalize_tests("5")  # a math gold routed here by mistake is refused, not "passed"
+  with pytest.raises(ValueError, match="one `assert` statement"):
+    vcode.normalize_tests(["x = 1"])
+  with pytest.raises(ValueError, match="unsupported assert form"):
+    vcode.normalize_tests(["assert all(f(x) == x for x in range(3))"])
+  with pytest.raises(ValueError, match="not valid Python"):
+    vcode.normalize_tests(["assert f(1) =="])
+  with pytest.raises(ValueError, match="fn_name"):
+    vcode.normalize_tests({"fn_name": "os.system('x')", "inputs": [[1]], "outputs": [1]})
 
 
 def test_fresh_working_directory_per_test():
@@ -96,10 +108,10 @@ def test_fresh_working_directory_per_test():
   assert vcode.score(src, [{"input": "", "output": "ok"}] * 3, timeout_s=T) == 1.0
 
 
-@pytest.mark.parametrize("use_unshare", SANDBOXES)
-def test_infinite_loop_is_contained(use_unshare):
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_infinite_loop_is_contained(sandbox):
   t0 = time.monotonic()
-  assert vcode.score(block("while True:\n    pass"), ["assert True"], timeout_s=T, use_unshare=use_unshare) == 0.0
+  assert vcode.score(block("while True:\n    pass"), ["assert True"], timeout_s=T, sandbox=sandbox) == 0.0
   assert time.monotonic() - t0 < T + 3.0
 
 
@@ -113,8 +125,8 @@ def _count_procs():
   return sum(1 for p in os.listdir("/proc") if p.isdigit())
 
 
-@pytest.mark.parametrize("use_unshare", SANDBOXES)
-def test_fork_bomb_is_contained(use_unshare):
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_fork_bomb_is_contained(sandbox):
   before = _count_procs()
   bombs = [
       block("import os\nwhile True:\n    os.fork()"),
@@ -122,22 +134,22 @@ def test_fork_bomb_is_contained(use_unshare):
       block("import multiprocessing\ndef f():\n    while 1: pass\nwhile True:\n    multiprocessing.Process(target=f).start()"),
   ]
   for bomb in bombs:
-    assert vcode.score(bomb, ["assert True"], timeout_s=T, use_unshare=use_unshare) == 0.0
+    assert vcode.score(bomb, ["assert True"], timeout_s=T, sandbox=sandbox) == 0.0
   time.sleep(0.3)
   assert _count_procs() <= before + 5  # nothing left running (others may start processes too)
 
 
-@pytest.mark.parametrize("use_unshare", SANDBOXES)
-def test_huge_allocation_is_contained(use_unshare):
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_huge_allocation_is_contained(sandbox):
   src = block("x = bytearray(10 * 1024 ** 3)\nprint('allocated')")
-  assert vcode.score(src, [{"input": "", "output": "allocated"}], timeout_s=T, use_unshare=use_unshare) == 0.0
+  assert vcode.score(src, [{"input": "", "output": "allocated"}], timeout_s=T, sandbox=sandbox) == 0.0
   # and a modest allocation is fine
   ok = block("x = bytearray(50 * 1024 ** 2)\nprint('allocated')")
-  assert vcode.score(ok, [{"input": "", "output": "allocated"}], timeout_s=5.0, use_unshare=use_unshare) == 1.0
+  assert vcode.score(ok, [{"input": "", "output": "allocated"}], timeout_s=5.0, sandbox=sandbox) == 1.0
 
 
-@pytest.mark.parametrize("use_unshare", SANDBOXES)
-def test_outbound_socket_is_blocked(use_unshare):
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_outbound_socket_is_blocked(sandbox):
   server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   server.bind(("127.0.0.1", 0))
@@ -164,7 +176,7 @@ def test_outbound_socket_is_blocked(use_unshare):
         f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\nprint('connected')",
     ]
     for src in attempts:
-      score = vcode.score(block(src), [{"input": "", "output": "connected"}], timeout_s=3.0, use_unshare=use_unshare)
+      score = vcode.score(block(src), [{"input": "", "output": "connected"}], timeout_s=3.0, sandbox=sandbox)
       assert score == 0.0
     time.sleep(0.3)
     assert accepted == []
@@ -182,15 +194,15 @@ def test_outbound_socket_is_blocked(use_unshare):
       c.close()
 
 
-@pytest.mark.parametrize("use_unshare", SANDBOXES)
-def test_output_is_capped(use_unshare):
+@pytest.mark.parametrize("sandbox", SANDBOXES)
+def test_output_is_capped(sandbox):
   src = block("while True:\n    print('x' * 10000)")
   t0 = time.monotonic()
-  assert vcode.score(src, [{"input": "", "output": "x"}], timeout_s=T, use_unshare=use_unshare) == 0.0
+  assert vcode.score(src, [{"input": "", "output": "x"}], timeout_s=T, sandbox=sandbox) == 0.0
   assert time.monotonic() - t0 < T + 3.0
   # a large but legal output within the cap passes
   big = block("print('y' * 200000)")
-  assert vcode.score(big, [{"input": "", "output": "y" * 200000}], timeout_s=5.0, use_unshare=use_unshare) == 1.0
+  assert vcode.score(big, [{"input": "", "output": "y" * 200000}], timeout_s=5.0, sandbox=sandbox) == 1.0
 
 
 def test_sandbox_cannot_delete_files_outside(tmp_path):
@@ -202,9 +214,9 @@ def test_sandbox_cannot_delete_files_outside(tmp_path):
   assert victim.read_text() == "keep"
 
 
-def test_sandbox_prefix_probe():
-  prefix = vcode.sandbox_prefix()
-  assert prefix == [] or (prefix[0].endswith("unshare") and "-n" in prefix)
+def test_sandbox_description_names_bwrap():
+  assert vcode.sandbox_description().startswith("bwrap (")
+  assert vcode.sandbox_description("unsafe").startswith("unsafe (")
 
 
 # ------------------------------------------------------------------ clean interpreters, reasons
@@ -268,9 +280,9 @@ def test_score_detailed_names_the_reason():
 
 
 def test_broken_sandbox_is_a_harness_error_not_a_wrong_answer(monkeypatch, caplog):
-  # Simulate the issue-#18 failure: the guard's own set-up raises before the solution runs.
-  monkeypatch.setattr(vcode, "_GUARD", vcode._GUARD.replace(
-      "  del _n\n", "  del _n\n  raise PermissionError('disabled in the jaxrl_dense sandbox')\n"))
+  # Simulate the issue-#18 failure: the harness's own set-up raises before the solution runs.
+  monkeypatch.setattr(vcode, "_HARNESS", vcode._HARNESS.replace(
+      "import json, runpy\n", "import json, runpy\nraise PermissionError('harness set-up broke')\n", 1))
   monkeypatch.setattr(vcode, "_HARNESS_ERROR_LOGGED", False)
   with caplog.at_level("ERROR"):
     r = vcode.score_detailed(ADD, ADD_TESTS, timeout_s=T)

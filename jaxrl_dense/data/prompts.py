@@ -73,12 +73,15 @@ class PromptRecord:
     gold: reference answer (string) handed to the verifier.
     data_source: dataset name (veRL's `data_source`), e.g. "arithmetic", "math500_test".
     uid: stable identifier, unique within its dataset (e.g. "gsm8k_test:17").
+    verifier: "math" or "code" to choose the verifier explicitly (a row's `verifier` field);
+      None routes by the exact `data_source` name (`verifiers.kind_of_source`).
   """
 
   prompt_messages: tuple
   gold: str
   data_source: str
   uid: str
+  verifier: Optional[str] = None
 
   def __post_init__(self):
     msgs = self.prompt_messages
@@ -96,6 +99,14 @@ class PromptRecord:
     if not isinstance(self.gold, str):
       raise ValueError(f"PromptRecord {self.uid!r}: gold must be a str, got "
                        f"{type(self.gold).__name__}")
+    if self.verifier not in (None, "math", "code"):
+      raise ValueError(f"PromptRecord {self.uid!r}: verifier must be 'math', 'code' or None, got "
+                       f"{self.verifier!r:.40}")
+
+  @property
+  def verifier_source(self) -> str:
+    """What the verifier routes on: the explicit kind ("math"/"code") or the data_source."""
+    return self.verifier or self.data_source
 
   @property
   def question(self) -> str:
@@ -106,8 +117,11 @@ class PromptRecord:
     return self.prompt_messages[-1]["content"]
 
   def to_json(self) -> dict:
-    return {"prompt": [dict(m) for m in self.prompt_messages], "gold": self.gold,
-            "data_source": self.data_source, "uid": self.uid}
+    out = {"prompt": [dict(m) for m in self.prompt_messages], "gold": self.gold,
+           "data_source": self.data_source, "uid": self.uid}
+    if self.verifier is not None:
+      out["verifier"] = self.verifier
+    return out
 
 
 def _gold_to_str(value: Any, where: str) -> str:
@@ -241,7 +255,20 @@ def record_from_row(row: Mapping[str, Any], *, where: str, default_source: str, 
     uid = f"{src}:{row['id']}"
   if uid is None:
     uid = default_uid
-  return PromptRecord(prompt_messages=messages, gold=gold, data_source=src, uid=uid)
+  verifier = row.get("verifier")
+  if verifier not in (None, "math", "code"):
+    raise PromptDataError(f"{where}: 'verifier' must be \"math\" or \"code\", got {verifier!r:.40}")
+  record = PromptRecord(prompt_messages=messages, gold=gold, data_source=src, uid=uid, verifier=verifier)
+  from jaxrl_dense.verifiers import code as code_verifier
+  from jaxrl_dense.verifiers import dispatch
+  if dispatch.kind_of_source(record.verifier_source) == "code":
+    try:  # a code row's gold must be tests: refuse it here, not by scoring every program 1 or 0
+      code_verifier.normalize_tests(gold)
+    except (ValueError, TypeError) as e:
+      raise PromptDataError(f"{where}: routed to the code verifier (data_source {src!r}"
+                            f"{', verifier code' if verifier else ''}) but its gold is not a test "
+                            f"spec: {e}") from None
+  return record
 
 
 def _dedupe_uids(records: list, path: str) -> list:

@@ -416,6 +416,8 @@ class RunConfig:
   arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)
   arith_num_eval: int = _f(200, "Arithmetic task: held-out problems.", lo=1)
   verify_workers: int = _f(0, "Verifier worker processes (0 = default).", lo=0)
+  unsafe_code_sandbox: bool = _f(False, "Score code rows in the weaker, NON-isolating sandbox where "
+                                 "bubblewrap is unusable (default: refuse; see README, code verifier).")
   system_prompt: str = _f("", "Optional system message for plain-text datasets.")
   mesh: str = _f("data:1,fsdp:1,tensor:1", "Device mesh, e.g. data:2,fsdp:4,tensor:1.")
   steps: int = _f(10, "RL steps in total (a resumed run continues up to this).", lo=1)
@@ -481,7 +483,7 @@ class RunConfig:
 # ------------------------------------------------------------------------- flat view, fingerprint
 # Settings that change neither the math nor the data order: a checkpoint resumes across them.
 RUNTIME_ONLY = frozenset({
-    "arch", "eval_data", "verify_workers", "mesh", "steps", "logdir", "checkpoint_dir",
+    "arch", "eval_data", "verify_workers", "unsafe_code_sandbox", "mesh", "steps", "logdir", "checkpoint_dir",
     "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
     "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "progress", "remat", "share_prompt",
     "length_bucket", "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",

@@ -32,15 +32,16 @@ class Verifier:
 
   Every item runs under a hard wall-clock limit (`timeout_s`); a timeout or an error scores 0.0
   (veRL's PrimeRewardManager behaviour). The verifier kind of each row comes from its data source
-  as veRL routes it (`verifiers.kind_of_source`: codecontests / apps / codeforces / taco and names
-  containing "code" to the code sandbox, scored as the fraction of tests passed; the rest to math).
+  as veRL routes it (`verifiers.kind_of_source`: exactly codecontests / apps / codeforces / taco, or
+  a row's explicit `verifier: code` to the code sandbox, scored as the fraction of tests passed; the
+  rest to math). `code_sandbox`: "auto" (bubblewrap, refused where unusable) or "unsafe".
   `last_stats` holds the pool's `VerifyStats` of the last call (why items failed).
   """
 
-  def __init__(self, timeout_s: float, workers: int = 0):
+  def __init__(self, timeout_s: float, workers: int = 0, code_sandbox: str = "auto"):
     from jaxrl_dense import verifiers
     self.timeout_s = timeout_s
-    self._pool = verifiers.VerifierPool(workers=workers or None)
+    self._pool = verifiers.VerifierPool(workers=workers or None, code_sandbox=code_sandbox)
 
   @property
   def last_stats(self):
@@ -123,7 +124,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
   t1 = time.perf_counter()
   texts = decode_responses(tokenizer, tokens, mask)
   acc = verify_fn(texts, [x.gold for x in records for _ in range(n)],
-                  [x.data_source for x in records for _ in range(n)])  # [G*n]
+                  [x.verifier_source for x in records for _ in range(n)])  # [G*n]
   t2 = time.perf_counter()
   rows, passed = select_groups(acc, lengths, cfg)  # [B], [G]
   if (mask[rows].sum(axis=1) == 0).any():

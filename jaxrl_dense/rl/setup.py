@@ -99,9 +99,16 @@ def check_data_spec(name: str, spec: str, cfg: RunConfig, allow_empty: bool) -> 
     return
   from jaxrl_dense.data import prompts
   try:
-    prompts.load_prompts(spec, **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}))
+    records = prompts.load_prompts(spec, **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}))
   except (ValueError, OSError) as e:  # PromptDataError, unknown sources, unreadable files
     raise ConfigError(name, spec, str(e)) from None
+  from jaxrl_dense.verifiers import dispatch, sandbox
+  n_code = sum(dispatch.kind_of_source(r.verifier_source) == "code" for r in records)
+  if n_code:  # code rows need the isolating sandbox (or the explicit unsafe mode), known now
+    try:
+      sandbox.resolve_mode("unsafe" if cfg.unsafe_code_sandbox else "auto")
+    except sandbox.SandboxUnavailableError as e:
+      raise ConfigError(name, spec, f"{n_code} rows are scored by the code verifier: {e}") from None
 
 
 def check_inputs(cfg: RunConfig) -> None:

@@ -104,7 +104,8 @@ class Trainer:
       raise ConfigError("max_prompt_length", r.max_prompt_length, "every training prompt is longer than this")
     self.eval_records, _ = self.encoder.filter_overlong(self.eval_records)
     self.iterator = iterator.PromptIterator(self.train_records, seed=cfg.seed)
-    self.verifier = rollout.Verifier(r.verify_timeout, cfg.verify_workers)
+    self.verifier = rollout.Verifier(r.verify_timeout, cfg.verify_workers,
+                                     code_sandbox="unsafe" if cfg.unsafe_code_sandbox else "auto")
     self.base_key = jax.random.PRNGKey(cfg.seed)
     self.step = 0
     self.setup_s = time.time() - t0

@@ -2,7 +2,8 @@
 parser (ANTLR builds its prediction tables lazily: the first parse of each construct costs
 10-1000 ms), so that every worker forked from it, including replacements of killed workers,
 starts warm."""
-from jaxrl_dense.verifiers import code as _code
+from jaxrl_dense.verifiers import code as _code  # noqa: F401  (imported once, for every worker)
+from jaxrl_dense.verifiers import sandbox as _sandbox
 from jaxrl_dense.verifiers import math as _math
 
 _WARMUP = (
@@ -16,4 +17,4 @@ _WARMUP = (
 )
 for _gold, _pred in _WARMUP:
   _math.score("\\boxed{" + _pred + "}", _gold)
-_code.sandbox_prefix()  # probe `unshare` once; forked workers inherit the cached answer
+_sandbox.bwrap_available()  # probe bubblewrap once; forked workers inherit the cached answer

@@ -3,8 +3,10 @@
 veRL (`verl/utils/reward_score/__init__.py`, `default_compute_score`, PRIME spec §3) sends the
 code sources of Eurus-2-RL-Data (`codecontests`, `apps`, `codeforces`, `taco`) to `prime_code`
 (fraction of the first <= 10 tests passed) and the math sources (`numina_*`, `lighteval/MATH`,
-`openai/gsm8k`, ...) to `prime_math`. We route the same names the same way, plus any source whose
-name contains "code" (e.g. `leetcode`, `code_contests`), and everything else to math.
+`openai/gsm8k`, ...) to `prime_math`. We route the same names the same way, by exact name only
+(never by substring: `unicode_math` is math), and everything else to math. A row chooses its
+verifier explicitly with a `verifier` field ("code" / "math"; `PromptRecord.verifier_source`
+passes it here in place of the data_source), so other code datasets need no name list.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from typing import Sequence
 
 __all__ = ["CODE_SOURCES", "kind_of_source", "kinds_of_sources"]
 
-# Eurus-2-RL-Data's code sources, routed to prime_code by veRL.
-CODE_SOURCES = frozenset({"codecontests", "apps", "codeforces", "taco"})
+# Eurus-2-RL-Data's code sources, routed to prime_code by veRL, and the explicit kind "code".
+CODE_SOURCES = frozenset({"codecontests", "apps", "codeforces", "taco", "code"})
 
 
 def kind_of_source(data_source: str | None) -> str:
-  """"code" for veRL's code sources (and names containing "code"), else "math".
+  """"code" for veRL's code sources and the explicit kind "code" (exact names), else "math".
 
   Args:
     data_source: the record's `data_source` (veRL parquet column); None or "" means math.
@@ -25,7 +27,7 @@ def kind_of_source(data_source: str | None) -> str:
   if data_source is not None and not isinstance(data_source, str):
     raise TypeError(f"data_source must be a str or None, got {type(data_source).__name__}")
   s = (data_source or "").strip().lower()
-  return "code" if s in CODE_SOURCES or "code" in s else "math"
+  return "code" if s in CODE_SOURCES else "math"
 
 
 def kinds_of_sources(data_sources: Sequence[str | None]) -> list[str]:

@@ -64,7 +64,7 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
       return
     if msg is None:
       return
-    idx, kind, response, gold, timeout_s, code_test_timeout_s = msg
+    idx, kind, response, gold, timeout_s, code_test_timeout_s, code_sandbox = msg
     try:
       if kind == "math":
         # math-verify's own (signal) limit, per parse/compare, below the parent's hard limit so
@@ -72,7 +72,7 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
         s = math_lib.score(response, gold, timeout_s=max(1.0, timeout_s / 2))
         status = "ok" if s >= 1.0 else "ok:wrong_answer"
       else:
-        r = code_lib.score_detailed(response, gold, timeout_s=code_test_timeout_s)
+        r = code_lib.score_detailed(response, gold, timeout_s=code_test_timeout_s, sandbox=code_sandbox)
         s = r.score
         # A broken sandbox is an error of the verifier, never a wrong answer.
         status = f"harness_error: {r.detail[-300:]}" if r.reason == code_lib.HARNESS_ERROR else (
@@ -168,8 +168,8 @@ class _Worker:
       pass
     self.proc.join(timeout=5)
     if self.proc.pid is not None:  # its code sandboxes died with it (PDEATHSIG); their dirs did not
-      from jaxrl_dense.verifiers import code as code_lib
-      code_lib.remove_sandbox_dirs(self.proc.pid)
+      from jaxrl_dense.verifiers import sandbox as sandbox_lib
+      sandbox_lib.cleanup_after(self.proc.pid)
     try:
       self.conn.close()
     except OSError:
@@ -200,10 +200,16 @@ class VerifierPool:
     memory_bytes: address-space limit of each worker (None: unlimited). Code-test sandboxes
       set their own, smaller limit.
     start_method: "forkserver" (default; see module docstring), "spawn" or "fork".
+    code_sandbox: sandbox of code items (`verifiers.sandbox`): "auto" (bubblewrap; `verify`
+      raises `SandboxUnavailableError` before scoring code where it is unusable) or "unsafe".
   """
 
   def __init__(self, workers: int | None = None, *, memory_bytes: int | None = 4 << 30,
-               start_method: str = "forkserver"):
+               start_method: str = "forkserver", code_sandbox: str = "auto"):
+    from jaxrl_dense.verifiers import sandbox as sandbox_lib
+    if code_sandbox not in sandbox_lib.MODES:
+      raise ValueError(f"code_sandbox must be one of {sandbox_lib.MODES}, got {code_sandbox!r}")
+    self.code_sandbox = code_sandbox
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
       raise ValueError(f"workers must be >= 1, got {workers}")
@@ -298,10 +304,15 @@ class VerifierPool:
       if k == "code" and not isinstance(g, (str, list, tuple, dict)):
         raise TypeError(f"verify: golds[{i}] must be tests (dict, list or str) for code, got {type(g).__name__}")
 
+    code_mode = None
+    if "code" in kinds:  # refuse before scoring anything: an unusable sandbox is not a 0 reward
+      from jaxrl_dense.verifiers import sandbox as sandbox_lib
+      code_mode = sandbox_lib.resolve_mode(self.code_sandbox)
     with self._lock:
-      return self._run(responses, golds, kinds, float(timeout_s), test_timeout)
+      return self._run(responses, golds, kinds, float(timeout_s), test_timeout, code_mode)
 
-  def _run(self, responses, golds, kinds, timeout_s: float, test_timeout: float) -> np.ndarray:
+  def _run(self, responses, golds, kinds, timeout_s: float, test_timeout: float,
+           code_mode: str | None) -> np.ndarray:
     t_start = time.perf_counter()
     n = len(responses)
     scores = np.zeros([n], np.float32)  # [N]
@@ -320,7 +331,7 @@ class VerifierPool:
       if isinstance(g, np.generic):
         g = g.item()
       try:
-        w.conn.send((i, kinds[i], responses[i], g, timeout_s, test_timeout))
+        w.conn.send((i, kinds[i], responses[i], g, timeout_s, test_timeout, code_mode))
       except (OSError, ValueError):
         return False  # dead worker: replace it, item stays queued
       next_item += 1
