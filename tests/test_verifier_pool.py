@@ -11,6 +11,11 @@ import pytest
 
 from jaxrl_dense.verifiers import VerifierPool, datasets, get_pool, verify_batch
 from jaxrl_dense.verifiers import math as vmath
+from jaxrl_dense.verifiers import sandbox as _vsandbox
+
+# Code items need the bubblewrap sandbox (CI installs it and fails without it).
+NEEDS_BWRAP = pytest.mark.skipif(not _vsandbox.bwrap_available()[0],
+                                 reason="bubblewrap unusable here: apt-get install bubblewrap")
 
 TIMEOUT = 1.5
 # Scheduling slack on a loaded 2-core machine: kill + replacement + IPC.
@@ -93,6 +98,7 @@ def test_verify_from_a_non_main_thread(pool):
   np.testing.assert_array_equal(out["s"], [1, 0])
 
 
+@NEEDS_BWRAP
 def test_mixed_kinds(pool):
   code_resp = "```python\nprint(sum(map(int, input().split())))\n```"
   tests = {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "8\n"]}
@@ -101,25 +107,39 @@ def test_mixed_kinds(pool):
 
 
 def _sandbox_cwds(pids):
-  """Processes whose working directory is a code sandbox of one of `pids`."""
+  """Processes of a code sandbox: a working directory of one of `pids`' sandboxes (unsafe mode)
+  or a bwrap sandbox's harness (`/sandbox/harness.py` on the command line)."""
   marks = [f"jaxrl_sandbox_{p}_" for p in pids]
   found = []
   for entry in os.listdir("/proc"):
     if entry.isdigit():
       try:
         cwd = os.readlink(f"/proc/{entry}/cwd")
+        cmd = open(f"/proc/{entry}/cmdline", "rb").read()
       except OSError:
         continue
-      if any(m in cwd for m in marks):
+      if any(m in cwd for m in marks) or b"/sandbox/harness.py" in cmd:
         found.append((entry, cwd))
   return found
 
 
+@NEEDS_BWRAP
 def test_killed_worker_takes_its_code_sandbox_with_it(pool):
   pids = pool.worker_pids()
   sleeper = "```python\nimport time\ntime.sleep(60)\n```"
   t0 = time.monotonic()
+  seen = []
+
+  def watch():  # the detector below must see the running sandbox, or its "gone" proves nothing
+    while time.monotonic() - t0 < 1.4 and not seen:
+      seen.extend(_sandbox_cwds(pids))
+      time.sleep(0.05)
+
+  watcher = threading.Thread(target=watch)
+  watcher.start()
   scores = pool.verify([sleeper], [["assert True"]], kinds="code", timeout_s=1.5, code_test_timeout_s=30.0)
+  watcher.join()
+  assert seen
   assert time.monotonic() - t0 < 1.5 + SLACK
   np.testing.assert_array_equal(scores, [0])
   assert pool.last_stats.statuses == ["timeout"]
@@ -146,6 +166,7 @@ def test_bad_inputs_raise(pool):
     VerifierPool(workers=0)
 
 
+@NEEDS_BWRAP
 def test_errors_in_the_verifier_score_zero(pool):
   # empty tests list makes code.score raise inside the worker: scored 0, counted, worker lives
   scores = pool.verify(["```python\nprint(1)\n```"], [[]], kinds="code", timeout_s=5.0)
@@ -176,6 +197,7 @@ def test_verify_batch_reuses_one_pool():
   np.testing.assert_array_equal(s2, [1])
 
 
+@NEEDS_BWRAP
 def test_stats_name_why_items_failed(pool):
   ok = "```python\nprint(int(input()) * 2)\n```"
   wrong = "```python\nprint(0)\n```"
@@ -188,6 +210,7 @@ def test_stats_name_why_items_failed(pool):
   assert st.failure_reasons() == {"wrong_answer": 2, "no_code": 1}
 
 
+@NEEDS_BWRAP
 def test_worker_reports_a_broken_sandbox_as_a_harness_error(monkeypatch):
   # Runs the worker loop in this process with the code sandbox's guard broken on purpose.
   import multiprocessing as mp
@@ -220,6 +243,7 @@ def test_sources_route_like_verl(source, kind):
   assert kind_of_source(source) == kind
 
 
+@NEEDS_BWRAP
 def test_code_source_is_scored_as_fraction_of_tests(pool):
   from jaxrl_dense.verifiers import kinds_of_sources
   half = "```python\nn = int(input())\nprint(n * 2 if n < 2 else 0)\n```"
@@ -229,6 +253,7 @@ def test_code_source_is_scored_as_fraction_of_tests(pool):
   np.testing.assert_allclose(scores, [0.5, 1.0])
 
 
+@NEEDS_BWRAP
 def test_trainer_verifier_routes_code_sources_to_the_sandbox():
   from jaxrl_dense.rl import rollout
   v = rollout.Verifier(20.0, workers=1)
