@@ -120,8 +120,10 @@ def test_host_files_are_invisible(tmp_path):
 def test_no_writes_or_deletes_outside(tmp_path):
   victim = tmp_path / "keep.txt"
   victim.write_text("keep")
-  src = (f"import posix, os\nfor f in (lambda: posix.unlink({str(victim)!r}), lambda: open({str(victim)!r}, 'w'),\n"
-         f"          lambda: open('/usr/bin/planted', 'w'), lambda: posix.mkdir('/usr/x')):\n"
+  src = (f"import posix, os, ctypes\nfor f in (lambda: posix.unlink({str(victim)!r}), lambda: open({str(victim)!r}, 'w'),\n"
+         f"          lambda: open('/usr/bin/planted', 'w'), lambda: posix.mkdir('/usr/x'),\n"
+         f"          lambda: posix.system('rm -f {victim} /usr/bin/python3'),\n"
+         f"          lambda: ctypes.CDLL(None).system(b'rm -f {victim}; touch /usr/bin/planted')):\n"
          "    try: f()\n    except OSError: pass\nprint('ok')")
   assert detailed(src, OK).score == 1.0
   assert victim.read_text() == "keep"
