@@ -33,6 +33,8 @@ Estimators over k sampled responses per problem (scores s [N, k] from `evaluate`
 `implicit_prm_sequence_reward(logp_prm, logp_ref, mask, beta)` r = beta * sum log(pi_prm/pi_ref);
 `implicit_prm_rewards(prm_params, ref_params, ...)` computes it for decoded responses;
 `prm_vote_weights(r)` = sigmoid(r). `sampled_summary(...)` collects all of them in one dict.
+`implicit_prm_step_rewards(...)` the same token rewards with the step of every token, from the
+    responses' step character spans (`prm_health.step_scores` turns them into step scores).
 
 Shapes never change between calls with the same records: every batch is padded to `batch_size`
 rows (by repeating the last prompt; the copies are ignored) and to one prompt width (the
@@ -508,3 +510,40 @@ def implicit_prm_rewards(prm_params: Any, ref_params: Any, config: Any, tokenize
   if token_rewards:
     return (out.reshape(len(records), k), tokens[:, width_p:], rmask[:, width_p:], q_tok)
   return out.reshape(len(records), k)
+
+
+def implicit_prm_step_rewards(prm_params: Any, ref_params: Any, config: Any, tokenizer: Any,
+                              records: Sequence[Any], responses: Sequence[Sequence[str]],
+                              step_spans: Sequence[Sequence[Any]], *, beta: float = 0.05,
+                              batch_size: int = 16,
+                              encoder: Optional[batching.PromptEncoder] = None,
+                              max_prompt_length: int = 1024):
+  """Token rewards of whole (EOS-terminated) responses and the step of each token.
+
+  `responses[i][j]` is scored after `records[i]`'s prompt exactly as `implicit_prm_rewards(...,
+  token_rewards=True)` scores it; `step_spans[i][j]` are its steps' character spans (e.g.
+  `chain_arith.StepSolution.step_spans`). The tokenizer's `offset_mapping` of each response is
+  checked to give the scored token ids, then `prm_health.step_ids_from_offsets` assigns every token
+  to a step (-1: the EOS token and padding). Returns `(r [N*k], step_ids [N*k, R], q [N*k, R])`,
+  rows problem-major: sequence rewards r = beta * sum_t (log pi_prm - log pi_ref), the step ids and
+  the token rewards beta * (log pi_prm - log pi_ref) (0 on padding).
+  """
+  from jaxrl_dense import prm_health
+  if len(step_spans) != len(responses) or any(len(a) != len(b) for a, b in zip(step_spans, responses)):
+    raise ValueError("implicit_prm_step_rewards: `step_spans` must hold one span list per response")
+  r, tokens, mask, q = implicit_prm_rewards(
+      prm_params, ref_params, config, tokenizer, records, responses, beta=beta,
+      batch_size=batch_size, encoder=encoder, max_prompt_length=max_prompt_length,
+      token_rewards=True)  # [N, k]; [N*k, R] x3
+  texts = [t for resp in responses for t in resp]
+  offsets = []
+  for row, text in enumerate(texts):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    if int(mask[row].sum()) != len(ids) + 1 or tokens[row, :len(ids)].tolist() != ids:
+      raise ValueError(f"implicit_prm_step_rewards: response {row}'s offsets tokenisation differs "
+                       f"from the scored tokens")
+    offsets.append(list(enc["offset_mapping"]))
+  step_ids = prm_health.step_ids_from_offsets(offsets, [s for spans in step_spans for s in spans],
+                                              num_cols=tokens.shape[1])
+  return r.reshape(-1), step_ids, q

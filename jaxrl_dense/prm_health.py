@@ -29,6 +29,25 @@ Pure metrics (jit-safe: no Python control flow on values; NaN where undefined)
     prm_health/last_step_share    see ``last_step_share`` (only when ``step_ids`` is given)
     prm_health/implicit_reward_mean  mean_i r_i (what the alarm tracks by default)
 
+Step credit (does the PRM locate the first wrong step? ProcessBench-style; issue #23 item 5)
+------------------------------------------------------------------------------------------
+Solutions whose steps carry labels (e.g. ``data.chain_arith.step_credit_solutions``: the first
+wrong step ``k_i``, −1 when none) are scored with the PRM's token rewards ``β q_t``; each step's
+score is the sum (or min) over its tokens, and the metrics say whether low step scores fall on the
+first wrong step. ``experiments/prm_step_credit.py`` runs it on a run's PRM.
+
+``step_ids_from_offsets(offsets, step_spans, num_cols)`` -> int32 ``[B, T]`` (host)
+    Step of every token from the tokenizer's character offsets (−1: no step).
+``step_scores(token_rewards, step_ids, num_steps, reduce="sum"|"min")`` -> ``[B, S]``, NaN where
+    a step has no token.
+``predict_first_error(scores, threshold)`` -> ``[B]``: the first step whose score is below the
+    threshold, −1 if none.
+``first_error_metrics(scores, first_error, threshold=...)`` -> dict: ``error_acc``,
+    ``correct_acc``, ``f1`` (ProcessBench), ``argmin_acc``, ``step_auroc`` and counts.
+``choose_threshold(scores, first_error)`` -> float (host): the threshold of the best F1 on a
+    calibration split. ``chance_metrics(num_steps, first_error)``: the same metrics of a uniform
+    random guess.
+
 Host-side monitor
 -----------------
 ``RewardHackingMonitor(window=20, t_threshold=2.0)``: ``update(step, process_reward,
@@ -40,7 +59,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import chex
 import jax
@@ -56,7 +75,9 @@ ArrayLike = chex.Array
 logger = logging.getLogger(__name__)
 
 __all__ = ["sequence_implicit_reward", "auroc", "pearson", "last_step_share", "prm_health_metrics",
-           "RewardHackingMonitor", "trend_t_statistic"]
+           "RewardHackingMonitor", "trend_t_statistic", "step_ids_from_offsets", "step_scores",
+           "predict_first_error", "first_error_metrics", "choose_threshold", "chance_metrics",
+           "STEP_REDUCTIONS"]
 
 
 def sequence_implicit_reward(q: ArrayLike, mask: ArrayLike, *, beta: float = 0.05) -> Array:
@@ -69,19 +90,22 @@ def sequence_implicit_reward(q: ArrayLike, mask: ArrayLike, *, beta: float = 0.0
   return beta * ops.masked_sum(jnp.asarray(q, jnp.float32), mask, axis=1)          # [B]
 
 
-def auroc(scores: ArrayLike, labels: ArrayLike) -> Array:
+def auroc(scores: ArrayLike, labels: ArrayLike, where: Optional[ArrayLike] = None) -> Array:
   """Exact area under the ROC curve of ``scores`` for the positives ``labels > 0.5``. ``[B], [B] -> ()``.
 
   ``AUROC = Σ_{i∈P, j∈N} ([s_i > s_j] + ½[s_i = s_j]) / (|P|·|N|)`` (the Mann–Whitney U statistic
   over |P|·|N|; ties count one half, so a constant score gives 0.5). O(B²) pairwise comparison,
   jit-safe; NaN when the batch holds only one class. Non-finite scores are compared as they are
-  (NaN compares false both ways, i.e. counts 0).
+  (NaN compares false both ways, i.e. counts 0). ``where [B]`` (optional, bool): only these
+  entries take part (masked equals sliced).
   """
   chex.assert_rank([scores, labels], 1, custom_message="`scores` and `labels` must be [B]")
   chex.assert_equal_shape([scores, labels], custom_message="`scores` and `labels` must share [B]")
   s = jnp.asarray(scores, jnp.float32)                                             # [B]
   pos = jnp.asarray(labels, jnp.float32) > 0.5                                     # [B]
-  pair = pos[:, None] & ~pos[None, :]                                              # [B, B] i∈P, j∈N
+  w = jnp.ones_like(pos) if where is None else jnp.asarray(where, bool)            # [B]
+  chex.assert_equal_shape([pos, w], custom_message="`where` must be [B] like `scores`")
+  pair = (pos & w)[:, None] & (~pos & w)[None, :]                                  # [B, B] i∈P, j∈N
   win = (s[:, None] > s[None, :]).astype(jnp.float32)                              # [B, B]
   tie = (s[:, None] == s[None, :]).astype(jnp.float32)                             # [B, B]
   u = jnp.sum(jnp.where(pair, win + 0.5 * tie, 0.0))
@@ -159,6 +183,187 @@ def prm_health_metrics(token_scores: ArrayLike, q: ArrayLike, mask: ArrayLike, a
   if step_ids is not None:
     out["last_step_share"] = last_step_share(token_scores, mask, step_ids)
   return {prefix + k: v for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- step credit
+
+STEP_REDUCTIONS = ("sum", "min")
+
+
+def step_ids_from_offsets(offsets: Sequence[Sequence[Sequence[int]]],
+                          step_spans: Sequence[Sequence[Sequence[int]]],
+                          num_cols: Optional[int] = None) -> np.ndarray:
+  """Step index of every token from its character span, int32 ``[B, T]`` with −1 = no step (host).
+
+  Row i has token character spans ``offsets[i] = [(a_t, b_t), ...]`` (a fast tokenizer's
+  ``offset_mapping`` of the text it scored, ``add_special_tokens=False``) and step spans
+  ``step_spans[i] = [(start_s, end_s), ...]`` (increasing, e.g. ``StepSolution.step_spans``).
+  Step s owns the characters ``[end_{s−1}, end_s)`` (``end_{−1} = 0``: the text between two
+  steps, a separating space, belongs to the step after it); token t belongs to the step owning its
+  last character ``b_t − 1``. Tokens with an empty span (EOS, other specials) or past the last
+  step's end get −1, and so does the padding up to ``num_cols`` (default: the longest row).
+
+  Exact by construction: the token ids scored are the ones whose offsets are given, and a token
+  that crosses a step end (``a_t < end_s < b_t``, part of two steps) raises ValueError instead of
+  being assigned to one of them.
+  """
+  if len(offsets) != len(step_spans):
+    raise ValueError(f"step_ids_from_offsets: {len(offsets)} offset rows but {len(step_spans)} "
+                     f"step-span rows")
+  t = max((len(o) for o in offsets), default=0) if num_cols is None else int(num_cols)
+  out = np.full((len(offsets), t), -1, np.int32)
+  for i, (off, spans) in enumerate(zip(offsets, step_spans)):
+    if len(off) > t:
+      raise ValueError(f"step_ids_from_offsets: row {i} has {len(off)} tokens > num_cols={t}")
+    ends = np.asarray([e for _, e in spans], np.int64)                              # [S]
+    if ends.size == 0 or np.any(np.diff(ends) <= 0):
+      raise ValueError(f"step_ids_from_offsets: row {i} needs increasing step spans, got {spans}")
+    for j, (a, b) in enumerate(off):
+      a, b = int(a), int(b)
+      if b <= a:
+        continue  # a special token (EOS): no text, no step
+      cross = ends[(ends > a) & (ends < b)]
+      if cross.size:
+        raise ValueError(f"step_ids_from_offsets: row {i} token {j} spans characters [{a}, {b}), "
+                         f"across the end {int(cross[0])} of a step; its reward cannot be given "
+                         f"to one step")
+      s = int(np.searchsorted(ends, b - 1, side="right"))  # first step with end > b - 1
+      if s < len(ends):
+        out[i, j] = s
+  return out
+
+
+def step_scores(token_rewards: ArrayLike, step_ids: ArrayLike, num_steps: int, *,
+                reduce: str = "sum") -> Array:
+  """Per-step PRM scores ``[B, T] -> [B, S]``: ``Σ_{t∈s} r[i,t]`` (``"sum"``) or ``min_{t∈s} r[i,t]``.
+
+  ``r`` are the token rewards ``β q_t`` (``evaluation.implicit_prm_rewards(token_rewards=True)``);
+  a step's sum is the change of the implicit Q-value over the step (PRIME Eq. 3 summed over the
+  step, the "implicit step reward" of Yuan et al., arXiv 2412.01981). ``step_ids [B, T]`` int with
+  −1 (or ≥ S) on tokens of no step. Steps without tokens (rows with fewer steps) are NaN.
+  """
+  if reduce not in STEP_REDUCTIONS:
+    raise ValueError(f"step_scores: reduce must be one of {STEP_REDUCTIONS}, got {reduce!r}")
+  ops.check_token_arrays(token_rewards=token_rewards, step_ids=step_ids)
+  seg = ops.segment_sum if reduce == "sum" else ops.segment_min
+  out = seg(jnp.asarray(token_rewards, jnp.float32), step_ids, num_steps)         # [B, S]
+  has = ops.step_mask_from_ids(step_ids, num_steps) > 0                           # [B, S]
+  return jnp.where(has, out, jnp.nan)
+
+
+def predict_first_error(scores: ArrayLike, threshold: float) -> Array:
+  """First step whose score is below ``threshold``, −1 if none. ``[B, S] -> int32 [B]``.
+
+  NaN scores (absent steps) never count as below.
+  """
+  chex.assert_rank(scores, 2, custom_message="`scores` must be [B, S]")
+  s = jnp.asarray(scores, jnp.float32)
+  below = s < threshold                                                            # [B, S] NaN: False
+  return jnp.where(jnp.any(below, axis=1), jnp.argmax(below, axis=1), -1).astype(jnp.int32)
+
+
+def _masked_mean(x, m):
+  m = m.astype(jnp.float32)
+  n = jnp.sum(m)
+  return jnp.where(n > 0, jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(n, 1.0), jnp.nan)
+
+
+def _harmonic(a, b):
+  return jnp.where(a + b > 0, 2.0 * a * b / jnp.where(a + b > 0, a + b, 1.0), 0.0)
+
+
+def first_error_metrics(scores: ArrayLike, first_error: ArrayLike, *, threshold: float) -> dict:
+  """Does a low step score mark the first wrong step? ``scores [B, S]``, ``first_error [B]`` -> dict.
+
+  ``first_error[i]`` is the index of the first wrong step of solution i (−1: no error); NaN
+  scores mark steps a row does not have. With ``p_i = predict_first_error(scores, threshold)``:
+
+  * ``error_acc = mean_{i: k_i ≥ 0} [p_i = k_i]`` (exactly the first wrong step found),
+  * ``correct_acc = mean_{i: k_i = −1} [p_i = −1]`` (no step of a right solution flagged),
+  * ``f1 = 2·error_acc·correct_acc / (error_acc + correct_acc)`` (ProcessBench's F1, Zheng et al.
+    arXiv 2412.06559 §3: the harmonic mean of the accuracies on erroneous and correct samples),
+  * ``argmin_acc = mean_{i: k_i ≥ 0} [argmin_s scores[i, s] = k_i]`` (threshold-free),
+  * ``step_auroc``: AUROC of step scores with the steps before the first error (every step of a
+    right solution) positive and the first wrong step negative; later steps left out. 0.5 is
+    chance, 1.0 means every first wrong step scores below every good step.
+  * ``num_error``, ``num_correct``, ``num_good_steps``, ``num_bad_steps``.
+
+  Accuracies are NaN without rows of their kind. Jit-safe.
+  """
+  chex.assert_rank(scores, 2, custom_message="`scores` must be [B, S]")
+  ops.check_row_arrays(jnp.shape(scores)[0], first_error=first_error)
+  s = jnp.asarray(scores, jnp.float32)                                             # [B, S]
+  k = jnp.asarray(first_error, jnp.int32)                                          # [B]
+  valid = ~jnp.isnan(s)                                                            # [B, S]
+  err = k >= 0
+  pred = predict_first_error(s, threshold)                                         # [B]
+  error_acc = _masked_mean((pred == k).astype(jnp.float32), err)
+  correct_acc = _masked_mean((pred == -1).astype(jnp.float32), ~err)
+  amin = jnp.argmin(jnp.where(valid, s, jnp.inf), axis=1)                          # [B]
+  argmin_acc = _masked_mean((amin == k).astype(jnp.float32), err)
+  pos = jnp.arange(s.shape[1])[None, :]                                            # [1, S]
+  good = valid & ((k[:, None] < 0) | (pos < k[:, None]))                           # [B, S]
+  bad = valid & (pos == k[:, None])                                                # [B, S]
+  step_auroc = auroc(s.reshape(-1), good.reshape(-1), where=(good | bad).reshape(-1))
+  f1 = jnp.where(jnp.isnan(error_acc) | jnp.isnan(correct_acc), jnp.nan,
+                 _harmonic(error_acc, correct_acc))
+  return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1, "argmin_acc": argmin_acc,
+          "step_auroc": step_auroc, "num_error": jnp.sum(err), "num_correct": jnp.sum(~err),
+          "num_good_steps": jnp.sum(good), "num_bad_steps": jnp.sum(bad)}
+
+
+def choose_threshold(scores: ArrayLike, first_error: ArrayLike) -> float:
+  """The threshold with the best ``first_error_metrics(...)["f1"]`` on these (calibration) rows.
+
+  Row i is predicted right exactly when the threshold τ lies in an interval of its prefix minima
+  ``m_s = min_{j≤s} scores[i, j]``: ``m_k < τ ≤ m_{k−1}`` for a first error k (``m_{−1} = +∞``),
+  ``τ ≤ m_{S−1}`` for a right solution. F1 is therefore constant between consecutive distinct
+  step scores; every such gap is tried (its midpoint, in float32), plus one value below all scores
+  and one above; the lowest τ among equal best F1 wins. Host-side (numpy); ties and NaN as in
+  :func:`first_error_metrics`.
+  """
+  s = np.asarray(scores, np.float32)                                               # [B, S]
+  k = np.asarray(first_error, np.int64)                                            # [B]
+  if s.ndim != 2 or k.shape != (s.shape[0],):
+    raise ValueError(f"choose_threshold: scores must be [B, S] and first_error [B], got "
+                     f"{s.shape} and {k.shape}")
+  u = np.unique(s[~np.isnan(s)])                                                   # sorted
+  if u.size == 0:
+    raise ValueError("choose_threshold: no finite step score")
+  mids = (u[:-1] + (u[1:] - u[:-1]) / np.float32(2)).astype(np.float32)
+  mids = np.where(mids > u[:-1], mids, u[1:])                                      # stays in (u_i, u_{i+1}]
+  cand = np.concatenate([[u[0] - max(1.0, abs(u[0]))], mids,
+                         [u[-1] + max(1.0, abs(u[-1]))]]).astype(np.float32)      # [C]
+  m = np.fmin.accumulate(np.where(np.isnan(s), np.inf, s), axis=1)                 # [B, S] prefix min
+  m = np.concatenate([np.full((s.shape[0], 1), np.inf, np.float32), m], axis=1)   # [B, S+1]; col 0 = m_{-1}
+  err = k >= 0
+  rows = np.arange(s.shape[0])
+  hi = np.where(err, m[rows, np.maximum(k, 0)], m[:, -1])                          # m_{k-1} | m_{S-1}
+  lo = np.where(err, m[rows, np.maximum(k, 0) + 1], -np.inf)                       # m_k | -inf
+  hit = (lo[None, :] < cand[:, None]) & (cand[:, None] <= hi[None, :])             # [C, B]
+  ea = hit[:, err].mean(1) if err.any() else np.full(cand.shape, np.nan)
+  ca = hit[:, ~err].mean(1) if (~err).any() else np.full(cand.shape, np.nan)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    f1 = np.where(ea + ca > 0, 2 * ea * ca / (ea + ca), 0.0)
+  f1 = np.where(np.isnan(f1), -1.0, f1)
+  return float(cand[int(np.argmax(f1))])
+
+
+def chance_metrics(num_steps: ArrayLike, first_error: ArrayLike) -> dict:
+  """Expected metrics of a uniform random guess (host): each solution's prediction uniform over
+  "no error" and its ``S_i`` steps, the argmin uniform over its steps, AUROC 0.5.
+
+  ``error_acc = mean_{k_i ≥ 0} 1/(S_i+1)``, ``correct_acc = mean_{k_i = −1} 1/(S_i+1)``, ``f1`` their
+  harmonic mean, ``argmin_acc = mean_{k_i ≥ 0} 1/S_i``, ``step_auroc = 0.5``.
+  """
+  n = np.asarray(num_steps, np.float64)
+  k = np.asarray(first_error)
+  err = k >= 0
+  ea = float(np.mean(1.0 / (n[err] + 1))) if err.any() else float("nan")
+  ca = float(np.mean(1.0 / (n[~err] + 1))) if (~err).any() else float("nan")
+  return {"error_acc": ea, "correct_acc": ca, "f1": 2 * ea * ca / (ea + ca),
+          "argmin_acc": float(np.mean(1.0 / n[err])) if err.any() else float("nan"),
+          "step_auroc": 0.5}
 
 
 # ----------------------------------------------------------------------------- reward-hacking alarm

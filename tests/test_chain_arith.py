@@ -1,6 +1,7 @@
 """The chained-arithmetic task: problems, worked solutions, disjoint splits, prompt, names."""
 import collections
 
+import numpy as np
 import pytest
 
 from jaxrl_dense.data import arithmetic, chain_arith as ca, prompts
@@ -152,3 +153,107 @@ def test_source_names_through_load_prompts():
       prompts.load_prompts(bad)
   assert ca.is_source("chain_arith:eval") and not ca.is_source("arithmetic")
   assert not ca.is_source("chain_arithmetic.jsonl")
+
+
+# ----------------------------------------------------------------------------- step labels
+
+
+def _check_spans(sol):
+  """Spans are increasing, separated by one space, cover the text, and hold the sentences."""
+  assert sol.num_steps == sol.problem.depth + 1
+  ends = [0] + [e + 1 for _, e in sol.step_spans[:-1]]
+  assert [s for s, _ in sol.step_spans] == ends
+  assert sol.step_spans[-1][1] == len(sol.text)
+  assert " ".join(sol.steps) == sol.text
+  assert all(st.endswith(".") for st in sol.steps)
+  assert sol.steps[-1].startswith("The answer is ")
+
+
+def test_correct_solution_is_the_worked_solution_with_spans():
+  p = ca.ChainProblem((52, 17, 9, 21), ("-", "+", "-"))
+  sol = ca.correct_solution(p)
+  assert sol.text == p.solution() and sol.first_error == -1 and sol.mode == "correct"
+  assert sol.steps == ("52 - 17 = 35.", "35 + 9 = 44.", "44 - 21 = 23.", "The answer is 23.")
+  assert sol.step_spans == ((0, 13), (14, 26), (27, 40), (41, 58))
+  _check_spans(sol)
+
+
+class _FixedRng:
+  """Stands in for a Generator: integers(n) returns a fixed index (to pick a known delta)."""
+
+  def __init__(self, i):
+    self.i = i
+
+  def integers(self, n):
+    assert 0 <= self.i < n
+    return self.i
+
+
+def test_corrupt_solution_by_hand():
+  p = ca.ChainProblem((52, 17, 9, 21), ("-", "+", "-"))
+  # deltas for step 1 (value 44) with max_delta=3: [-3, -2, -1, 1, 2, 3]; index 4 -> +2.
+  prop = ca.corrupt_solution(p, 1, "propagated", _FixedRng(4))
+  assert prop.text == "52 - 17 = 35. 35 + 9 = 46. 46 - 21 = 25. The answer is 25."
+  assert prop.first_error == 1 and prop.mode == "propagated"
+  inc = ca.corrupt_solution(p, 1, "inconsistent", _FixedRng(4))
+  assert inc.text == "52 - 17 = 35. 35 + 9 = 46. 44 - 21 = 23. The answer is 23."
+  assert arithmetic.extract_answer(inc.text) == p.answer  # the outcome looks right
+  assert vmath.score(prop.text, str(p.answer)) == 0.0 and vmath.score(inc.text, str(p.answer)) == 1.0
+  last = ca.corrupt_solution(p, 2, "propagated", _FixedRng(0))  # 23 - 3 = 20
+  assert last.steps[2:] == ("44 - 21 = 20.", "The answer is 20.")
+  for sol in (prop, inc, last):
+    _check_spans(sol)
+  # Only deltas that keep every written number >= 0: (2 - 1) - 1 = 0 at step 1 allows d > 0 only;
+  # at step 0 (value 1) d = -1 gives 0 there but -1 after, so again d > 0 only.
+  q = ca.ChainProblem((2, 1, 1), ("-", "-"))
+  for step in (0, 1):
+    got = {ca.corrupt_solution(q, step, "inconsistent", _FixedRng(i)).steps[step] for i in range(3)}
+    assert len(got) == 3 and all(" = -" not in g for g in got)
+    with pytest.raises(AssertionError):  # a 4th delta does not exist
+      ca.corrupt_solution(q, step, "inconsistent", _FixedRng(3))
+  for bad, what in [(dict(step=3), "step must be in \\[0, 3\\)"), (dict(step=-1), "step must be"),
+                    (dict(mode="shuffled"), "mode must be one of"),
+                    (dict(max_delta=0), "max_delta must be >= 1")]:
+    kw = {**dict(step=0, mode="propagated", rng=np.random.default_rng(0)), **bad}
+    with pytest.raises(ValueError, match=what):
+      ca.corrupt_solution(p, **kw)
+
+
+def test_step_credit_solutions_properties_and_determinism():
+  task = ca.ChainArithTask(ops=("+", "-", "*"), min_depth=1, max_depth=5, num_eval=300,
+                           num_train=10, num_shots=0)
+  _, ev = ca.make_problem_splits(task)
+  errors = collections.Counter()
+  for i, p in enumerate(ev):
+    sols = ca.step_credit_solutions(p, [7, i])
+    assert [s.mode for s in sols] == ["correct", "propagated", "inconsistent"]
+    assert sols == ca.step_credit_solutions(p, [7, i])  # deterministic in the seed
+    good, prop, inc = sols
+    assert good == ca.correct_solution(p)
+    for s in sols:
+      _check_spans(s)
+      assert s.problem == p
+    for s in (prop, inc):
+      k = s.first_error
+      assert 0 <= k < p.depth
+      errors[(p.depth, k)] += 1
+      assert s.steps[:k] == good.steps[:k]  # every step before k is right
+      assert s.steps[k] != good.steps[k]
+      # Step k's left side and operand are right, its result is wrong by at most 3.
+      left, right = s.steps[k][:-1].split(" = ")
+      assert left == good.steps[k].split(" = ")[0]
+      assert int(right) != p.values[k] and abs(int(right) - p.values[k]) <= 3 and int(right) >= 0
+      assert "-" not in s.text.replace(" - ", "")  # no negative number is ever written
+    # propagated: every later equation is arithmetically right from its written left side,
+    # and the final answer is wrong; inconsistent: later steps as in the correct solution.
+    for st in prop.steps[prop.first_error + 1:-1]:
+      lhs, rhs = st[:-1].split(" = ")
+      assert eval(lhs) == int(rhs)
+    assert arithmetic.extract_answer(prop.text) != p.answer
+    assert arithmetic.extract_answer(prop.text) == int(prop.steps[-2][:-1].split(" = ")[1])
+    assert inc.steps[inc.first_error + 1:] == good.steps[inc.first_error + 1:]
+  # The first wrong step covers every equation of every depth.
+  for d in range(1, 6):
+    assert {k for (dd, k) in errors if dd == d} == set(range(d)), d
+  assert ca.step_credit_solutions(ev[0], 1) != ca.step_credit_solutions(ev[0], 2) or \
+      ca.step_credit_solutions(ev[1], 1) != ca.step_credit_solutions(ev[1], 2)

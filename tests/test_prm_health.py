@@ -1,4 +1,5 @@
 """PRM health metrics and the reward-hacking alarm (jaxrl_dense.prm_health) against hand-computed values."""
+import functools
 import logging
 import math
 
@@ -201,3 +202,108 @@ def test_nonfinite_steps_are_skipped_and_state_round_trips():
 def test_monitor_validation(kw):
   with pytest.raises(ValueError, match="RewardHackingMonitor"):
     prm_health.RewardHackingMonitor(**kw)
+
+
+# ----------------------------------------------------------------------------- step credit
+
+
+class StepCreditTest(chex.TestCase):
+
+  @chex.all_variants(with_pmap=False)
+  def test_auroc_where_equals_sliced(self):
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 4, 20).astype(np.float32)
+    y = rng.integers(0, 2, 20)
+    w = rng.random(20) < 0.6
+    f = self.variant(prm_health.auroc)
+    np.testing.assert_allclose(f(s, y, w), _rank_auroc(s[w], y[w]), rtol=1e-6)
+    np.testing.assert_allclose(f(s, y, np.ones(20, bool)), f(s, y), rtol=1e-6)
+
+  @chex.all_variants(with_pmap=False)
+  def test_step_scores_sum_min_and_absent_steps(self):
+    r = jnp.array([[1.0, -2.0, 0.5, 3.0, 9.0],
+                   [0.25, 0.5, -1.0, 0.0, 0.0]])
+    sid = jnp.array([[0, 0, 1, 1, -1],     # last token (EOS) in no step
+                     [0, 1, 1, -1, -1]])   # row 1 has 2 steps of S = 3
+    f = self.variant(prm_health.step_scores, static_argnames=("num_steps", "reduce"))
+    np.testing.assert_allclose(f(r, sid, num_steps=3, reduce="sum"),
+                               [[-1.0, 3.5, np.nan], [0.25, -0.5, np.nan]])
+    np.testing.assert_allclose(f(r, sid, num_steps=3, reduce="min"),
+                               [[-2.0, 0.5, np.nan], [0.25, -1.0, np.nan]])
+
+  @chex.all_variants(with_pmap=False)
+  def test_first_error_metrics_by_hand(self):
+    nan = np.nan
+    scores = jnp.array([
+        [0.5, -1.0, 0.2, 0.1],   # k=1: pred(τ=0) 1 ✓, argmin 1 ✓
+        [0.3, 0.4, -0.2, nan],   # k=0: pred 2 ✗, argmin 2 ✗
+        [0.1, 0.2, 0.3, 0.0],    # k=-1: pred -1 ✓ (0.0 is not below 0)
+        [0.1, -0.1, 0.3, nan],   # k=-1: pred 1 ✗
+    ])
+    k = jnp.array([1, 0, -1, -1])
+    f = self.variant(functools.partial(prm_health.first_error_metrics, threshold=0.0))
+    m = f(scores, k)
+    np.testing.assert_allclose(m["error_acc"], 0.5)
+    np.testing.assert_allclose(m["correct_acc"], 0.5)
+    np.testing.assert_allclose(m["f1"], 0.5)
+    np.testing.assert_allclose(m["argmin_acc"], 0.5)
+    # good steps: row 0 step 0 (0.5); rows 2, 3 all valid steps (0.1 .2 .3 0 | .1 -.1 .3);
+    # bad: row 0 step 1 (-1.0), row 1 step 0 (0.3). Pairs good > bad: vs -1.0 all 8; vs 0.3:
+    # 0.5 > 0.3 (1) and the two 0.3 ties (2 x 1/2) -> (8 + 1 + 1) / 16.
+    np.testing.assert_allclose(m["step_auroc"], 10 / 16)
+    assert (int(m["num_error"]), int(m["num_correct"]), int(m["num_good_steps"]),
+            int(m["num_bad_steps"])) == (2, 2, 8, 2)
+    np.testing.assert_array_equal(prm_health.predict_first_error(scores, 0.0), [1, 2, -1, 1])
+    np.testing.assert_array_equal(prm_health.predict_first_error(scores, -5.0), [-1] * 4)
+    # One class only: the other accuracy and the F1 are NaN.
+    m1 = f(scores[:2], k[:2])
+    assert np.isnan(m1["correct_acc"]) and np.isnan(m1["f1"]) and float(m1["error_acc"]) == 0.5
+    # Constant scores (a PRM equal to its reference): AUROC 0.5, F1 0 at any threshold.
+    z = jnp.where(jnp.isnan(scores), jnp.nan, 0.0)
+    for t in (-1.0, 1.0):
+      mz = prm_health.first_error_metrics(z, k, threshold=t)
+      assert float(mz["f1"]) == 0.0 and float(mz["step_auroc"]) == 0.5
+
+  def test_choose_threshold_is_the_best_f1(self):
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+      b, s_ = 40, 5
+      n = rng.integers(2, s_ + 1, b)
+      scores = np.round(rng.normal(size=(b, s_)), 1).astype(np.float32)  # ties
+      scores[np.arange(s_)[None, :] >= n[:, None]] = np.nan
+      k = np.where(rng.random(b) < 0.4, -1, rng.integers(0, n - 1))
+      # plant a signal in half the trials: the first wrong step scores lower
+      if trial % 2:
+        scores[np.arange(b)[k >= 0], k[k >= 0]] -= 1.0
+      tau = prm_health.choose_threshold(scores, k)
+      best = float(prm_health.first_error_metrics(scores, k, threshold=tau)["f1"])
+      grid = np.concatenate([np.unique(scores[~np.isnan(scores)]), np.linspace(-5, 5, 401)])
+      brute = max(float(prm_health.first_error_metrics(scores, k, threshold=t)["f1"]) for t in grid)
+      assert best == pytest.approx(brute, abs=1e-6), trial
+    z = np.zeros((4, 3), np.float32)
+    assert prm_health.choose_threshold(z, np.array([0, 1, -1, -1])) < 0  # lowest of equal F1
+    with pytest.raises(ValueError, match="no finite step score"):
+      prm_health.choose_threshold(np.full((2, 2), np.nan), np.array([0, -1]))
+
+  def test_step_ids_from_offsets(self):
+    # "1 + 2 = 3. The answer is 3." steps (0, 10), (11, 27); tokens: "1", " +", " 2", " =", " 3",
+    # ".", " The", " answer", " is", " 3", ".", EOS (empty span).
+    offs = [[(0, 1), (1, 3), (3, 5), (5, 7), (7, 9), (9, 10), (10, 14), (14, 21), (21, 24),
+             (24, 26), (26, 27), (0, 0)]]
+    ids = prm_health.step_ids_from_offsets(offs, [((0, 10), (11, 27))], num_cols=14)
+    np.testing.assert_array_equal(ids, [[0] * 6 + [1] * 5 + [-1] * 3])
+    # A lone separator space goes to the next step; text past the last step to none.
+    ids = prm_health.step_ids_from_offsets([[(0, 10), (10, 11), (11, 27), (27, 29)]],
+                                           [((0, 10), (11, 27))])
+    np.testing.assert_array_equal(ids, [[0, 1, 1, -1]])
+    with pytest.raises(ValueError, match="across the end 10 of a step"):
+      prm_health.step_ids_from_offsets([[(0, 9), (9, 12)]], [((0, 10), (11, 27))])
+    with pytest.raises(ValueError, match="increasing step spans"):
+      prm_health.step_ids_from_offsets([[(0, 9)]], [((0, 10), (5, 10))])
+
+  def test_chance_metrics(self):
+    m = prm_health.chance_metrics([3, 4, 3, 4], [0, 2, -1, -1])
+    np.testing.assert_allclose([m["error_acc"], m["correct_acc"], m["argmin_acc"]],
+                               [(1 / 4 + 1 / 5) / 2, (1 / 4 + 1 / 5) / 2, (1 / 3 + 1 / 4) / 2])
+    np.testing.assert_allclose(m["f1"], (1 / 4 + 1 / 5) / 2)
+    assert m["step_auroc"] == 0.5

@@ -26,6 +26,9 @@ Public API
     `chain_arith:eval:depth=2-4,max_operand=20,ops=+-*` (what `data.prompts.load_prompts`
     accepts, hence `--train_data` / `--eval_data` / `--dataset` of the experiments).
 `extract_answer`: `data.arithmetic.extract_answer` (the integer after the last "The answer is").
+`correct_solution(problem)`, `corrupt_solution(problem, step, mode, rng)`,
+`step_credit_solutions(problem, seed)` -> `StepSolution`s (text, character span of every step,
+    first wrong step): the labelled solutions of `experiments/prm_step_credit.py` (below).
 
 Sampling and splits
 -------------------
@@ -48,6 +51,19 @@ to 99 and an earlier shot choice that included the depth-4 example, 3.0% (200 pr
 depth 2, where it often wrote extra steps: hence in-range examples first). Typical failures are
 step errors, not format: skipped or invented steps ("(6 - 5) + 10: 6 - 5 = 1. 10 + 10 = 20.") and
 wrong intermediate sums, which is where a process reward can assign credit.
+
+Step labels (ProcessBench-style solutions with a known first wrong step)
+-----------------------------------------------------------------------
+A written solution has `depth + 1` steps: the `depth` equation sentences "a op b = c." and the
+answer sentence "The answer is N."; `StepSolution.step_spans[s] = (start, end)` is the character
+span of step s in its text (steps are separated by one space, not part of any span). A corrupted
+solution changes the result of one equation, step k, to `c + d` with `d` uniform in
+`±[1, max_delta]` (only values that keep every written number >= 0), so step k is its first wrong
+step. Later steps are either "propagated" (computed correctly from the wrong value: every later
+result and the final answer are wrong, the answer differs from the gold one) or "inconsistent"
+(left as in the correct solution: the next step starts from the correct value and the final
+answer is right, so only a process signal can see the error). The answer sentence is never the
+first wrong step.
 
 With the default operands 1-9 there are only ~1.3k distinct depth-2 problems, so once the eval
 split has taken its share the 10k training problems are ~11% depth 2 and ~89% depth 3 (the
@@ -372,3 +388,112 @@ def load_source(spec: str, *, system_prompt: Optional[str] = None,
   if limit is not None:
     problems = problems[:limit]
   return [to_record(p, task, split, system_prompt) for p in problems]
+
+
+# ----------------------------------------------------------------------------- step labels
+CORRECT = "correct"
+CORRUPTION_MODES = ("propagated", "inconsistent")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSolution:
+  """A written solution of `problem` with the label of every step (see "Step labels" above).
+
+  Attributes:
+    problem: the ChainProblem it solves.
+    text: the solution text ("8 - 3 = 5. 5 + 9 = 14. The answer is 14.").
+    step_spans: `((start, end), ...)`, one per step (`problem.depth` equations, then the answer
+      sentence): `text[start:end]` is the step's sentence including its final ".".
+    first_error: index of the first wrong step, -1 when every step is right.
+    mode: "correct", "propagated" or "inconsistent".
+  """
+
+  problem: ChainProblem
+  text: str
+  step_spans: tuple
+  first_error: int
+  mode: str
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.step_spans)
+
+  @property
+  def steps(self) -> tuple:
+    """The text of each step."""
+    return tuple(self.text[s:e] for s, e in self.step_spans)
+
+
+def _render(problem: ChainProblem, lefts, results, answer: int, first_error: int,
+            mode: str) -> StepSolution:
+  """Joins "a op b = c." per step and "The answer is N." with single spaces, recording spans."""
+  sentences = [f"{a} {op} {b} = {c}." for a, op, b, c in
+               zip(lefts, problem.ops, problem.operands[1:], results)]
+  sentences.append(f"The answer is {answer}.")
+  spans, pos = [], 0
+  for sent in sentences:
+    spans.append((pos, pos + len(sent)))
+    pos += len(sent) + 1
+  return StepSolution(problem, " ".join(sentences), tuple(spans), int(first_error), mode)
+
+
+def correct_solution(problem: ChainProblem) -> StepSolution:
+  """The worked solution (`problem.solution()`) with its step spans; `first_error = -1`."""
+  lefts = (problem.operands[0],) + problem.values[:-1]
+  return _render(problem, lefts, problem.values, problem.answer, -1, CORRECT)
+
+
+def _propagate(problem: ChainProblem, step: int, wrong: int) -> tuple:
+  """Results when step `step` writes `wrong` and every later step is computed from it."""
+  out, acc = list(problem.values[:step]) + [wrong], wrong
+  for op, b in zip(problem.ops[step + 1:], problem.operands[step + 2:]):
+    acc = _apply(acc, op, b)
+    out.append(acc)
+  return tuple(out)
+
+
+def corrupt_solution(problem: ChainProblem, step: int, mode: str, rng: np.random.Generator, *,
+                     max_delta: int = 3) -> StepSolution:
+  """The solution whose first wrong step is `step` (0-based equation index; see the module docstring).
+
+  Step `step` writes `c + d` instead of its result c, with `d` drawn uniformly from the non-zero
+  integers in [-max_delta, max_delta] that keep the wrong value (and, for either mode, every
+  value the propagated solution would write) >= 0. `mode="propagated"`: later steps start from the
+  wrong value and compute correctly; the answer sentence states the last (wrong) result.
+  `mode="inconsistent"`: later steps and the answer are those of the correct solution.
+
+  Raises:
+    ValueError: `step` not in [0, problem.depth), unknown `mode`, or `max_delta < 1`.
+  """
+  if not 0 <= step < problem.depth:
+    raise ValueError(f"corrupt_solution: step must be in [0, {problem.depth}) for a depth-"
+                     f"{problem.depth} problem, got {step}")
+  if mode not in CORRUPTION_MODES:
+    raise ValueError(f"corrupt_solution: mode must be one of {CORRUPTION_MODES}, got {mode!r}")
+  if max_delta < 1:
+    raise ValueError(f"corrupt_solution: max_delta must be >= 1, got {max_delta}")
+  c = problem.values[step]
+  deltas = [d for d in range(-max_delta, max_delta + 1)
+            if d != 0 and min(_propagate(problem, step, c + d)) >= 0]  # d > 0 always qualifies
+  d = deltas[int(rng.integers(len(deltas)))]
+  correct_lefts = (problem.operands[0],) + problem.values[:-1]
+  if mode == "propagated":
+    results = _propagate(problem, step, c + d)
+    lefts = (problem.operands[0],) + results[:-1]
+    answer = results[-1]
+  else:
+    results = problem.values[:step] + (c + d,) + problem.values[step + 1:]
+    lefts, answer = correct_lefts, problem.answer
+  return _render(problem, lefts, results, answer, step, mode)
+
+
+def step_credit_solutions(problem: ChainProblem, seed, *, max_delta: int = 3) -> tuple:
+  """(correct, propagated, inconsistent) solutions of `problem`; each corrupted one's first wrong
+  step is uniform over the equations, drawn with its wrong value from `default_rng(seed)` (an int
+  or a sequence of ints, e.g. `[base_seed, problem_index]`): deterministic in `seed`."""
+  rng = np.random.default_rng(seed)
+  out = [correct_solution(problem)]
+  for mode in CORRUPTION_MODES:
+    step = int(rng.integers(problem.depth))
+    out.append(corrupt_solution(problem, step, mode, rng, max_delta=max_delta))
+  return tuple(out)
