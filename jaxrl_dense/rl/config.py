@@ -163,8 +163,10 @@ class FilterConfig:
   resample_max_rounds: int = _f(8, "--filter_mode=resample: sampling rounds per step at most (each "
                                 "round samples prompts_per_step * oversample prompts).", lo=1)
   process_on_filler: bool = _f(True, "--filter_mode=fill: False gives out-of-band (filler) groups no "
-                               "process reward (their process term and batch-norm share are 0; the "
-                               "outcome term is kept). Mask / resample never train on filler.")
+                               "process reward (0, and out of the batch-norm max); their outcome "
+                               "leave-one-out is 0 anyway, so their returns are 0 and only the "
+                               "whitening still shifts them (-mean/std). Mask / resample never train "
+                               "on filler.")
   prm_on_filler: bool = _f(False, "Train the implicit PRM on out-of-band (filler) groups too (the "
                            "veRL recipe, and this library before issue 23). False (default): the "
                            "PRM trains only on in-band groups, as PRIME-RL does, in every filter mode.")
