@@ -91,9 +91,12 @@ def test_fingerprint_is_the_config_minus_the_runtime_only_fields():
   assert config_lib.RUNTIME_ONLY <= names
   # Settings added after checkpoints existed are left out while off, so those checkpoints resume.
   off = {"lora_rank", "lora_alpha", "lora_targets", "prm_lora_rank", "prm_lora_alpha",
-         "prm_lora_targets", "generate_batch_size"}
+         "prm_lora_targets", "generate_batch_size", "filter_mode", "resample_max_rounds",
+         "process_on_filler", "prm_on_filler", "prm_noise_tol"}
   assert set(fp) == names - config_lib.RUNTIME_ONLY - off
-  on = config_lib.replace(cfg, lora_rank=4, prm_lora_rank=4, generate_batch_size=32)
+  on = config_lib.replace(cfg, lora_rank=4, prm_lora_rank=4, generate_batch_size=32,
+                          filter_mode="resample", process_on_filler=False, prm_on_filler=True,
+                          prm_noise_tol=1e-3)
   assert set(config_lib.fingerprint(on)) == names - config_lib.RUNTIME_ONLY
   with pytest.raises(config_lib.ConfigError, match="generate_batch_size"):
     config_lib.replace(cfg, generate_batch_size=48)  # does not divide the 256 sampled prompts

@@ -96,6 +96,10 @@ class AdvantageInputs(_NamedTuple):
   process_rewards: ``[B, T]`` token process rewards (PRIME: batch-normed implicit rewards) or None.
   old_logp, ref_logp: ``[B, T]`` behaviour / reference log-probs (PRL) or None.
   step_ids: ``[B, T]`` step index of each token (PRL) or None.
+  row_mask: ``[B]`` 1 = the row takes part, 0 = masked out (whole groups: the out-of-band groups
+    of ``--filter_mode=mask``), or None (all rows). Masked rows get advantages and returns of 0
+    and leave every batch statistic (whitening); the other rows get what the estimator gives on
+    them alone.
   """
   outcome: _jax.Array
   mask: _jax.Array
@@ -103,6 +107,7 @@ class AdvantageInputs(_NamedTuple):
   old_logp: _Optional[_jax.Array] = None
   ref_logp: _Optional[_jax.Array] = None
   step_ids: _Optional[_jax.Array] = None
+  row_mask: _Optional[_jax.Array] = None
 
 
 @_dc.dataclass(frozen=True)
@@ -128,26 +133,41 @@ def _groups(x: AdvantageInputs, hp: AdvantageParams):
 def _prime_rloo(x: AdvantageInputs, hp: AdvantageParams):
   gammas = ({} if hp.variant == "verl" else {"process_gamma": hp.gamma, "outcome_gamma": hp.gamma})
   return prime_rloo_advantages(x.process_rewards, x.outcome, x.mask, n=hp.n, variant=hp.variant,
-                               process_coef=hp.process_coef, outcome_coef=hp.outcome_coef, **gammas)
+                               process_coef=hp.process_coef, outcome_coef=hp.outcome_coef,
+                               row_mask=x.row_mask, **gammas)
 
 
-def _sequence(fn):
+def _zero_masked_rows(out, row_mask):
+  """(advantages, returns) with the masked rows set to 0: enough for group-local estimators,
+  whose rows depend on their own group only."""
+  if row_mask is None:
+    return out
+  keep = (_jax.numpy.asarray(row_mask) > 0)[:, None]
+  return tuple(_jax.numpy.where(keep, y, 0.0) for y in out)
+
+
+def _sequence(fn, *, batch_stats: bool = False):
   def adapter(x: AdvantageInputs, hp: AdvantageParams):
-    return fn(x.outcome, x.mask, *_groups(x, hp))
+    if batch_stats:  # whitening over the batch: the estimator takes the row mask itself
+      return fn(x.outcome, x.mask, *_groups(x, hp), row_mask=x.row_mask)
+    return _zero_masked_rows(fn(x.outcome, x.mask, *_groups(x, hp)), x.row_mask)
   adapter.__name__ = adapter.__qualname__ = f"sequence_adapter_{fn.__name__}"
   adapter.__doc__ = f"``{fn.__name__}(outcome, mask, group_ids, num_groups)``."
   return adapter
 
 
 def _reinforce_pp(x: AdvantageInputs, hp: AdvantageParams):
-  return reinforce_pp_advantages(_ops.place_at_last_token(x.outcome, x.mask), x.mask, gamma=hp.gamma)
+  return reinforce_pp_advantages(_ops.place_at_last_token(x.outcome, x.mask), x.mask, gamma=hp.gamma,
+                                 row_mask=x.row_mask)
 
 
 def _prl(x: AdvantageInputs, hp: AdvantageParams):
   if x.old_logp is None or x.ref_logp is None or x.step_ids is None:
     raise ValueError("prl needs old_logp, ref_logp and step_ids [B, T] in AdvantageInputs")
   gids, g = _groups(x, hp)
-  return prl_advantages(x.outcome, x.old_logp, x.ref_logp, x.mask, gids, g, x.step_ids, eta=hp.prl_eta)
+  return _zero_masked_rows(
+      prl_advantages(x.outcome, x.old_logp, x.ref_logp, x.mask, gids, g, x.step_ids, eta=hp.prl_eta),
+      x.row_mask)
 
 
 ESTIMATORS = Registry("advantage estimator")
@@ -156,6 +176,6 @@ ESTIMATORS.register("grpo", _sequence(grpo_advantages))
 ESTIMATORS.register("dr_grpo", _sequence(dr_grpo_advantages))
 ESTIMATORS.register("rloo", _sequence(rloo_advantages))
 ESTIMATORS.register("reinforce_pp", _reinforce_pp)
-ESTIMATORS.register("reinforce_pp_baseline", _sequence(reinforce_pp_baseline_advantages))
+ESTIMATORS.register("reinforce_pp_baseline", _sequence(reinforce_pp_baseline_advantages, batch_stats=True))
 ESTIMATORS.register("prl", _prl)
 __all__ += ["AdvantageInputs", "AdvantageParams", "ESTIMATORS"]

@@ -66,16 +66,25 @@ def rloo_advantages(scores: ArrayLike, mask: ArrayLike, group_ids: ArrayLike,
   return adv, adv
 
 
+def _keep_rows(m, row_mask):
+  """The token mask with the rows of ``row_mask [B] == 0`` switched off (None: unchanged)."""
+  if row_mask is None:
+    return m
+  ops.check_row_arrays(m.shape[0], row_mask=row_mask)
+  return m & (jnp.asarray(row_mask) > 0)[:, None]
+
+
 def reinforce_pp_advantages(token_rewards: ArrayLike, mask: ArrayLike, *,
-                            gamma: float = 1.0) -> Tuple[Array, Array]:
+                            gamma: float = 1.0, row_mask: ArrayLike = None) -> Tuple[Array, Array]:
   """REINFORCE++ (Hu, arXiv 2501.03262), veRL form; token density ``[B, T]``.
 
   Backward scan ``c ← r_t + γ c; G_t = c; c ← c·m_t`` (the return resets at masked tokens),
   ``A = whiten(G; m)·m`` (batch-global, veRL statistics). Returns ``(A, G)``.
+  ``row_mask [B]``: rows where it is 0 leave the whitening statistics and get 0.
   """
   ops.check_token_arrays(token_rewards=token_rewards, mask=mask)
   r = jnp.asarray(token_rewards, jnp.float32)
-  m = ops.as_bool_mask(mask)
+  m = _keep_rows(ops.as_bool_mask(mask), row_mask)
 
   def step(c, r_t, m_t):
     c = r_t + gamma * c
@@ -88,14 +97,15 @@ def reinforce_pp_advantages(token_rewards: ArrayLike, mask: ArrayLike, *,
 
 
 def reinforce_pp_baseline_advantages(scores: ArrayLike, mask: ArrayLike, group_ids: ArrayLike,
-                                     num_groups: int) -> Tuple[Array, Array]:
+                                     num_groups: int, *, row_mask: ArrayLike = None) -> Tuple[Array, Array]:
   """REINFORCE++-baseline (veRL): ``a_i = s_i − μ_g`` (singleton: μ = 0), broadcast over valid
   tokens, then batch-global ``whiten(·; m)·m``. Returns = advantages.
-  Shapes: scores ``[B]``, mask ``[B, T]``, group_ids ``[B]``.
+  Shapes: scores ``[B]``, mask ``[B, T]``, group_ids ``[B]``; ``row_mask [B]`` (whole groups):
+  rows where it is 0 leave the whitening statistics and get 0.
   """
   _check(scores, mask, group_ids)
   a = ops.grpo_normalize(scores, group_ids, num_groups, scale=False)   # [B]
-  m = ops.as_bool_mask(mask)
+  m = _keep_rows(ops.as_bool_mask(mask), row_mask)
   adv = ops.masked_whiten(_broadcast(a, m), m)
   adv = jax.lax.stop_gradient(adv)
   return adv, adv

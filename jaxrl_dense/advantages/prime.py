@@ -79,7 +79,8 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
                           process_coef: Optional[float] = None,
                           outcome_coef: Optional[float] = None, process_gamma: float = 1.0,
                           outcome_gamma: float = 1.0,
-                          whiten: Optional[bool] = None) -> Tuple[Array, Array]:
+                          whiten: Optional[bool] = None,
+                          row_mask: Optional[ArrayLike] = None) -> Tuple[Array, Array]:
   """PRIME RLOO advantages from token process rewards ``[B, T]`` and outcome labels ``[B]``.
 
   Let ``LOO`` be :func:`leave_one_out_token_rewards` (groups of n contiguous rows) and
@@ -98,11 +99,17 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
   A source is skipped when its input is None or its coefficient is 0 (as the references do); with
   no source left, returns and advantages are all 0.
 
+  ``row_mask [B]`` (optional, constant within each group): rows where it is 0 (out-of-band groups
+  under ``--filter_mode=mask``) take no part in the whitening statistics, and their returns and
+  advantages are 0. The leave-one-out is per group, so the other rows get exactly what this
+  function gives on them alone (the masked rows must still be non-empty).
+
   Args:
     token_rewards: ``[B, T]`` process rewards (e.g. batch-normed implicit PRM scores) or None.
     acc: ``[B]`` outcome labels or None.
     mask: ``[B, T]`` response mask (rows non-empty).
     n: static samples per prompt (≥ 2; n = 1 raises).
+    row_mask: ``[B]`` 1 = the row takes part, 0 = it is masked out; None = all rows.
   Returns:
     ``(advantages [B, T], returns [B, T])``, stop-gradient, 0 on padding.
   """
@@ -146,6 +153,10 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
     returns = ops.reverse_cumsum(total, m)                          # [B, T]
   else:
     returns = sum(ops.reverse_cumsum(p, gamma=g) for p, g in parts)
+    returns = jnp.where(m, returns, 0.0)
+  if row_mask is not None:
+    ops.check_row_arrays(b, row_mask=row_mask)
+    m = m & (jnp.asarray(row_mask) > 0)[:, None]                    # [B, T] rows taking part
     returns = jnp.where(m, returns, 0.0)
   if whiten:
     mean_eps = 1e-8 if variant == "verl" else 0.0

@@ -6,7 +6,8 @@ Public API (stable names; shapes ``[B, T]`` with ``mask``, see ``jaxrl_dense.ops
     implicit_token_rewards(logp_prm, logp_ref, mask, *, beta, variant, granularity, lam, acc, use_gt)
         -> ImplicitRewards(scores, q)        variants "verl" (default) | "original" | "paper"
     token_log_ratio(logp_prm, logp_ref, mask) -> q            (differentiable, for PRM losses)
-    prime_batch_norm(scores, *, eps) / prime_norm(scores, norm="batch_norm"|"none")
+    prime_batch_norm(scores, *, eps, row_mask) / prime_norm(scores, norm="batch_norm"|"none")
+    zero_float_noise(scores, q, *, tol, row_mask)   (0 while the PRM is the reference up to rounding)
   PRM losses (carry gradients)
     prm_ce_loss(q, mask, acc, *, beta) / prm_ce_loss_terms(...) -> [B]
     prm_detached_dpo_loss(q, mask, acc, q_bc, acc_bc, *, beta, bon_mode="none"|"bon_acc"|"bon_rm")
@@ -37,6 +38,7 @@ from jaxrl_dense.rewards.implicit_prm import (
     prm_pairwise_accuracy,
     prm_sign_accuracy,
     token_log_ratio,
+    zero_float_noise,
 )
 from jaxrl_dense.rewards.implicit_prm_objectives import (
     aggregate_step_scores,
@@ -57,6 +59,7 @@ get_prm_loss = PRM_LOSSES.get
 
 __all__ = [
     "ImplicitRewards", "implicit_token_rewards", "token_log_ratio", "prime_batch_norm", "prime_norm",
+    "zero_float_noise",
     "prm_ce_loss", "prm_ce_loss_terms", "prm_detached_dpo_loss", "group_matrix",
     "prm_pairwise_accuracy", "prm_sign_accuracy", "prm_metrics",
     "sequence_logratio", "dpo_loss", "implicit_ce_loss", "nca_loss", "kto_loss",

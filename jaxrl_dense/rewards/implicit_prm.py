@@ -134,19 +134,63 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
   return ImplicitRewards(jax.lax.stop_gradient(scores), q)
 
 
-def prime_batch_norm(scores: ArrayLike, *, eps: float = 1e-6) -> Array:
+def _row_keep(row_mask, b: int, fn: str):
+  if row_mask is None:
+    return None
+  ops.check_row_arrays(b, row_mask=row_mask)
+  return jnp.asarray(row_mask) > 0                                  # [B]
+
+
+def prime_batch_norm(scores: ArrayLike, *, eps: float = 1e-6, row_mask: ArrayLike | None = None) -> Array:
   """PRIME ``prime_norm="batch_norm"`` (prime.md §4.3; veRL recipe ``prime_norm``, PRIME-RL inline).
 
   ``C[i, t] = Σ_{s≥t} scores[i, s]`` (over the full row), ``Z = max_{i,t} |C[i, t]|``,
   ``scores / (Z + eps)``: the largest absolute process return of the batch becomes ≈ 1.
   The references take Z per data-parallel shard; to reproduce that, ``jax.vmap`` this function
   over a ``[num_shards, B / num_shards, T]`` reshape. Shapes: ``[B, T] -> [B, T]``.
+  ``row_mask [B]`` (optional): rows where it is 0 (out-of-band groups of ``--filter_mode=mask``)
+  take no part in Z and come out 0, so the result on the other rows equals this function on
+  them alone.
   """
   chex.assert_rank(scores, 2, custom_message="`scores` must be [B, T]")
   s = jnp.asarray(scores, jnp.float32)
+  keep = _row_keep(row_mask, s.shape[0], "prime_batch_norm")
+  if keep is not None:
+    s = jnp.where(keep[:, None], s, 0.0)
   c = ops.reverse_cumsum(s)                                         # [B, T]
   z = jnp.max(jnp.abs(c))
   return jax.lax.stop_gradient(s / (z + eps))
+
+
+def zero_float_noise(scores: ArrayLike, q: ArrayLike, *, tol: float,
+                     row_mask: ArrayLike | None = None) -> Array:
+  """Guard of the scale-free batch-norm: process rewards of exactly 0 when the PRM is the reference.
+
+  ``Z_q = max_{i,t} |Σ_{s≥t} q[i, s]|`` over the rows with ``row_mask > 0`` (all rows if None),
+  with q the raw log-ratio ``log π_prm − log π_ref`` (0 on padding; β-free, so one tolerance
+  serves every variant). Returns ``scores`` if ``Z_q ≥ tol`` and zeros otherwise (``tol = 0``:
+  always ``scores``). Shapes: scores, q ``[B, T]`` -> ``[B, T]``.
+
+  Why: :func:`prime_batch_norm` divides by ``Z + 1e-6``, so its output does not depend on how
+  large the implicit rewards are. While the PRM still equals the reference (PRIME's start:
+  both initialised from the same SFT model), q is only the float rounding between two forward
+  programs (the PRM's update pass vs. the reference's scoring pass), which the norm would blow up
+  to a full-size random process reward (jaxrl_dense's audit: logged ``prm/q_seq_mean`` of
+  1e-5 at step 1 of SmolLM2 runs, float32, 48-token responses, and advantages in [−3.0, 3.4] on an
+  all-wrong batch where RLOO's are 0). The default tolerance 1e-4 nats sits above that float32
+  noise (estimate: a log-prob of magnitude ≤ ~20 carries ~1e-6 of rounding, and the errors of a
+  few hundred tokens partly cancel; measured: ≤ 2e-5 per batch mean) and far below a trained
+  PRM's sums (the same runs' Σ_t q moved by ~6 nats per step on average at --prm_lr=2e-5). It
+  does not catch bfloat16 noise (~1e-2 per token): raise ``tol`` there.
+  """
+  ops.check_token_arrays(scores=scores, q=q)
+  qq = jnp.asarray(q, jnp.float32)
+  keep = _row_keep(row_mask, qq.shape[0], "zero_float_noise")
+  if keep is not None:
+    qq = jnp.where(keep[:, None], qq, 0.0)
+  zq = jnp.max(jnp.abs(ops.reverse_cumsum(qq)))                     # scalar
+  s = jnp.asarray(scores, jnp.float32)
+  return jnp.where(zq >= tol, s, jnp.zeros_like(s))
 
 
 def prime_norm(scores: ArrayLike, norm: str = "batch_norm", *, eps: float = 1e-6) -> Array:

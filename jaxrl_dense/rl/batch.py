@@ -28,6 +28,10 @@ class RolloutBatch(NamedTuple):
     scores them).
   query_free_prompt_tokens, query_free_prompt_mask: int32 [B, P] the prompts with the user's last
     message emptied (Self-Aligned Reward's answer-only context, methods.md §1.9), or None.
+  in_band: float32 [B] 1 on the rows of groups that passed the accuracy band (every group without
+    the band filter), 0 on out-of-band (filler) groups; None = all 1. Constant within a group. The
+    PRM trains on in-band rows only; with --filter_mode=mask|resample the advantage and the policy
+    update give the other rows weight 0 (`rl.prime.make_prime`).
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -39,6 +43,7 @@ class RolloutBatch(NamedTuple):
   prm_logp: Optional[jax.Array] = None
   query_free_prompt_tokens: Optional[jax.Array] = None
   query_free_prompt_mask: Optional[jax.Array] = None
+  in_band: Optional[jax.Array] = None
 
   @property
   def num_rows(self) -> int:
@@ -54,7 +59,7 @@ class RolloutBatch(NamedTuple):
       x = getattr(self, name)
       if x is None:
         continue
-      want = (b, p) if "prompt" in name else (b,) if name == "acc" else (b, r)
+      want = (b, p) if "prompt" in name else (b,) if name in ("acc", "in_band") else (b, r)
       if tuple(x.shape) != want:
         raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected {want}")
     if b % n:

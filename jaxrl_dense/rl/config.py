@@ -79,6 +79,7 @@ def _check(obj) -> None:
 
 ALGOS = ("prime", "grpo", "rloo", "reinforce_pp")
 FILTERS = ("band", "prof", "none")
+FILTER_MODES = ("", "fill", "mask", "resample")
 # --advantage overrides for the outcome-only algos (registry names of `advantages.ESTIMATORS`).
 ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 EXTRA_REWARDS = ("sar",)
@@ -148,6 +149,27 @@ class FilterConfig:
   acc_high: float = _f(0.8, "Accuracy band upper bound (inclusive).", lo=0.0, hi=1.0)
   filter_truncated: bool = _f(True, "Filter out groups with a truncated response.")
   prof_remove: int = _f(0, "--filter=prof: responses removed per group (k; 0 = n // 2).", lo=0)
+  filter_mode: str = _f("", "What the accuracy band does with out-of-band groups (docs/algorithms.md "
+                        "'Filter protocols'): 'fill' = veRL's soft filter (passing groups first, "
+                        "failing groups fill the trained batch); 'mask' = the same fixed-shape batch, "
+                        "but out-of-band groups get weight 0 in the PRM loss, the batch-norm, the "
+                        "leave-one-out, the whitening, the PPO token count and the logged means; "
+                        "'resample' = PRIME-RL's protocol: sample further prompt batches until "
+                        "--prompts_per_step groups are in band or --resample_max_rounds rounds are "
+                        "drawn (the rest masked), surplus in-band prompts buffered for the next step. "
+                        "'' = resample with --prime_variant=original, fill with verl (and with "
+                        "--filter=none|prof, where every group counts as in band).",
+                        choices=FILTER_MODES)
+  resample_max_rounds: int = _f(8, "--filter_mode=resample: sampling rounds per step at most (each "
+                                "round samples prompts_per_step * oversample prompts).", lo=1)
+  process_on_filler: bool = _f(True, "--filter_mode=fill: False gives out-of-band (filler) groups no "
+                               "process reward (0, and out of the batch-norm max); their outcome "
+                               "leave-one-out is 0 anyway, so their returns are 0 and only the "
+                               "whitening still shifts them (-mean/std). Mask / resample never train "
+                               "on filler.")
+  prm_on_filler: bool = _f(False, "Train the implicit PRM on out-of-band (filler) groups too (the "
+                           "veRL recipe, and this library before issue 23). False (default): the "
+                           "PRM trains only on in-band groups, as PRIME-RL does, in every filter mode.")
 
   def __post_init__(self):
     if isinstance(self.filter, bool):  # the former boolean --filter
@@ -155,6 +177,9 @@ class FilterConfig:
     _check(self)
     if self.acc_low > self.acc_high:
       raise ConfigError("acc_low", self.acc_low, f"need acc_low <= acc_high (acc_high={self.acc_high})")
+    if self.filter_mode in ("mask", "resample") and self.filter != "band":
+      raise ConfigError("filter_mode", self.filter_mode, f"masks or re-samples the groups outside the "
+                        f"accuracy band; it needs --filter=band (got --filter={self.filter})")
 
 
 def _check_lora_targets(name: str, spec: str) -> None:
@@ -186,6 +211,12 @@ class PRMConfig:
   prm_lora_alpha: float = _f(16.0, "PRM LoRA alpha (update scale alpha / rank).", lo=0.0, lo_open=True)
   prm_lora_targets: str = _f("q,k,v,o", "PRM LoRA target modules: q,k,v,o,gate,up,down (or "
                              "q_proj, ...).")
+  prm_noise_tol: float = _f(1e-4, "Guard of PRIME's scale-free batch-norm: when every in-band "
+                            "suffix sum |sum_{s>=t} (log pi_prm - log pi_ref)_s| of the step is below "
+                            "this (nats), the implicit log-ratios are float noise (e.g. step 1, PRM = "
+                            "reference: ~1e-5 in float32) and the process rewards are set to exactly 0 "
+                            "instead of being normalised to full size. 0 = off. In bfloat16 the noise "
+                            "floor is ~1e-2 per token: raise it there.", lo=0.0, hi=1e3)
 
   def __post_init__(self):
     _check(self)
@@ -351,6 +382,21 @@ class PrimeConfig:
     return "prime_rloo" if self.uses_prm else (self.advantage or self.algo)
 
   @property
+  def filter_protocol(self) -> str:
+    """The effective --filter_mode: fill, mask or resample ('' resolves by --prime_variant:
+    original -> resample (PRIME-RL), verl -> fill (the veRL recipe); without the band filter every
+    group is in band and the protocol is fill)."""
+    flt = self.filter
+    if flt.filter != "band":
+      return "fill"
+    return flt.filter_mode or ("resample" if self.prime_variant == "original" else "fill")
+
+  @property
+  def masks_filler(self) -> bool:
+    """Out-of-band groups get weight 0 in the advantage and the policy update (mask / resample)."""
+    return self.filter_protocol in ("mask", "resample")
+
+  @property
   def prof_k(self) -> int:
     return self.filter.prof_remove or self.rollout.n // 2
 
@@ -435,8 +481,8 @@ class RunConfig:
   eval_prm: bool = _f(True, "PRIME: also score the eval responses with the implicit PRM and report "
                       "eval/prm_auroc (held-out AUROC of r = beta * sum_t log pi_prm/pi_ref against "
                       "the verifier's label; two no-grad passes over the eval responses; skipped while "
-                      "the PRM still equals the reference, e.g. before its first update, when every "
-                      "implicit reward is exactly 0).")
+                      "the PRM still equals the reference, e.g. before its first update, when the "
+                      "implicit rewards are only float noise).")
   export_dir: str = _f("", "At the end, write the trained policy here as a Hugging Face directory "
                        "(save_pretrained; LoRA adapters merged into the base). '' = no export.")
   dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.")
@@ -538,11 +584,20 @@ def build(cls, values: dict):
 
 def fingerprint(cfg) -> dict:
   """The settings a checkpoint must agree with: the flat config minus `RUNTIME_ONLY`. A LoRA
-  group whose rank is 0 (off) and --generate_batch_size=0 are left out, so checkpoints written
-  before those flags existed still resume."""
+  group whose rank is 0 (off), --generate_batch_size=0 and the filter-protocol settings at their
+  defaults (issue 23; --resample_max_rounds unless the protocol is resample) are left out, so
+  checkpoints written before those flags existed still resume. (A checkpoint written before issue
+  23 then resumes with the PRM trained on in-band groups only, --prm_on_filler=false.)"""
   fp = {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}
   if not fp.get("generate_batch_size"):
     fp.pop("generate_batch_size", None)
+  resample = (fp.get("filter_mode") or ("resample" if fp.get("prime_variant") == "original" else "fill"))
+  if fp.get("filter") != "band" or resample != "resample":
+    fp.pop("resample_max_rounds", None)
+  for k, default in (("filter_mode", ""), ("process_on_filler", True), ("prm_on_filler", False),
+                     ("prm_noise_tol", 1e-4)):
+    if k in fp and fp[k] == default:
+      fp.pop(k)
   for prefix in ("lora_", "prm_lora_"):
     if not fp.get(prefix + "rank"):
       for k in ("rank", "alpha", "targets"):

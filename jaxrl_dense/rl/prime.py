@@ -9,7 +9,8 @@ whole of PRIME spec §4-§7 for one rollout batch:
 
   1. scoring (no grad): old policy log-probs (at the rollout temperature) and entropy, unless
      the batch brings the sampler's (`--recompute_old_logp=false`); reference log-probs.
-  2. implicit-PRM update (PRIME §5; loss `cfg.prm.prm_loss`), then with `prm_update="before"`
+  2. implicit-PRM update (PRIME §5; loss `cfg.prm.prm_loss`) on the in-band groups
+     (`batch.in_band`; all rows with --prm_on_filler), then with `prm_update="before"`
      a re-scoring with the updated PRM (double forward), else the in-loop scores (single forward).
   3. PROF (`filter="prof"`, methods.md §1.4): keep mask from the PRM's step scores; the dropped
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
@@ -18,6 +19,9 @@ whole of PRIME spec §4-§7 for one rollout batch:
      r_t = β (log π_prm − log π_ref) batch-normalised (spec §4), then the estimator
      `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
   5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
+  With --filter_mode=mask|resample the out-of-band rows carry weight 0 in steps 2-6 (the fixed
+  shape stays): the update then equals the update on the in-band rows alone (tested for PRIME,
+  RLOO and GRPO with one PRM and one PPO mini-batch per step).
   6. metrics: KL(old ‖ ref) on the response tokens, entropy, PRM accuracy, advantage statistics.
 
 Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
@@ -114,26 +118,68 @@ def survivor_rows(keep, n: int, k: int):
   return (order + (jnp.arange(g) * n)[:, None]).reshape(-1)
 
 
+def _weighted_corr(x, y, w):
+  """Pearson correlation of x and y [B] under row weights w [B] (NaN without variance)."""
+  w = w / jnp.maximum(jnp.sum(w), 1e-12)
+  dx, dy = x - jnp.sum(w * x), y - jnp.sum(w * y)
+  vx, vy = jnp.sum(w * dx * dx), jnp.sum(w * dy * dy)
+  ok = (vx > 0) & (vy > 0)
+  return jnp.where(ok, jnp.sum(w * dx * dy) / jnp.sqrt(jnp.where(ok, vx * vy, 1.0)), jnp.nan)
+
+
+POSITION_BINS = 4
+
+
+def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
+  """Mean of the token values r [B, T] by relative position: token t of a response of L tokens
+  falls in bin floor(bins · t / L) (quantiles of each response); rows weighted by row_weight [B].
+  Returns [bins] (0 for an empty bin)."""
+  m = mask.astype(jnp.float32) * row_weight[:, None]  # [B, T]
+  length = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)  # [B, 1]
+  t = jnp.arange(mask.shape[1], dtype=jnp.float32)[None, :]  # [1, T]
+  idx = jnp.clip(jnp.floor(bins * t / length), 0, bins - 1).astype(jnp.int32)  # [B, T]
+  one_hot = jax.nn.one_hot(idx, bins, dtype=jnp.float32) * m[..., None]  # [B, T, bins]
+  num = jnp.sum(one_hot * r[..., None], axis=(0, 1))
+  den = jnp.sum(one_hot, axis=(0, 1))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [bins]
+
+
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
-  """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None)
-  -> (advantages [B, R], returns [B, R], stats)`.
+  """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None,
+  in_band=None) -> (advantages [B, R], returns [B, R], stats)`.
 
   outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9);
-  PRIME: process rewards = prime_batch_norm(implicit_token_rewards(prm_logp, ref_logp)). With a
-  PROF `keep` mask [B] (exactly n − k per group) everything is computed over the survivors only
-  (groups of n − k, batch norm and whitening over the survivors) and the dropped rows get 0.
-  The PRM metrics use acc over the whole batch.
+  PRIME: process rewards = prime_batch_norm(zero_float_noise(implicit_token_rewards(prm_logp,
+  ref_logp))): exactly 0 while every implicit log-ratio suffix sum is below --prm_noise_tol (the
+  PRM still equals the reference up to float rounding). With a PROF `keep` mask [B] (exactly
+  n − k per group) everything is computed over the survivors only (groups of n − k, batch norm
+  and whitening over the survivors) and the dropped rows get 0.
+
+  `in_band` [B] (RolloutBatch.in_band; None = all 1): with --filter_mode=mask|resample
+  (`cfg.masks_filler`) the out-of-band rows are a `row_mask` of 0 for the batch-norm max, the
+  leave-one-out, the whitening and the logged means (their advantages and returns are 0); with
+  fill and --process_on_filler=false only their process rewards are 0 (and out of the batch-norm).
+  The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics (issue 23):
+  filter/filler_adv_share = Σ|A| on out-of-band rows / Σ|A|; adv/process_length_corr =
+  corr(L_i, mean_t of row i's process-only return) over the trained rows (NaN without variance);
+  prm/implicit_reward_pos{1..4} = mean β·q by quarter of the response.
   """
   n = cfg.rollout.n
   _, extra_w = config_lib.parse_extra_reward(cfg.extra_reward)
   estimator = adv_lib.ESTIMATORS.get(cfg.estimator)
+  masks = cfg.masks_filler
+  proc_masked = masks or not cfg.filter.process_on_filler
 
   def hp(group):
     return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
                                    outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta)
 
-  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None):
+  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None):
     m = mask.astype(jnp.float32)  # [B, R]
+    ones = jnp.ones(m.shape[:1], jnp.float32)
+    band = ones if in_band is None else (in_band > 0).astype(jnp.float32)  # [B]
+    w = band if masks else ones  # [B] rows of the advantage, the policy update and the means
+    w_proc = w * band if proc_masked else w  # [B] rows that get a process reward
     stats = {}
     outcome = acc  # [B]
     if extra is not None:
@@ -148,27 +194,43 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
       # --prm_update=after): AUROC / correlation with the outcome; NaN when all labels agree.
       stats.update({k: v for k, v in prm_health.prm_health_metrics(
           rw.scores, rw.q, m, acc, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
-      stats["prm/q_seq_mean"] = jnp.mean(jnp.sum(rw.q, axis=1))
+      stats["prm/q_seq_mean"] = jnp.sum(w * jnp.sum(rw.q, axis=1)) / jnp.maximum(jnp.sum(w), 1.0)
+      for i, v in enumerate(position_bin_means(cfg.prm.beta * rw.q, m, w)):
+        stats[f"prm/implicit_reward_pos{i + 1}"] = v
     rows, group = None, n
     if keep is not None:
       group = n - cfg.prof_k
       rows = survivor_rows(keep, n, cfg.prof_k)  # [G*(n-k)]
     take = (lambda x: x) if rows is None else (lambda x: None if x is None else jnp.take(x, rows, axis=0))
     ms = take(m)
+    ws = take(w)
     process = None
     if cfg.uses_prm:
-      process = implicit_prm.prime_batch_norm(
-          implicit_prm.implicit_token_rewards(take(prm_logp), take(ref_logp), ms, beta=cfg.prm.beta,
-                                              variant=cfg.prime_variant).scores)  # [B', R]
-      stats["prm/process_reward_mean"] = ops.masked_mean(process, ms)
+      rs = implicit_prm.implicit_token_rewards(take(prm_logp), take(ref_logp), ms, beta=cfg.prm.beta,
+                                               variant=cfg.prime_variant)
+      wp = take(w_proc) if proc_masked else None
+      scores = implicit_prm.zero_float_noise(rs.scores, rs.q, tol=cfg.prm.prm_noise_tol, row_mask=wp)
+      process = implicit_prm.prime_batch_norm(scores, row_mask=wp)  # [B', R]
+      stats["prm/process_reward_mean"] = ops.masked_mean(process, ms * ws[:, None])
     inputs = adv_lib.AdvantageInputs(
         outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
-        ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len))
+        ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len),
+        row_mask=ws if masks else None)
     adv, ret = estimator(inputs, hp(group))  # [B', R] each
+    if process is not None:  # the process term alone: its return's row mean against the length
+      gammas = {} if cfg.prime_variant == "verl" else {"process_gamma": cfg.gamma}
+      proc_ret = adv_lib.prime_rloo_advantages(
+          process, None, ms, n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+          whiten=False, row_mask=ws if masks else None, **gammas)[1]  # [B', R]
+      stats["adv/process_length_corr"] = _weighted_corr(
+          jnp.sum(ms, axis=1), ops.masked_mean(proc_ret, ms, axis=1), ws)
     if rows is not None:
       adv = jnp.zeros_like(m).at[rows].set(adv)
       ret = jnp.zeros_like(m).at[rows].set(ret)
       m = m * keep[:, None].astype(jnp.float32)
+    abs_a = jnp.sum(jnp.abs(adv) * m, axis=1)  # [B]
+    stats["filter/filler_adv_share"] = jnp.sum(abs_a * (1.0 - band)) / jnp.maximum(jnp.sum(abs_a), 1e-12)
+    m = m * w[:, None]  # the logged means: trained rows only
     stats["adv/mean"] = ops.masked_mean(adv, m)
     stats["adv/std"] = jnp.sqrt(ops.masked_mean(jnp.square(adv - ops.masked_mean(adv, m)), m))
     stats["adv/max"] = jnp.max(jnp.where(m > 0, adv, -jnp.inf))
@@ -264,11 +326,17 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     if sar:  # R_SA from the behaviour policy's answer log-probs with and without the query
       logp_a = score_sar(pol_params, None, None, batch.sequences("query_free"))["old_logp"]
       extra = sar_lib.self_aligned_reward(old_logp, logp_a, m)  # [B]
+    in_band = batch.in_band  # [B] or None (all in band)
+    # Rows of the advantage, the policy update and the logged means: all, or with
+    # --filter_mode=mask|resample the in-band ones (the others get weight 0).
+    w = in_band.astype(jnp.float32) if (cfg.masks_filler and in_band is not None) else None
     prm_state, prm_logp = state.prm, old_logp
     if cfg.uses_prm:
+      # The PRM trains on the in-band groups only (PRIME-RL), unless --prm_on_filler.
+      prm_w = None if (cfg.filter.prm_on_filler or in_band is None) else in_band.astype(jnp.float32)
       with jax.named_scope("prm_update"):
-        prm_state, prm_logp, prm_m = prm_update(state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp),
-                                                prm_base(state))
+        prm_state, prm_logp, prm_m = prm_update(
+            state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp, weight=prm_w), prm_base(state))
         metrics.update(prm_m)
       if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
         with jax.named_scope("prm_score"):
@@ -281,21 +349,24 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
     with jax.named_scope("advantage"):
       adv, ret, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
-                                       old_logp, extra=extra, keep=keep)
+                                       old_logp, extra=extra, keep=keep, in_band=in_band)
       metrics.update(adv_stats)
     pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
+    mw = m  # [B, R] the trained tokens (the logged means below)
+    if w is not None:  # masked rows: out of the PPO loss and its token count
+      pm, mw = pm * w[:, None], m * w[:, None]
     pol_batch = dict(seq, response_mask=pm, old_logp=old_logp, advantages=adv)
     if ref_logp is not None:
       pol_batch["ref_logp"] = ref_logp
     with jax.named_scope("policy_update"):
       policy, pol_m = policy_update(state.policy, pol_batch, key, pol_base(state))
       metrics.update(pol_m)
-    ntok = jnp.maximum(jnp.sum(m), 1.0)
-    metrics["entropy"] = (jnp.sum(entropy * m) / ntok if entropy is not None
+    ntok = jnp.maximum(jnp.sum(mw), 1.0)
+    metrics["entropy"] = (jnp.sum(entropy * mw) / ntok if entropy is not None
                           else metrics["actor/entropy"])  # the update's (first mini-batch) entropy
-    metrics["kl_ref"] = (jnp.sum((old_logp - ref_logp) * m) / ntok if ref_logp is not None
+    metrics["kl_ref"] = (jnp.sum((old_logp - ref_logp) * mw) / ntok if ref_logp is not None
                          else jnp.float32(jnp.nan))  # NaN: no reference scored
-    metrics["response/tokens"] = jnp.sum(m)
+    metrics["response/tokens"] = jnp.sum(m)  # every row the update ran (throughput)
     if token_series:
       series = {"advantage": adv, "return": ret}
       if ref_logp is not None:

@@ -7,8 +7,10 @@
 jitted KV-cache sampler (`sampling.generate`), decodes and verifies them (`verify_fn(texts, golds,
 sources) -> [G·n]`, e.g. a `Verifier`), keeps prompts_per_step groups with
 `filters.accuracy_band_filter` (spec §8; `select_groups`) and returns the kept rows as a
-`RolloutBatch` plus host statistics (accuracy, pass fraction, lengths, stage seconds). Every
-process of a multi-process run calls it with the same records and key and gets the same batch.
+`RolloutBatch` plus host statistics (accuracy, pass / fill fractions, lengths, stage seconds).
+With --filter_mode=resample it samples further rounds of G prompts until prompts_per_step groups
+are in band (PRIME-RL's protocol; surplus in-band prompts go to a `PromptBuffer`). Every process
+of a multi-process run calls it with the same records and key and gets the same batch.
 """
 from __future__ import annotations
 
@@ -75,11 +77,12 @@ def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
 
   `filter="band"`: `filters.accuracy_band_filter` with the run's variant — verl: groups with
   acc_low <= mean acc <= acc_high (and, with filter_truncated, longest response L < R − 1) are
-  ordered first (stable) and the first prompts_per_step kept: a soft filter, failing groups fill the
-  batch when too few pass. original: same band, truncation at L >= R; PRIME-RL re-samples until
-  enough groups pass, which a fixed-shape step cannot, so failing groups fill the batch too
-  (reported as filter/pass_frac). `none` / `prof` keep the first prompts_per_step groups (PROF
-  filters responses inside the update).
+  ordered first (stable) and the first prompts_per_step kept; original: same band, truncation at
+  L >= R. Too few passing groups leave the failing ones in the kept rows (veRL's soft filter);
+  what the update does with them is --filter_mode: fill trains on them, mask gives them weight 0,
+  and resample (`collect`) first samples more prompts, as PRIME-RL does (a fixed-shape step can:
+  the loop runs on the host, and only the final batch has the fixed shape). `none` / `prof` keep
+  the first prompts_per_step groups (PROF filters responses inside the update).
   """
   r, f = cfg.rollout, cfg.filter
   band = f.filter == "band"
@@ -91,20 +94,50 @@ def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
   return np.asarray(out.indices)[:r.rows], np.asarray(out.prompt_pass)
 
 
-def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
-            verify_fn: VerifyFn):
-  """One step's rollout: (RolloutBatch of numpy arrays [B = prompts_per_step · n rows], stats).
+class PromptBuffer:
+  """--filter_mode=resample: prompts of surplus in-band groups, re-sampled first at the next step
+  (PRIME-RL's `add_to_buffer`: prompts, not responses). Holds at most `capacity` records (the
+  first surplus ones; the rest are dropped). `get_state()` / `set_state()`: JSON for the
+  checkpoint, so a resumed run draws the same prompts."""
 
-  `records`: prompts_per_step · oversample PromptRecords; `encoder`: a batching.PromptEncoder
-  (prompts left-padded to max_prompt_length). The batch carries the sampler's log-probs as
-  `old_logp` when the update reuses them (`recompute_old_logp=False`) and the query-free prompts
-  when `extra_reward` is SAR.
-  """
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self.records: list = []
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def add(self, records) -> None:
+    self.records.extend(list(records)[:max(0, self.capacity - len(self.records))])
+
+  def take(self, k: int) -> list:
+    out, self.records = self.records[:k], self.records[k:]
+    return out
+
+  def get_state(self) -> list:
+    return [dataclasses.asdict(x) for x in self.records]
+
+  def set_state(self, state) -> None:
+    from jaxrl_dense.data.prompts import PromptRecord  # pylint: disable=import-outside-toplevel
+    self.records = [PromptRecord(**x) for x in (state or [])]
+
+
+def first_round_records(buffer: "PromptBuffer | None", next_records: Callable[[int], list], k: int) -> list:
+  """The k prompts of a step's first sampling round: buffered prompts first, then fresh ones."""
+  head = buffer.take(k) if buffer is not None else []
+  return head + (next_records(k - len(head)) if k > len(head) else [])
+
+
+# Salt of the sampling keys of the resample rounds after the first (round 0 uses the step's key).
+_RESAMPLE_SALT = 0x7E5A
+
+
+def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
+                  verify_fn: VerifyFn) -> dict:
+  """Samples n responses for each record and verifies them: numpy tokens / mask / logp [G·n, R],
+  acc / lengths [G·n], and the seconds spent generating and verifying."""
   r = cfg.rollout
   n = r.n
-  if len(records) != r.prompts_per_step * r.oversample:
-    raise ValueError(f"collect: got {len(records)} records, expected prompts_per_step * oversample = "
-                     f"{r.prompts_per_step * r.oversample}")
   t0 = time.perf_counter()
   # --length_bucket: prompts padded to the bucket of this step's longest (the encoder's
   # bucket_multiple, set to it by the Trainer), so the sampler compiles once per bucket too.
@@ -120,31 +153,112 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     # to_host: np.asarray, or an all-gather when the rows live on several processes.
     parts.append(sharding.to_host((gen.tokens, gen.mask, gen.logprobs)))
   tokens, mask, logp = (np.concatenate(x, axis=0) for x in zip(*parts))  # [G*n, R] each
-  lengths = mask.sum(axis=1)
   t1 = time.perf_counter()
   texts = decode_responses(tokenizer, tokens, mask)
-  acc = verify_fn(texts, [x.gold for x in records for _ in range(n)],
-                  [x.verifier_source for x in records for _ in range(n)])  # [G*n]
+  acc = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
+                             [x.verifier_source for x in records for _ in range(n)]), np.float32)  # [G*n]
   t2 = time.perf_counter()
-  rows, passed = select_groups(acc, lengths, cfg)  # [B], [G]
-  if (mask[rows].sum(axis=1) == 0).any():
+  return {"records": list(records), "prompts": pb, "tokens": tokens, "mask": mask, "logp": logp,
+          "acc": acc, "lengths": mask.sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1}
+
+
+def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
+            verify_fn: VerifyFn, *, next_records: Callable[[int], list] | None = None,
+            buffer: PromptBuffer | None = None):
+  """One step's rollout: (RolloutBatch of numpy arrays [B = prompts_per_step · n rows], stats).
+
+  `records`: prompts_per_step · oversample PromptRecords (the first sampling round); `encoder`: a
+  batching.PromptEncoder (prompts left-padded to max_prompt_length). The batch carries
+  `in_band` [B] (1 on the groups that passed the band), the sampler's log-probs as `old_logp`
+  when the update reuses them (`recompute_old_logp=False`) and the query-free prompts when
+  `extra_reward` is SAR.
+
+  --filter_mode (`cfg.filter_protocol`) fill / mask: one round, `select_groups`. resample
+  (PRIME-RL's `fit` loop, spec §2 [O]): while fewer than prompts_per_step groups are in band and
+  fewer than --resample_max_rounds rounds are drawn, sample another prompts_per_step · oversample
+  prompts from `next_records(k)` (the data iterator) with a fresh key (round j > 0:
+  fold_in(fold_in(key, salt), j)); the batch holds the first prompts_per_step in-band groups in
+  sampling order, then (when the cap is hit) out-of-band groups in sampling order as weight-0
+  filler; the prompts of the surplus in-band groups go to `buffer` (re-sampled first next step).
+  """
+  r = cfg.rollout
+  n = r.n
+  k = r.prompts_per_step * r.oversample
+  if len(records) != k:
+    raise ValueError(f"collect: got {len(records)} records, expected prompts_per_step * oversample = {k}")
+  mode = cfg.filter_protocol
+  if mode == "resample" and next_records is None:
+    raise ValueError("collect: --filter_mode=resample samples further prompts; pass next_records")
+  rounds = [_sample_round(params, model_config, tokenizer, encoder, records, key, cfg, verify_fn)]
+  if mode != "resample":
+    rows, passed = select_groups(rounds[0]["acc"], rounds[0]["lengths"], cfg)  # [B], [G]
+    picks = [(0, int(g)) for g in rows[::n] // n]  # (round, group) of each kept group
+    flags = [passed]
+  else:
+    passing, failing, flags = [], [], []
+    salt_key = jax.random.fold_in(key, _RESAMPLE_SALT)
+    while True:
+      j = len(rounds) - 1
+      passed = select_groups(rounds[j]["acc"], rounds[j]["lengths"], cfg)[1]  # [G]
+      flags.append(passed)
+      for g, ok in enumerate(passed):
+        (passing if ok else failing).append((j, g))
+      if len(passing) >= r.prompts_per_step or len(rounds) >= cfg.filter.resample_max_rounds:
+        break
+      try:
+        more = next_records(k)
+      except StopIteration:
+        more = []
+      if len(more) != k:  # a finite data iterator ran out: stop drawing
+        break
+      rounds.append(_sample_round(params, model_config, tokenizer, encoder, more,
+                                  jax.random.fold_in(salt_key, len(rounds)), cfg, verify_fn))
+    picks = passing[:r.prompts_per_step]
+    picks += failing[:r.prompts_per_step - len(picks)]
+    if buffer is not None:
+      buffer.add(rounds[j]["records"][g] for j, g in passing[r.prompts_per_step:])
+  return _assemble(rounds, picks, flags, encoder, cfg)
+
+
+def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig):
+  """The RolloutBatch of the picked (round, group) pairs, in order, and the step's statistics
+  (flags: each round's per-group pass flags [G])."""
+  r = cfg.rollout
+  n = r.n
+  rows = [(j, g * n + i) for j, g in picks for i in range(n)]  # (round, row) [B]
+  take = lambda key: np.stack([rounds[j][key][i] for j, i in rows])
+  tokens, mask, logp, acc = take("tokens"), take("mask"), take("logp"), take("acc")
+  if (mask.sum(axis=1) == 0).any():
     raise RuntimeError("a sampled response has no token (L = 0); the sampler must emit >= 1 token")
-  rep = lambda x: np.repeat(np.asarray(x), n, axis=0)[rows]
+  in_band = np.repeat(np.asarray([flags[j][g] for j, g in picks], np.float32), n)  # [B]
+  picked = [rounds[j]["records"][g] for j, g in picks]
+  if len(rounds) == 1:  # the sampled prompt rows as they are
+    pb = rounds[0]["prompts"]
+    ptok, pmask = (np.repeat(np.asarray(x), n, axis=0)[[i for _, i in rows]] for x in (pb.tokens, pb.mask))
+  else:  # rows from several rounds: encode the picked prompts together (same left-padded values)
+    pb = encoder.batch(picked, pad_to=None if r.length_bucket else r.max_prompt_length)
+    ptok, pmask = (np.repeat(np.asarray(x), n, axis=0) for x in (pb.tokens, pb.mask))
   qf_tok = qf_mask = None
   if config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar":
-    epb = encoder.batch([empty_query(x) for x in records], pad_to=r.max_prompt_length)
-    qf_tok, qf_mask = rep(epb.tokens).astype(np.int32), rep(epb.mask).astype(np.int32)
+    epb = encoder.batch([empty_query(x) for x in picked], pad_to=r.max_prompt_length)
+    qf_tok, qf_mask = (np.repeat(np.asarray(x), n, axis=0).astype(np.int32) for x in (epb.tokens, epb.mask))
   batch = RolloutBatch(
-      prompt_tokens=rep(pb.tokens).astype(np.int32), prompt_mask=rep(pb.mask).astype(np.int32),
-      response_tokens=tokens[rows].astype(np.int32), response_mask=mask[rows].astype(np.float32),
-      acc=np.asarray(acc)[rows].astype(np.float32),
-      old_logp=None if cfg.policy.recompute_old_logp else logp[rows].astype(np.float32),
-      query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask)
+      prompt_tokens=ptok.astype(np.int32), prompt_mask=pmask.astype(np.int32),
+      response_tokens=tokens.astype(np.int32), response_mask=mask.astype(np.float32),
+      acc=acc.astype(np.float32),
+      old_logp=None if cfg.policy.recompute_old_logp else logp.astype(np.float32),
+      query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask, in_band=in_band)
   if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed (issue 13)
     batch = trim_batch(batch, r.length_bucket)
-  stats = {"outcome/acc_sampled": float(np.mean(acc)), "outcome/acc": float(np.mean(acc[rows])),
-           "filter/pass_frac": float(np.mean(passed)), "response/length_mean": float(lengths.mean()),
+  acc_all = np.concatenate([x["acc"] for x in rounds])
+  lengths = np.concatenate([x["lengths"] for x in rounds])
+  t_gen, t_ver = sum(x["t_gen"] for x in rounds), sum(x["t_ver"] for x in rounds)
+  stats = {"outcome/acc_sampled": float(np.mean(acc_all)), "outcome/acc": float(np.mean(acc)),
+           "filter/pass_frac": float(np.mean(np.concatenate(flags))),
+           "filter/fill_frac": float(1.0 - np.mean(in_band)),
+           "filter/resample_rounds": float(len(rounds)),
+           "response/length_mean": float(lengths.mean()),
            "response/truncated_frac": float((lengths >= r.max_response_length).mean()),
            "response/sampled_tokens": float(lengths.sum()),
-           "time/generate": t1 - t0, "time/verify": t2 - t1}
+           "time/generate": t_gen, "time/verify": t_ver}
   return batch, stats

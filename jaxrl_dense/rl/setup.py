@@ -366,7 +366,8 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
   b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
           "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
-          "acc": ((rows,), jnp.float32), "old_logp": ((rows, R_), jnp.float32)})
+          "acc": ((rows,), jnp.float32), "old_logp": ((rows, R_), jnp.float32),
+          "in_band": ((rows,), jnp.float32)})  # rollout.collect always marks the in-band rows
   if p.policy.recompute_old_logp:
     b["old_logp"] = None
   batch = RolloutBatch(**b)

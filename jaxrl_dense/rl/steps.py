@@ -281,6 +281,13 @@ def make_prm_update(
       of `num_samples` = n rows). A loss takes `(q, mask, acc, *, beta)` or, when its signature
       has `q_bc`, `(q, mask, acc, q_bc, acc_bc, *, beta)`.
 
+  Optional batch key `weight` [B] (1 = train on the row, 0 = not; PRIME trains its PRM on the
+  in-band groups only): the mini-batch loss becomes the weighted mean of the per-row losses,
+  Σ_i w_i ℓ_i / Σ_i w_i over the mini-batch (each loss evaluated on single rows; for the
+  summing best-of-N losses × micro_batch_size, their scale above), so with every weight 1 it is
+  the loss above, and it equals the loss of the weighted rows alone for any micro-batch size. A
+  mini-batch whose weights are all 0 takes no optimizer step (state unchanged).
+
   Gradient clipping and AdamW live in `optimizer`. `prm_logp` holds the log-probs computed inside
   the update loop: mini-batch k is scored by the PRM after k optimizer steps of this call, i.e.
   PRIME-RL's "single forward" (`update: after`) scores. Required batch keys: tokens,
@@ -294,6 +301,8 @@ def make_prm_update(
   if isinstance(loss_fn, str):
     loss_fn = rewards.get_prm_loss(loss_fn)
   grouped = "q_bc" in inspect.signature(loss_fn).parameters
+  # The best-of-N forms of the detached DPO loss SUM their weighted terms (spec §5.2).
+  sums_rows = getattr(loss_fn, "keywords", {}).get("bon_mode", "none") != "none"
   if grouped:
     n = num_samples or group_size
     if n < 2 or mini_batch_size % n:
@@ -309,12 +318,28 @@ def make_prm_update(
     n_mini = _split(B, mini_batch_size, "PRM mini_batch_size")
     n_micro = _split(mini_batch_size, micro_batch_size, "PRM micro_batch_size")
     scale = micro_batch_size / mini_batch_size
+    weighted = batch.get("weight") is not None
     rows = dict(tokens=tokens, attn=attn, rmask=rmask, acc=acc, ref_logp=ref_logp)
+    if weighted:
+      chex.assert_shape(batch["weight"], (B,))
+      rows["weight"] = batch["weight"].astype(jnp.float32)
     minis = _chunk(rows, n_mini)
 
-    def micro_loss(params, mb):
+    def row_losses(q, mb):
+      """[b] the loss of each row alone."""
+      one = lambda x: x[None]
+      if grouped:
+        f = lambda q1, m1, a1, qb, ab: loss_fn(one(q1), one(m1), one(a1), one(qb), one(ab), beta=beta)
+        return jax.vmap(f)(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"])
+      return jax.vmap(lambda q1, m1, a1: loss_fn(one(q1), one(m1), one(a1), beta=beta))(
+          q, mb["rmask"], mb["acc"])
+
+    def micro_loss(params, mb, wsum):
       logp, _ = response_logprobs(model(params), config, mb["tokens"], mb["attn"], R, False, group_size)
       q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
+      if weighted:  # weighted mean over the mini-batch (global weight count)
+        loss = jnp.sum(mb["weight"] * row_losses(q, mb)) / jnp.maximum(wsum, 1e-8)
+        return loss * (micro_batch_size if sums_rows else 1.0), logp
       if grouped:
         loss = loss_fn(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
       else:
@@ -335,10 +360,11 @@ def make_prm_update(
         mini = dict(mini, q_bc=implicit_prm.group_matrix(qs, n),  # [mini, n]
                     acc_bc=implicit_prm.group_matrix(mini["acc"], n))
       micros = _chunk(mini, n_micro)
+      wsum = jnp.sum(mini["weight"]) if weighted else jnp.float32(mini_batch_size)
 
       def acc_step(carry, mb):
         gsum, lsum = carry
-        (loss, logp), g = grad_fn(st.params, mb)
+        (loss, logp), g = grad_fn(st.params, mb, wsum)
         g = sharding.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss), logp
 
@@ -348,6 +374,8 @@ def make_prm_update(
       updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
       params = optax.apply_updates(st.params, updates)
       new = TrainState(params=params, opt_state=opt_state, step=st.step + 1)
+      if weighted:  # no row to train on: no optimizer step (AdamW would still move on its moments)
+        new = jax.tree.map(lambda a, b: jnp.where(wsum > 0, a, b), new, st)
       return new, (logps.reshape((mini_batch_size, R)), loss, gnorm)
 
     state, (logps, losses_, gnorms) = jax.lax.scan(mini_step, state, minis)
@@ -397,7 +425,8 @@ def make_policy_update(
   [O], or of per-device micro-batch aggregates [V]; see docs/algorithms.md.)
 
   Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
-  when kl_coef > 0). `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
+  when kl_coef > 0). Rows whose response_mask is all 0 (rows masked out by the caller) add
+  nothing to the loss or its count; a mini-batch of such rows only takes no optimizer step. `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
   once per group (same loss and gradient). The shuffle permutes blocks of `shuffle_group_size`
   rows (default `group_size`); give it explicitly (e.g. n whenever a mini-batch holds whole
   groups) to make the trajectory independent of `group_size`, which is then a speed setting only.
@@ -489,6 +518,10 @@ def make_policy_update(
       gnorm = optax.global_norm(grads)
       updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
       params = optax.apply_updates(st.params, updates)
+      new = TrainState(params=params, opt_state=opt_state, step=st.step + 1)
+      # A mini-batch without a valid token (every row masked out, --filter_mode=mask) takes no
+      # optimizer step: AdamW would still move the params on its moments.
+      new = jax.tree.map(lambda a, b: jnp.where(jnp.sum(mini["response_mask"]) > 0, a, b), new, st)
       ntok = jnp.maximum(jnp.sum(mini["response_mask"]), 1.0)
       stats = {"loss": loss, "grad_norm": gnorm, "pg_loss": sums["pg"], "entropy": sums["entropy"]}
       if "kl" in sums:
@@ -496,7 +529,7 @@ def make_policy_update(
       for k, v in sums.items():
         if k.startswith("tok/"):
           stats[k[4:]] = v / ntok
-      return TrainState(params=params, opt_state=opt_state, step=st.step + 1), stats
+      return new, stats
 
     def epoch_step(st, key):
       if shuffle:  # blocks of shuffle_g rows move together (a block of 1 = a row)

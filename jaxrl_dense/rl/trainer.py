@@ -5,9 +5,10 @@
     report = trainer.evaluate("_end")      # evaluation.evaluate (greedy pass@1), JSON report
     tree, meta = trainer.checkpoint()      # what an exact resume needs; trainer.restore(tree, meta)
 
-Keys are derived from (seed, step), the data iterator state travels in `meta`, so restoring a
-checkpoint and stepping reproduces the original run. experiments/prime_math.py owns the loop
-around it (logging, eval / checkpoint cadence, resume, NaN stop).
+Keys are derived from (seed, step), the data iterator state (and --filter_mode=resample's prompt
+buffer) travels in `meta`, so restoring a checkpoint and stepping reproduces the original run.
+experiments/prime_math.py owns the loop around it (logging, eval / checkpoint cadence, resume,
+NaN stop).
 """
 from __future__ import annotations
 
@@ -104,6 +105,10 @@ class Trainer:
       raise ConfigError("max_prompt_length", r.max_prompt_length, "every training prompt is longer than this")
     self.eval_records, _ = self.encoder.filter_overlong(self.eval_records)
     self.iterator = iterator.PromptIterator(self.train_records, seed=cfg.seed)
+    # --filter_mode=resample: prompts of surplus in-band groups, re-sampled first next step.
+    self.prompt_buffer = (rollout.PromptBuffer(capacity=r.prompts_per_step)
+                          if p.filter_protocol == "resample" else None)
+    self._fill_warned = False
     self.verifier = rollout.Verifier(r.verify_timeout, cfg.verify_workers,
                                      code_sandbox="unsafe" if cfg.unsafe_code_sandbox else "auto")
     self.base_key = jax.random.PRNGKey(cfg.seed)
@@ -115,9 +120,14 @@ class Trainer:
     p, r = self.cfg.prime, self.cfg.prime.rollout
     step = self.step + 1
     gen_key, upd_key = jax.random.split(jax.random.fold_in(self.base_key, step))
-    records = self.iterator.next_batch(r.prompts_per_step * r.oversample)
+    records = rollout.first_round_records(self.prompt_buffer, self.iterator.next_batch,
+                                          r.prompts_per_step * r.oversample)
     batch, stats = rollout.collect(self.policy_params(), self.model_config, self.tokenizer,
-                                   self.encoder, records, gen_key, p, self.verifier)
+                                   self.encoder, records, gen_key, p, self.verifier,
+                                   next_records=self.iterator.next_batch, buffer=self.prompt_buffer)
+    if self.prompt_buffer is not None:
+      stats["filter/buffer_size"] = float(len(self.prompt_buffer))
+    self._warn_fill(stats["filter/fill_frac"], step)
     t = time.perf_counter()
     self.state, metrics = self.update_fn(self.state, sharding.shard_batch(batch, self.mesh), upd_key)
     metrics = sharding.to_host(metrics)  # waits for the update
@@ -130,6 +140,22 @@ class Trainer:
     stats["tokens_per_s"] = (stats.pop("response/sampled_tokens") + trained) / max(stats["time/step"], 1e-9)
     self.step = step
     return {"epoch": self.iterator.epoch, **{k: float(np.asarray(v)) for k, v in metrics.items()}, **stats}
+
+  FILL_WARN_FRAC = 0.25  # veRL's fill is harmless only while >= 1/oversample of the groups pass
+
+  def _warn_fill(self, fill_frac: float, step: int) -> None:
+    """Once per run: a warning when more than 25% of the step's trained groups are out of band."""
+    if self._fill_warned or fill_frac <= self.FILL_WARN_FRAC or jax.process_index() != 0:
+      return
+    self._fill_warned = True
+    mode = self.cfg.prime.filter_protocol
+    what = ("are trained as filler (--filter_mode=fill: the PRM skips them, the policy does not; "
+            "PRIME's process term on them is noise normalised to full size)" if mode == "fill" else
+            "are masked (weight 0): the step trains on fewer groups than --prompts_per_step")
+    print(f"[filter] warning (step {step}, shown once): {fill_frac:.0%} of the trained groups are "
+          f"outside the accuracy band and {what}. Consider --filter_mode=resample, a larger "
+          f"--oversample or --resample_max_rounds, or an easier task / lower temperature. "
+          f"Per-step value: filter/fill_frac.", flush=True)
 
   def evaluate(self, tag: str = "") -> dict:
     """Greedy pass@1 on the eval records (`evaluation.evaluate`, one compilation); process 0
@@ -146,7 +172,8 @@ class Trainer:
               "eval/truncated_rate": res.summary["truncated_rate"], "time/eval": res.summary["eval_seconds"]}
     p = cfg.prime
     # The PRM's quality on held-out responses. Skipped while the PRM is still the reference
-    # (PRIME's default start, before any PRM update): every implicit reward is exactly 0 then.
+    # (PRIME's default start, before any PRM update): its implicit rewards are then only the
+    # float rounding between the two forward passes (~1e-5 per response in float32), no signal.
     if cfg.eval_prm and p.uses_prm and p.needs_ref and not self.prm_is_reference():
       from jaxrl_dense import prm_health
       t = time.perf_counter()
@@ -229,6 +256,8 @@ class Trainer:
     from jaxrl_dense import checkpoint as ckpt_lib
     meta = {"step": self.step, "data_state": self.iterator.get_state(), "history": list(history),
             "model_config": ckpt_lib.make_fingerprint(self.model_config)}
+    if self.prompt_buffer is not None:  # resample's buffered prompts: part of the data state
+      meta["prompt_buffer"] = self.prompt_buffer.get_state()
     return prime.checkpoint_tree(self.state), meta
 
   def restore(self, tree, meta) -> list:
@@ -238,6 +267,8 @@ class Trainer:
       raise ckpt_lib.CheckpointMismatchError("the checkpoint was written for another model config")
     self.state = prime.restore_tree(self.state, tree)
     self.iterator.set_state(meta["data_state"])
+    if self.prompt_buffer is not None:
+      self.prompt_buffer.set_state(meta.get("prompt_buffer", []))
     self.step = int(meta["step"])
     return list(meta["history"])
 
