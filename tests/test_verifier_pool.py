@@ -233,6 +233,28 @@ def test_worker_reports_a_broken_sandbox_as_a_harness_error(monkeypatch):
   assert stats.failure_reasons() == {"harness_error": 1}
 
 
+def _verify_batch_in_child(q):
+  q.put(verify_batch(["\\boxed{1}", "\\boxed{x+1}"], ["1", "1+x"], workers=1, timeout_s=10.0).tolist())
+
+
+def test_verify_batch_in_a_forked_child():
+  """The child gets its own pool and fork server; the parent's pool is left alone."""
+  import multiprocessing as mp
+  parent_pool = get_pool(1)
+  np.testing.assert_array_equal(verify_batch(["\\boxed{2}"], ["2"], workers=1), [1])
+  ctx = mp.get_context("fork")
+  q = ctx.Queue()
+  p = ctx.Process(target=_verify_batch_in_child, args=(q,))
+  p.start()
+  try:
+    assert q.get(timeout=60) == [1.0, 1.0]
+  finally:
+    p.join(10)
+  assert p.exitcode == 0
+  assert get_pool(1) is parent_pool
+  np.testing.assert_array_equal(verify_batch(["\\boxed{x+1}"], ["1+x"], workers=1), [1])
+
+
 @pytest.mark.parametrize("source,kind", [
     ("codecontests", "code"), ("apps", "code"), ("codeforces", "code"), ("taco", "code"),
     ("TACO", "code"), ("leetcode", "math"), ("unicode_math", "math"), ("numina_olympiads", "math"), ("numina_cn_k12", "math"),

@@ -1,6 +1,8 @@
 """Tests of the math outcome verifier (extraction, equivalence) and the shipped-data adapters."""
+import multiprocessing
 import random
 import threading
+import time
 
 import pytest
 
@@ -107,6 +109,18 @@ EQUIVALENT = [
     ("2516_8", "2516_8"),
     ("\\text{Evelyn}", "\\text{Evelyn}"),
     ("y = 2x + 3", "2x+3"),
+    # an answer numerically equal to an integer gold; decimal tolerance for a non-integer gold
+    ("5.0", "5"),
+    ("1000000.000", "1000000"),
+    ("\\frac{2000000}{2}", "1000000"),
+    ("0.3333333", "\\frac{1}{3}"),
+    ("2.5000001", "2.5"),
+    # units and counted nouns after a number are dropped
+    ("5 \\text{ apples}", "5"),
+    ("5 \\text{ square feet}", "5"),
+    ("5\\text{ m/s}", "5"),
+    ("5 \\mbox{cm}", "5"),
+    ("5 \\text{ people}", "5"),
 ]
 
 NOT_EQUIVALENT = [
@@ -130,6 +144,34 @@ NOT_EQUIVALENT = [
     ("1000", "10,000"),
     ("5x", "5"),
     ("\\frac{1}{2}", "\\frac{1}{2}x"),
+    # an integer gold compares as an integer: no decimal tolerance (red team #27)
+    ("123456700.5", "123456789"),
+    ("1000000.5", "1000000"),
+    ("999999.9999999", "1000000"),
+    ("1000000.5", "1000000.0"),
+    ("1000000.5 \\text{ dollars}", "1000000"),
+    ("5.0000001", "5"),
+    ("\\frac{2000001}{2}", "1000000"),
+    ("10^6+10^{-7}", "1000000"),
+    # hedges: a label that bounds or hedges the number is not a unit (red team #28)
+    ("5 \\text{ or seven}", "5"),
+    ("5 \\text{or more}", "5"),
+    ("5 \\text{ not }", "5"),
+    ("5 \\text{ cm or more}", "5"),
+    ("5 \\text{ at least}", "5"),
+    ("5 \\text{ approximately}", "5"),
+    ("5 \\text{ dozen}", "5"),
+    ("5 \\mathrm{or less}", "5"),
+    ("5 or more", "5"),
+    ("5+", "5"),
+    ("\\sqrt{2} \\text{ or more}", "\\sqrt{2}"),
+    # lists of alternatives in one box (red team #26)
+    ("1, 2, 3", "2"),
+    ("1 \\text{ or } 2 \\text{ or } 3", "2"),
+    ("5 \\text{ or } 7", "5"),
+    ("A, B, C, D", "C"),
+    ("\\pm 2", "2"),
+    ("\\pm 2", "-2"),
 ]
 
 
@@ -164,6 +206,19 @@ def test_score_plain_answers_and_non_string_golds(response, gold, expected):
   assert vmath.score(response, gold) == expected
 
 
+@pytest.mark.parametrize("gold", [1, 2, 3])
+def test_hedged_plain_answers_score_zero(gold):
+  assert vmath.score("The answer is 1 or 2 or 3.", gold) == 0.0
+  assert vmath.score("\\boxed{1 \\text{ or } 2 \\text{ or } 3}", gold) == 0.0
+
+
+def test_integer_golds_compare_as_integers():
+  # int golds (not strings) too; an equal decimal is still right
+  assert vmath.score("\\boxed{1000000.5}", 1000000) == 0.0
+  assert vmath.score("\\boxed{123456789.0}", 123456789) == 1.0
+  assert vmath.score("The answer is 1,000,000.", 1000000) == 1.0
+
+
 def test_score_bad_gold_raises():
   with pytest.raises(TypeError, match="gold"):
     vmath.score("\\boxed{1}", None)
@@ -173,6 +228,8 @@ def test_score_bad_gold_raises():
     vmath.score("\\boxed{1}", "  ")
   with pytest.raises(ValueError, match="finite"):
     vmath.score("\\boxed{1}", float("nan"))
+  with pytest.raises(ValueError, match="timeout_s"):
+    vmath.score("\\boxed{1}", "1", timeout_s=0)
 
 
 def test_gold_to_str():
@@ -194,6 +251,82 @@ def test_score_in_non_main_thread():
   t.start()
   t.join(60)
   assert out == {"a": 1.0, "b": 0.0}
+
+
+# ----------------------------------------------------------------------------- hard time limit
+
+# Scheduling slack on a loaded 2-core machine: kill + replacement + IPC.
+SLACK = 3.0
+HANGS = [("\\boxed{\\sin(10^{10^{6}})}", "0"), ("\\boxed{9^{9^{9^{9}}}}", "5")]  # GMP work, > 40 s
+
+
+@pytest.fixture()
+def isolated_warm():
+  """The isolation worker started (its one-time start is not part of the limit)."""
+  assert vmath.score("\\boxed{x+1}", "1+x") == 1.0
+  assert vmath._ISOLATED_POOL is not None and not vmath._ISOLATED_POOL.closed
+
+
+@pytest.mark.parametrize("response, gold", HANGS)
+def test_direct_score_has_a_hard_time_limit(isolated_warm, response, gold):
+  pids = vmath._ISOLATED_POOL.worker_pids()
+  t0 = time.monotonic()
+  assert vmath.score(response, gold, timeout_s=1.0) == 0.0
+  elapsed = time.monotonic() - t0
+  assert elapsed < 1.0 + SLACK, elapsed
+  assert vmath._ISOLATED_POOL.last_stats.statuses == ["timeout"]
+  assert vmath._ISOLATED_POOL.worker_pids() != pids  # killed and replaced
+  # the replacement is warm: the next sympy answer is right and fast
+  t0 = time.monotonic()
+  assert vmath.score("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", timeout_s=1.0) == 1.0
+  assert time.monotonic() - t0 < 1.0
+
+
+def test_direct_score_time_limit_holds_off_the_main_thread(isolated_warm):
+  """Off the main thread math-verify's signal timeout is off; the kill still bounds the call."""
+  out = {}
+
+  def run():
+    t0 = time.monotonic()
+    out["s"] = vmath.score(HANGS[1][0], HANGS[1][1], timeout_s=1.0)
+    out["t"] = time.monotonic() - t0
+
+  t = threading.Thread(target=run)
+  t.start()
+  t.join(60)
+  assert out["s"] == 0.0 and out["t"] < 1.0 + SLACK, out
+
+
+def test_sympy_step_runs_in_the_child_and_fast_path_in_process(isolated_warm, monkeypatch):
+  def boom(*args):
+    raise AssertionError("sympy step ran in the calling process")
+
+  monkeypatch.setattr(vmath, "_math_verify_equal", boom)
+  assert vmath.score("\\boxed{x+1}", "1+x") == 1.0  # sympy, in the child
+  assert vmath.score("\\boxed{x+2}", "1+x") == 0.0
+  assert vmath.score("\\boxed{5}", "5.0") == 1.0  # fast path, no sympy anywhere
+  with pytest.raises(AssertionError, match="calling process"):
+    vmath.score("\\boxed{x+1}", "1+x", isolate=False)
+  with pytest.raises(AssertionError, match="calling process"):
+    vmath.score("\\boxed{x+1}", "1+x", timeout_s=None)  # no limit: in process
+
+
+def _score_in_forked_child(q):
+  q.put((vmath.score("\\boxed{x+1}", "1+x"), vmath.score(HANGS[1][0], HANGS[1][1], timeout_s=1.0)))
+
+
+def test_direct_score_in_a_forked_child(isolated_warm):
+  """A forked child starts its own isolation worker (the parent's is not its child)."""
+  ctx = multiprocessing.get_context("fork")
+  q = ctx.Queue()
+  p = ctx.Process(target=_score_in_forked_child, args=(q,))
+  p.start()
+  try:
+    assert q.get(timeout=60) == (1.0, 0.0)
+  finally:
+    p.join(10)
+  assert p.exitcode == 0
+  assert vmath.score("\\boxed{x+1}", "1+x") == 1.0  # the parent's worker was left alone
 
 
 # ----------------------------------------------------------------------------- shipped data

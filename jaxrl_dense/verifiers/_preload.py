@@ -16,5 +16,5 @@ _WARMUP = (
     ("2^{10}", "1024"), ("\\binom{5}{2}", "10"), ("5!", "120"), ("e^{2}", "7.389"), ("|x-1|", "2"),
 )
 for _gold, _pred in _WARMUP:
-  _math.score("\\boxed{" + _pred + "}", _gold)
+  _math.score("\\boxed{" + _pred + "}", _gold, isolate=False)  # no child of the fork server
 _sandbox.bwrap_available()  # probe bubblewrap once; forked workers inherit the cached answer

@@ -14,15 +14,19 @@ Reinforcement through Implicit Rewards"; `prime_math` in veRL): the last `\\boxe
 cut at the end of the sentence), a GSM8K-style "#### X", a trailing "= X". The order is
 configurable.
 
-`score` is a pure function of its inputs but may be slow or hang on adversarial inputs
-(sympy): call it through `jaxrl_dense.verifiers.VerifierPool` / `verify_batch`, which enforce a
-hard wall-clock limit per item from a parent process. math-verify's own timeout uses
+`score` is a pure function of its inputs. sympy may hang on adversarial LaTeX, in GMP code
+that no signal interrupts, so `score` runs the sympy step in a warm child process that is
+killed after `timeout_s` (the string and plain-number decisions, most answers, stay in this
+process). For batches use `jaxrl_dense.verifiers.VerifierPool` / `verify_batch`: the same hard
+limit per item, on several worker processes. math-verify's own (soft) timeout uses
 `signal.alarm`, which works only in a main thread; `score` enables it only there.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math as _pymath
+import os
 import re
 import threading
 from fractions import Fraction
@@ -203,8 +207,34 @@ _UNIT_WORDS = (
 )
 _UNIT_TAIL = re.compile(
     r"^(?P<num>[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:\\frac\{\d+\}\{\d+\})?)\s*"
-    r"(?:(?:\\(?:text|mathrm|mbox|textrm)\s*\{\s*[a-zA-Z ./]*\s*\})|(?:" + _UNIT_WORDS + r"))"
+    r"(?:(?:\\(?:text|mathrm|mbox|textrm)\s*\{(?P<label>[a-zA-Z ./]*)\})|(?:" + _UNIT_WORDS + r"))"
     r"(?:\^\{?[23]\}?)?\s*$")
+# Words that change, bound or hedge the number they follow ("5 or more", "5 not", "5 dozen",
+# "5 or seven"): a `\text{...}` label holding one of them is not a unit and is never dropped.
+_NOT_A_LABEL = frozenset("""
+    or and nor but either neither both versus vs plus minus
+    not no none never non without except unless if else otherwise
+    more less fewer greater larger bigger higher smaller lower least most than over under above below
+    at about around approximately approx roughly nearly almost circa ca ish
+    some any all many few several up to from between until till respectively
+    maybe perhaps possibly probably likely unlikely guess estimate estimated
+    negative squared cubed pi i e infinity infinite undefined
+    zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen
+    sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety
+    half halves dozen dozens hundred hundreds thousand thousands million millions billion billions
+    trillion trillions
+""".split())
+_MAX_LABEL_WORDS = 4
+
+
+def _is_unit_label(label: str) -> bool:
+  """True when the content of a `\\text{...}` after a number names a unit or a counted noun
+  ("cm", "square feet", "m/s", "apples"): at most `_MAX_LABEL_WORDS` words of letters, none of
+  them in `_NOT_A_LABEL`."""
+  words = [w for w in re.split(r"[\s./]+", label.lower()) if w]
+  return len(words) <= _MAX_LABEL_WORDS and not any(w in _NOT_A_LABEL for w in words)
+
+
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"^\(?([A-Ea-e])\)?$")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
@@ -253,7 +283,7 @@ def normalize_answer(ans: str | int | float) -> str:
   s = re.sub(r"\s+percent$", "", s)
   # Trailing unit after a number ("5 \text{ cm}^2", "12 inches").
   m = _UNIT_TAIL.match(s.strip())
-  if m:
+  if m and (m.group("label") is None or _is_unit_label(m.group("label"))):
     s = m.group("num")
   # Remaining \text{...} wrappers: keep the content.
   for _ in range(3):
@@ -404,28 +434,130 @@ def _could_be_number(s: str) -> bool:
 
 
 def _numbers_equal(a: Fraction, b: Fraction, decimal: bool) -> bool:
-  """Exact for integers/fractions; decimals agree to 6 places (math-verify's float_rounding)."""
+  """`a` (the answer) equals `b` (the gold): exact when the gold is an integer or neither side
+  is written as a decimal; else (a non-integer gold, a decimal on either side) to 6 places
+  relative, math-verify's float_rounding ("0.333333" for 1/3). An integer gold therefore never
+  accepts a decimal that is not equal to it ("1000000.5" for 1000000)."""
   if a == b:
     return True
-  return decimal and abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
+  return decimal and b.denominator != 1 and abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
+
+
+def _fast_equal(pred_n: str, gold_n: str) -> bool | None:
+  """Equality of two normalised answers decided without sympy, or None when sympy must decide.
+
+  Decides: equal strings; two plain numbers (integers, decimals, a/b, \\frac{a}{b}: compared as
+  rationals, see `_numbers_equal`); a plain number against a tuple, interval, set, matrix,
+  relation or an expression with a free variable (never equal); an answer ending in "+" or
+  "-" that the gold does not end in (a hedge, "5+" for "5 or more").
+  """
+  if pred_n == gold_n and pred_n:
+    return True
+  if pred_n.endswith(("+", "-")) and not gold_n.endswith(pred_n[-1]):
+    return False
+  pred_num, gold_num = _as_number(pred_n), _as_number(gold_n)
+  if pred_num is not None and gold_num is not None:
+    return _numbers_equal(pred_num, gold_num, "." in pred_n or "." in gold_n)
+  if (pred_num is not None and not _could_be_number(gold_n)) or (
+      gold_num is not None and not _could_be_number(pred_n)):
+    return False
+  return None
+
+
+def _sympy_equal(pred: str, gold_s: str, timeout_s: float | None) -> bool:
+  """Equality of two extracted answers: `_fast_equal` of their normal forms, else math-verify
+  (on the normal forms, then on the raw strings when a normal form does not parse). Unbounded
+  in time on adversarial LaTeX; `timeout_s` is math-verify's soft, main-thread-only limit."""
+  pred_n, gold_n = normalize_answer(pred), normalize_answer(gold_s)
+  fast = _fast_equal(pred_n, gold_n)
+  if fast is not None:
+    return fast
+  eq = _math_verify_equal(pred_n, gold_n, timeout_s)
+  if eq is None and (pred_n, gold_n) != (pred, gold_s):
+    eq = _math_verify_equal(pred, gold_s, timeout_s)  # normalisation may have broken the LaTeX
+  return bool(eq)
+
+
+# ----------------------------------------------------------------------------- hard time limit
+
+# One warm worker process (a 1-worker `VerifierPool`) per process, started on the first answer
+# that needs sympy; it runs `_sympy_equal` and is SIGKILLed (and replaced) past the time limit.
+_ISOLATED_POOL = None
+_ISOLATED_LOCK = threading.Lock()
+# The first start waits for the pool's fork server to import and warm up math-verify (seconds).
+_ISOLATED_START_TIMEOUT_S = 300.0
+
+
+def _isolated_pool():
+  """The process's isolation pool, started (and waited for) on first use."""
+  global _ISOLATED_POOL
+  with _ISOLATED_LOCK:
+    if _ISOLATED_POOL is None or _ISOLATED_POOL.closed:
+      from jaxrl_dense.verifiers.pool import VerifierPool
+      pool = VerifierPool(workers=1)
+      ok = pool._verify_math_answers(["1"], ["1"], _ISOLATED_START_TIMEOUT_S)  # worker is up
+      if ok[0] != 1.0:
+        pool.close()
+        raise RuntimeError(f"math.score: the isolation worker failed to start: {pool.last_stats.statuses}")
+      _ISOLATED_POOL = pool
+    return _ISOLATED_POOL
+
+
+def _close_isolated_pool() -> None:
+  global _ISOLATED_POOL
+  if _ISOLATED_POOL is not None:
+    _ISOLATED_POOL.close()
+    _ISOLATED_POOL = None
+
+
+def _forget_isolated_pool_in_child() -> None:
+  """After os.fork: the parent's pool (workers, pipes) is not ours; drop it without closing it."""
+  global _ISOLATED_POOL, _ISOLATED_LOCK
+  if _ISOLATED_POOL is not None:
+    _ISOLATED_POOL._abandon()  # its __del__ must not stop the parent's worker
+  _ISOLATED_POOL = None
+  _ISOLATED_LOCK = threading.Lock()
+
+
+atexit.register(_close_isolated_pool)
+os.register_at_fork(after_in_child=_forget_isolated_pool_in_child)
+
+
+def _can_have_children() -> bool:
+  """Daemonic multiprocessing processes (e.g. the pool's own workers) may not start processes."""
+  import multiprocessing as mp
+  return not mp.current_process().daemon
 
 
 def score(response: str | None, gold: str | int | float, *, order: Sequence[str] = DEFAULT_ORDER,
-          timeout_s: float | None = 5.0) -> float:
+          timeout_s: float | None = 5.0, isolate: bool = True) -> float:
   """Outcome label of one math response: 1.0 if its final answer equals `gold`, else 0.0.
 
     score = 1[ norm(a) == norm(a*)  or  math_verify(a, a*) ],  a = extract_answer(response)
 
   where two plain numbers (integers, decimals, a/b, \\frac{a}{b}) are compared exactly as
-  rationals (decimals to 6 places) without sympy, and a plain number never equals a tuple,
-  interval, set, matrix, relation or an expression with a free variable.
+  rationals without sympy (decimals to 6 places, only when the gold is not an integer), and a
+  plain number never equals a tuple, interval, set, matrix, relation or an expression with a
+  free variable. A number followed by a unit ("5 cm", "5 \\text{ apples}") is the number, but
+  a label that bounds or hedges it ("5 \\text{ or more}", "5 \\text{ not}") is not a unit
+  (see `_NOT_A_LABEL`), and such an answer scores 0.
+
+  Time: extraction, normalisation and the plain-number / string decisions run in this process
+  (linear in the capped input). Answers that need sympy / math-verify run, with `isolate`, in a
+  warm child process (one per process, started on first need, shared by threads) that is
+  SIGKILLed after `timeout_s`: a call returns within about `timeout_s` (plus the one-time start)
+  even on LaTeX such as `\\sin(10^{10^{6}})` whose GMP arithmetic no signal interrupts.
 
   Args:
     response: decoded response text; None / "" / no extractable answer -> 0.0.
     gold: the reference answer (LaTeX string, or an int / float such as AMC's 27.0).
     order: extraction order, see `extract_answer`.
-    timeout_s: math-verify's own (signal-based, main-thread-only) timeout per parse/compare.
-      It is best effort; the hard limit is the parent-enforced one of `VerifierPool`.
+    timeout_s: hard wall-clock limit (seconds) of the sympy step, after which it scores 0.0;
+      None: no limit (runs in this process). Also bounds each math-verify call softly
+      (`signal.alarm`, main thread only), at `max(1, timeout_s / 2)` in the child.
+    isolate: run the sympy step in the child process (default). False: in this process, with
+      only the soft limit; for callers that enforce a hard limit themselves (`VerifierPool`'s
+      workers). In a daemonic process, which may not start children, it is always False.
 
   Returns:
     1.0 or 0.0 (python float).
@@ -433,24 +565,17 @@ def score(response: str | None, gold: str | int | float, *, order: Sequence[str]
   gold_s = gold_to_str(gold).strip()
   if not gold_s:
     raise ValueError("score: gold answer is empty")
+  if timeout_s is not None and not (timeout_s > 0 and _pymath.isfinite(timeout_s)):
+    raise ValueError(f"score: timeout_s must be a finite number > 0 or None, got {timeout_s}")
   pred = extract_answer(response, order)
   if pred is None or len(pred) > _MAX_ANSWER_CHARS:
     return 0.0
   # Gold may itself be given boxed (e.g. a solution line); compare its content.
   if gold_s.startswith(("\\boxed", "\\fbox")):
     gold_s = extract_last_boxed(gold_s) or gold_s
-  pred_n, gold_n = normalize_answer(pred), normalize_answer(gold_s)
-  if pred_n == gold_n and pred_n:
-    return 1.0
-  # Plain numbers on both sides: decided exactly, no sympy (most wrong answers end here).
-  pred_num, gold_num = _as_number(pred_n), _as_number(gold_n)
-  if pred_num is not None and gold_num is not None:
-    return float(_numbers_equal(pred_num, gold_num, "." in pred_n or "." in gold_n))
-  # One side a plain number, the other a tuple/interval/set/matrix or containing a variable.
-  if (pred_num is not None and not _could_be_number(gold_n)) or (
-      gold_num is not None and not _could_be_number(pred_n)):
-    return 0.0
-  eq = _math_verify_equal(pred_n, gold_n, timeout_s)
-  if eq is None and (pred_n, gold_n) != (pred, gold_s):
-    eq = _math_verify_equal(pred, gold_s, timeout_s)  # normalisation may have broken the LaTeX
-  return 1.0 if eq else 0.0
+  fast = _fast_equal(normalize_answer(pred), normalize_answer(gold_s))
+  if fast is not None:  # most answers, right or wrong, end here
+    return float(fast)
+  if isolate and timeout_s is not None and _can_have_children():
+    return float(_isolated_pool()._verify_math_answers([pred], [gold_s], timeout_s)[0])
+  return float(_sympy_equal(pred, gold_s, timeout_s))

@@ -32,6 +32,8 @@ import numpy as np
 __all__ = ["VerifierPool", "VerifyStats", "default_workers", "get_pool", "verify_batch"]
 
 KINDS = ("math", "code")
+# Package-internal kind: (extracted answer, gold string) pairs sent by `math.score`.
+_MATH_ANSWERS = "_math_answers"
 _PRELOAD = ["jaxrl_dense.verifiers._preload"]
 
 
@@ -66,10 +68,15 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
       return
     idx, kind, response, gold, timeout_s, code_test_timeout_s, code_sandbox = msg
     try:
-      if kind == "math":
+      if kind in ("math", _MATH_ANSWERS):
         # math-verify's own (signal) limit, per parse/compare, below the parent's hard limit so
-        # that most slow items end in the worker instead of costing a kill and a restart.
-        s = math_lib.score(response, gold, timeout_s=max(1.0, timeout_s / 2))
+        # that most slow items end in the worker instead of costing a kill and a restart. The
+        # parent enforces the hard limit: no further child process (isolate=False).
+        soft_s = max(1.0, timeout_s / 2)
+        if kind == "math":
+          s = math_lib.score(response, gold, timeout_s=soft_s, isolate=False)
+        else:  # already-extracted answers, from `math.score`'s isolation
+          s = float(math_lib._sympy_equal(response, gold, soft_s))
         status = "ok" if s >= 1.0 else "ok:wrong_answer"
       else:
         r = code_lib.score_detailed(response, gold, timeout_s=code_test_timeout_s, sandbox=code_sandbox)
@@ -249,6 +256,11 @@ class VerifierPool:
     except Exception:
       pass
 
+  def _abandon(self) -> None:
+    """In a forked child: forget the parent's workers (not ours to stop) and close."""
+    self._closed = True
+    self._workers = []
+
   @property
   def closed(self) -> bool:
     return self._closed
@@ -310,6 +322,15 @@ class VerifierPool:
       code_mode = sandbox_lib.resolve_mode(self.code_sandbox)
     with self._lock:
       return self._run(responses, golds, kinds, float(timeout_s), test_timeout, code_mode)
+
+  def _verify_math_answers(self, answers: Sequence[str], golds: Sequence[str],
+                           timeout_s: float) -> np.ndarray:
+    """Package-internal (`math.score`'s hard time limit): the sympy step of math equality on
+    already-extracted answers and gold strings, `timeout_s` per item; float32 [N]."""
+    if self._closed:
+      raise RuntimeError("VerifierPool: the pool is closed")
+    with self._lock:
+      return self._run(list(answers), list(golds), [_MATH_ANSWERS] * len(answers), float(timeout_s), 0.0, None)
 
   def _run(self, responses, golds, kinds, timeout_s: float, test_timeout: float,
            code_mode: str | None) -> np.ndarray:
@@ -423,6 +444,32 @@ def _close_pools() -> None:
     except Exception:
       pass
   _POOLS.clear()
+
+
+def _after_fork_in_child() -> None:
+  """A forked child inherits the parent's pools and fork-server client state, neither usable
+  there (the workers and the fork server are the parent's children): forget them, so that the
+  child's first pool starts its own fork server."""
+  global _POOLS_LOCK
+  for pool in _POOLS.values():
+    pool._abandon()
+  _POOLS.clear()
+  _POOLS_LOCK = threading.Lock()
+  try:
+    from multiprocessing import forkserver
+    fs = forkserver._forkserver
+    if fs._forkserver_pid is not None:
+      try:
+        os.close(fs._forkserver_alive_fd)  # the parent's server stops when the parent does
+      except (OSError, TypeError):
+        pass
+      fs._forkserver_pid = fs._forkserver_address = fs._forkserver_alive_fd = None
+      fs._lock = threading.Lock()
+  except (ImportError, AttributeError):  # pragma: no cover (other multiprocessing internals)
+    pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def verify_batch(responses: Sequence[str | None], golds: Sequence[Any], kind: str | Sequence[str] = "math",
