@@ -58,6 +58,10 @@ import numpy as np
 from absl import app, flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+  sys.path.insert(0, _REPO)
+
+from jaxrl_dense import cli  # noqa: E402
 
 METHODS = ("prime", "rloo", "grpo", "reinforce_pp")
 # Flags compare.py sets itself, or that would break the equal budget if changed per run.
@@ -229,6 +233,9 @@ def run_status(spec: RunSpec, steps: int) -> str:
 
 def run_command(spec: RunSpec, *, python: str, trainer: str, flagfile: str, steps: int,
                 extra: Sequence[str], resume: bool) -> list:
+  if spec.method != "prime":  # prime_math refuses PRM-only flags typed for a run without the PRM
+    from jaxrl_dense.rl.config import PRM_ONLY
+    extra = [a for a in extra if a[2:].split("=", 1)[0] not in PRM_ONLY]
   cmd = [python, trainer, f"--flagfile={flagfile}", *extra, f"--algo={spec.method}",
          f"--seed={spec.seed}", f"--steps={steps}", f"--logdir={spec.dir}",
          f"--checkpoint_dir={spec.ckpt_dir}", "--progress=false"]
@@ -642,4 +649,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

@@ -44,6 +44,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from jaxrl_dense import cli  # noqa: E402
 from jaxrl_dense.rl.config import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -245,4 +246,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

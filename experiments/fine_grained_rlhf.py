@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from jaxrl_dense import cli  # noqa: E402
 from experiments import dense_common as dc  # noqa: E402
 from experiments.dense_rules import factuality_judgments, pack, relevance_judgments  # noqa: E402
 from jaxrl_dense import losses, ops  # noqa: E402
@@ -151,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

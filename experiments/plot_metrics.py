@@ -25,6 +25,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from jaxrl_dense import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("jsonl", [], "Comma-separated metrics JSONL files.")
 flags.DEFINE_list("labels", [], "Legend labels, one per --jsonl (default: folder names).")
@@ -160,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

@@ -12,7 +12,10 @@ advantages, PPO-clip update, KL / entropy metrics). Tier-1 methods by flag (meth
 `--filter=prof` (§1.4), `--advantage=prl` (§1.6), `--extra_reward=sar:0.2` (§1.9).
 
 Every flag is checked before any work (ranges of every float, model directories holding weights,
-every row of the data files): a bad value exits 2 naming the flag. Steps after the first never
+every row of the data files, output directories, --top_k / --arith_num_eval / --verify_workers
+bounds): a bad value, an unknown or malformed flag, or a PRM-only flag (`rl.config.PRM_ONLY`)
+typed on the command line with an --algo that has no implicit PRM exits 2 naming the flag (the
+same settings in a --flagfile are ignored with a note: one flag file serves every --algo). Steps after the first never
 recompile: prompts are left-padded to `--max_prompt_length`, responses right-padded to
 `--max_response_length`, and every step has the same number of rows. Multi-host: start the same
 command in every process (`sharding.initialize_distributed`, docs/scaling.md §3); each process
@@ -27,8 +30,11 @@ eval_stepNNNNN*.json reports (`evaluation.write_report`, per-problem results).
 Orbax checkpoints every `--checkpoint_every` steps (atomic, the last `--checkpoint_keep` kept)
 hold policy + PRM params and optimizer states, the step, the data-iterator state and the metrics
 history; RNG keys are derived from (--seed, step), so `--resume` continues exactly. A checkpoint
-whose fingerprint (`rl.config.fingerprint`: every setting except the runtime-only ones) differs
-is refused and left untouched (exit 4). A NaN / inf loss stops the run without saving (exit 3).
+whose fingerprint (`rl.config.fingerprint`: every setting except the runtime-only ones, and the
+content hash of a --train_data file) differs is refused and left untouched (exit 4). A damaged
+latest step is skipped with a warning for the newest readable one (nothing deleted); none
+readable: exit 4. `--resume` without any checkpoint says so and starts fresh. A NaN / inf loss
+stops the run without saving (exit 3).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from jaxrl_dense import cli  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 
 config_lib.define_flags(config_lib.RunConfig)
@@ -72,10 +79,10 @@ def _fmt(rec: dict) -> str:
 def open_checkpointer(cfg: config_lib.RunConfig):
   """The run's Checkpointer (None without --checkpoint_dir); refuses a mismatched directory."""
   from jaxrl_dense import checkpoint as ckpt_lib
+  from jaxrl_dense.rl import setup
   if not cfg.checkpoint_dir:
     return None
-  fp = ckpt_lib.make_fingerprint(None, **config_lib.fingerprint(cfg))
-  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=fp,
+  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg),
                                save_every=cfg.checkpoint_every or cfg.steps, keep_last=cfg.checkpoint_keep)
   if not cfg.resume and ckpt.latest_step() is not None:
     ckpt.close()
@@ -95,11 +102,16 @@ def train(cfg: config_lib.RunConfig) -> list:
   trainer = Trainer(cfg)
   history: list = []
   last_saved = None
+  restored = False
   if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
     tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
     history = trainer.restore(tree, meta)
     last_saved = trainer.step
-    print(f"[resume] restored step {trainer.step} from {cfg.checkpoint_dir}")
+    restored = True
+    skipped = "".join(f" (skipped the unreadable step {s})" for s in sorted(ckpt.unreadable, reverse=True))
+    print(f"[resume] restored step {trainer.step} from {cfg.checkpoint_dir}{skipped}")
+  elif cfg.resume:
+    print(f"[resume] no complete checkpoint in {cfg.checkpoint_dir}; starting from step 0")
   # Multi-process: every process runs the same steps (and Orbax saves / restores with all of
   # them); only process 0 writes metrics.jsonl / TensorBoard / eval reports and prints.
   lead = jax.process_index() == 0
@@ -110,8 +122,9 @@ def train(cfg: config_lib.RunConfig) -> list:
       from jaxrl_dense.wandb_sink import WandbSink
       wandb = WandbSink(cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.logdir)),
                         config=config_lib.flat(cfg), dir=cfg.logdir, mode=cfg.wandb_mode)
-    log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not cfg.resume, sinks=[wandb] if wandb else ())
-    if cfg.resume:
+    # Nothing restored: the rows of an earlier attempt (its step-0 eval) are not this run's.
+    log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not restored, sinks=[wandb] if wandb else ())
+    if restored:
       log.truncate_after(trainer.step)
   # Reward-hacking alarm (prm_health.RewardHackingMonitor, docs/prm_health.md): host-side, over
   # the logged history, so a resumed run rebuilds its window from the checkpointed history.
@@ -251,6 +264,11 @@ def main(argv):
     _fail(2, str(e))
   try:  # every flag, then the paths and data files, before any model loads
     cfg = config_lib.from_flags(config_lib.RunConfig)
+    config_lib.check_applicable(cfg, cli.command_line_flags(sys.argv))
+    ignored = config_lib.ignored_settings(cfg)
+    if ignored:
+      print(f"[setup] --algo={cfg.prime.algo} has no implicit PRM and ignores "
+            f"{', '.join('--' + k for k in ignored)} (from the flag file)")
     if cfg.dry_run:
       setup.check_mesh(cfg, setup.mesh_devices(cfg))
       text, problems = setup.plan(cfg)
@@ -266,7 +284,7 @@ def main(argv):
     _fail(2, str(e))
   except ckpt_lib.NonFiniteStateError as e:
     _fail(3, str(e))
-  except ckpt_lib.CheckpointMismatchError as e:
+  except (ckpt_lib.CheckpointMismatchError, ckpt_lib.CheckpointReadError) as e:
     _fail(4, str(e))
   if distributed:
     import jax
@@ -274,4 +292,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

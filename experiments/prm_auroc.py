@@ -23,6 +23,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from jaxrl_dense import cli  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 
 config_lib.define_flags(config_lib.RunConfig)
@@ -44,8 +45,8 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
     report = json.load(f)
   trainer = Trainer(cfg)
   try:
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir,
-                                 fingerprint=ckpt_lib.make_fingerprint(None, **config_lib.fingerprint(cfg)))
+    from jaxrl_dense.rl import setup
+    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg))
     tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
     ckpt.close()
     trainer.restore(tree, meta)
@@ -84,7 +85,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"prm_auroc.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except ckpt_lib.CheckpointMismatchError as e:  # other flags than the run's
+  except (ckpt_lib.CheckpointMismatchError, ckpt_lib.CheckpointReadError) as e:  # other flags than the run's
     print(f"prm_auroc.py: error: {e}", file=sys.stderr)
     sys.exit(4)
   print(json.dumps(res))
@@ -94,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

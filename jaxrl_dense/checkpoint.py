@@ -20,7 +20,8 @@ Public API
                                       last good checkpoint stays the latest.
     `latest_step() -> int | None`, `all_steps() -> list[int]`.
     `restore(step=None, *, target=None) -> (state, meta)`
-                                      step None = latest. `target`: a pytree of arrays or
+                                      step None = the newest readable step (see "Damaged
+                                      steps" below). `target`: a pytree of arrays or
                                       `jax.ShapeDtypeStruct`s (with `.sharding`) of the same
                                       structure; the arrays are restored with the target's
                                       shapes, dtypes and shardings (pass the freshly initialised,
@@ -28,7 +29,7 @@ Public API
                                       on the default device.
     `wait()` (finish async saves), `close()`; usable as a context manager.
 `make_fingerprint(model_config=None, **key_flags) -> dict`: JSON-normalised fingerprint.
-`CheckpointMismatchError`, `NonFiniteStateError`.
+`CheckpointMismatchError`, `CheckpointReadError`, `NonFiniteStateError`.
 
 Atomicity and retention: Orbax writes each step into a temporary directory and renames it when
 complete, so a crash mid-save never leaves a half checkpoint as "latest"; `keep_last` = Orbax
@@ -40,6 +41,13 @@ keys and nothing is written (neither `save` nor `restore` can then run on that d
 checkpoint of another model or config is never overwritten). Put in it what must not change
 across a resume: the model config and the flags that change the math (algorithm, batch shape,
 learning rates, seeds, data); leave out what may (number of steps, logging intervals).
+
+Damaged steps: a step whose files cannot be read (random bytes or a truncated data file, a cut
+`meta` / `fingerprint` JSON, a missing `state/` item) is skipped with a warning naming it, and the
+newest readable earlier step is used (for the fingerprint check and by `restore()`); no file is
+deleted. When a later `save` reaches a skipped step's number, that step's directory is renamed
+to `<step>.unreadable` (kept, and ignored by Orbax) first. `CheckpointReadError` when no step
+can be read.
 """
 from __future__ import annotations
 
@@ -47,6 +55,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -66,6 +76,15 @@ class CheckpointMismatchError(ValueError):
 
 class NonFiniteStateError(FloatingPointError):
   """A NaN/inf was found in the state to save; nothing was written."""
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint step's files cannot be read (damaged or incomplete); no readable step is left."""
+
+
+# TensorStore reports unreadable files with a status code ("DATA_LOSS: ...", "OUT_OF_RANGE: ...");
+# Orbax's structure / shape mismatches are plain sentences.
+_STORE_STATUS = re.compile(r"^[A-Z][A-Z_]{3,}: ")
 
 
 def _to_jsonable(x: Any) -> Any:
@@ -207,6 +226,7 @@ class Checkpointer:
         max_to_keep=keep_last, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+    self.unreadable: dict = {}  # step -> why it was skipped
     self._check_fingerprint()
 
   # -- fingerprint -----------------------------------------------------------------------------
@@ -217,18 +237,32 @@ class Checkpointer:
     out = self._mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
     return out["fingerprint"]
 
+  def _skip(self, step: int, why: str) -> None:
+    """Marks `step` unreadable and says so (its files stay where they are)."""
+    self.unreadable[step] = why
+    warnings.warn(f"checkpoint step {step} in {self.directory} cannot be read ({why:.300}); skipping "
+                  f"it and using the newest readable earlier step (nothing is deleted)", RuntimeWarning,
+                  stacklevel=3)
+
+  def _readable_steps(self) -> list:
+    return [s for s in reversed(self.all_steps()) if s not in self.unreadable]
+
   def _check_fingerprint(self) -> None:
-    step = self.latest_step()
-    if step is None:
+    """Compares the newest readable step's fingerprint (a damaged one is skipped) with ours."""
+    for step in self._readable_steps():
+      try:
+        saved = self.saved_fingerprint(step)
+      except (ValueError, OSError) as e:  # cut / garbage JSON, missing file
+        self._skip(step, f"fingerprint: {type(e).__name__}: {e}")
+        continue
+      if saved != self.fingerprint:
+        diffs = _diff(saved, self.fingerprint)
+        shown = "\n  ".join(diffs[:20]) + ("\n  ..." if len(diffs) > 20 else "")
+        raise CheckpointMismatchError(
+            f"checkpoint directory {self.directory} (latest step {step}) was written by a run "
+            f"with a different model or config; refusing to restore or overwrite it. Use another "
+            f"checkpoint directory, or delete this one to start over. Differences:\n  {shown}")
       return
-    saved = self.saved_fingerprint(step)
-    if saved != self.fingerprint:
-      diffs = _diff(saved, self.fingerprint)
-      shown = "\n  ".join(diffs[:20]) + ("\n  ..." if len(diffs) > 20 else "")
-      raise CheckpointMismatchError(
-          f"checkpoint directory {self.directory} (latest step {step}) was written by a run "
-          f"with a different model or config; refusing to restore or overwrite it. Use another "
-          f"checkpoint directory, or delete this one to start over. Differences:\n  {shown}")
 
   # -- steps -----------------------------------------------------------------------------------
   def latest_step(self) -> Optional[int]:
@@ -253,6 +287,7 @@ class Checkpointer:
     step = int(step)
     if not (force or self.should_save(step)):
       return False
+    self._set_aside_unreadable(from_step=step)
     latest = self.latest_step()
     if latest is not None and step <= latest:
       raise ValueError(f"Checkpointer.save: step {step} is not after the latest saved step "
@@ -275,15 +310,43 @@ class Checkpointer:
     return bool(saved)
 
   def restore(self, step: Optional[int] = None, *, target: Any = None) -> tuple:
-    """(state, meta) of `step` (default: latest). See the module docstring for `target`."""
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    elif step not in self.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: "
-                              f"{self.all_steps()}")
-    meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """(state, meta) of `step` (default: the newest readable step; a damaged newer one is skipped
+    with a warning). See the module docstring for `target`."""
+    if step is not None:
+      if step not in self.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: "
+                                f"{self.all_steps()}")
+      return self._restore_step(step, target)
+    if self.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failed = []
+    for i, s in enumerate(self._readable_steps()):
+      try:
+        if i and self.saved_fingerprint(s) != self.fingerprint:  # (the newest: checked on opening)
+          break  # never fall back across a config change
+        out = self._restore_step(s, target)
+      except (CheckpointReadError, CheckpointMismatchError) as e:
+        failed.append((s, e))
+        continue
+      except (ValueError, OSError) as e:  # its fingerprint JSON
+        failed.append((s, CheckpointReadError(f"step {s}: fingerprint: {type(e).__name__}: {e}")))
+        continue
+      for bad, e in failed:  # an earlier step restores into the same target: these are damaged
+        self._skip(bad, str(e))
+      return out
+    if not failed:
+      raise CheckpointReadError(f"no readable checkpoint in {self.directory}: "
+                                + "; ".join(f"step {k}: {v:.200}" for k, v in self.unreadable.items()))
+    raise failed[0][1]
+
+  def _restore_step(self, step: int, target: Any) -> tuple:
+    where = f"step {step} in {self.directory}"
+    if not (self.directory / str(step) / "state").is_dir():
+      raise CheckpointReadError(f"{where} has no state/ item (an incomplete or damaged checkpoint)")
+    try:
+      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except (ValueError, OSError) as e:
+      raise CheckpointReadError(f"{where}: its meta item cannot be read ({type(e).__name__}: {e})") from e
     impls = meta.pop(_KEY_PATHS, {}) or {}
     if target is None:
       state_args = ocp.args.StandardRestore()
@@ -291,11 +354,34 @@ class Checkpointer:
       state_args = ocp.args.StandardRestore(_abstract_target(target))
     try:
       state = self._mngr.restore(step, args=ocp.args.Composite(state=state_args))["state"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
+      if target is None or _STORE_STATUS.match(str(e)):
+        raise CheckpointReadError(f"{where}: its state files cannot be read: {e}") from e
       raise CheckpointMismatchError(
-          f"restoring step {step} from {self.directory} into the given target failed (tree "
-          f"structure, shapes or dtypes differ): {e}") from e
+          f"restoring {where} into the given target failed (tree structure, shapes or dtypes "
+          f"differ): {e}") from e
     return _rewrap_keys(state, impls), meta
+
+  def _set_aside_unreadable(self, from_step: int) -> None:
+    """Renames skipped (unreadable) steps >= `from_step` to `<step>.unreadable` (kept; Orbax
+    ignores them), so that a resumed run can save those step numbers again."""
+    bad = [s for s in self.unreadable if s >= from_step and s in self.all_steps()]
+    if not bad:
+      return
+    if jax.process_index() == 0:
+      for s in bad:
+        src = self.directory / str(s)
+        dst, i = self.directory / f"{s}.unreadable", 1
+        while dst.exists():
+          dst, i = self.directory / f"{s}.unreadable.{i}", i + 1
+        os.rename(src, dst)
+        warnings.warn(f"moved the unreadable checkpoint step {s} to {dst} (kept) to save step {from_step}",
+                      RuntimeWarning, stacklevel=3)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("jaxrl_dense_set_aside_unreadable")
+    for s in bad:
+      del self.unreadable[s]  # the step number is free again
+    self._mngr.reload()
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

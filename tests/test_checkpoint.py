@@ -192,3 +192,76 @@ def test_async_save_roundtrip(tmp_path):
     restored, meta = c.restore(target=_state(0))
   _assert_tree_equal(restored, state)
   assert meta == {"step": 2}
+
+
+# ------------------------------------------------ damaged steps (issue 22 item 5, review rows 33-34)
+def _data_files(step_dir):
+  return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def _damage(step_dir, how):
+  if how == "random_bytes":  # every OCDBT data file of the step
+    for p in _data_files(step_dir):
+      p.write_bytes(os.urandom(p.stat().st_size))
+  elif how == "truncated":
+    for p in _data_files(step_dir):
+      os.truncate(p, 100)
+  elif how == "meta_cut":
+    p = step_dir / "meta" / "metadata"
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+  elif how == "fingerprint_garbage":
+    (step_dir / "fingerprint" / "metadata").write_text("garbage{")
+  elif how == "no_state":
+    import shutil
+    shutil.rmtree(step_dir / "state")
+
+
+_DAMAGE = ("random_bytes", "truncated", "meta_cut", "fingerprint_garbage", "no_state")
+
+
+@pytest.mark.parametrize("how", _DAMAGE)
+def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, how):
+  with ckpt.Checkpointer(tmp_path, fingerprint=FP, keep_last=3) as c:
+    for s in (1, 2, 3):
+      c.save(s, _state(s), {"step": s})
+  _damage(tmp_path / "3", how)
+  before = _snapshot(tmp_path)
+  with pytest.warns(RuntimeWarning, match=r"checkpoint step 3 .* cannot be read"):
+    with ckpt.Checkpointer(tmp_path, fingerprint=FP, keep_last=3) as c:
+      restored, meta = c.restore(target=_state(0))
+      assert meta == {"step": 2} and set(c.unreadable) == {3}
+  _assert_tree_equal(restored, _state(2))
+  assert _snapshot(tmp_path) == before  # nothing deleted or rewritten
+  # The resumed run saves step 3 again: the damaged one is kept aside, not overwritten.
+  with pytest.warns(RuntimeWarning):
+    with ckpt.Checkpointer(tmp_path, fingerprint=FP, keep_last=3) as c:
+      c.restore(target=_state(0))
+      assert c.save(3, _state(30), {"step": 3}, force=True)
+      assert c.all_steps() == [1, 2, 3]
+      _, meta = c.restore()
+      assert meta == {"step": 3}
+  kept = tmp_path / "3.unreadable"
+  assert {os.path.join("3.unreadable", os.path.relpath(k, "3")) for k in before if k.startswith("3" + os.sep)} \
+      == {k for k in _snapshot(tmp_path) if k.startswith("3.unreadable")} and kept.is_dir()
+
+
+def test_a_lone_damaged_step_is_named_not_blamed_on_the_config(tmp_path):
+  for how in ("no_state", "truncated"):
+    d = tmp_path / how
+    with ckpt.Checkpointer(d, fingerprint=FP) as c:
+      c.save(1, _state(1), {"step": 1})
+    _damage(d / "1", how)
+    with ckpt.Checkpointer(d, fingerprint=FP) as c:
+      with pytest.raises(ckpt.CheckpointReadError, match="step 1") as e:
+        c.restore(target=_state(0))
+      assert not isinstance(e.value, ckpt.CheckpointMismatchError)
+      assert ("state/" if how == "no_state" else "cannot be read") in str(e.value)
+  # every step's fingerprint unreadable: no readable checkpoint at all
+  d = tmp_path / "fp"
+  with ckpt.Checkpointer(d, fingerprint=FP) as c:
+    c.save(1, _state(1), {"step": 1})
+  _damage(d / "1", "fingerprint_garbage")
+  with pytest.warns(RuntimeWarning):
+    with ckpt.Checkpointer(d, fingerprint=FP) as c:
+      with pytest.raises(ckpt.CheckpointReadError, match="no readable checkpoint"):
+        c.restore()

@@ -493,3 +493,114 @@ def test_prm_is_reference_detects_an_untrained_prm():
       assert not run.prm_is_reference(), overrides
     finally:
       run.close()
+
+
+# ------------------------------------------- inputs checked before work (issue 22 item 5)
+def _prompt_rows(path, contents):
+  path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": c}],
+                                      "reward_model": {"ground_truth": "2"}}) + "\n" for c in contents))
+  return str(path)
+
+
+def test_output_dirs_must_be_directories_or_creatable(tmp_path):
+  from jaxrl_dense.rl import setup
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for name in setup.OUTPUT_DIRS:
+    for path, why in ((afile, "exists and is not a directory"), (afile / "sub" / "d", "is not a directory")):
+      with pytest.raises(config_lib.ConfigError, match=why) as e:
+        setup.check_inputs(_smoke_config(**{name: str(path)}))
+      assert e.value.field == name
+    setup.check_inputs(_smoke_config(**{name: str(tmp_path / "new" / "nested")}))  # creatable
+    setup.check_inputs(_smoke_config(**{name: str(tmp_path)}))  # an existing directory
+  assert not (tmp_path / "new").exists()  # checked, not created
+  text, problems = setup.plan(_smoke_config(checkpoint_dir=str(afile), plan_json=str(tmp_path)))
+  assert any("--checkpoint_dir=" in p for p in problems) and any("--plan_json=" in p for p in problems)
+
+
+def test_upper_bounds_of_top_k_arith_num_eval_and_verify_workers(tmp_path):
+  from jaxrl_dense.rl import setup
+  setup.check_inputs(_smoke_config(top_k=104, arith_num_eval=15146, verify_workers=4 * os.cpu_count()))
+  for name, value, why in (("top_k", 105, "vocabulary size 104"),
+                           ("arith_num_eval", 15147, "15147 distinct problems"),
+                           ("verify_workers", 4 * os.cpu_count() + 1, "CPUs of this machine")):
+    with pytest.raises(config_lib.ConfigError, match=why) as e:
+      setup.check_inputs(_smoke_config(**{name: value}))
+    assert e.value.field == name
+  # --arith_num_eval bounds only the arithmetic task
+  train = _prompt_rows(tmp_path / "train.jsonl", ["1+1?"])
+  setup.check_inputs(_smoke_config(arith_num_eval=20000, train_data=train, eval_data=""))
+
+
+def test_damaged_model_and_tokenizer_files_name_the_flag_and_file(tmp_path):
+  from jaxrl_dense.rl import setup
+  cfg = _smoke_config()
+  bad_gguf = tmp_path / "bad.gguf"
+  bad_gguf.write_bytes(os.urandom(4096))
+  bad_json = tmp_path / "bad_json"
+  bad_json.mkdir()
+  (bad_json / "config.json").write_text('{"model_type": "llama", "vocab')
+  (bad_json / "model.safetensors").write_bytes(b"")
+  bad_st = tmp_path / "bad_st"
+  bad_st.mkdir()
+  (bad_st / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+  (bad_st / "model.safetensors").write_bytes(os.urandom(4096))
+  for spec, what in ((bad_gguf, "not a readable GGUF"), (bad_json, "config.json"), (bad_st, "model.safetensors")):
+    for name in ("model", "prm_model"):
+      with pytest.raises(config_lib.ConfigError, match=what) as e:
+        setup.load_model(str(spec), cfg, name=name)
+      assert e.value.field == name and str(spec) in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match="not a readable GGUF") as e:
+    setup.load_tokenizer(str(bad_gguf))
+  assert e.value.field == "tokenizer"
+  with pytest.raises(config_lib.ConfigError, match="not a readable GGUF") as e:  # --top_k reads the vocab
+    setup.check_limits(config_lib.replace(cfg, model=str(bad_gguf), top_k=5))
+  assert e.value.field == "model"
+
+
+def test_dropped_eval_prompts_are_counted(tmp_path, capsys):
+  from jaxrl_dense.rl.trainer import Trainer
+  ev = _prompt_rows(tmp_path / "ev.jsonl", ["1+1?"] + ["1+1? " * 40] * 3)
+  run = Trainer(_smoke_config(eval_data=ev))
+  try:
+    assert len(run.eval_records) == 1
+  finally:
+    run.close()
+  assert "[data] dropped 3 eval prompts longer than --max_prompt_length (1 left)" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_train_file_whose_content_changed(tmp_path):
+  """The checkpoint fingerprint holds a hash of a --train_data file: fewer rows or the same count
+  with other content under the same path is refused (exit 4's error), before any model loads."""
+  from jaxrl_dense import checkpoint as ckpt_lib
+  from jaxrl_dense.rl import setup
+  train = tmp_path / "train.jsonl"
+  _prompt_rows(train, [f"{i}+1?" for i in range(8)])
+  cfg = _smoke_config(train_data=str(train))
+  open_ = lambda: ckpt_lib.Checkpointer(tmp_path / "ck", fingerprint=setup.checkpoint_fingerprint(cfg))
+  with open_() as c:
+    c.save(1, {"w": jnp.zeros(2)}, {"step": 1}, force=True)
+  open_().close()  # unchanged: resumes
+  for rows in ([f"{i}+2?" for i in range(8)], [f"{i}+1?" for i in range(4)]):
+    _prompt_rows(train, rows)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="train_data_sha256"):
+      open_()
+
+
+@pytest.mark.slow
+def test_resume_without_a_complete_checkpoint_starts_fresh_once(tmp_path):
+  """A kill inside the first save leaves only Orbax's tmp directory: --resume says it starts
+  fresh, and metrics.jsonl holds one step-0 eval row (not the killed attempt's as well)."""
+  ck, logs = tmp_path / "ck", tmp_path / "logs"
+  (ck / "1.orbax-checkpoint-tmp-1234").mkdir(parents=True)
+  logs.mkdir()
+  (logs / "metrics.jsonl").write_text(json.dumps({"step": 0, "time": 0.0, "eval/pass@1": 0.0}) + "\n")
+  ev = _prompt_rows(tmp_path / "ev.jsonl", ["1+1?"] + ["1+1? " * 40] * 3)
+  r = _run([f"--flagfile={SMOKE}", "--steps=1", "--resume", f"--checkpoint_dir={ck}", f"--logdir={logs}",
+            f"--eval_data={ev}"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"[resume] no complete checkpoint in {ck}; starting from step 0" in r.stdout, r.stdout[-2000:]
+  assert "[data] dropped 3 eval prompts" in r.stdout and "on 1 problems" in r.stdout, r.stdout[-2000:]
+  rows = [json.loads(l) for l in open(logs / "metrics.jsonl") if l.strip()]
+  assert [row["step"] for row in rows if "eval/pass@1" in row] == [0, 1], rows
+  assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [1]

@@ -143,3 +143,41 @@ def test_malformed_inputs_exit_2_naming_the_flag_before_any_model_loads(tmp_path
     assert "[setup]" not in r.stdout  # nothing was loaded or built
     assert not (tmp_path / "ck").exists()
   assert "line 2" in _run([f"--train_data={bad_jsonl}"], tmp_path).stderr
+
+
+def test_flag_parse_errors_prm_only_flags_and_output_files_exit_2(tmp_path):
+  """Issue 22 item 5: absl's parse errors exit 2 (not absl's 1) with absl's message; a PRM-only
+  flag typed with an --algo without the PRM is refused; an output directory that is a file is
+  refused before any model loads."""
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for args, needle in ((["--n=abc"], "flag --n=abc"), (["--bogus_flag"], "bogus_flag"),
+                       (["--algo=grpo", "--prm_lr=5"], "--prm_lr=5.0: applies to --algo=prime only"),
+                       ([f"--export_dir={afile}"], "--export_dir=")):
+    r = _run(args, tmp_path)
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    assert needle in r.stderr, (args, r.stderr[-2000:])
+    assert "[setup]" not in r.stdout and not (tmp_path / "ck").exists()
+
+
+def test_prm_only_settings_typed_vs_from_a_flag_file():
+  from jaxrl_dense import cli
+  smoke = config_lib.from_args([f"--flagfile={SMOKE}"])
+  grpo = config_lib.replace(smoke, algo="grpo")
+  # The smoke flag file sets --prm_lr=1e-3 (default 1e-6): under grpo it is ignored, with a note.
+  assert config_lib.ignored_settings(grpo) == ["prm_lr"]
+  assert config_lib.ignored_settings(smoke) == []
+  config_lib.check_applicable(grpo, cli.command_line_flags(["p", f"--flagfile={SMOKE}", "--algo=grpo"]))
+  for argv, name in ((["p", "--algo=grpo", "--prm_lr=5"], "prm_lr"),
+                     (["p", "--prm_update", "after"], "prm_update"),
+                     (["p", "--noeval_prm"], "eval_prm"), (["p", "-beta=0.1"], "beta")):
+    given = cli.command_line_flags(argv)
+    assert name in given
+    with pytest.raises(ConfigError, match=f"--{name}=.*applies to --algo=prime only") as e:
+      config_lib.check_applicable(grpo, given)
+    assert e.value.field == name
+    config_lib.check_applicable(smoke, given)  # PRIME reads them
+  assert cli.command_line_flags(["p", "--n=2", "--", "--beta=1"]) == {"n"}
+  assert config_lib.PRM_ONLY <= set(config_lib.flat(smoke))  # every name is a real setting
+  # --prime_variant is read by every algo (the policy loss's clipping): never refused
+  config_lib.check_applicable(grpo, cli.command_line_flags(["p", "--prime_variant=original"]))

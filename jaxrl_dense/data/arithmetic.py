@@ -171,15 +171,25 @@ def to_record(problem: ArithmeticProblem, num_shots: int = 3, split: str = "trai
                       uid=f"{DATA_SOURCE}:{split}:{problem.a}{problem.op}{problem.b}")
 
 
-def make_problem_splits(task: ArithmeticTask) -> tuple:
-  """(train problems, eval problems): disjoint by canonical key; see the module docstring."""
-  problems = all_problems(task)
+def _candidate_keys(problems: list) -> tuple:
+  """({key: problems}, sorted keys that may go to the eval split: all but the few-shot examples')."""
   by_key: dict = {}
   for p in problems:
     by_key.setdefault(p.key, []).append(p)
-  keys = sorted(by_key)  # fixed order before the seeded permutation
   shot_keys = {p.key for p in FEW_SHOT_EXAMPLES}
-  candidates = [k for k in keys if k not in shot_keys]
+  return by_key, [k for k in sorted(by_key) if k not in shot_keys]  # fixed order before the permutation
+
+
+def num_distinct_problems(task: ArithmeticTask) -> int:
+  """Distinct problems (canonical keys, few-shot examples excluded) that the splits share out:
+  `num_eval` must stay below it."""
+  return len(_candidate_keys(all_problems(task))[1])
+
+
+def make_problem_splits(task: ArithmeticTask) -> tuple:
+  """(train problems, eval problems): disjoint by canonical key; see the module docstring."""
+  problems = all_problems(task)
+  by_key, candidates = _candidate_keys(problems)
   if task.num_eval >= len(candidates):
     raise ValueError(f"ArithmeticTask.num_eval={task.num_eval} leaves no training problems "
                      f"(only {len(candidates)} distinct problems for ops={task.ops}, "

@@ -108,6 +108,15 @@ def read_gguf_metadata(path_or_reader) -> dict:
           if not key.startswith("GGUF.")}
 
 
+def vocab_size(path: PathLike) -> int:
+  """Rows of the token embedding (`token_embd.weight`) of a GGUF file, read from its header only."""
+  reader = _open(path)
+  for t in reader.tensors:
+    if t.name == "token_embd.weight":
+      return int(t.shape[-1])  # GGUF lists dimensions fastest-first: [hidden, vocab]
+  raise ValueError(f"{path}: no token_embd.weight tensor")
+
+
 def gguf_to_hf_name(name: str) -> Optional[str]:
   """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
   if name in _GLOBAL_NAMES:

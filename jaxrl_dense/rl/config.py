@@ -265,7 +265,9 @@ class PrimeConfig:
   """The algorithm: PRIME or an outcome-only baseline, with its nested stage configs."""
   algo: str = _f("prime", "Algorithm: prime (implicit PRM + RLOO) or an outcome-only baseline.",
                  choices=ALGOS)
-  prime_variant: str = _f("verl", "PRIME reference to follow (spec §10).", choices=("verl", "original"))
+  prime_variant: str = _f("verl", "PRIME reference to follow (spec §10); every --algo reads it "
+                          "(policy-loss clipping, accuracy-band truncation, oversampling).",
+                          choices=("verl", "original"))
   process_coef: float = _f(5.0, "PRIME verl: coefficient of the process (implicit) reward.", lo=0.0, hi=1e3)
   outcome_coef: float = _f(5.0, "PRIME verl: coefficient of the outcome reward.", lo=0.0, hi=1e3)
   gamma: float = _f(1.0, "Discount (PRIME original / REINFORCE++).", lo=0.0, hi=1.0)
@@ -534,6 +536,39 @@ RUNTIME_ONLY = frozenset({
     "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "progress", "remat", "share_prompt",
     "length_bucket", "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
     "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
+
+
+# Settings that only --algo=prime reads (its implicit PRM, the prime_rloo reward mix, PRM health).
+# Not --prime_variant: every --algo reads it (the policy loss's dual clip, the accuracy band's
+# truncation, verl's oversampling).
+PRM_ONLY = frozenset({
+    "prm_model", "process_coef", "outcome_coef", "beta", "prm_loss", "prm_update",
+    "prm_lr", "prm_weight_decay", "prm_grad_clip", "prm_mini_batch_size", "prm_micro_batch_size",
+    "prm_lora_rank", "prm_lora_alpha", "prm_lora_targets", "eval_prm", "hacking_window", "hacking_t"})
+
+
+def ignored_settings(cfg) -> list:
+  """PRM-only settings (`PRM_ONLY`) that differ from their defaults in a run without the implicit
+  PRM (--algo other than prime), which ignores them; sorted names."""
+  if cfg.prime.uses_prm:
+    return []
+  defaults = {f.name: f.default for _, f in iter_fields(type(cfg))}
+  values = flat(cfg)
+  return sorted(k for k in PRM_ONLY if k in values and values[k] != defaults[k])
+
+
+def check_applicable(cfg, given) -> None:
+  """Refuses a PRM-only setting (`PRM_ONLY`) given directly on the command line (`given`: flag
+  names, `cli.command_line_flags`) with an --algo that has no implicit PRM: the user asked for
+  something the run would ignore. The same settings carried by a --flagfile are allowed (one flag
+  file serves every --algo, as experiments/compare.py runs them); `ignored_settings` lists them."""
+  if cfg.prime.uses_prm:
+    return
+  bad = sorted(set(given) & PRM_ONLY)
+  if bad:
+    raise ConfigError(bad[0], flat(cfg)[bad[0]], f"applies to --algo=prime only (its implicit PRM); "
+                      f"--algo={cfg.prime.algo} would ignore it. Leave it out"
+                      + (f" (and {', '.join('--' + b for b in bad[1:])})" if bad[1:] else ""))
 
 
 def iter_fields(cls_or_obj, prefix: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], dataclasses.Field]]:

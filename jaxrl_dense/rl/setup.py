@@ -2,10 +2,13 @@
 and the dry-run plan. Every failure is a `ConfigError` naming the flag (field) at fault.
 
   check_inputs(cfg)                  model specs exist and hold weights, data sources parse (every
-                                     row of a .jsonl / .parquet file), before any model loads
+                                     row of a .jsonl / .parquet file), output directories can be
+                                     written, sizes within their bounds, before any model loads
   load_tokenizer(spec)               'smollm2', 'chars', a HF directory or a .gguf file
   load_model(spec, cfg, tokenizer)   (ModelConfig, params, tokenizer); 'random:K=V,...' = random init
   load_records(cfg)                  (train records, eval records)
+  data_fingerprint(cfg)              content hash of a file --train_data (for the checkpoint)
+  checkpoint_fingerprint(cfg)        config + data fingerprint a resumed checkpoint must match
   plan(cfg) -> (text, problems)      memory per device, steps, sizes (for --dry_run)
 """
 from __future__ import annotations
@@ -111,12 +114,100 @@ def check_data_spec(name: str, spec: str, cfg: RunConfig, allow_empty: bool) -> 
       raise ConfigError(name, spec, f"{n_code} rows are scored by the code verifier: {e}") from None
 
 
+OUTPUT_DIRS = ("logdir", "checkpoint_dir", "export_dir")
+MAX_VERIFY_WORKERS_PER_CPU = 4
+
+
+def _output_dir_problem(path: str):
+  """Why directory `path` cannot be written (None: it can, or it can be created)."""
+  p = os.path.abspath(path)
+  if os.path.exists(p):
+    if not os.path.isdir(p):
+      return "exists and is not a directory"
+    return None if os.access(p, os.W_OK | os.X_OK) else "directory is not writable"
+  parent = os.path.dirname(p)
+  while not os.path.exists(parent) and parent != os.path.dirname(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"cannot be created: {parent} is not a directory"
+  return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created: {parent} is not writable"
+
+
+def check_output_dir(name: str, path: str) -> None:
+  """An output directory flag: '' (off), an existing writable directory, or a path that can be
+  created (its nearest existing ancestor is a writable directory). Not an existing file."""
+  why = _output_dir_problem(path) if path else None
+  if why:
+    raise ConfigError(name, path, why)
+
+
+def check_output_file(name: str, path: str) -> None:
+  """An output file flag: '' (off), or a path that is not a directory, in a writable directory."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise ConfigError(name, path, "is a directory (expected a file path)")
+  why = _output_dir_problem(os.path.dirname(os.path.abspath(path)))
+  if why:
+    raise ConfigError(name, path, f"its directory {why}")
+
+
+def arith_task(cfg: RunConfig):
+  """The `data.arithmetic.ArithmeticTask` of the --arith_* flags."""
+  from jaxrl_dense.data import arithmetic
+  return arithmetic.ArithmeticTask(
+      ops=tuple(o.strip() for o in cfg.arith_ops.split(",") if o.strip()), min_digits=1,
+      max_digits=cfg.arith_max_digits, num_eval=cfg.arith_num_eval, num_shots=cfg.arith_shots)
+
+
+def model_vocab_size(cfg: RunConfig) -> int:
+  """The policy's vocabulary size without loading its weights: the tokenizer of a random: model,
+  config.json of a HF directory, the embedding's shape in a .gguf file."""
+  spec = cfg.model
+  if spec.startswith("random:"):
+    return len(load_tokenizer(cfg.tokenizer))
+  path = resolve_path(spec)
+  try:
+    if os.path.isdir(path):
+      from jaxrl_dense.models import ModelConfig, hf_io
+      return int(ModelConfig.from_hf_dict(hf_io.read_hf_config(path), source=path).vocab_size)
+    from jaxrl_dense.models import gguf
+    return gguf.vocab_size(path)
+  except (ValueError, OSError, KeyError) as e:
+    raise ConfigError("model", spec, f"cannot read its vocabulary size: {e}") from None
+
+
+def check_limits(cfg: RunConfig) -> None:
+  """Upper bounds that depend on this machine, the data or the model (ConfigError naming the flag):
+  --verify_workers, --arith_num_eval (distinct arithmetic problems), --top_k (vocabulary)."""
+  cpus = os.cpu_count() or 1
+  if cfg.verify_workers > MAX_VERIFY_WORKERS_PER_CPU * cpus:
+    raise ConfigError("verify_workers", cfg.verify_workers, f"must be <= {MAX_VERIFY_WORKERS_PER_CPU} "
+                      f"x the {cpus} CPUs of this machine (0 = one per CPU)")
+  if "arithmetic" in (cfg.train_data, cfg.eval_data):
+    from jaxrl_dense.data import arithmetic
+    n = arithmetic.num_distinct_problems(arith_task(cfg))
+    if cfg.arith_num_eval >= n:
+      raise ConfigError("arith_num_eval", cfg.arith_num_eval, f"must be < the {n} distinct problems of "
+                        f"--arith_ops={cfg.arith_ops} --arith_max_digits={cfg.arith_max_digits} "
+                        "(the rest are the training problems)")
+  top_k = cfg.prime.rollout.top_k
+  if top_k:
+    vocab = model_vocab_size(cfg)
+    if top_k > vocab:
+      raise ConfigError("top_k", top_k, f"must be <= the vocabulary size {vocab} of --model={cfg.model}")
+
+
 def check_inputs(cfg: RunConfig) -> None:
-  """Model and data checks (raises ConfigError naming the flag). Cheap except for large files."""
+  """Model, data, output-path and bound checks (raises ConfigError naming the flag). Cheap except
+  for large data files."""
   for name in ("model", "ref_model", "prm_model"):
     check_model_spec(name, getattr(cfg, name))
   check_data_spec("train_data", cfg.train_data, cfg, allow_empty=False)
   check_data_spec("eval_data", cfg.eval_data, cfg, allow_empty=True)
+  for name in OUTPUT_DIRS:
+    check_output_dir(name, getattr(cfg, name))
+  check_limits(cfg)
   if cfg.resume and not os.path.isdir(cfg.checkpoint_dir):
     raise ConfigError("checkpoint_dir", cfg.checkpoint_dir, "does not exist (nothing to resume)")
   if (cfg.sample_every or cfg.wandb_project) and not cfg.logdir:
@@ -139,9 +230,12 @@ def load_tokenizer(spec: str):
   path = resolve_path(spec)
   if not os.path.exists(path):
     raise ConfigError("tokenizer", spec, "path does not exist")
-  if str(path).endswith(".gguf"):
-    return tok_lib.tokenizer_from_gguf_metadata(gguf.read_gguf_metadata(path), source=str(path))
-  return tok_lib.tokenizer_from_hf_dir(path)
+  try:
+    if str(path).endswith(".gguf"):
+      return tok_lib.tokenizer_from_gguf_metadata(gguf.read_gguf_metadata(path), source=str(path))
+    return tok_lib.tokenizer_from_hf_dir(path)
+  except (ValueError, OSError) as e:  # a damaged file: the loaders name it
+    raise ConfigError("tokenizer", spec, f"cannot load the tokenizer: {e}") from None
 
 
 def dtype_overrides(cfg: RunConfig) -> dict:
@@ -150,8 +244,9 @@ def dtype_overrides(cfg: RunConfig) -> dict:
   return dict(param_dtype="float32", dtype=cfg.dtype, remat=cfg.remat)
 
 
-def load_model(spec: str, cfg: RunConfig, tokenizer=None, seed: int = 0):
-  """(ModelConfig, params, tokenizer) for a model spec (see --model)."""
+def load_model(spec: str, cfg: RunConfig, tokenizer=None, seed: int = 0, name: str = "model"):
+  """(ModelConfig, params, tokenizer) for a model spec (see --model); a file that cannot be read
+  (damaged .gguf / config.json / .safetensors) raises ConfigError naming flag `name` and the file."""
   import jax
   from jaxrl_dense import models
   if spec.startswith("random:"):
@@ -163,7 +258,10 @@ def load_model(spec: str, cfg: RunConfig, tokenizer=None, seed: int = 0):
                             bos_token_id=tok.bos_token_id, eos_token_ids=tuple(int(e) for e in eos),
                             pad_token_id=tok.pad_token_id, **shape, **dtype_overrides(cfg))
     return mc, models.init_params(mc, jax.random.PRNGKey(seed)), tok
-  loaded = models.load_pretrained(resolve_path(spec))  # float32 master weights
+  try:
+    loaded = models.load_pretrained(resolve_path(spec))  # float32 master weights
+  except (ValueError, OSError) as e:  # the loaders name the file and what is wrong with it
+    raise ConfigError(name, spec, f"cannot load the model: {e}") from None
   import jax.numpy as jnp
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), loaded.params)
   return (loaded.config.replace(**dtype_overrides(cfg)), params,
@@ -173,9 +271,7 @@ def load_model(spec: str, cfg: RunConfig, tokenizer=None, seed: int = 0):
 def load_records(cfg: RunConfig):
   """(train records, eval records) of the configured data (eval cut to --eval_size)."""
   from jaxrl_dense.data import arithmetic, prompts
-  task = arithmetic.ArithmeticTask(
-      ops=tuple(o.strip() for o in cfg.arith_ops.split(",") if o.strip()), min_digits=1,
-      max_digits=cfg.arith_max_digits, num_eval=cfg.arith_num_eval, num_shots=cfg.arith_shots)
+  task = arith_task(cfg)
   arith = None
 
   def get(spec, split):
@@ -189,6 +285,28 @@ def load_records(cfg: RunConfig):
   train = get(cfg.train_data, "train")
   ev = get(cfg.eval_data, "eval") if cfg.eval_data else []
   return train, (ev[:cfg.eval_size] if cfg.eval_size else ev)
+
+
+def data_fingerprint(cfg: RunConfig) -> dict:
+  """{"train_data_sha256": hex digest} when --train_data is a file (else {}): part of the
+  checkpoint fingerprint, so a resume refuses a data file whose rows changed under the same path
+  (the data-iterator state indexes its rows)."""
+  if not os.path.isfile(cfg.train_data):
+    return {}
+  import hashlib
+  h = hashlib.sha256()
+  with open(cfg.train_data, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return {"train_data_sha256": h.hexdigest()}
+
+
+def checkpoint_fingerprint(cfg: RunConfig) -> dict:
+  """What a run's checkpoint must agree with to be resumed (`checkpoint.Checkpointer`'s
+  fingerprint): the config's `rl.config.fingerprint` and `data_fingerprint`."""
+  from jaxrl_dense import checkpoint as ckpt_lib
+  from jaxrl_dense.rl import config as config_lib
+  return ckpt_lib.make_fingerprint(None, **config_lib.fingerprint(cfg), **data_fingerprint(cfg))
 
 
 def mesh_devices(cfg: RunConfig) -> int:
@@ -260,8 +378,15 @@ def plan(cfg: RunConfig):
       check_data_spec(name, getattr(cfg, name), cfg, allow_empty=(name == "eval_data"))
     except ConfigError as e:
       problems.append(str(e))
-  if cfg.checkpoint_dir and not os.access(os.path.dirname(os.path.abspath(cfg.checkpoint_dir)) or ".", os.W_OK):
-    problems.append(f"--checkpoint_dir={cfg.checkpoint_dir}: parent directory is not writable")
+  for name, check in [(n, check_output_dir) for n in OUTPUT_DIRS] + [("plan_json", check_output_file)]:
+    try:
+      check(name, getattr(cfg, name))
+    except ConfigError as e:
+      problems.append(str(e))
+  try:
+    check_limits(cfg)
+  except ConfigError as e:
+    problems.append(str(e))
   p, r = cfg.prime, cfg.prime.rollout
   mc, source = _plan_model_config(cfg, problems)
   ndev = mesh_devices(cfg)

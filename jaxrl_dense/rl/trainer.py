@@ -57,7 +57,7 @@ class Trainer:
       spec = getattr(cfg, name)
       if not spec or spec == cfg.model:
         return place(policy_params)
-      other, params, _ = setup.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed)
+      other, params, _ = setup.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
       if other.replace(eos_token_ids=mc.eos_token_ids) != mc:
         raise ConfigError(name, spec, "has a different architecture from --model")
       return place(params)
@@ -103,7 +103,10 @@ class Trainer:
         print(f"[data] dropped {len(dropped)} training prompts longer than --max_prompt_length")
     if not self.train_records:
       raise ConfigError("max_prompt_length", r.max_prompt_length, "every training prompt is longer than this")
-    self.eval_records, _ = self.encoder.filter_overlong(self.eval_records)
+    self.eval_records, dropped = self.encoder.filter_overlong(self.eval_records)
+    if dropped and jax.process_index() == 0:
+      print(f"[data] dropped {len(dropped)} eval prompts longer than --max_prompt_length "
+            f"({len(self.eval_records)} left)")
     self.iterator = iterator.PromptIterator(self.train_records, seed=cfg.seed)
     # --filter_mode=resample: prompts of surplus in-band groups, re-sampled first next step.
     self.prompt_buffer = (rollout.PromptBuffer(capacity=r.prompts_per_step)
