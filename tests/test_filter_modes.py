@@ -125,7 +125,7 @@ def test_position_bins_and_weighted_corr():
   np.testing.assert_allclose(prime.position_bin_means(r, m, jnp.array([1., 0])), [1, 2, 3, 4])
   x, y = jnp.array([1., 2, 3, 10]), jnp.array([2., 4, 6, -5])
   np.testing.assert_allclose(prime._weighted_corr(x, y, jnp.array([1., 1, 1, 0])), 1.0, rtol=1e-6)
-  assert np.isnan(prime._weighted_corr(x, jnp.ones(4), jnp.ones(4)))
+  assert float(prime._weighted_corr(x, jnp.ones(4), jnp.ones(4))) == 0.0  # no variance: 0, finite
 
 
 # --------------------------------------------------- mask mode = the in-band sub-batch alone
@@ -296,6 +296,12 @@ def test_resample_run_resumes_exactly_with_a_non_empty_buffer(tmp_path):
         ckpt.save(step, *trainer.checkpoint(recs), force=True)
         saved_buffer, saved_step = trainer.prompt_buffer.get_state(), step
     assert saved_buffer, "no step left surplus in-band prompts in the buffer"
+    # Every issue-23 diagnostic is in each step's record, finite.
+    diag = ("filter/pass_frac", "filter/fill_frac", "filter/resample_rounds", "filter/buffer_size",
+            "filter/filler_adv_share", "adv/process_length_corr",
+            *(f"prm/implicit_reward_pos{i}" for i in range(1, 5)))
+    for r in recs:
+      assert all(np.isfinite(r[k]) for k in diag), {k: r.get(k) for k in diag}
     assert max(r["filter/resample_rounds"] for r in recs) >= 2, [r["filter/resample_rounds"] for r in recs]
     for r in recs:  # every kept group is in band unless the round cap was hit
       assert r["filter/fill_frac"] == 0 or r["filter/resample_rounds"] == 3
@@ -316,6 +322,24 @@ def test_resample_run_resumes_exactly_with_a_non_empty_buffer(tmp_path):
   finally:
     ckpt.close()
     trainer.close()
+
+
+def test_fill_warning_is_printed_once_above_25_percent(capsys):
+  """Trainer._warn_fill: silent at <= 25% filler, one warning (naming the mode and the per-step
+  metric) the first time a step is above, silent after that."""
+  import types
+  from jaxrl_dense.rl.trainer import Trainer
+  for mode in ("fill", "mask"):
+    fake = types.SimpleNamespace(_fill_warned=False, FILL_WARN_FRAC=Trainer.FILL_WARN_FRAC,
+                                 cfg=types.SimpleNamespace(prime=types.SimpleNamespace(filter_protocol=mode)))
+    Trainer._warn_fill(fake, 0.25, 1)
+    assert capsys.readouterr().out == ""
+    Trainer._warn_fill(fake, 0.5, 2)
+    out = capsys.readouterr().out
+    assert out.count("[filter] warning") == 1 and "step 2" in out and "50%" in out
+    assert "filter/fill_frac" in out and ("--filter_mode=fill" in out) == (mode == "fill")
+    Trainer._warn_fill(fake, 0.9, 3)
+    assert capsys.readouterr().out == ""
 
 
 def test_prompt_buffer_capacity_and_state():

@@ -156,8 +156,10 @@ def test_lora_smoke_run_resumes_exactly_and_exports_merged(tmp_path):
   """prime_math with a LoRA policy and a LoRA PRM: 3 steps straight == 2 steps + resume; the
   checkpoint holds adapters only; --export_dir writes the merged policy, which loads back and
   gives the adapted model's log-probs."""
+  # The smoke model solves nothing, so every group is out of the accuracy band; the PRM trains on
+  # such groups only with --prm_on_filler (the veRL recipe).
   common = [f"--flagfile={SMOKE}", "--eval_data=", "--checkpoint_every=1", "--lora_rank=4",
-            "--prm_lora_rank=4", "--lr=1e-2", "--prm_lr=1e-2"]
+            "--prm_lora_rank=4", "--lr=1e-2", "--prm_lr=1e-2", "--prm_on_filler=true"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   runs = {"a": [*common, "--steps=3", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck",
                 f"--export_dir={tmp_path}/a/hf"],

@@ -119,12 +119,13 @@ def survivor_rows(keep, n: int, k: int):
 
 
 def _weighted_corr(x, y, w):
-  """Pearson correlation of x and y [B] under row weights w [B] (NaN without variance)."""
+  """Pearson correlation of x and y [B] under row weights w [B]; 0 where either has no variance
+  (e.g. step 1's process rewards, 0 by the float-noise guard), so the metric stays finite."""
   w = w / jnp.maximum(jnp.sum(w), 1e-12)
   dx, dy = x - jnp.sum(w * x), y - jnp.sum(w * y)
   vx, vy = jnp.sum(w * dx * dx), jnp.sum(w * dy * dy)
   ok = (vx > 0) & (vy > 0)
-  return jnp.where(ok, jnp.sum(w * dx * dy) / jnp.sqrt(jnp.where(ok, vx * vy, 1.0)), jnp.nan)
+  return jnp.where(ok, jnp.sum(w * dx * dy) / jnp.sqrt(jnp.where(ok, vx * vy, 1.0)), 0.0)
 
 
 POSITION_BINS = 4
@@ -161,7 +162,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   fill and --process_on_filler=false only their process rewards are 0 (and out of the batch-norm).
   The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics (issue 23):
   filter/filler_adv_share = Σ|A| on out-of-band rows / Σ|A|; adv/process_length_corr =
-  corr(L_i, mean_t of row i's process-only return) over the trained rows (NaN without variance);
+  corr(L_i, mean_t of row i's process-only return) over the trained rows (0 without variance);
   prm/implicit_reward_pos{1..4} = mean β·q by quarter of the response.
   """
   n = cfg.rollout.n
