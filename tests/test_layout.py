@@ -210,7 +210,12 @@ def test_memory_plan_per_device(layout):
   for name in ("prm_update", "policy_update"):
     base = res[BASE]["plan"]["programs"][name]["peak_bytes"]
     assert res["fsdp:8"]["plan"]["programs"][name]["peak_bytes"] < 0.3 * base, name
-    assert res["data:8"]["plan"]["programs"][name]["peak_bytes"] > 0.5 * base, name  # replicated
+    # data:8 replicates weights and moments (its arguments stay full size) and splits only the
+    # activations, so its peak lies between FSDP's and the 1-device run's.
+    d8, b1 = res["data:8"]["plan"]["programs"][name], res[BASE]["plan"]["programs"][name]
+    assert d8["argument_bytes"] > 0.95 * b1["argument_bytes"], name
+    assert d8["temp_bytes"] < 0.5 * b1["temp_bytes"], name
+    assert res["fsdp:8"]["plan"]["programs"][name]["peak_bytes"] < d8["peak_bytes"] < base, name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -289,8 +289,11 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   token series); the update reports PRM health; the eval scores its responses with the PRM."""
   from jaxrl_dense.rl.trainer import Trainer
   from jaxrl_dense import prm_health
-  # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls
-  run = Trainer(_smoke_config(steps=1, sample_every=1, logdir=str(tmp_path), generate_batch_size=4))
+  # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls.
+  # --prm_on_filler: the smoke model solves nothing, so no group is in band and the PRM (trained on
+  # in-band groups only by default, issue 23) would not move.
+  run = Trainer(_smoke_config(steps=1, sample_every=1, logdir=str(tmp_path), generate_batch_size=4,
+                              prm_on_filler=True))
   try:
     assert run.prm_is_reference()  # PRM initialised from the reference: eval skips its AUROC
     m = run.train_step()
