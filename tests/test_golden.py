@@ -14,6 +14,7 @@ checked to be exactly 0; everything else is compared in full. Gradients use ``ja
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 from typing import Callable, Dict
@@ -229,14 +230,14 @@ def run_ppo(case):
   old, adv = f32(inp["old_log_prob"]), f32(inp["advantages"])
   if "cliprange" in cfg:
     check_config(case, {"cliprange"})
-    fn = lambda lp: losses.get_policy_loss("prime_original")(lp, old, adv, m, cliprange=cfg["cliprange"])
+    fn = lambda lp: losses.prime_policy_loss(lp, old, adv, m, cliprange=cfg["cliprange"])
   else:
     check_config(case, {"clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c",
                         "loss_agg_mode"})
     low = cfg.get("clip_ratio_low", cfg.get("clip_ratio"))
     if low is None:
       raise NotUnderstood("no clip ratio in config")
-    fn = lambda lp: losses.get_policy_loss("vanilla")(
+    fn = lambda lp: losses.ppo_clip_loss(
         lp, old, adv, m, clip_ratio_low=low,
         clip_ratio_high=cfg.get("clip_ratio_high"), clip_ratio_c=cfg.get("clip_ratio_c", 3.0),
         loss_agg_mode=cfg.get("loss_agg_mode", "token-mean"))
@@ -289,6 +290,110 @@ def run_filter(case):
   return Out(kept_response_indices=res.indices, keep_mask=res.keep_mask.astype(jnp.int32))
 
 
+def _trl(case) -> bool:
+  return any("huggingface/trl" in src for src in case["source"])
+
+
+def run_policy_loss_menu(case):
+  """veRL gspo/cispo and TRL's GSPO / GSPO-token / CISPO through ``losses.policy_loss``."""
+  inp, cfg = case["inputs"], case["config"]
+  check_config(case, {"loss", "clip_ratio_low", "clip_ratio_high", "loss_agg_mode", "trl_epsilon_high"})
+  m = mask_of(inp)
+  old, adv = f32(inp["old_log_prob"]), f32(inp["advantages"])
+  options = {}
+  if _trl(case):  # TRL clamps no log-ratio; its CISPO bound is the absolute max ratio eps_high
+    options["log_ratio_clamp"] = None
+    if "trl_epsilon_high" in cfg:
+      assert cfg["clip_ratio_high"] == pytest.approx(cfg["trl_epsilon_high"] - 1.0)
+  fn = lambda lp: losses.policy_loss(
+      cfg["loss"], lp, old, adv, m, clip_ratio_low=cfg["clip_ratio_low"],
+      clip_ratio_high=cfg["clip_ratio_high"], loss_agg_mode=cfg["loss_agg_mode"], **options)
+  (loss, res), grad = jax.value_and_grad(lambda lp: (fn(lp).loss, fn(lp)), has_aux=True)(
+      f32(inp["log_prob"]))
+  return Out(pg_loss=loss, grad_log_prob=grad, pg_clipfrac=res.metrics["pg_clipfrac"],
+             ppo_kl=res.metrics["ppo_kl"], masked={"grad_log_prob": m})
+
+
+# veRL rollout_rs option -> our rejection level; its k1 bounds "L_U" are on -log r (= mu/pi_old),
+# i.e. our [1/U, 1/L] on r = pi_old/mu.
+_VERL_RS = {"token_k1": "token", "seq_sum_k1": "sequence", "seq_mean_k1": "geometric", "seq_mean_k3": "k3"}
+_VERL_METRIC = {"rollout_is_mean": "is_mean", "rollout_is_max": "is_max", "rollout_is_min": "is_min",
+                "rollout_is_eff_sample_size": "is_ess", "rollout_is_ratio_fraction_high": "is_frac_high",
+                "rollout_is_ratio_fraction_low": "is_frac_low", "rollout_rs_masked_fraction": "rs_masked_frac",
+                "rollout_rs_seq_masked_fraction": "rs_seq_masked_frac", "kl": "kl", "k3_kl": "k3_kl",
+                "chi2_token": "chi2_token", "chi2_seq": "chi2_seq", "training_ppl": "training_ppl",
+                "rollout_ppl": "rollout_ppl"}
+
+
+def run_rollout_correction(case):
+  """veRL's compute_rollout_correction_and_rejection_mask presets and TRL's vLLM IS ratio through
+  ``losses.rollout_correction``."""
+  inp, cfg = case["inputs"], case["config"]
+  m = mask_of(inp)
+  old, mu = f32(inp["old_log_prob"]), f32(inp["rollout_log_prob"])
+  if "trl_mode" in cfg:
+    check_config(case, {"trl_mode", "clip_min", "clip_max"})
+    level, how = cfg["trl_mode"].split("_")
+    lo, hi = cfg["clip_min"], cfg["clip_max"]
+    if how == "truncate":
+      out = losses.rollout_correction(old, mu, m, is_level=level, is_threshold=hi, is_low=lo)
+      w = out.weights
+    else:  # TRL "mask": the untruncated ratio, 0 where it leaves [clip_min, clip_max]
+      out = losses.rollout_correction(old, mu, m, is_level=level, is_threshold=math.inf,
+                                      rs_level=level, rs_low=lo or 0.0, rs_high=hi)
+      w = out.weights * out.keep
+    if level == "sequence":  # TRL keeps one ratio per row, [B, 1] (rows are right padded)
+      return Out(importance_sampling_ratio=w[:, :1])
+    return Out(importance_sampling_ratio=w, masked={"importance_sampling_ratio": m})
+  check_config(case, {"rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize", "rollout_rs",
+                      "rollout_rs_threshold", "preset"})
+  if cfg["rollout_is_batch_normalize"]:
+    raise NotUnderstood("rollout_is_batch_normalize")
+  kw = dict(is_level=cfg["rollout_is"] or "none", is_threshold=cfg["rollout_is_threshold"])
+  rs = cfg["rollout_rs"]
+  if rs is not None:
+    if rs not in _VERL_RS:
+      raise NotUnderstood(f"rollout_rs {rs!r}")
+    kw["rs_level"] = _VERL_RS[rs]
+    if rs.endswith("k3"):
+      kw["rs_k3_max"] = float(cfg["rollout_rs_threshold"])
+    else:
+      lo, hi = (float(x) for x in str(cfg["rollout_rs_threshold"]).split("_"))
+      kw["rs_low"], kw["rs_high"] = 1.0 / hi, 1.0 / lo
+  out = losses.rollout_correction(old, mu, m, **kw)
+  weights = out.weights
+  if kw["is_level"] == "none":  # veRL returns None; ours are the mask (weight 1, no IS)
+    np.testing.assert_array_equal(np.asarray(weights), np.asarray(m, np.float32))
+    weights = None
+  res = Out(rollout_is_weights=weights, modified_response_mask=(out.keep * m),
+            masked={"rollout_is_weights": m, "modified_response_mask": m})
+  metrics = dict(out.metrics)
+  # perplexities (veRL's training_ppl / rollout_ppl): exp of each row's mean negative log-prob,
+  # averaged over rows
+  mf = np.asarray(m, np.float32)
+  for key, lp in (("training_ppl", old), ("rollout_ppl", mu)):
+    row = -(np.asarray(lp) * mf).sum(-1) / np.maximum(mf.sum(-1), 1)
+    metrics[key] = np.exp(row).mean()
+  for key in case["expected"]:
+    if key in _VERL_METRIC and key not in res:
+      if _VERL_METRIC[key] not in metrics:
+        raise NotUnderstood(f"metric {key!r} not produced")
+      res[key] = metrics[_VERL_METRIC[key]]
+  return res
+
+
+def run_overlong(case):
+  inp, cfg = case["inputs"], case["config"]
+  check_config(case, {"max_resp_len", "overlong_buffer_len", "penalty_factor"})
+  lengths = np.asarray(inp["valid_response_length"])
+  cap = int(inp["max_resp_len"])
+  assert cap == cfg["max_resp_len"]
+  mask = (np.arange(cap)[None, :] < lengths[:, None]).astype(np.int32)
+  return Out(overlong_reward=rewards.overlong_penalty(
+      jnp.asarray(mask), max_length=cap, buffer=int(cfg["overlong_buffer_len"]),
+      factor=float(cfg["penalty_factor"])))
+
+
 RUNNERS: Dict[str, Callable] = {
     "prime_implicit_reward": run_implicit_reward,
     "prime_prm_loss": run_prm_loss,
@@ -301,6 +406,9 @@ RUNNERS: Dict[str, Callable] = {
     "kl_penalty": run_kl,
     "entropy": run_entropy,
     "prompt_filter": run_filter,
+    "policy_loss_menu": run_policy_loss_menu,
+    "rollout_correction": run_rollout_correction,
+    "overlong_penalty": run_overlong,
 }
 
 
@@ -313,6 +421,9 @@ def compare_case(case, out: Out):
   for key, exp in case["expected"].items():
     if key not in out:
       raise NotUnderstood(f"expected output {key!r} is not produced by the runner")
+    if exp is None or out[key] is None:  # the reference returns None (e.g. no IS weights)
+      assert exp is None and out[key] is None, f"{key}: expected {exp!r}, got {out[key]!r}"
+      continue
     got = np.asarray(out[key])
     exp = np.asarray(exp)
     if exp.shape != got.shape:
@@ -335,7 +446,8 @@ GOLDEN_CASE_COUNTS = {
     "entropy.json": 1, "gae_advantage.json": 4, "grpo_advantage.json": 6, "kl_penalty.json": 14,
     "ppo_policy_loss.json": 13, "prime_implicit_reward.json": 7, "prime_prm_loss.json": 8,
     "prime_rloo_advantage.json": 8, "prompt_filter.json": 8, "reinforce_pp_advantage.json": 6,
-    "rloo_outcome_advantage.json": 3,
+    "rloo_outcome_advantage.json": 3, "policy_loss_menu.json": 23, "rollout_correction.json": 18,
+    "overlong_penalty.json": 2,
 }
 
 # Where a reference raises, the error we raise and what its message must say. The reference's

@@ -92,12 +92,21 @@ def test_fingerprint_is_the_config_minus_the_runtime_only_fields():
   # Settings added after checkpoints existed are left out while off, so those checkpoints resume.
   off = {"lora_rank", "lora_alpha", "lora_targets", "prm_lora_rank", "prm_lora_alpha",
          "prm_lora_targets", "generate_batch_size", "filter_mode", "resample_max_rounds",
-         "process_on_filler", "prm_on_filler", "prm_noise_tol"}
+         "process_on_filler", "prm_on_filler", "prm_noise_tol", "policy_loss", "rollout_is",
+         "rollout_is_threshold", "rollout_rs", "rollout_rs_low", "rollout_rs_high", "rollout_rs_k3_max", "overlong_buffer",
+         "overlong_penalty"}
   assert set(fp) == names - config_lib.RUNTIME_ONLY - off
+  # -1 / '' mean the loss's default: the fingerprint holds the resolved values, so a checkpoint
+  # written with the former explicit 0.2 / 0.2 / token-mean resumes.
+  assert (fp["clip_low"], fp["clip_high"], fp["loss_agg"]) == (0.2, 0.2, "token-mean")
+  assert config_lib.fingerprint(config_lib.replace(cfg, clip_low=0.2, clip_high=0.2, loss_agg="token-mean")) == fp
   on = config_lib.replace(cfg, lora_rank=4, prm_lora_rank=4, generate_batch_size=32,
                           filter_mode="resample", process_on_filler=False, prm_on_filler=True,
-                          prm_noise_tol=1e-3)
-  assert set(config_lib.fingerprint(on)) == names - config_lib.RUNTIME_ONLY
+                          prm_noise_tol=1e-3, policy_loss="gspo_token", rollout_is="token",
+                          rollout_rs="geometric", overlong_buffer=16)
+  assert set(config_lib.fingerprint(on)) == names - config_lib.RUNTIME_ONLY - {"rollout_rs_k3_max"}
+  k3 = set(config_lib.fingerprint(config_lib.replace(on, rollout_rs="k3")))
+  assert k3 == names - config_lib.RUNTIME_ONLY - {"rollout_rs_low", "rollout_rs_high"}
   with pytest.raises(config_lib.ConfigError, match="generate_batch_size"):
     config_lib.replace(cfg, generate_batch_size=48)  # does not divide the 256 sampled prompts
   json.dumps(fp)  # serialisable
@@ -136,7 +145,10 @@ def test_malformed_inputs_exit_2_naming_the_flag_before_any_model_loads(tmp_path
   (no_weights / "config.json").write_text("{}")
   for args, flag in (([f"--train_data={bad_jsonl}"], "--train_data="),
                      ([f"--model={no_weights}"], "--model="),
-                     (["--top_p=nan"], "--top_p="), (["--gamma=1.5"], "--gamma=")):
+                     (["--top_p=nan"], "--top_p="), (["--gamma=1.5"], "--gamma="),
+                     (["--rollout_is=token", "--rollout_is_threshold=nan"], "--rollout_is_threshold="),
+                     (["--rollout_rs=token", "--rollout_rs_low=3"], "--rollout_rs_low="),
+                     (["--rollout_is=token", "--rollout_is_threshold=0"], "--rollout_is_threshold=")):
     r = _run(args, tmp_path)
     assert r.returncode == 2, (args, r.stderr[-2000:])
     assert flag in r.stderr, (args, r.stderr[-2000:])

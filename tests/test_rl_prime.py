@@ -163,8 +163,8 @@ def test_rollout_batch_checks_name_the_field():
   assert b.check(4) is b and b.num_rows == 8
   with pytest.raises(ValueError, match="RolloutBatch.acc"):
     b._replace(acc=jnp.zeros((7,))).check(4)
-  with pytest.raises(ValueError, match="RolloutBatch.old_logp"):
-    b._replace(old_logp=jnp.zeros((8, 5))).check(4)
+  with pytest.raises(ValueError, match="RolloutBatch.sampler_logp"):
+    b._replace(sampler_logp=jnp.zeros((8, 5))).check(4)
   with pytest.raises(ValueError, match="groups of n=3"):
     b.check(3)
   seq = b.sequences()

@@ -18,7 +18,12 @@ Registries:
       "low_var_kl", "k3". A "+" suffix (straight-through k2 gradient, documented by veRL) raises
       NotImplementedError, as veRL at the pinned commit does.
   get_aggregation(name) -> fn(loss_mat, mask) -> (sum, count); names = aggregation.MODES.
-  get_policy_loss(name) -> "vanilla" (ppo_clip_loss) | "prime_original" (prime_policy_loss).
+  get_policy_loss(name) -> per-token terms fn(log_prob, old_log_prob, advantages, mask, *,
+      clip_ratio_low, clip_ratio_high, clip_ratio_c) -> PPOTokenTerms (``losses/policy.py``): "ppo"
+      (veRL vanilla), "ppo_original" (PRIME-RL), "gspo", "gspo_token", "cispo"; the jitted update
+      dispatches --policy_loss through it. policy_loss(name, ...) -> PolicyLossOutput on one batch.
+  rollout_correction(old_log_prob, sampler_log_prob, mask, *, is_level, is_threshold, rs_level,
+      rs_low, rs_high) -> CorrectionOutput(weights, keep, metrics)   (``losses/rollout_correction.py``)
 Adding a loss (e.g. ``losses/tgdpo.py``): write the module, then one ``*.register`` line below.
 """
 
@@ -58,9 +63,31 @@ AGGREGATIONS.register("seq-mean-token-sum", seq_mean_token_sum, additive_count=T
 AGGREGATIONS.register("seq-mean-token-mean", seq_mean_token_mean, additive_count=True)
 AGGREGATIONS.register("seq-mean-token-sum-norm", seq_mean_token_sum_norm, additive_count=False)
 
+from jaxrl_dense.losses import rollout_correction as rollout_correction_lib  # noqa: E402
+from jaxrl_dense.losses.policy import (  # noqa: E402
+    DEFAULT_AGG,
+    DEFAULT_CLIPS,
+    cispo_terms,
+    gspo_terms,
+    gspo_token_terms,
+    policy_loss,
+    ppo_original_terms,
+    ppo_terms,
+)
+from jaxrl_dense.losses.rollout_correction import (  # noqa: E402
+    CorrectionOutput,
+    is_weights,
+    mismatch_metrics,
+    rejection_mask,
+    rollout_correction,
+)
+
 POLICY_LOSSES = Registry("policy loss")
-POLICY_LOSSES.register("vanilla", ppo_clip_loss)
-POLICY_LOSSES.register("prime_original", prime_policy_loss)
+POLICY_LOSSES.register("ppo", ppo_terms)
+POLICY_LOSSES.register("ppo_original", ppo_original_terms)
+POLICY_LOSSES.register("gspo", gspo_terms)
+POLICY_LOSSES.register("gspo_token", gspo_token_terms)
+POLICY_LOSSES.register("cispo", cispo_terms)
 
 
 def get_kl(name: str):
@@ -82,7 +109,9 @@ __all__ = [
     "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
     "kl_k1", "kl_abs", "kl_k2", "kl_k3", "kl_in_reward", "entropy_from_logits",
     "KL_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "get_kl", "get_aggregation",
-    "get_policy_loss", "UnknownNameError",
+    "get_policy_loss", "UnknownNameError", "policy_loss", "ppo_terms", "ppo_original_terms",
+    "gspo_terms", "gspo_token_terms", "cispo_terms", "DEFAULT_CLIPS", "DEFAULT_AGG",
+    "rollout_correction", "CorrectionOutput", "is_weights", "rejection_mask", "mismatch_metrics",
 ]
 
 # Pairwise preference losses on token log-probs (methods.md §1.5): TGDPO and plain DPO.

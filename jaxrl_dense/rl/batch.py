@@ -22,8 +22,10 @@ class RolloutBatch(NamedTuple):
   response_tokens: int32 [B, R] right-padded responses.
   response_mask: float32 [B, R] 1 up to and including the first EOS.
   acc: float32 [B] verifier outcome labels.
-  old_logp: float32 [B, R] behaviour log-probs from the sampler (used only when the update does
-    not recompute them), or None.
+  sampler_logp: float32 [B, R] the sampler's log-probs of its tokens (the behaviour policy μ: the
+    distribution actually sampled, temperature / top-p / top-k and the sampler's precision
+    included), or None. The update uses them as π_old in bypass mode (--recompute_old_logp=false)
+    and for the rollout correction between μ and the recomputed π_old (--rollout_is/--rollout_rs).
   ref_logp, prm_logp: float32 [B, R] precomputed reference / PRM log-probs, or None (the update
     scores them).
   query_free_prompt_tokens, query_free_prompt_mask: int32 [B, P] the prompts with the user's last
@@ -38,7 +40,7 @@ class RolloutBatch(NamedTuple):
   response_tokens: jax.Array
   response_mask: jax.Array
   acc: jax.Array
-  old_logp: Optional[jax.Array] = None
+  sampler_logp: Optional[jax.Array] = None
   ref_logp: Optional[jax.Array] = None
   prm_logp: Optional[jax.Array] = None
   query_free_prompt_tokens: Optional[jax.Array] = None
@@ -99,6 +101,6 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
   return batch._replace(
       prompt_tokens=cut(batch.prompt_tokens, "p"), prompt_mask=cut(batch.prompt_mask, "p"),
       response_tokens=cut(batch.response_tokens, "r"), response_mask=cut(batch.response_mask, "r"),
-      old_logp=cut(batch.old_logp, "r"), ref_logp=cut(batch.ref_logp, "r"), prm_logp=cut(batch.prm_logp, "r"),
+      sampler_logp=cut(batch.sampler_logp, "r"), ref_logp=cut(batch.ref_logp, "r"), prm_logp=cut(batch.prm_logp, "r"),
       query_free_prompt_tokens=cut(batch.query_free_prompt_tokens, "p"),
       query_free_prompt_mask=cut(batch.query_free_prompt_mask, "p"))

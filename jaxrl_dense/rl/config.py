@@ -85,6 +85,7 @@ ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_basel
 EXTRA_REWARDS = ("sar",)
 SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+POLICY_LOSS_NAMES = ("ppo", "gspo", "gspo_token", "cispo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,12 +230,22 @@ class PolicyConfig:
   lr: float = _f(5e-7, "Policy AdamW learning rate.", lo=0.0)
   weight_decay: float = _f(0.01, "Policy AdamW weight decay.", lo=0.0, hi=1.0)
   grad_clip: float = _f(1.0, "Policy gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
-  clip_low: float = _f(0.2, "PPO clip epsilon (low).", lo=0.0, hi=1.0, hi_open=True)
-  clip_high: float = _f(0.2, "PPO clip epsilon (high).", lo=0.0, hi=100.0)
+  policy_loss: str = _f("ppo", "Policy loss (losses/policy.py, docs/algorithms.md 'Policy losses'): ppo "
+                       "(PPO clip; --prime_variant=original gives PRIME-RL's plain clip), gspo (GSPO: "
+                       "sequence ratio, sequence advantage = the row mean of the advantages), gspo_token "
+                       "(GSPO-token: sequence ratio, token advantages, so PRIME's process rewards reach "
+                       "it), cispo (CISPO: clipped, stop-gradient IS weight times log-prob).",
+                       choices=POLICY_LOSS_NAMES)
+  clip_low: float = _f(-1.0, "Clip epsilon (low) of the policy loss's ratio; -1 = the loss's anchor "
+                       "default (ppo 0.2, gspo / gspo_token 3e-4, cispo 10 = no lower bound). In [0, 1) "
+                       "for ppo and the gspo pair.", lo=-1.0)
+  clip_high: float = _f(-1.0, "Clip epsilon (high); -1 = the loss's anchor default (ppo 0.2, gspo / "
+                        "gspo_token 4e-4, cispo 0.2).", lo=-1.0, hi=100.0)
   clip_c: float = _f(3.0, "Dual-clip constant c (verl variant; <= 1 disables the dual clip).",
                      lo=0.0, hi=1e6)
-  loss_agg: str = _f("token-mean", "Policy loss aggregation (see --loss_norm for its normaliser).",
-                     choices=losses.aggregation.MODES)
+  loss_agg: str = _f("", "Policy loss aggregation (see --loss_norm for its normaliser); '' = the "
+                     "loss's default (seq-mean-token-mean for gspo / gspo_token, as veRL forces, "
+                     "token-mean otherwise).", choices=("",) + losses.aggregation.MODES)
   loss_norm: str = _f("mini_batch", "Normaliser of the policy loss (docs/algorithms.md): mini_batch = "
                       "the global aggregation count (tokens for token-mean) of the mini-batch; "
                       "micro_batch = mean of micro-batch aggregates (PRIME-RL); device_micro_batch = "
@@ -246,10 +257,31 @@ class PolicyConfig:
   micro_batch_size: int = _f(8, "Policy micro-batch in responses (grad accumulation).", lo=1)
   epochs: int = _f(1, "PPO epochs per step.", lo=1)
   shuffle: bool = _f(True, "Shuffle whole groups of n before cutting PPO mini-batches.")
-  recompute_old_logp: bool = _f(True, "Recompute the rollout policy's log-probs with a full forward "
-                                "(veRL). False reuses the sampler's log-probs, which is allowed only "
-                                "where they equal the scorer's: --dtype=float32, --temperature=1, "
-                                "--top_p=1, --top_k=0.")
+  recompute_old_logp: bool = _f(True, "Recompute the old policy's log-probs pi_old with a full forward "
+                                "(veRL; 'decoupled': sampler mu, pi_old and pi_theta are three policies). "
+                                "False = bypass (pi_old := mu, the sampler's log-probs): allowed where "
+                                "they equal the scorer's (--dtype=float32, --temperature=1, --top_p=1, "
+                                "--top_k=0), or anywhere with a rollout rejection mask (--rollout_rs).")
+  rollout_is: str = _f("none", "Rollout correction, truncated importance sampling between the sampler "
+                       "mu and pi_old (losses/rollout_correction.py): token = min(pi_old/mu, C) per "
+                       "token (veRL decoupled_token_is, TRL token_truncate); sequence = min(prod_t "
+                       "pi_old/mu, C) per row (decoupled_seq_is); none. Needs "
+                       "--recompute_old_logp (in bypass the PPO ratio pi_theta/mu is the weight).",
+                       choices=("none", "token", "sequence"))
+  rollout_is_threshold: float = _f(2.0, "C of --rollout_is (veRL's default 2).", lo=0.0, lo_open=True,
+                                   hi=1e6)
+  rollout_rs: str = _f("none", "Rollout correction, rejection: tokens (token) or rows (sequence: the "
+                       "product of the ratios, veRL seq_sum_k1; geometric: their geometric mean, "
+                       "veRL seq_mean_k1 'Geo-RS') whose pi_old/mu ratio lies outside "
+                       "[--rollout_rs_low, --rollout_rs_high] leave the loss and its token count. In "
+                       "bypass it compares pi_theta (no gradient) with mu inside the loss. k3: rows "
+                       "whose mean k3 divergence mean_t(r - 1 - log r) exceeds --rollout_rs_k3_max "
+                       "(veRL seq_mean_k3, decoupled_k3_rs).",
+                       choices=("none", "token", "sequence", "geometric", "k3"))
+  rollout_rs_low: float = _f(0.5, "C_min of --rollout_rs.", lo=0.0, lo_open=True, hi=1e6)
+  rollout_rs_high: float = _f(2.0, "C_max of --rollout_rs.", lo=0.0, lo_open=True, hi=1e6)
+  rollout_rs_k3_max: float = _f(0.01, "Bound of --rollout_rs=k3 (veRL decoupled_k3_rs: 0.01).", lo=0.0,
+                                lo_open=True, hi=1e6)
   lora_rank: int = _f(0, "LoRA rank of the policy (0 = train every weight). With LoRA only the "
                       "adapters are trained; the frozen base (compute dtype) is the reference.", lo=0)
   lora_alpha: float = _f(16.0, "Policy LoRA alpha (update scale alpha / rank).", lo=0.0, lo_open=True)
@@ -258,6 +290,38 @@ class PolicyConfig:
   def __post_init__(self):
     _check(self)
     _check_lora_targets("lora_targets", self.lora_targets)
+    for name in ("clip_low", "clip_high"):
+      v = getattr(self, name)
+      if v != -1.0 and v < 0:
+        raise ConfigError(name, v, "must be -1 (the loss's default) or >= 0")
+    lo = self.clip_range[0]
+    if self.policy_loss != "cispo" and not lo < 1:
+      raise ConfigError("clip_low", self.clip_low, f"must be in [0, 1) for --policy_loss={self.policy_loss} "
+                        "(clip(ratio, 1 - clip_low, ...) needs a positive lower bound)")
+    if self.rollout_rs_low > self.rollout_rs_high:
+      raise ConfigError("rollout_rs_low", self.rollout_rs_low,
+                        f"must be <= --rollout_rs_high={self.rollout_rs_high}")
+    if not self.recompute_old_logp and self.rollout_is != "none":
+      raise ConfigError("rollout_is", self.rollout_is, "with --recompute_old_logp=false (bypass: pi_old := "
+                        "mu) the policy loss's ratio pi_theta/mu already is the importance weight; an IS "
+                        "weight would count it twice (veRL bypass_ppo_clip). Use --rollout_rs, or "
+                        "--recompute_old_logp=true (decoupled)")
+
+  @property
+  def clip_range(self) -> Tuple[float, float]:
+    """(eps_low, eps_high) with -1 resolved to the loss's anchor default (losses.DEFAULT_CLIPS)."""
+    lo, hi = losses.DEFAULT_CLIPS[self.policy_loss]
+    return (lo if self.clip_low == -1.0 else self.clip_low, hi if self.clip_high == -1.0 else self.clip_high)
+
+  @property
+  def agg_mode(self) -> str:
+    """--loss_agg with '' resolved to the loss's default (losses.DEFAULT_AGG)."""
+    return self.loss_agg or losses.DEFAULT_AGG[self.policy_loss]
+
+  @property
+  def corrects_rollout(self) -> bool:
+    """A rollout correction is on (IS weights or a rejection mask)."""
+    return self.rollout_is != "none" or self.rollout_rs != "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +344,11 @@ class PrimeConfig:
   extra_reward: str = _f("", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': 'sar:0.2' = "
                          f"Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
                          f"{SAR_DEFAULT_WEIGHT}). '' = none.")
+  overlong_buffer: int = _f(0, "DAPO overlong reward shaping (rewards/overlong.py): the last this many "
+                            "tokens before --max_response_length get a linear length penalty, down to "
+                            "-overlong_penalty at the cap, added to the outcome reward (0 = off; DAPO "
+                            "uses 4096 of 20480).", lo=0)
+  overlong_penalty: float = _f(1.0, "Penalty factor of --overlong_buffer (DAPO: 1).", lo=0.0, hi=1e3)
   moments_dtype: str = _f("float32", "dtype of AdamW's first moment (optax mu_dtype) for the policy "
                           "and the PRM; the second moment stays float32.",
                           choices=("float32", "bfloat16"))
@@ -333,10 +402,15 @@ class PrimeConfig:
     if rows % self.score_micro_batch_size:
       raise ConfigError("score_micro_batch_size", self.score_micro_batch_size,
                         f"must divide the {rows} responses per step")
-    if not p.recompute_old_logp and (r.temperature != 1.0 or r.top_p != 1.0 or r.top_k != 0):
+    if (not p.recompute_old_logp and p.rollout_rs == "none"
+        and (r.temperature != 1.0 or r.top_p != 1.0 or r.top_k != 0)):
       raise ConfigError("recompute_old_logp", False, "reusing the sampler's log-probs needs "
                         "--temperature=1, --top_p=1 and --top_k=0 (otherwise they are not the "
-                        "policy's log-probs)")
+                        "policy's log-probs), or a rollout rejection mask (--rollout_rs) that "
+                        "bounds the mismatch (docs/algorithms.md 'Rollout correction')")
+    if self.overlong_buffer > r.max_response_length:
+      raise ConfigError("overlong_buffer", self.overlong_buffer,
+                        f"must be <= --max_response_length={r.max_response_length}")
 
   # Derived sizes and switches.
   @property
@@ -522,10 +596,12 @@ class RunConfig:
           raise ConfigError(name, spec, "LoRA (--lora_rank / --prm_lora_rank) adapts the frozen "
                             "base of --model, which is also the reference; leave it empty")
     p = self.prime
-    if not p.policy.recompute_old_logp and self.dtype != "float32":
+    if not p.policy.recompute_old_logp and self.dtype != "float32" and p.policy.rollout_rs == "none":
       raise ConfigError("recompute_old_logp", False, f"the sampler's log-probs differ from the "
                         f"scorer's in --dtype={self.dtype} (by up to ~1e-2 in bfloat16); recompute "
-                        "them (--recompute_old_logp=true) or use --dtype=float32")
+                        "them (--recompute_old_logp=true, with --rollout_is=token to correct the "
+                        "mismatch), bound it with a rejection mask (--rollout_rs), or use "
+                        "--dtype=float32")
 
 
 # ------------------------------------------------------------------------- flat view, fingerprint
@@ -629,8 +705,21 @@ def fingerprint(cfg) -> dict:
   resample = (fp.get("filter_mode") or ("resample" if fp.get("prime_variant") == "original" else "fill"))
   if fp.get("filter") != "band" or resample != "resample":
     fp.pop("resample_max_rounds", None)
+  pol = cfg.prime.policy
+  fp["clip_low"], fp["clip_high"] = pol.clip_range  # -1 = the loss's default, resolved
+  fp["loss_agg"] = pol.agg_mode
+  if not fp.get("overlong_buffer"):
+    fp.pop("overlong_penalty", None)
+  if fp.get("rollout_is") == "none":
+    fp.pop("rollout_is_threshold", None)
+  if fp.get("rollout_rs") in ("none", "k3"):
+    fp.pop("rollout_rs_low", None)
+    fp.pop("rollout_rs_high", None)
+  if fp.get("rollout_rs") != "k3":
+    fp.pop("rollout_rs_k3_max", None)
   for k, default in (("filter_mode", ""), ("process_on_filler", True), ("prm_on_filler", False),
-                     ("prm_noise_tol", 1e-4)):
+                     ("prm_noise_tol", 1e-4), ("policy_loss", "ppo"), ("rollout_is", "none"),
+                     ("rollout_rs", "none"), ("overlong_buffer", 0)):
     if k in fp and fp[k] == default:
       fp.pop(k)
   for prefix in ("lora_", "prm_lora_"):

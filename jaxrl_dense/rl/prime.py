@@ -7,8 +7,11 @@
 `update_fn` is ONE jitted program (explicit in/out shardings on a mesh, the state donated), the
 whole of PRIME spec §4-§7 for one rollout batch:
 
-  1. scoring (no grad): old policy log-probs (at the rollout temperature) and entropy, unless
-     the batch brings the sampler's (`--recompute_old_logp=false`); reference log-probs.
+  1. scoring (no grad): old policy log-probs π_old (at the rollout temperature) and entropy,
+     unless bypass (`--recompute_old_logp=false`: π_old := μ, the sampler's `batch.sampler_logp`);
+     reference log-probs. Decoupled (three policies μ, π_old, π_θ): the rollout correction
+     between μ and π_old (`losses.rollout_correction`: truncated IS weights on each token's loss,
+     a rejection mask on the loss and its count; `rollout_corr/*` metrics whenever μ is given).
   2. implicit-PRM update (PRIME §5; loss `cfg.prm.prm_loss`) on the in-band groups
      (`batch.in_band`; all rows with --prm_on_filler), then with `prm_update="before"`
      a re-scoring with the updated PRM (double forward), else the in-loop scores (single forward).
@@ -37,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import advantages as adv_lib
-from jaxrl_dense import ops, prm_health, sharding
+from jaxrl_dense import losses, ops, prm_health, sharding
+from jaxrl_dense.rewards import overlong as overlong_lib
 from jaxrl_dense.filters import prof as prof_lib
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rewards import sar as sar_lib
@@ -149,7 +153,8 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None,
   in_band=None) -> (advantages [B, R], returns [B, R], stats)`.
 
-  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9);
+  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9;
+  + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
   PRIME: process rewards = prime_batch_norm(zero_float_noise(implicit_token_rewards(prm_logp,
   ref_logp))): exactly 0 while every implicit log-ratio suffix sum is below --prm_noise_tol (the
   PRM still equals the reference up to float rounding). With a PROF `keep` mask [B] (exactly
@@ -183,6 +188,12 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     w_proc = w * band if proc_masked else w  # [B] rows that get a process reward
     stats = {}
     outcome = acc  # [B]
+    if cfg.overlong_buffer:  # DAPO overlong shaping: R = R_verifier + R_len (rewards/overlong.py)
+      r_len = overlong_lib.overlong_penalty(m, max_length=cfg.rollout.max_response_length,
+                                            buffer=cfg.overlong_buffer, factor=cfg.overlong_penalty)
+      outcome = outcome + r_len
+      stats["reward/overlong_mean"] = ops.masked_mean(r_len, w)
+      stats["reward/overlong_frac"] = ops.masked_mean((r_len < 0).astype(jnp.float32), w)
     if extra is not None:
       outcome = sar_lib.combine_with_sar(acc, extra, factor=extra_w)  # [B]
       stats["extra/sar_mean"] = jnp.mean(extra)
@@ -286,11 +297,16 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   score_sar = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
                                  with_prm=False, with_entropy=False, group_size=group, jit=False)
   p = cfg.policy
+  clip_low, clip_high = p.clip_range
+  bypass = not p.recompute_old_logp
   policy_update = steps.make_policy_update(
       model_config, pol_opt, steps.PolicyLossSettings(
-          variant=cfg.prime_variant, clip_low=p.clip_low, clip_high=p.clip_high, clip_c=p.clip_c,
-          agg_mode=p.loss_agg, entropy_coeff=p.entropy_coeff, kl_coef=p.kl_coef, kl_type=p.kl_type,
-          loss_norm=p.loss_norm, loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1),
+          variant=cfg.prime_variant, loss=p.policy_loss, clip_low=clip_low, clip_high=clip_high,
+          clip_c=p.clip_c, agg_mode=p.agg_mode, entropy_coeff=p.entropy_coeff, kl_coef=p.kl_coef,
+          kl_type=p.kl_type, loss_norm=p.loss_norm,
+          loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
+          bypass_rs=p.rollout_rs if bypass else "none", bypass_rs_low=p.rollout_rs_low,
+          bypass_rs_high=p.rollout_rs_high, bypass_rs_k3_max=p.rollout_rs_k3_max),
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
       lora_config=cfg.policy_lora, jit=False)
@@ -313,13 +329,17 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     pol_params = model_params(state, "policy", cfg)
     m = seq["response_mask"]  # [B, R]
     metrics = {}
+    mu = batch.sampler_logp  # [B, R] the sampler's log-probs (behaviour policy), or None
+    if mu is None and (bypass or p.corrects_rollout):
+      raise ValueError("RolloutBatch.sampler_logp is None, but --recompute_old_logp=false (bypass) "
+                       "and --rollout_is/--rollout_rs read the sampler's log-probs")
     with jax.named_scope("score"):
       entropy = None
-      if cfg.policy.recompute_old_logp or batch.old_logp is None:
+      if not bypass:  # decoupled: pi_old recomputed by the trainer
         scores = score(pol_params, None, None, seq)
         old_logp, entropy = scores["old_logp"], scores["entropy"]  # [B, R] each
-      else:  # the sampler's log-probs (validated equal to the scorer's: f32, T = 1, no top-p/k)
-        old_logp = batch.old_logp
+      else:  # bypass: pi_old := mu (equal to the scorer's in f32, T = 1, no top-p/k; else --rollout_rs)
+        old_logp = mu
       ref_logp = batch.ref_logp
       if ref_logp is None and cfg.needs_ref:
         ref_logp = score_ref(None, state.ref_params, None, seq)["ref_logp"]
@@ -356,7 +376,17 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     mw = m  # [B, R] the trained tokens (the logged means below)
     if w is not None:  # masked rows: out of the PPO loss and its token count
       pm, mw = pm * w[:, None], m * w[:, None]
+    if mu is not None and not bypass:  # three policies: correct the sampler -> trainer mismatch
+      corr = losses.rollout_correction(old_logp, mu, mw, is_level=p.rollout_is,
+                                       is_threshold=p.rollout_is_threshold, rs_level=p.rollout_rs,
+                                       rs_low=p.rollout_rs_low, rs_high=p.rollout_rs_high,
+                                       rs_k3_max=p.rollout_rs_k3_max)
+      metrics.update({"rollout_corr/" + k: v for k, v in corr.metrics.items()})
     pol_batch = dict(seq, response_mask=pm, old_logp=old_logp, advantages=adv)
+    if mu is not None and not bypass and p.rollout_rs != "none":
+      pol_batch["response_mask"] = pm * corr.keep  # rejected tokens leave the loss and its count
+    if mu is not None and not bypass and p.rollout_is != "none":
+      pol_batch["is_weight"] = corr.weights
     if ref_logp is not None:
       pol_batch["ref_logp"] = ref_logp
     with jax.named_scope("policy_update"):

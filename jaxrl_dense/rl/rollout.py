@@ -169,8 +169,8 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
 
   `records`: prompts_per_step · oversample PromptRecords (the first sampling round); `encoder`: a
   batching.PromptEncoder (prompts left-padded to max_prompt_length). The batch carries
-  `in_band` [B] (1 on the groups that passed the band), the sampler's log-probs as `old_logp`
-  when the update reuses them (`recompute_old_logp=False`) and the query-free prompts when
+  `in_band` [B] (1 on the groups that passed the band), the sampler's log-probs as `sampler_logp`
+  (μ, always: bypass and the rollout correction read them) and the query-free prompts when
   `extra_reward` is SAR.
 
   --filter_mode (`cfg.filter_protocol`) fill / mask: one round, `select_groups`. resample
@@ -246,7 +246,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig):
       prompt_tokens=ptok.astype(np.int32), prompt_mask=pmask.astype(np.int32),
       response_tokens=tokens.astype(np.int32), response_mask=mask.astype(np.float32),
       acc=acc.astype(np.float32),
-      old_logp=None if cfg.policy.recompute_old_logp else logp.astype(np.float32),
+      sampler_logp=logp.astype(np.float32),
       query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask, in_band=in_band)
   if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed (issue 13)
     batch = trim_batch(batch, r.length_bucket)

@@ -40,12 +40,14 @@ LOSS_NORMS = ("mini_batch", "micro_batch", "device_micro_batch")
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossSettings:
-  """PPO-clip policy objective (spec §7; veRL defaults).
+  """The policy objective (spec §7; veRL defaults) and its rollout correction.
 
   Attributes:
-    variant: "verl" (ratio clamp ±20 + dual clip) or "original" (PRIME-RL: plain clip, no dual clip).
-    clip_low / clip_high: ε_low, ε_high of clip(ρ, 1−ε_low, 1+ε_high).
-    clip_c: dual-clip constant c (verl only; <= 1 disables dual clip).
+    variant: "verl" (ratio clamp ±20 + dual clip) or "original" (PRIME-RL: plain clip, no dual
+      clip); with loss "ppo" it picks the registry's "ppo" / "ppo_original".
+    loss: name in `losses.POLICY_LOSSES` ("ppo", "gspo", "gspo_token", "cispo"; losses/policy.py).
+    clip_low / clip_high: ε_low, ε_high of clip(ρ, 1−ε_low, 1+ε_high) (cispo: ε_low >= 1 = no lower bound).
+    clip_c: dual-clip constant c (ppo, verl only; <= 1 disables dual clip).
     agg_mode: loss aggregation (spec §7.2): "token-mean", "seq-mean-token-sum",
       "seq-mean-token-mean", "seq-mean-token-sum-norm".
     entropy_coeff: objective = pg_loss − entropy_coeff · H.
@@ -58,8 +60,14 @@ class PolicyLossSettings:
       "device_micro_batch" ([V] veRL): each micro-batch split into `loss_shards` data-parallel
       shards (one per GPU), each shard's aggregate, averaged over shards and micro-batches.
     loss_shards: data-parallel shards of "device_micro_batch" (the micro-batch must divide).
+    bypass_rs / bypass_rs_low / bypass_rs_high / bypass_rs_k3_max: bypass mode's rejection (old_logp
+      = the sampler's μ): "none" | "token" | "sequence" | "geometric" on sg(π_θ)/μ in [low, high],
+      or "k3" (row mean of r − 1 − log r <= k3_max), computed inside
+      each micro-batch's loss (veRL compute_policy_loss_bypass_mode); rejected tokens add 0 to the
+      loss and stay in its count (veRL's global token count).
   """
   variant: str = "verl"
+  loss: str = "ppo"
   clip_low: float = 0.2
   clip_high: float = 0.2
   clip_c: float = 3.0
@@ -69,6 +77,10 @@ class PolicyLossSettings:
   kl_type: str = "low_var_kl"
   loss_norm: str = "mini_batch"
   loss_shards: int = 1
+  bypass_rs: str = "none"
+  bypass_rs_low: float = 0.5
+  bypass_rs_high: float = 2.0
+  bypass_rs_k3_max: float = 0.01
 
   def __post_init__(self):
     if self.loss_norm not in LOSS_NORMS:
@@ -77,12 +89,21 @@ class PolicyLossSettings:
       raise ValueError(f"PolicyLossSettings.loss_shards={self.loss_shards} must be >= 1.")
     if self.variant not in ("verl", "original"):
       raise ValueError(f"PolicyLossSettings.variant={self.variant!r}; expected 'verl' or 'original'.")
+    losses.get_policy_loss(self.loss)  # raises for an unknown loss
     if self.agg_mode not in losses.aggregation.MODES:
       raise ValueError(f"PolicyLossSettings.agg_mode={self.agg_mode!r}; expected one of "
                        f"{losses.aggregation.MODES}.")
     losses.get_kl(self.kl_type)  # raises for an unknown estimator
-    if not (0 <= self.clip_low < 1) or self.clip_high < 0:
-      raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0.")
+    if self.clip_low < 0 or self.clip_high < 0 or (self.loss != "cispo" and self.clip_low >= 1):
+      raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) (>= 0 for cispo) and "
+                       f"clip_high={self.clip_high} >= 0.")
+    if self.bypass_rs not in losses.rollout_correction_lib.RS_LEVELS:
+      raise ValueError(f"PolicyLossSettings.bypass_rs={self.bypass_rs!r}; expected one of "
+                       f"{losses.rollout_correction_lib.RS_LEVELS}.")
+
+  @property
+  def registry_name(self) -> str:
+    return "ppo_original" if (self.loss == "ppo" and self.variant == "original") else self.loss
 
 
 def _split(n: int, size: int, what: str) -> int:
@@ -425,7 +446,9 @@ def make_policy_update(
   [O], or of per-device micro-batch aggregates [V]; see docs/algorithms.md.)
 
   Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
-  when kl_coef > 0). Rows whose response_mask is all 0 (rows masked out by the caller) add
+  when kl_coef > 0); optional "is_weight" [B, R]: rollout-correction weights multiplying each
+  token's loss (`losses.rollout_correction`). The token loss is `settings.loss` from
+  `losses.POLICY_LOSSES` (one signature for ppo, gspo, gspo_token, cispo). Rows whose response_mask is all 0 (rows masked out by the caller) add
   nothing to the loss or its count; a mini-batch of such rows only takes no optimizer step. `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
   once per group (same loss and gradient). The shuffle permutes blocks of `shuffle_group_size`
   rows (default `group_size`); give it explicitly (e.g. n whenever a mini-batch holds whole
@@ -446,6 +469,7 @@ def make_policy_update(
   if epochs < 1:
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
+  loss_terms = losses.get_policy_loss(settings.registry_name)
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)
@@ -454,6 +478,8 @@ def make_policy_update(
     n_mini = _split(B, mini_batch_size, "policy mini_batch_size")
     n_micro = _split(mini_batch_size, micro_batch_size, "policy micro_batch_size")
     keys = ["tokens", "attention_mask", "response_mask", "old_logp", "advantages"]
+    if "is_weight" in batch:
+      keys.append("is_weight")
     if settings.kl_coef > 0:
       keys.append("ref_logp")
     rows = {k: batch[k] for k in keys}
@@ -462,17 +488,18 @@ def make_policy_update(
       logp, ent = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, need_entropy,
                                     group_size, temperature)
       m = mb["response_mask"]
-      if settings.variant == "verl":  # veRL vanilla: ratio clamp ±20, dual clip
-        terms = losses.ppo_clip_token_loss(
-            logp, mb["old_logp"], mb["advantages"], clip_ratio_low=settings.clip_low,
-            clip_ratio_high=settings.clip_high,
-            clip_ratio_c=settings.clip_c if settings.clip_c > 1 else None, log_ratio_clamp=20.0)
-      else:  # PRIME-RL original: plain clip, no clamp, no dual clip
-        terms = losses.ppo_clip_token_loss(
-            logp, mb["old_logp"], mb["advantages"], clip_ratio_low=settings.clip_low,
-            clip_ratio_high=settings.clip_high, clip_ratio_c=None, log_ratio_clamp=None)
+      terms = loss_terms(logp, mb["old_logp"], mb["advantages"], m, clip_ratio_low=settings.clip_low,
+                         clip_ratio_high=settings.clip_high, clip_ratio_c=settings.clip_c)
+      token_loss = terms.token_loss
+      if "is_weight" in mb:  # decoupled rollout correction: min(pi_old / mu, C) (no gradient)
+        token_loss = token_loss * mb["is_weight"]
+      if settings.bypass_rs != "none":  # bypass: reject on sg(pi_theta) / mu (old_logp = mu)
+        keep = losses.rejection_mask(jax.lax.stop_gradient(logp) - mb["old_logp"], m,
+                                     level=settings.bypass_rs, low=settings.bypass_rs_low,
+                                     high=settings.bypass_rs_high, k3_max=settings.bypass_rs_k3_max)
+        token_loss = token_loss * keep
       agg = lambda x: normalised(x, m, count)
-      sums = {"pg": agg(terms.token_loss), "entropy": agg(ent)}
+      sums = {"pg": agg(token_loss), "entropy": agg(ent)}
       total = sums["pg"] - settings.entropy_coeff * sums["entropy"]
       if settings.kl_coef > 0:
         sums["kl"] = agg(losses.get_kl(settings.kl_type)(logp, mb["ref_logp"]))  # of [b, R]
@@ -480,6 +507,8 @@ def make_policy_update(
       tok_stats = {"clipfrac": terms.clipped.astype(jnp.float32),
                    "clipfrac_lower": terms.dual_clipped.astype(jnp.float32),
                    "ppo_kl": terms.neg_log_ratio}
+      if settings.bypass_rs != "none":
+        tok_stats["rollout_rs_masked_frac"] = 1.0 - keep
       # Token-level diagnostics as masked sums (divided by the token count at the end).
       for name, v in tok_stats.items():
         sums["tok/" + name] = jnp.sum(v * m)
