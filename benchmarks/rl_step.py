@@ -214,7 +214,7 @@ def bench_trl() -> dict:
       output_dir=tempfile.mkdtemp(prefix="rl_step_trl_"),
       per_device_train_batch_size=micro, gradient_accumulation_steps=rows // micro,  # 1 optimizer step
       num_generations=FLAGS.samples, max_completion_length=FLAGS.new_tokens, temperature=1.0,
-      top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=pol.clip_low, loss_type="dapo",
+      top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=pol.clip_range[0], loss_type="dapo",
       scale_rewards="group", learning_rate=pol.lr, weight_decay=pol.weight_decay,
       max_grad_norm=pol.grad_clip, activation_checkpointing=FLAGS.bench_remat, use_vllm=False,
       max_steps=num_steps, logging_strategy="no", save_strategy="no", report_to="none",
