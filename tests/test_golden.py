@@ -394,6 +394,18 @@ def run_overlong(case):
       factor=float(cfg["penalty_factor"])))
 
 
+def run_pure_credit(case):
+  """PURE's turn_process_reward_logits_to_reward through rewards.step_rewards (disabled weighting
+  = uniform weights = temperature infinity)."""
+  inp, cfg = case["inputs"], case["config"]
+  check_config(case, {"temperature", "disable_weighted_reward"})
+  mask = jnp.asarray(inp["reward_mask"])
+  r = rewards.step_rewards.prm_logits_to_step_reward(f32(inp["logits"]))
+  temp = math.inf if cfg["disable_weighted_reward"] else cfg["temperature"]
+  pr = rewards.step_rewards.pure_weighted_rewards(r, mask, temperature=temp)
+  return Out(process_reward=pr, outcome_reward=pr.sum(-1), masked={"process_reward": mask})
+
+
 RUNNERS: Dict[str, Callable] = {
     "prime_implicit_reward": run_implicit_reward,
     "prime_prm_loss": run_prm_loss,
@@ -409,6 +421,7 @@ RUNNERS: Dict[str, Callable] = {
     "policy_loss_menu": run_policy_loss_menu,
     "rollout_correction": run_rollout_correction,
     "overlong_penalty": run_overlong,
+    "pure_credit": run_pure_credit,
 }
 
 
@@ -447,7 +460,7 @@ GOLDEN_CASE_COUNTS = {
     "ppo_policy_loss.json": 13, "prime_implicit_reward.json": 7, "prime_prm_loss.json": 8,
     "prime_rloo_advantage.json": 8, "prompt_filter.json": 8, "reinforce_pp_advantage.json": 6,
     "rloo_outcome_advantage.json": 3, "policy_loss_menu.json": 23, "rollout_correction.json": 18,
-    "overlong_penalty.json": 2,
+    "overlong_penalty.json": 2, "pure_credit.json": 5,
 }
 
 # Where a reference raises, the error we raise and what its message must say. The reference's

@@ -94,3 +94,21 @@ __all__ += [
     "assignment_call_rewards", "turn_rewards_from_calls", "information_gain_turn_rewards",
     "EXTRA_REWARDS", "get_extra_reward", "overlong_penalty",
 ]
+
+# Step rewards from a process reward model: segmentation, placement across tokenizers, credit
+# (summed or PURE's min-form); rewards/step_rewards.py.
+from jaxrl_dense.rewards import step_rewards  # noqa: E402
+from jaxrl_dense.rewards.step_rewards import (  # noqa: E402
+    credit_step_rewards,
+    min_form_values,
+    place_step_scores,
+    placement_weights,
+    prm_logits_to_step_reward,
+    pure_weighted_rewards,
+    segment,
+    token_offsets_from_ids,
+)
+__all__ += [
+    "step_rewards", "segment", "token_offsets_from_ids", "placement_weights", "place_step_scores",
+    "prm_logits_to_step_reward", "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
+]
