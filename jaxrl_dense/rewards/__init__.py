@@ -112,3 +112,5 @@ __all__ += [
     "step_rewards", "segment", "token_offsets_from_ids", "placement_weights", "place_step_scores",
     "prm_logits_to_step_reward", "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
 ]
+from jaxrl_dense.rewards import service  # noqa: E402  (served PRM: HTTP client + reference server)
+__all__ += ["service"]
