@@ -34,6 +34,9 @@ class RolloutBatch(NamedTuple):
     the band filter), 0 on out-of-band (filler) groups; None = all 1. Constant within a group. The
     PRM trains on in-band rows only; with --filter_mode=mask|resample the advantage and the policy
     update give the other rows weight 0 (`rl.prime.make_prime`).
+  process_rewards: float32 [B, R] token rewards from an external step-scoring PRM
+    (--process_reward: served step scores, credited and placed on these response tokens by
+    `rl.external_reward`), or None.
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -46,6 +49,7 @@ class RolloutBatch(NamedTuple):
   query_free_prompt_tokens: Optional[jax.Array] = None
   query_free_prompt_mask: Optional[jax.Array] = None
   in_band: Optional[jax.Array] = None
+  process_rewards: Optional[jax.Array] = None
 
   @property
   def num_rows(self) -> int:
@@ -103,4 +107,5 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
       response_tokens=cut(batch.response_tokens, "r"), response_mask=cut(batch.response_mask, "r"),
       sampler_logp=cut(batch.sampler_logp, "r"), ref_logp=cut(batch.ref_logp, "r"), prm_logp=cut(batch.prm_logp, "r"),
       query_free_prompt_tokens=cut(batch.query_free_prompt_tokens, "p"),
-      query_free_prompt_mask=cut(batch.query_free_prompt_mask, "p"))
+      query_free_prompt_mask=cut(batch.query_free_prompt_mask, "p"),
+      process_rewards=cut(batch.process_rewards, "r"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Iterator, Sequence, Tuple
 
 from jaxrl_dense import losses
@@ -344,6 +345,29 @@ class PrimeConfig:
   extra_reward: str = _f("", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': 'sar:0.2' = "
                          f"Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
                          f"{SAR_DEFAULT_WEIGHT}). '' = none.")
+  process_reward: str = _f("", "External process reward (issue 27): '' = none (--algo=prime has its "
+                           "own implicit PRM), or the URL of a served step-scoring PRM "
+                           "('http://host:port/score', protocol in rewards/service.py), used with "
+                           "--algo=rloo: each response is cut into steps (--step_split), the served "
+                           "step scores are credited (--step_credit) and placed on the policy's "
+                           "tokens (--step_placement), and PRIME's RLOO runs over them plus the "
+                           "outcome RLOO (--process_coef, --outcome_coef).")
+  step_split: str = _f("sentences", "Steps of a response for --process_reward: sentences, "
+                       "paragraphs, 'sep:<separator>' or 'regex:<pattern>' (each match starts a step).")
+  step_placement: str = _f("last", "Where a step's score lands: last = the token holding its last "
+                           "character, spread = over its tokens by their share of its characters.",
+                           choices=("last", "spread"))
+  step_credit: str = _f("sum", "How step scores become rewards: sum (the canonical summed return) or "
+                        "pure (PURE's min-form: softmax(-r/T)-weighted scores, arXiv 2504.15275).",
+                        choices=("sum", "pure"))
+  step_credit_temperature: float = _f(0.1, "T of --step_credit=pure (PURE: 0.1).", lo=0.0,
+                                      lo_open=True, hi=1e6)
+  reward_timeout_s: float = _f(30.0, "--process_reward: per-request timeout in seconds.", lo=0.0,
+                               lo_open=True, hi=3600.0)
+  reward_retries: int = _f(2, "--process_reward: retries of a failed request (with backoff).", lo=0, hi=10)
+  reward_on_error: str = _f("raise", "--process_reward after the retries: raise (the step fails "
+                            "with the reason) or zero (score the batch 0, count it in "
+                            "reward/service_failures).", choices=("raise", "zero"))
   overlong_buffer: int = _f(0, "DAPO overlong reward shaping (rewards/overlong.py): the last this many "
                             "tokens before --max_response_length get a linear length penalty, down to "
                             "-overlong_penalty at the cap, added to the outcome reward (0 = off; DAPO "
@@ -408,6 +432,19 @@ class PrimeConfig:
                         "--temperature=1, --top_p=1 and --top_k=0 (otherwise they are not the "
                         "policy's log-probs), or a rollout rejection mask (--rollout_rs) that "
                         "bounds the mismatch (docs/algorithms.md 'Rollout correction')")
+    if self.process_reward:
+      if not self.process_reward.startswith(("http://", "https://")):
+        raise ConfigError("process_reward", self.process_reward, "must be the URL of a served PRM "
+                          "(http://host:port/path)")
+      if self.algo != "rloo" or self.advantage:
+        raise ConfigError("process_reward", self.process_reward, "external step rewards drive "
+                          "--algo=rloo (PRIME's RLOO over them; --algo=prime uses its own implicit "
+                          "PRM) without an --advantage override")
+    from jaxrl_dense.rewards import step_rewards  # pylint: disable=import-outside-toplevel
+    try:
+      step_rewards.segment("", self.step_split)
+    except (ValueError, re.error) as e:
+      raise ConfigError("step_split", self.step_split, str(e)) from None
     if self.overlong_buffer > r.max_response_length:
       raise ConfigError("overlong_buffer", self.overlong_buffer,
                         f"must be <= --max_response_length={r.max_response_length}")
@@ -455,7 +492,7 @@ class PrimeConfig:
   @property
   def estimator(self) -> str:
     """Name in `advantages.ESTIMATORS` of this run's advantage estimator."""
-    return "prime_rloo" if self.uses_prm else (self.advantage or self.algo)
+    return "prime_rloo" if (self.uses_prm or self.process_reward) else (self.advantage or self.algo)
 
   @property
   def filter_protocol(self) -> str:
@@ -630,7 +667,12 @@ def ignored_settings(cfg) -> list:
     return []
   defaults = {f.name: f.default for _, f in iter_fields(type(cfg))}
   values = flat(cfg)
-  return sorted(k for k in PRM_ONLY if k in values and values[k] != defaults[k])
+  return sorted(k for k in _prm_only(cfg) if k in values and values[k] != defaults[k])
+
+
+def _prm_only(cfg) -> frozenset:
+  """PRM_ONLY, less the reward mix when an external PRM (--process_reward) feeds prime_rloo."""
+  return PRM_ONLY - {"process_coef", "outcome_coef"} if cfg.prime.process_reward else PRM_ONLY
 
 
 def check_applicable(cfg, given) -> None:
@@ -640,7 +682,7 @@ def check_applicable(cfg, given) -> None:
   file serves every --algo, as experiments/compare.py runs them); `ignored_settings` lists them."""
   if cfg.prime.uses_prm:
     return
-  bad = sorted(set(given) & PRM_ONLY)
+  bad = sorted(set(given) & _prm_only(cfg))
   if bad:
     raise ConfigError(bad[0], flat(cfg)[bad[0]], f"applies to --algo=prime only (its implicit PRM); "
                       f"--algo={cfg.prime.algo} would ignore it. Leave it out"
@@ -708,6 +750,16 @@ def fingerprint(cfg) -> dict:
   pol = cfg.prime.policy
   fp["clip_low"], fp["clip_high"] = pol.clip_range  # -1 = the loss's default, resolved
   fp["loss_agg"] = pol.agg_mode
+  if fp.get("process_reward"):  # the served model is not named by its URL (host, port change)
+    fp["process_reward"] = fp["process_reward"].split(":", 1)[0]
+  else:
+    for k in ("process_reward", "step_split", "step_placement", "step_credit",
+              "step_credit_temperature", "reward_timeout_s", "reward_retries", "reward_on_error"):
+      fp.pop(k, None)
+  for k in ("reward_timeout_s", "reward_retries"):  # transport only
+    fp.pop(k, None)
+  if fp.get("step_credit") != "pure":
+    fp.pop("step_credit_temperature", None)
   if not fp.get("overlong_buffer"):
     fp.pop("overlong_penalty", None)
   if fp.get("rollout_is") == "none":

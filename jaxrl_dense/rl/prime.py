@@ -151,7 +151,11 @@ def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
 
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
   """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None,
-  in_band=None) -> (advantages [B, R], returns [B, R], stats)`.
+  in_band=None, external=None) -> (advantages [B, R], returns [B, R], stats)`.
+
+  `external` [B, R]: with --process_reward, the served PRM's token rewards
+  (`RolloutBatch.process_rewards`), PRIME's RLOO process term in place of the implicit PRM's
+  (no batch norm: the PRM's own scale, e.g. p1 - p0 in [-1, 1]).
 
   outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9;
   + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
@@ -180,7 +184,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
                                    outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta)
 
-  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None):
+  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None, external=None):
     m = mask.astype(jnp.float32)  # [B, R]
     ones = jnp.ones(m.shape[:1], jnp.float32)
     band = ones if in_band is None else (in_band > 0).astype(jnp.float32)  # [B]
@@ -224,6 +228,14 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
       scores = implicit_prm.zero_float_noise(rs.scores, rs.q, tol=cfg.prm.prm_noise_tol, row_mask=wp)
       process = implicit_prm.prime_batch_norm(scores, row_mask=wp)  # [B', R]
       stats["prm/process_reward_mean"] = ops.masked_mean(process, ms * ws[:, None])
+    elif cfg.process_reward:  # a served PRM's step rewards, placed on the tokens (external_reward)
+      if external is None:
+        raise ValueError("--process_reward is set but RolloutBatch.process_rewards is None (the "
+                         "rollout did not score the batch with the served PRM)")
+      process = take(external).astype(jnp.float32) * ms
+      if proc_masked:
+        process = process * take(w_proc)[:, None]
+      stats["reward/process_reward_mean"] = ops.masked_mean(process, ms * ws[:, None])
     inputs = adv_lib.AdvantageInputs(
         outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
         ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len),
@@ -370,7 +382,8 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
     with jax.named_scope("advantage"):
       adv, ret, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
-                                       old_logp, extra=extra, keep=keep, in_band=in_band)
+                                       old_logp, extra=extra, keep=keep, in_band=in_band,
+                                       external=batch.process_rewards)
       metrics.update(adv_stats)
     pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
     mw = m  # [B, R] the trained tokens (the logged means below)

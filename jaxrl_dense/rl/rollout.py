@@ -164,7 +164,7 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
 
 def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
             verify_fn: VerifyFn, *, next_records: Callable[[int], list] | None = None,
-            buffer: PromptBuffer | None = None):
+            buffer: PromptBuffer | None = None, process_scorer: Callable | None = None):
   """One step's rollout: (RolloutBatch of numpy arrays [B = prompts_per_step · n rows], stats).
 
   `records`: prompts_per_step · oversample PromptRecords (the first sampling round); `encoder`: a
@@ -180,6 +180,9 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
   fold_in(fold_in(key, salt), j)); the batch holds the first prompts_per_step in-band groups in
   sampling order, then (when the cap is hit) out-of-band groups in sampling order as weight-0
   filler; the prompts of the surplus in-band groups go to `buffer` (re-sampled first next step).
+
+  `process_scorer` (`rl.external_reward.make_process_scorer`, --process_reward): scores the picked
+  rows with the served PRM into `RolloutBatch.process_rewards` [B, R] (its stats are merged).
   """
   r = cfg.rollout
   n = r.n
@@ -217,10 +220,10 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     picks += failing[:r.prompts_per_step - len(picks)]
     if buffer is not None:
       buffer.add(rounds[j]["records"][g] for j, g in passing[r.prompts_per_step:])
-  return _assemble(rounds, picks, flags, encoder, cfg)
+  return _assemble(rounds, picks, flags, encoder, cfg, process_scorer)
 
 
-def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig):
+def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, process_scorer=None):
   """The RolloutBatch of the picked (round, group) pairs, in order, and the step's statistics
   (flags: each round's per-group pass flags [G])."""
   r = cfg.rollout
@@ -248,6 +251,11 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig):
       acc=acc.astype(np.float32),
       sampler_logp=logp.astype(np.float32),
       query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask, in_band=in_band)
+  scorer_stats = {}
+  if process_scorer is not None:  # --process_reward: the served PRM's step rewards on these tokens
+    proc, scorer_stats = process_scorer([x for x in picked for _ in range(n)], batch.response_tokens,
+                                        batch.response_mask)
+    batch = batch._replace(process_rewards=proc)
   if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed (issue 13)
     batch = trim_batch(batch, r.length_bucket)
   acc_all = np.concatenate([x["acc"] for x in rounds])
@@ -260,5 +268,5 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig):
            "response/length_mean": float(lengths.mean()),
            "response/truncated_frac": float((lengths >= r.max_response_length).mean()),
            "response/sampled_tokens": float(lengths.sum()),
-           "time/generate": t_gen, "time/verify": t_ver}
+           "time/generate": t_gen, "time/verify": t_ver, **scorer_stats}
   return batch, stats

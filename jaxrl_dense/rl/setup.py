@@ -208,6 +208,12 @@ def check_inputs(cfg: RunConfig) -> None:
   for name in OUTPUT_DIRS:
     check_output_dir(name, getattr(cfg, name))
   check_limits(cfg)
+  if cfg.prime.process_reward:  # the served PRM answers before any model loads
+    from jaxrl_dense.rewards import service  # pylint: disable=import-outside-toplevel
+    try:
+      service.check_service(cfg.prime.process_reward, timeout_s=min(5.0, cfg.prime.reward_timeout_s))
+    except ValueError as e:
+      raise ConfigError("process_reward", cfg.prime.process_reward, str(e)) from None
   if cfg.resume and not os.path.isdir(cfg.checkpoint_dir):
     raise ConfigError("checkpoint_dir", cfg.checkpoint_dir, "does not exist (nothing to resume)")
   if (cfg.sample_every or cfg.wandb_project) and not cfg.logdir:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import evaluation, sampling, sharding
-from jaxrl_dense.rl import prime, rollout, setup
+from jaxrl_dense.rl import external_reward, prime, rollout, setup
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
 
@@ -112,6 +112,8 @@ class Trainer:
     self.prompt_buffer = (rollout.PromptBuffer(capacity=r.prompts_per_step)
                           if p.filter_protocol == "resample" else None)
     self._fill_warned = False
+    # --process_reward: a served step-scoring PRM's rewards, placed on the sampled tokens
+    self.process_scorer = external_reward.make_process_scorer(cfg.prime, self.tokenizer)
     self.verifier = rollout.Verifier(r.verify_timeout, cfg.verify_workers,
                                      code_sandbox="unsafe" if cfg.unsafe_code_sandbox else "auto")
     self.base_key = jax.random.PRNGKey(cfg.seed)
@@ -127,7 +129,8 @@ class Trainer:
                                           r.prompts_per_step * r.oversample)
     batch, stats = rollout.collect(self.policy_params(), self.model_config, self.tokenizer,
                                    self.encoder, records, gen_key, p, self.verifier,
-                                   next_records=self.iterator.next_batch, buffer=self.prompt_buffer)
+                                   next_records=self.iterator.next_batch, buffer=self.prompt_buffer,
+                                   process_scorer=self.process_scorer)
     if self.prompt_buffer is not None:
       stats["filter/buffer_size"] = float(len(self.prompt_buffer))
     self._warn_fill(stats["filter/fill_frac"], step)

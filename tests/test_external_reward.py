@@ -1,0 +1,120 @@
+"""A served step-scoring PRM driving training (issue 27 items 4 and 6): --process_reward=URL with
+--algo=rloo in prime_math on chained arithmetic, the PRM a loopback reference server; the step
+scores reach the batch and the advantage; 3 steps straight == 2 steps + resume + 1; a dead URL
+exits 2 naming the flag before any model loads."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxrl_dense.rewards import service
+from jaxrl_dense.rl import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "prime_math.py"
+SMOKE = REPO / "experiments" / "configs" / "smoke.flags"
+CHAIN = ["--train_data=chain_arith:train:shots=0,num_train=50", "--eval_data=",
+         "--algo=rloo", "--filter=none"]
+
+
+def toy_prm(prompts, responses, steps):
+  """A deterministic step scorer that does not care about tokenizers: +1 for a step with an even
+  number of characters, -1 for an odd one, scaled by 1/(1 + step index)."""
+  del prompts
+  return [[(1.0 if (b - a) % 2 == 0 else -1.0) / (1 + k) for k, (a, b) in enumerate(row)]
+          for text, row in zip(responses, steps)]
+
+
+@pytest.fixture(scope="module")
+def prm_url():
+  srv, url = service.serve(toy_prm)
+  yield url
+  srv.shutdown()
+
+
+def _run(args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(SCRIPT), f"--flagfile={SMOKE}", *CHAIN, *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=str(REPO), env=env)
+
+
+def _metrics(logdir):
+  rows = [json.loads(l) for l in open(os.path.join(logdir, "metrics.jsonl")) if l.strip()]
+  return {r["step"]: r for r in rows if "actor/loss" in r}
+
+
+def test_config_rules():
+  base = config_lib.from_args([f"--flagfile={SMOKE}", *CHAIN])
+  cfg = config_lib.replace(base, process_reward="http://127.0.0.1:1/score", step_credit="pure")
+  assert cfg.prime.estimator == "prime_rloo" and not cfg.prime.uses_prm
+  fp = config_lib.fingerprint(cfg)
+  assert fp["process_reward"] == "http" and fp["step_credit"] == "pure"  # the port is not the model
+  assert "reward_timeout_s" not in fp and "process_reward" not in config_lib.fingerprint(base)
+  for kw, flag in ((dict(algo="prime"), "process_reward"), (dict(advantage="grpo"), "process_reward"),
+                   (dict(process_reward="localhost:80"), "process_reward"),
+                   (dict(step_split="regex:("), "step_split")):
+    with pytest.raises(config_lib.ConfigError, match=flag):
+      config_lib.replace(cfg, **kw)
+
+
+def test_trainer_puts_the_served_step_rewards_into_the_update(prm_url):
+  from jaxrl_dense.rl import rollout
+  from jaxrl_dense.rl.trainer import Trainer
+  cfg = config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}", *CHAIN]), process_reward=prm_url,
+                           steps=1)
+  run = Trainer(cfg)
+  seen = {}
+  real = rollout.collect
+
+  def spy(*a, **k):
+    batch, stats = real(*a, **k)
+    seen["batch"], seen["stats"] = batch, stats
+    return batch, stats
+
+  rollout.collect = spy
+  try:
+    m = run.train_step()
+  finally:
+    rollout.collect = real
+    run.close()
+  b = seen["batch"]
+  assert b.process_rewards is not None and b.process_rewards.shape == b.response_mask.shape
+  pr = np.asarray(b.process_rewards)
+  assert np.all(pr[np.asarray(b.response_mask) == 0] == 0) and np.any(pr != 0)
+  assert m["reward/steps_mean"] >= 1 and m["reward/service_failures"] == 0
+  assert math.isfinite(m["reward/process_reward_mean"]) and m["reward/process_reward_mean"] != 0
+  assert math.isfinite(m["actor/pg_loss"])
+
+
+@pytest.mark.slow
+def test_served_prm_run_resumes_exactly(prm_url, tmp_path):
+  common = [f"--process_reward={prm_url}", "--step_credit=pure", "--checkpoint_every=1",
+            "--checkpoint_keep=2"]
+  a = _run([*common, "--steps=3", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck"])
+  assert a.returncode == 0, a.stderr[-3000:]
+  b = _run([*common, "--steps=2", f"--logdir={tmp_path}/b", f"--checkpoint_dir={tmp_path}/b/ck"])
+  assert b.returncode == 0, b.stderr[-3000:]
+  r = _run([*common, "--steps=3", "--resume", f"--logdir={tmp_path}/b", f"--checkpoint_dir={tmp_path}/b/ck"])
+  assert r.returncode == 0 and "restored step 2" in r.stdout, r.stderr[-3000:]
+  ma, mb = _metrics(f"{tmp_path}/a"), _metrics(f"{tmp_path}/b")
+  assert sorted(ma) == sorted(mb) == [1, 2, 3]
+  for k, v in ma[3].items():
+    if k.startswith("time") or k == "tokens_per_s" or not isinstance(v, float):
+      continue
+    np.testing.assert_allclose(v, mb[3][k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert ma[3]["reward/process_reward_mean"] != 0
+
+
+def test_unreachable_prm_exits_2_before_any_model_loads(tmp_path):
+  srv, url = service.serve(toy_prm)
+  srv.shutdown()
+  srv.server_close()
+  r = _run([f"--process_reward={url}", f"--checkpoint_dir={tmp_path}/ck"], timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "--process_reward=" in r.stderr and "not reachable" in r.stderr
+  assert " model=" not in r.stdout and not (tmp_path / "ck").exists()  # no model was built
