@@ -148,6 +148,22 @@ def test_step_logits_and_rewards_by_hand(tmp_path):
                                                step_mask)), want_r, atol=1e-5)
 
 
+def test_step_positions_from_separator_by_hand():
+  sep = 7
+  tokens = np.array([[0, 0, 7, 3, 7, 5, 7, 7],    # left padding (a pad-id 7 would not count)
+                     [3, 7, 4, 4, 4, 4, 4, 7],
+                     [4, 4, 4, 4, 4, 4, 0, 0]], np.int32)
+  mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8, [1, 1, 1, 1, 1, 1, 0, 0]], np.int32)
+  tokens[0, 0] = sep  # on padding: ignored
+  pos, m = prm_head.step_positions_from_separator(tokens, mask, sep, max_steps=3)
+  np.testing.assert_array_equal(np.asarray(pos), [[2, 4, 6], [1, 7, -1], [-1, -1, -1]])
+  np.testing.assert_array_equal(np.asarray(m), [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+  pos_j, _ = jax.jit(prm_head.step_positions_from_separator, static_argnums=(2, 3))(
+      tokens, mask, sep, 5)
+  np.testing.assert_array_equal(np.asarray(pos_j), [[2, 4, 6, 7, -1], [1, 7, -1, -1, -1],
+                                                    [-1] * 5])
+
+
 def test_step_rewards_refuses_non_binary_heads(tmp_path):
   d = write_prm_dir(tmp_path / "p3", "linear", head=head_state_dict("linear", labels=3))
   prm = prm_head.load_discriminative_prm(d, require_tokenizer=False)
@@ -355,11 +371,17 @@ def test_process_reward_model_mlp_head_matches_torch_reference(tmp_path):
   torch.manual_seed(0)
   trunk = _randomize_(torch, transformers.Qwen2Model(cfg).float())
   head = torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 2))
+  with torch.no_grad():
+    for p in head.parameters():
+      p.normal_(0.0, 0.3)
   sd = {f"model.{k}": v.detach().numpy() for k, v in trunk.state_dict().items()}
   sd.update({f"score.{k}": v.detach().numpy() for k, v in head.state_dict().items()})
   assert {"score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"} <= set(sd)
   hf = json.loads(cfg.to_json_string())
-  hf["architectures"] = ["Qwen2ForProcessRewardModel"]
+  hf["architectures"] = ["Qwen2ForProcessRewardModel"]  # with the real checkpoint's extra fields:
+  hf.update(auto_map={"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+                      "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"},
+            use_mrope=False, use_sliding_window=False, sliding_window=131072, max_window_layers=2)
   hf_io.write_hf_dir(tmp_path / "prm", hf, sd)
   prm = prm_head.load_discriminative_prm(tmp_path / "prm", require_tokenizer=False)
   assert prm.head_kind == "mlp" and prm.num_labels == 2

@@ -28,6 +28,7 @@ sharded exactly like the policy's):
   prm_token_logits(prm, tokens, mask)                            -> float32 [B, T, C]
   prm_step_logits(prm, tokens, mask, step_positions, step_mask)  -> float32 [B, S, C]
   prm_step_rewards(prm, tokens, mask, step_positions, step_mask) -> float32 [B, S]
+  step_positions_from_separator(tokens, mask, separator_id, max_steps) -> (positions, step_mask)
 """
 from __future__ import annotations
 
@@ -239,6 +240,30 @@ def _valid_steps(attention_mask: Array, step_positions: Array, step_mask: Option
     valid = valid & (jnp.asarray(step_mask) > 0)
   on_token = jnp.take_along_axis(jnp.asarray(attention_mask) > 0, jnp.clip(pos, 0, t - 1), axis=1)
   return valid & on_token  # [B, S]
+
+
+def step_positions_from_separator(tokens: chex.Array, attention_mask: chex.Array, separator_id: int,
+                                  max_steps: int) -> tuple[Array, Array]:
+  """Positions of a step-separator token (Qwen2.5-Math-PRM: `<extra_0>` after every step).
+
+  ``positions[b, k]`` = index of the k-th real token of row b equal to ``separator_id``, −1 past
+  the last one; separators beyond ``max_steps`` are dropped. Pure and jit-able
+  (``max_steps`` static).
+
+  Returns:
+    (positions int32 ``[B, S]``, step_mask int32 ``[B, S]``) with S = max_steps.
+  """
+  chex.assert_rank([tokens, attention_mask], 2)
+  chex.assert_equal_shape([tokens, attention_mask])
+  b, t = tokens.shape
+  is_sep = (jnp.asarray(tokens) == separator_id) & (jnp.asarray(attention_mask) > 0)  # [B, T]
+  rank = jnp.cumsum(is_sep.astype(jnp.int32), axis=1) - 1  # [B, T]
+  slot = jnp.where(is_sep & (rank < max_steps), rank, max_steps)  # [B, T]; max_steps = dropped
+  out = jnp.full((b, max_steps + 1), -1, jnp.int32)
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  cols = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  out = out.at[rows, slot].max(cols)[:, :max_steps]  # [B, S]
+  return out, (out >= 0).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "head_kind"))
