@@ -18,8 +18,14 @@ except ModuleNotFoundError as _e:  # pragma: no cover - only while the IO module
   load_pretrained = save_pretrained = _missing
   LoadedModel = None
 
+from jaxrl_dense.models.prm_head import (DiscriminativePRM, load_discriminative_prm,  # noqa: E402
+                                         prm_step_logits, prm_step_rewards, prm_token_logits,
+                                         step_positions_from_separator)
+
 __all__ = [
     "ModelConfig", "forward", "hidden_states", "token_logprobs", "params_from_hf_state_dict",
     "hf_state_dict_from_params", "init_params", "init_cache", "prefill", "decode_step", "KVCache",
     "logits_from_hidden", "load_pretrained", "save_pretrained", "LoadedModel",
+    "DiscriminativePRM", "load_discriminative_prm", "prm_token_logits", "prm_step_logits",
+    "prm_step_rewards", "step_positions_from_separator",
 ]
