@@ -118,3 +118,99 @@ def test_unreachable_prm_exits_2_before_any_model_loads(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "--process_reward=" in r.stderr and "not reachable" in r.stderr
   assert " model=" not in r.stdout and not (tmp_path / "ck").exists()  # no model was built
+
+
+# ------------------------------------------------------------------ a discriminative PRM directory
+
+
+def _write_char_prm(path):
+  """A tiny random Qwen2ForProcessRewardModel that reads the character tokenizer's ids."""
+  import jax
+  from jaxrl_dense.models import convert, hf_io
+  from jaxrl_dense.models import tokenizer as tok_lib
+  from jaxrl_dense.models.config import ModelConfig
+  from jaxrl_dense.models.transformer import init_params
+  tok = tok_lib.char_chat_tokenizer()
+  mc = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=1,
+                   num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
+                   tie_word_embeddings=False, max_position_embeddings=512)
+  sd = {k: np.asarray(v, np.float32) * (10.0 if np.ndim(v) > 1 else 1.0)
+        for k, v in convert.hf_state_dict_from_params(init_params(mc, jax.random.PRNGKey(0)), mc).items()
+        if k != "lm_head.weight"}
+  rng = np.random.default_rng(0)
+  sd.update({"score.0.weight": rng.normal(0, 0.3, (32, 32)).astype(np.float32),
+             "score.0.bias": np.zeros(32, np.float32),
+             "score.2.weight": rng.normal(0, 0.3, (2, 32)).astype(np.float32),
+             "score.2.bias": np.zeros(2, np.float32)})
+  hf = mc.to_hf_dict()
+  hf["architectures"] = ["Qwen2ForProcessRewardModel"]
+  hf_io.write_hf_dir(path, hf, sd)
+  tok.save_pretrained(str(path))
+  return path
+
+
+def test_local_prm_scores_each_step_at_its_last_character(tmp_path):
+  from jaxrl_dense.models import prm_head
+  from jaxrl_dense.rewards.local_prm import LocalPRM
+  from jaxrl_dense.rewards import step_rewards as sr
+  prm = prm_head.load_discriminative_prm(_write_char_prm(tmp_path / "prm"))
+  local = LocalPRM(prm, bucket=16, batch_size=2)
+  prompts = ["What is 3 + 4 + 2?", "What is 8 - 3?", "Hi"]
+  responses = ["3 + 4 = 7. 7 + 2 = 9. The answer is 9.", "8 - 3 = 5. The answer is 5.", "no period"]
+  steps = [sr.segment(r, "sentences") for r in responses]
+  got = local.score(prompts, responses, steps)
+  assert [len(g) for g in got] == [3, 2, 1] and local.requests == 2  # rows in batches of 2
+  # by hand, row 0 alone: the chat template, the token holding each step's last character
+  tok = prm.tokenizer
+  full = tok.apply_chat_template([{"role": "user", "content": prompts[0]},
+                                  {"role": "assistant", "content": responses[0]}], tokenize=False)
+  start = full.rfind(responses[0])
+  enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+  ids = enc["input_ids"]
+  holder = {c: j for j, (a, e) in enumerate(enc["offset_mapping"]) for c in range(a, e)}
+  pos = np.asarray([[holder[start + b - 1] for _, b in steps[0]]], np.int32)
+  want = prm_head.prm_step_rewards(prm, np.asarray([ids], np.int32), np.ones((1, len(ids)), np.int32),
+                                   pos, np.ones_like(pos))
+  np.testing.assert_allclose(got[0], np.asarray(want)[0], atol=1e-5)
+  assert len(set(np.round(got[0], 6))) > 1  # the steps get different scores
+  # served by the reference server, the same numbers come back over HTTP
+  srv, url = service.serve(local.score)
+  try:
+    served = service.RewardServiceClient(url).score(prompts, responses, steps)
+  finally:
+    srv.shutdown()
+  for a, b in zip(served, got):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_trainer_with_an_in_process_prm_and_bad_prm_dirs(tmp_path):
+  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl.trainer import Trainer
+  d = _write_char_prm(tmp_path / "prm")
+  cfg = config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}", *CHAIN]),
+                           process_reward=f"prm:{d}", steps=1, step_credit="pure")
+  setup.check_inputs(cfg)
+  run = Trainer(cfg)
+  try:
+    m = run.train_step()
+  finally:
+    run.close()
+  assert m["reward/steps_mean"] >= 1 and math.isfinite(m["reward/process_reward_mean"])
+  assert m["reward/process_reward_mean"] != 0
+  causal = tmp_path / "causal"
+  causal.mkdir()
+  (causal / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+  notok = tmp_path / "notok"
+  notok.mkdir()
+  (notok / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForProcessRewardModel"]}))
+  for spec, msg in ((f"prm:{causal}", "not a step-scoring PRM"), (f"prm:{notok}", "no tokenizer"),
+                    (f"prm:{tmp_path}/none", "not a directory")):
+    with pytest.raises(config_lib.ConfigError, match=msg):
+      setup.check_process_reward(spec)
+
+
+def test_serve_prm_refuses_a_bad_directory(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "serve_prm.py"), f"--prm={tmp_path}/none"],
+                     capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
+  assert r.returncode == 2 and "not a directory" in r.stderr, r.stderr[-2000:]

@@ -94,7 +94,7 @@ def test_fingerprint_is_the_config_minus_the_runtime_only_fields():
          "prm_lora_targets", "generate_batch_size", "filter_mode", "resample_max_rounds",
          "process_on_filler", "prm_on_filler", "prm_noise_tol", "policy_loss", "rollout_is",
          "rollout_is_threshold", "rollout_rs", "rollout_rs_low", "rollout_rs_high", "rollout_rs_k3_max", "overlong_buffer",
-         "overlong_penalty", "process_reward", "step_split", "step_placement", "step_credit",
+         "overlong_penalty", "process_reward", "prm_step_separator", "step_split", "step_placement", "step_credit",
          "step_credit_temperature", "reward_timeout_s", "reward_retries", "reward_on_error"}
   assert set(fp) == names - config_lib.RUNTIME_ONLY - off
   # -1 / '' mean the loss's default: the fingerprint holds the resolved values, so a checkpoint
@@ -105,7 +105,7 @@ def test_fingerprint_is_the_config_minus_the_runtime_only_fields():
                           filter_mode="resample", process_on_filler=False, prm_on_filler=True,
                           prm_noise_tol=1e-3, policy_loss="gspo_token", rollout_is="token",
                           rollout_rs="geometric", overlong_buffer=16)
-  external = {"process_reward", "step_split", "step_placement", "step_credit", "step_credit_temperature",
+  external = {"process_reward", "prm_step_separator", "step_split", "step_placement", "step_credit", "step_credit_temperature",
               "reward_timeout_s", "reward_retries", "reward_on_error"}
   assert set(config_lib.fingerprint(on)) == names - config_lib.RUNTIME_ONLY - {"rollout_rs_k3_max"} - external
   k3 = set(config_lib.fingerprint(config_lib.replace(on, rollout_rs="k3")))

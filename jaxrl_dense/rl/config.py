@@ -346,12 +346,17 @@ class PrimeConfig:
                          f"Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
                          f"{SAR_DEFAULT_WEIGHT}). '' = none.")
   process_reward: str = _f("", "External process reward (issue 27): '' = none (--algo=prime has its "
-                           "own implicit PRM), or the URL of a served step-scoring PRM "
-                           "('http://host:port/score', protocol in rewards/service.py), used with "
-                           "--algo=rloo: each response is cut into steps (--step_split), the served "
-                           "step scores are credited (--step_credit) and placed on the policy's "
-                           "tokens (--step_placement), and PRIME's RLOO runs over them plus the "
-                           "outcome RLOO (--process_coef, --outcome_coef).")
+                           "own implicit PRM); 'http://host:port/path' = a served step-scoring PRM "
+                           "(protocol in rewards/service.py; experiments/serve_prm.py serves one); "
+                           "'prm:DIR' = a discriminative PRM (e.g. Qwen2.5-Math-PRM) loaded from an "
+                           "HF directory and run in this process. Used with --algo=rloo: each "
+                           "response is cut into steps (--step_split), the step scores are credited "
+                           "(--step_credit) and placed on the policy's tokens (--step_placement), "
+                           "and PRIME's RLOO runs over them plus the outcome RLOO (--process_coef, "
+                           "--outcome_coef).")
+  prm_step_separator: str = _f("", "--process_reward=prm:DIR: the PRM's step separator token "
+                               "(Qwen2.5-Math-PRM: <extra_0>), inserted after each step and read; "
+                               "'' = read each step's last character.")
   step_split: str = _f("sentences", "Steps of a response for --process_reward: sentences, "
                        "paragraphs, 'sep:<separator>' or 'regex:<pattern>' (each match starts a step).")
   step_placement: str = _f("last", "Where a step's score lands: last = the token holding its last "
@@ -433,9 +438,9 @@ class PrimeConfig:
                         "policy's log-probs), or a rollout rejection mask (--rollout_rs) that "
                         "bounds the mismatch (docs/algorithms.md 'Rollout correction')")
     if self.process_reward:
-      if not self.process_reward.startswith(("http://", "https://")):
+      if not self.process_reward.startswith(("http://", "https://", "prm:")):
         raise ConfigError("process_reward", self.process_reward, "must be the URL of a served PRM "
-                          "(http://host:port/path)")
+                          "(http://host:port/path) or prm:DIR (a discriminative PRM directory)")
       if self.algo != "rloo" or self.advantage:
         raise ConfigError("process_reward", self.process_reward, "external step rewards drive "
                           "--algo=rloo (PRIME's RLOO over them; --algo=prime uses its own implicit "
@@ -750,10 +755,10 @@ def fingerprint(cfg) -> dict:
   pol = cfg.prime.policy
   fp["clip_low"], fp["clip_high"] = pol.clip_range  # -1 = the loss's default, resolved
   fp["loss_agg"] = pol.agg_mode
-  if fp.get("process_reward"):  # the served model is not named by its URL (host, port change)
+  if fp.get("process_reward", "").startswith("http"):  # a URL does not name the model (ports change)
     fp["process_reward"] = fp["process_reward"].split(":", 1)[0]
   else:
-    for k in ("process_reward", "step_split", "step_placement", "step_credit",
+    for k in ("process_reward", "prm_step_separator", "step_split", "step_placement", "step_credit",
               "step_credit_temperature", "reward_timeout_s", "reward_retries", "reward_on_error"):
       fp.pop(k, None)
   for k in ("reward_timeout_s", "reward_retries"):  # transport only

@@ -37,9 +37,16 @@ def make_process_scorer(cfg: config_lib.PrimeConfig, tokenizer,
                         client: Optional[service_lib.RewardServiceClient] = None) -> Optional[ProcessScorer]:
   """`scorer(records [B], response_tokens [B, R], response_mask [B, R]) -> (token rewards
   float32 [B, R], stats)` for --process_reward, or None when it is unset. `records[b]` is row
-  b's prompt record."""
+  b's prompt record. `client`: anything with `score(prompts, responses, steps)` and a `failures`
+  counter (default: the HTTP client, or `rewards.local_prm.LocalPRM` for prm:DIR)."""
   if not cfg.process_reward:
     return None
+  if client is None and cfg.process_reward.startswith("prm:"):  # a PRM in this process
+    from jaxrl_dense.models import prm_head  # pylint: disable=import-outside-toplevel
+    from jaxrl_dense.rewards.local_prm import LocalPRM  # pylint: disable=import-outside-toplevel
+    from jaxrl_dense.rl.setup import resolve_path  # pylint: disable=import-outside-toplevel
+    client = LocalPRM(prm_head.load_discriminative_prm(resolve_path(cfg.process_reward[4:])),
+                      separator=cfg.prm_step_separator or None)
   client = client or service_lib.RewardServiceClient(
       cfg.process_reward, timeout_s=cfg.reward_timeout_s, max_retries=cfg.reward_retries,
       on_error=cfg.reward_on_error)

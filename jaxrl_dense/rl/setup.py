@@ -198,6 +198,33 @@ def check_limits(cfg: RunConfig) -> None:
       raise ConfigError("top_k", top_k, f"must be <= the vocabulary size {vocab} of --model={cfg.model}")
 
 
+def check_process_reward(spec: str, timeout_s: float = 5.0) -> None:
+  """--process_reward: a served PRM answers; a prm:DIR holds a step-scoring PRM (its config's
+  architecture, tokenizer files): cheap, no weights read."""
+  if spec.startswith("prm:"):
+    from jaxrl_dense.models import hf_io, prm_head  # pylint: disable=import-outside-toplevel
+    from jaxrl_dense.models import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+    path = resolve_path(spec[4:])
+    if not os.path.isdir(path):
+      raise ConfigError("process_reward", spec, "is not a directory (a Hugging Face PRM directory)")
+    try:
+      archs = hf_io.read_hf_config(path).get("architectures") or []
+    except (OSError, ValueError) as e:
+      raise ConfigError("process_reward", spec, f"cannot read its config.json: {e}") from None
+    if not set(archs) & set(prm_head.PRM_ARCHITECTURES):
+      raise ConfigError("process_reward", spec, f"architectures={archs} is not a step-scoring PRM "
+                        f"(one of {sorted(prm_head.PRM_ARCHITECTURES)})")
+    if not tok_lib.has_tokenizer_files(path):
+      raise ConfigError("process_reward", spec, "has no tokenizer files (the PRM scores text in its "
+                        "own tokenizer)")
+    return
+  from jaxrl_dense.rewards import service  # pylint: disable=import-outside-toplevel
+  try:
+    service.check_service(spec, timeout_s=min(5.0, timeout_s))
+  except ValueError as e:
+    raise ConfigError("process_reward", spec, str(e)) from None
+
+
 def check_inputs(cfg: RunConfig) -> None:
   """Model, data, output-path and bound checks (raises ConfigError naming the flag). Cheap except
   for large data files."""
@@ -208,12 +235,8 @@ def check_inputs(cfg: RunConfig) -> None:
   for name in OUTPUT_DIRS:
     check_output_dir(name, getattr(cfg, name))
   check_limits(cfg)
-  if cfg.prime.process_reward:  # the served PRM answers before any model loads
-    from jaxrl_dense.rewards import service  # pylint: disable=import-outside-toplevel
-    try:
-      service.check_service(cfg.prime.process_reward, timeout_s=min(5.0, cfg.prime.reward_timeout_s))
-    except ValueError as e:
-      raise ConfigError("process_reward", cfg.prime.process_reward, str(e)) from None
+  if cfg.prime.process_reward:  # the external PRM is there before any model loads
+    check_process_reward(cfg.prime.process_reward, cfg.prime.reward_timeout_s)
   if cfg.resume and not os.path.isdir(cfg.checkpoint_dir):
     raise ConfigError("checkpoint_dir", cfg.checkpoint_dir, "does not exist (nothing to resume)")
   if (cfg.sample_every or cfg.wandb_project) and not cfg.logdir:
