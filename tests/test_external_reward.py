@@ -92,7 +92,18 @@ def test_trainer_puts_the_served_step_rewards_into_the_update(prm_url):
 
 
 @pytest.mark.slow
-def test_served_prm_run_resumes_exactly(prm_url, tmp_path):
+def test_served_prm_run_resumes_exactly(tmp_path):
+  """A tiny random discriminative PRM served over loopback HTTP: 3 steps == 2 + resume + 1."""
+  from jaxrl_dense.models import prm_head
+  from jaxrl_dense.rewards.local_prm import LocalPRM
+  srv, prm_url = service.serve(LocalPRM(prm_head.load_discriminative_prm(_write_char_prm(tmp_path / "prm"))).score)
+  try:
+    _resume_check(prm_url, tmp_path)
+  finally:
+    srv.shutdown()
+
+
+def _resume_check(prm_url, tmp_path):
   common = [f"--process_reward={prm_url}", "--step_credit=pure", "--checkpoint_every=1",
             "--checkpoint_keep=2"]
   a = _run([*common, "--steps=3", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck"])
