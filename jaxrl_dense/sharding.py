@@ -915,6 +915,28 @@ def inference_params(params: PyTree, config: Any, mesh: Mesh, *, max_bytes: Opti
   return jax.device_put(params, shardings)
 
 
+def rollout_params(params: PyTree, config: Any, mesh: Mesh, *, dtype: Any = None,
+                   max_bytes: Optional[int] = None) -> PyTree:
+  """The rollout's weights as the trainer, the memory plan and the layout test make them: the
+  policy cast to its compute `dtype` (None or float32: kept) and placed in the decode layout of
+  `inference_params` (layout "auto": replicated where it fits in `max_bytes`, tensor-parallel
+  otherwise). Only matrices are cast (vectors, i.e. norm scales and biases, stay as they are:
+  Gemma's (1 + w) norm reads its scale in float32), so the copy changes no sampled value: every
+  matmul casts its weights to the compute dtype anyway. LoRA-attached params (a "lora" subtree)
+  are returned as they are: their adapters are applied at run time in the training layout."""
+  if isinstance(params, dict) and "lora" in params:
+    return params
+  if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    params = _cast_matrices(params, jnp.dtype(dtype).name)  # in the source layout: no communication
+  return inference_params(params, config, mesh, max_bytes=max_bytes)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_matrices(tree: PyTree, dtype: str) -> PyTree:
+  return jax.tree.map(lambda x: x.astype(dtype) if (jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2)
+                      else x, tree)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _cast_floating(tree: PyTree, dtype: str) -> PyTree:
   return jax.tree.map(lambda x: x.astype(_cast_dtype(x, dtype)), tree)

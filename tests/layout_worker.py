@@ -106,8 +106,8 @@ def main():
           part: {"per_device": plan_lib.per_device_bytes(tree), "global": plan_lib.global_bytes(tree)}
           for part, tree in (("weights", prog.args[:n_weights]), ("batch", batch_args))}
     gen_args = programs["generate"].args
-    # The rollout copy, once: resharded from the training (FSDP + tensor) layout.
-    rollout = sh.inference_params(sh.shard_params(params[0], CONFIG, mesh), CONFIG, mesh)
+    # The rollout copy, once, as the trainer makes it (sharding.rollout_params): from the training layout.
+    rollout = sh.rollout_params(sh.shard_params(params[0], CONFIG, mesh), CONFIG, mesh, dtype=CONFIG.dtype)
     assert all(x.sharding == a.sharding for x, a in zip(jax.tree.leaves(rollout),
                                                           jax.tree.leaves(gen_args[0])))
     key = jax.random.PRNGKey(7)

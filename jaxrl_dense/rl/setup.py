@@ -520,17 +520,18 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
   b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
           "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
-          "acc": ((rows,), jnp.float32), "old_logp": ((rows, R_), jnp.float32),
-          "in_band": ((rows,), jnp.float32)})  # rollout.collect always marks the in-band rows
-  if p.policy.recompute_old_logp:
-    b["old_logp"] = None
+          "acc": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
+          "in_band": ((rows,), jnp.float32)})  # rollout.collect always fills both
+  if p.process_reward:
+    b.update(ab({"process_rewards": ((rows, R_), jnp.float32)}))
   batch = RolloutBatch(**b)
   rep = sharding.replicated(mesh)
   akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   _, update_fn = prime.make_prime(mc, p, mesh=mesh)
   gen = sharding_plan.rl_step_programs(
       mc, mesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
-      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n, rollout_layout="train")["generate"]
+      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n, rollout_layout="inference",
+      rollout_dtype=None if mc.dtype == "float32" else mc.dtype)["generate"]  # = Trainer.rollout_params
   programs = {"generate": gen}
   out = {}
   for name, prog in programs.items():
@@ -538,8 +539,9 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   with sharding.use_mesh(mesh):
     out["update"] = sharding_plan.memory_stats(update_fn.lower(state, batch, akey).compile())
   resident = sharding_plan.per_device_bytes(state)
-  # generate's params argument is the policy's master copy, already counted in the resident state
-  gen_total = out["generate"]["peak_bytes"] + resident - sharding_plan.per_device_bytes(gen.args[0])
+  # generate's params argument is the rollout copy (sharding.rollout_params: compute dtype, decode
+  # layout), held beside the resident training state while the rollout runs
+  gen_total = out["generate"]["peak_bytes"] + resident
   return {"mesh": dict(mesh.shape), "devices": int(mesh.size),
           "platform": mesh.devices.flat[0].platform, "param_dtype": "float32",
           "compute_dtype": mc.dtype, "model": source, "num_layers": mc.num_layers,

@@ -127,7 +127,7 @@ class Trainer:
     gen_key, upd_key = jax.random.split(jax.random.fold_in(self.base_key, step))
     records = rollout.first_round_records(self.prompt_buffer, self.iterator.next_batch,
                                           r.prompts_per_step * r.oversample)
-    batch, stats = rollout.collect(self.policy_params(), self.model_config, self.tokenizer,
+    batch, stats = rollout.collect(self.rollout_params(), self.model_config, self.tokenizer,
                                    self.encoder, records, gen_key, p, self.verifier,
                                    next_records=self.iterator.next_batch, buffer=self.prompt_buffer,
                                    process_scorer=self.process_scorer)
@@ -170,7 +170,7 @@ class Trainer:
     if not self.eval_records:
       return {}
     res = evaluation.evaluate(
-        self.policy_params(), self.model_config, self.tokenizer, self.eval_records,
+        self.rollout_params(), self.model_config, self.tokenizer, self.eval_records,
         max_new_tokens=cfg.eval_max_response_length or cfg.prime.rollout.max_response_length,
         batch_size=cfg.eval_batch_size, max_prompt_length=cfg.prime.rollout.max_prompt_length,
         verify_fn=self.verifier, encoder=self.encoder, generate_fn=host_generate)
@@ -227,6 +227,14 @@ class Trainer:
   def policy_params(self):
     """The policy as the model functions take it (LoRA: the base with the adapters attached)."""
     return prime.model_params(self.state, "policy", self.cfg.prime)
+
+  def rollout_params(self):
+    """The sampler's copy of the policy, made once per rollout (`sharding.rollout_params`): cast to
+    the compute dtype (--dtype=bfloat16: half the bytes of the float32 masters, the same values
+    every matmul reads) and resharded to the decode layout, so no decode step gathers master
+    weights. Dropped after the rollout; the training state is not touched."""
+    return sharding.rollout_params(self.policy_params(), self.model_config, self.mesh,
+                                   dtype=self.cfg.dtype)
 
   def export(self, directory: str, which: str = "policy"):
     """Writes the trained policy (or "prm") as a Hugging Face directory (`save_pretrained`);
