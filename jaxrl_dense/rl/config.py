@@ -609,6 +609,10 @@ class RunConfig:
                  "per-device memory from XLA (rl.setup.aot_plan); simulated CPU devices stand in "
                  "for absent accelerators.")
   plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.")
+  compilation_cache_dir: str = _f("", "JAX's persistent compilation cache: compiled programs are "
+                                  "written here and a later process (a resume, the next seed, an "
+                                  "eval) loads them instead of compiling. '' = <logdir>/jax_cache "
+                                  "when --logdir is set, else off; 'none' = off.")
   progress: bool = _f(True, "Show a progress bar.")
   sample_every: int = _f(0, "Write <logdir>/samples/step_NNNNN.html (per-token process rewards, "
                          "advantages, log-ratio to the reference; the best, the worst and the "
@@ -651,7 +655,7 @@ class RunConfig:
 RUNTIME_ONLY = frozenset({
     "arch", "eval_data", "verify_workers", "unsafe_code_sandbox", "mesh", "steps", "logdir", "checkpoint_dir",
     "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
-    "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "progress", "remat", "share_prompt",
+    "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "compilation_cache_dir", "progress", "remat", "share_prompt",
     "length_bucket", "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
     "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
 

@@ -198,6 +198,31 @@ def check_limits(cfg: RunConfig) -> None:
       raise ConfigError("top_k", top_k, f"must be <= the vocabulary size {vocab} of --model={cfg.model}")
 
 
+def compilation_cache_dir(cfg: RunConfig) -> str:
+  """--compilation_cache_dir resolved: the directory, or '' (off)."""
+  spec = cfg.compilation_cache_dir
+  if spec == "none":
+    return ""
+  if spec:
+    return os.path.expanduser(spec)
+  return os.path.join(cfg.logdir, "jax_cache") if cfg.logdir else ""
+
+
+def configure_compilation_cache(cfg: RunConfig) -> str:
+  """Turns on JAX's persistent compilation cache in `compilation_cache_dir(cfg)` (every program,
+  however fast it compiled: an RL step compiles a few large programs, the update once per length
+  bucket); returns the directory or ''. Call before the first compilation."""
+  import jax  # pylint: disable=import-outside-toplevel
+  path = compilation_cache_dir(cfg)
+  if not path:
+    return ""
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
 def check_process_reward(spec: str, timeout_s: float = 5.0) -> None:
   """--process_reward: a served PRM answers; a prm:DIR holds a step-scoring PRM (its config's
   architecture, tokenizer files): cheap, no weights read."""
@@ -234,6 +259,8 @@ def check_inputs(cfg: RunConfig) -> None:
   check_data_spec("eval_data", cfg.eval_data, cfg, allow_empty=True)
   for name in OUTPUT_DIRS:
     check_output_dir(name, getattr(cfg, name))
+  if cfg.compilation_cache_dir not in ("", "none"):
+    check_output_dir("compilation_cache_dir", cfg.compilation_cache_dir)
   check_limits(cfg)
   if cfg.prime.process_reward:  # the external PRM is there before any model loads
     check_process_reward(cfg.prime.process_reward, cfg.prime.reward_timeout_s)
