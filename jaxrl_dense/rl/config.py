@@ -37,10 +37,13 @@ class ConfigError(ValueError):
     super().__init__(f"--{name}={value!r}: {why}")
 
 
-def _f(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
-  """A config field with its flag help, numeric range and / or choices (checked by `_check`)."""
+def _f(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
+       runtime=False):
+  """A config field with its flag help, numeric range and / or choices (checked by `_check`);
+  `runtime=True`: it changes neither the math nor the data order (paths, logging, sizes of
+  micro-batches under the global-count normaliser), so checkpoints leave it out (`RUNTIME_ONLY`)."""
   meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-          "choices": tuple(choices) if choices else None}
+          "choices": tuple(choices) if choices else None, "runtime": runtime}
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -85,8 +88,9 @@ FILTER_MODES = ("", "fill", "mask", "resample")
 ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 EXTRA_REWARDS = ("sar",)
 SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
-KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
-POLICY_LOSS_NAMES = ("ppo", "gspo", "gspo_token", "cispo")
+KL_TYPES = losses.KL_ESTIMATORS.names()  # choices from the registries the update dispatches on
+# ppo_original is --policy_loss=ppo with --prime_variant=original (PolicyLossSettings.registry_name)
+POLICY_LOSS_NAMES = tuple(n for n in losses.POLICY_LOSSES.names() if n != "ppo_original")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +115,7 @@ class RolloutConfig:
                           "rounded up to a multiple of this many tokens (0 = keep the padding to "
                           "--max_prompt_length / --max_response_length). Speed only: values equal "
                           "the padded batch's; the update compiles once per (prompt, response) bucket.",
-                          lo=0)
+                          lo=0, runtime=True)
   generate_batch_size: int = _f(0, "Prompts per sampler call (0 = all prompts_per_step * oversample "
                                 "at once). Bounds the rollout's KV cache and temporaries (memory "
                                 "~ this * n rows); each call draws its own key, so it is part of "
@@ -206,7 +210,7 @@ class PRMConfig:
   prm_mini_batch_size: int = _f(0, "PRM mini-batch in responses (0 = whole batch: one PRM "
                                 "optimizer step per RL step; the veRL recipe takes 4, e.g. "
                                 "eurus2_7b_prime.flags sets 64 of 256).", lo=0)
-  prm_micro_batch_size: int = _f(8, "PRM micro-batch in responses.", lo=1)
+  prm_micro_batch_size: int = _f(8, "PRM micro-batch in responses.", lo=1, runtime=True)
   prm_lora_rank: int = _f(0, "LoRA rank of the implicit PRM (0 = train every weight). With LoRA "
                           "only the adapters are trained (and held by AdamW); the frozen base, in "
                           "the compute dtype, is also the PRM's reference (adapters off).", lo=0)
@@ -255,7 +259,7 @@ class PolicyConfig:
   kl_coef: float = _f(0.0, "KL-to-reference loss coefficient (0 in PRIME).", lo=0.0, hi=1e3)
   kl_type: str = _f("low_var_kl", "KL estimator for --kl_coef.", choices=KL_TYPES)
   mini_batch_size: int = _f(0, "Policy mini-batch in responses (0 = whole batch, on-policy).", lo=0)
-  micro_batch_size: int = _f(8, "Policy micro-batch in responses (grad accumulation).", lo=1)
+  micro_batch_size: int = _f(8, "Policy micro-batch in responses (grad accumulation).", lo=1, runtime=True)
   epochs: int = _f(1, "PPO epochs per step.", lo=1)
   shuffle: bool = _f(True, "Shuffle whole groups of n before cutting PPO mini-batches.")
   recompute_old_logp: bool = _f(True, "Recompute the old policy's log-probs pi_old with a full forward "
@@ -381,10 +385,10 @@ class PrimeConfig:
   moments_dtype: str = _f("float32", "dtype of AdamW's first moment (optax mu_dtype) for the policy "
                           "and the PRM; the second moment stays float32.",
                           choices=("float32", "bfloat16"))
-  score_micro_batch_size: int = _f(16, "Micro-batch of the no-grad scoring passes.", lo=1)
+  score_micro_batch_size: int = _f(16, "Micro-batch of the no-grad scoring passes.", lo=1, runtime=True)
   share_prompt: bool = _f(True, "Run each prompt once per group of n responses in the scoring, PRM "
                           "and policy passes (speed only: same values, gradients and shuffles). "
-                          "Needs micro-batch sizes that are multiples of --n; otherwise full rows.")
+                          "Needs micro-batch sizes that are multiples of --n; otherwise full rows.", runtime=True)
   rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
   filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
   prm: PRMConfig = dataclasses.field(default_factory=PRMConfig)
@@ -568,64 +572,64 @@ class RunConfig:
   dtype: str = _f("float32", "Compute dtype (activations, matmuls, the KV cache). Parameters, "
                   "gradients, their accumulation and the optimizer states stay float32 (master "
                   "weights; see --moments_dtype).", choices=("float32", "bfloat16"))
-  remat: bool = _f(True, "Rematerialise each decoder layer in the backward pass.")
+  remat: bool = _f(True, "Rematerialise each decoder layer in the backward pass.", runtime=True)
   arch: str = _f("", "Architecture preset for --dry_run when the model path is missing "
-                 "(smollm2-135m, qwen2.5-math-7b).")
+                 "(smollm2-135m, qwen2.5-math-7b).", runtime=True)
   train_data: str = _f("arithmetic", "'arithmetic' (the shipped generator), a shipped set name, a "
                        "generated task ('chain_arith:train'), or a .jsonl/.parquet path.")
   eval_data: str = _f("arithmetic", "'arithmetic' (held-out split), a shipped set name, a path, or '' "
-                      "for none.")
+                      "for none.", runtime=True)
   arith_ops: str = _f("+,-,*", "Arithmetic task operators.")
   arith_max_digits: int = _f(2, "Arithmetic task: operand digits 1..this.", lo=1, hi=4)
   arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)
   arith_num_eval: int = _f(200, "Arithmetic task: held-out problems.", lo=1)
-  verify_workers: int = _f(0, "Verifier worker processes (0 = default).", lo=0)
+  verify_workers: int = _f(0, "Verifier worker processes (0 = default).", lo=0, runtime=True)
   unsafe_code_sandbox: bool = _f(False, "Score code rows in the weaker, NON-isolating sandbox where "
-                                 "bubblewrap is unusable (default: refuse; see README, code verifier).")
+                                 "bubblewrap is unusable (default: refuse; see README, code verifier).", runtime=True)
   system_prompt: str = _f("", "Optional system message for plain-text datasets.")
-  mesh: str = _f("data:1,fsdp:1,tensor:1", "Device mesh, e.g. data:2,fsdp:4,tensor:1.")
-  steps: int = _f(10, "RL steps in total (a resumed run continues up to this).", lo=1)
+  mesh: str = _f("data:1,fsdp:1,tensor:1", "Device mesh, e.g. data:2,fsdp:4,tensor:1.", runtime=True)
+  steps: int = _f(10, "RL steps in total (a resumed run continues up to this).", lo=1, runtime=True)
   seed: int = _f(0, "Seed of data order, sampling and shuffles.", lo=0)
-  logdir: str = _f("", "Where metrics.jsonl / TensorBoard events / eval reports go ('' = none).")
-  checkpoint_dir: str = _f("", "Orbax checkpoint directory ('' = no checkpoints).")
-  checkpoint_every: int = _f(0, "Save every k steps (0 = only at the end).", lo=0)
-  checkpoint_keep: int = _f(2, "Keep the last N checkpoints.", lo=1)
-  resume: bool = _f(False, "Resume from the latest checkpoint in --checkpoint_dir.")
-  eval_every: int = _f(0, "Evaluate every k steps (0 = only before and after).", lo=0)
-  eval_size: int = _f(0, "Eval problems (0 = the whole eval set).", lo=0)
-  eval_batch_size: int = _f(32, "Rows per eval generate call.", lo=1)
-  eval_max_response_length: int = _f(0, "Eval response length (0 = --max_response_length).", lo=0)
-  eval_at_start: bool = _f(True, "Evaluate the initial policy before step 1.")
+  logdir: str = _f("", "Where metrics.jsonl / TensorBoard events / eval reports go ('' = none).", runtime=True)
+  checkpoint_dir: str = _f("", "Orbax checkpoint directory ('' = no checkpoints).", runtime=True)
+  checkpoint_every: int = _f(0, "Save every k steps (0 = only at the end).", lo=0, runtime=True)
+  checkpoint_keep: int = _f(2, "Keep the last N checkpoints.", lo=1, runtime=True)
+  resume: bool = _f(False, "Resume from the latest checkpoint in --checkpoint_dir.", runtime=True)
+  eval_every: int = _f(0, "Evaluate every k steps (0 = only before and after).", lo=0, runtime=True)
+  eval_size: int = _f(0, "Eval problems (0 = the whole eval set).", lo=0, runtime=True)
+  eval_batch_size: int = _f(32, "Rows per eval generate call.", lo=1, runtime=True)
+  eval_max_response_length: int = _f(0, "Eval response length (0 = --max_response_length).", lo=0, runtime=True)
+  eval_at_start: bool = _f(True, "Evaluate the initial policy before step 1.", runtime=True)
   eval_prm: bool = _f(True, "PRIME: also score the eval responses with the implicit PRM and report "
                       "eval/prm_auroc (held-out AUROC of r = beta * sum_t log pi_prm/pi_ref against "
                       "the verifier's label; two no-grad passes over the eval responses; skipped while "
                       "the PRM still equals the reference, e.g. before its first update, when the "
-                      "implicit rewards are only float noise).")
+                      "implicit rewards are only float noise).", runtime=True)
   export_dir: str = _f("", "At the end, write the trained policy here as a Hugging Face directory "
-                       "(save_pretrained; LoRA adapters merged into the base). '' = no export.")
-  dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.")
+                       "(save_pretrained; LoRA adapters merged into the base). '' = no export.", runtime=True)
+  dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.", runtime=True)
   aot: bool = _f(False, "With --dry_run: compile the step's programs (rollout sampler, the one jitted "
                  "update) for the model shape and --mesh from abstract inputs (no weights) and report "
                  "per-device memory from XLA (rl.setup.aot_plan); simulated CPU devices stand in "
-                 "for absent accelerators.")
-  plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.")
+                 "for absent accelerators.", runtime=True)
+  plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.", runtime=True)
   compilation_cache_dir: str = _f("", "JAX's persistent compilation cache: compiled programs are "
                                   "written here and a later process (a resume, the next seed, an "
                                   "eval) loads them instead of compiling. '' = <logdir>/jax_cache "
-                                  "when --logdir is set, else off; 'none' = off.")
-  progress: bool = _f(True, "Show a progress bar.")
+                                  "when --logdir is set, else off; 'none' = off.", runtime=True)
+  progress: bool = _f(True, "Show a progress bar.", runtime=True)
   sample_every: int = _f(0, "Write <logdir>/samples/step_NNNNN.html (per-token process rewards, "
                          "advantages, log-ratio to the reference; the best, the worst and the "
                          "PRM-vs-outcome disagreement groups) every k steps, and one page per eval "
-                         "(0 = never).", lo=0)
+                         "(0 = never).", lo=0, runtime=True)
   hacking_window: int = _f(20, "PRM health: steps in the reward-hacking alarm's trend window "
-                           "(prm_health.RewardHackingMonitor; docs/prm_health.md).", lo=3)
+                           "(prm_health.RewardHackingMonitor; docs/prm_health.md).", lo=3, runtime=True)
   hacking_t: float = _f(2.0, "PRM health: |t| of both slopes that raises the reward-hacking alarm.",
-                        lo=0.0, lo_open=True)
+                        lo=0.0, lo_open=True, runtime=True)
   wandb_project: str = _f("", "Also log to this Weights & Biases project ('' = off; needs `pip "
-                          "install wandb`): scalars, the sample pages and a samples table.")
+                          "install wandb`): scalars, the sample pages and a samples table.", runtime=True)
   wandb_mode: str = _f("offline", "W&B mode: offline (no network; `wandb sync` later) or online.",
-                       choices=("offline", "online"))
+                       choices=("offline", "online"), runtime=True)
   prime: PrimeConfig = dataclasses.field(default_factory=PrimeConfig)
 
   def __post_init__(self):
@@ -651,14 +655,8 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------- flat view, fingerprint
-# Settings that change neither the math nor the data order: a checkpoint resumes across them.
-RUNTIME_ONLY = frozenset({
-    "arch", "eval_data", "verify_workers", "unsafe_code_sandbox", "mesh", "steps", "logdir", "checkpoint_dir",
-    "checkpoint_every", "checkpoint_keep", "resume", "eval_every", "eval_size", "eval_batch_size",
-    "eval_max_response_length", "eval_at_start", "eval_prm", "export_dir", "dry_run", "aot", "plan_json", "compilation_cache_dir", "progress", "remat", "share_prompt",
-    "length_bucket", "sample_every", "hacking_window", "hacking_t", "wandb_project", "wandb_mode",
-    "micro_batch_size", "prm_micro_batch_size", "score_micro_batch_size"})
-
+# Settings that change neither the math nor the data order (a checkpoint resumes across them) are
+# marked `_f(..., runtime=True)`; `RUNTIME_ONLY` (end of module) collects them.
 
 # Settings that only --algo=prime reads (its implicit PRM, the prime_rloo reward mix, PRM health).
 # Not --prime_variant: every --algo reads it (the policy loss's dual clip, the accuracy band's
@@ -864,3 +862,7 @@ def from_args(args: Sequence[str], cls=RunConfig):
   define_flags(cls, fv)
   fv(["prog", *args])
   return from_flags(cls, fv)
+
+
+# Fields marked runtime=True (see `_f`): the fingerprint leaves them out.
+RUNTIME_ONLY = frozenset(f.name for _, f in iter_fields(RunConfig) if f.metadata.get("runtime"))
