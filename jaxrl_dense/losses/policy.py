@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import ops
-from jaxrl_dense.losses import aggregation
-from jaxrl_dense.losses.ppo import PolicyLossOutput, PPOTokenTerms, ppo_clip_token_loss
+from jaxrl_dense.losses.ppo import PolicyLossOutput, PPOTokenTerms, loss_output, ppo_clip_token_loss
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -187,13 +186,4 @@ def policy_loss(name: str, log_prob: ArrayLike, old_log_prob: ArrayLike, advanta
   x = terms.token_loss
   if is_weights is not None:
     x = x * jax.lax.stop_gradient(jnp.asarray(is_weights, jnp.float32))
-  s, c = aggregation.aggregate_terms(x, mask, loss_agg_mode or DEFAULT_AGG[name],
-                                     loss_scale_factor=loss_scale_factor)
-  m = ops.as_bool_mask(mask)
-  sg = jax.lax.stop_gradient
-  metrics = {
-      "pg_clipfrac": ops.masked_mean(terms.clipped.astype(jnp.float32), m, eps=1e-8),
-      "pg_clipfrac_lower": ops.masked_mean(terms.dual_clipped.astype(jnp.float32), m, eps=1e-8),
-      "ppo_kl": sg(ops.masked_mean(terms.neg_log_ratio, m, eps=1e-8)),
-  }
-  return PolicyLossOutput(s / c, s, c, metrics)
+  return loss_output(terms, x, mask, loss_agg_mode or DEFAULT_AGG[name], loss_scale_factor)

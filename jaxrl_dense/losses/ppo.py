@@ -87,14 +87,19 @@ def ppo_clip_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: Arra
   terms = ppo_clip_token_loss(log_prob, old_log_prob, advantages, clip_ratio_low=clip_ratio_low,
                               clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
                               log_ratio_clamp=log_ratio_clamp)
-  s, c = aggregation.aggregate_terms(terms.token_loss, mask, loss_agg_mode,
-                                     loss_scale_factor=loss_scale_factor)
+  return loss_output(terms, terms.token_loss, mask, loss_agg_mode, loss_scale_factor)
+
+
+def loss_output(terms: PPOTokenTerms, token_loss: ArrayLike, mask: ArrayLike, loss_agg_mode: str,
+                loss_scale_factor: Optional[float] = None) -> PolicyLossOutput:
+  """`token_loss` [B, T] aggregated by ``loss_agg_mode``, with the veRL metrics of ``terms``
+  (masked means, 1e-8 in the denominator): pg_clipfrac, pg_clipfrac_lower, ppo_kl."""
+  s, c = aggregation.aggregate_terms(token_loss, mask, loss_agg_mode, loss_scale_factor=loss_scale_factor)
   m = ops.as_bool_mask(mask)
-  sg = jax.lax.stop_gradient
   metrics = {
       "pg_clipfrac": ops.masked_mean(terms.clipped.astype(jnp.float32), m, eps=1e-8),
       "pg_clipfrac_lower": ops.masked_mean(terms.dual_clipped.astype(jnp.float32), m, eps=1e-8),
-      "ppo_kl": sg(ops.masked_mean(terms.neg_log_ratio, m, eps=1e-8)),
+      "ppo_kl": jax.lax.stop_gradient(ops.masked_mean(terms.neg_log_ratio, m, eps=1e-8)),
   }
   return PolicyLossOutput(s / c, s, c, metrics)
 
