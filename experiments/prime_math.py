@@ -279,6 +279,7 @@ def main(argv):
       sys.exit(1 if problems else 0)
     setup.check_mesh(cfg)
     setup.check_inputs(cfg)
+    setup.configure_compilation_cache(cfg)  # before the first compilation
     train(cfg)
   except config_lib.ConfigError as e:
     _fail(2, str(e))

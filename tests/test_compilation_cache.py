@@ -1,6 +1,7 @@
 """The persistent compilation cache (issue 25 item 7): --compilation_cache_dir (default
-<logdir>/jax_cache) is filled by a run, and a second process with the same programs loads them
-from it instead of compiling (JAX's /jax/compilation_cache/cache_hits event)."""
+<logdir>/jax_cache), set by experiments/prime_math.py through setup.configure_compilation_cache,
+is filled by a run, and a second process with the same programs loads them from it instead of
+compiling (JAX's /jax/compilation_cache/cache_hits event); prime_math writes into it."""
 import os
 import pathlib
 import subprocess
@@ -22,12 +23,14 @@ jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl.trainer import Trainer
+from jaxrl_dense.rl import setup
 cfg = config_lib.replace(config_lib.from_args(["--flagfile=" + sys.argv[1]]), eval_data="", steps=1,
                          logdir=sys.argv[2], progress=False)
+path = setup.configure_compilation_cache(cfg)  # as experiments/prime_math.py does
 run = Trainer(cfg)
 run.train_step()
 run.close()
-print("CACHE_HITS", len(hits), run.compilation_cache)
+print("CACHE_HITS", len(hits), path)
 """
 
 
@@ -58,3 +61,13 @@ def test_a_second_process_loads_the_compiled_programs(tmp_path):
   # (the first process may hit its own entries: a program compiled twice in one run)
   assert any((tmp_path / "logs" / "jax_cache").iterdir())
   assert out[1] >= out[0] + 3, out  # sampler and update programs: loaded, not compiled
+
+
+@pytest.mark.slow
+def test_prime_math_writes_the_cache_under_its_logdir(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "prime_math.py"), f"--flagfile={SMOKE}",
+                      "--eval_data=", "--steps=1", f"--logdir={tmp_path}/logs"],
+                     capture_output=True, text=True, timeout=600, cwd=str(REPO), env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert any((tmp_path / "logs" / "jax_cache").iterdir())

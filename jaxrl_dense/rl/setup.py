@@ -211,7 +211,9 @@ def compilation_cache_dir(cfg: RunConfig) -> str:
 def configure_compilation_cache(cfg: RunConfig) -> str:
   """Turns on JAX's persistent compilation cache in `compilation_cache_dir(cfg)` (every program,
   however fast it compiled: an RL step compiles a few large programs, the update once per length
-  bucket); returns the directory or ''. Call before the first compilation."""
+  bucket); returns the directory or ''. Call before the first compilation. The setting is
+  process-wide: the scripts call it (experiments/prime_math.py), the `Trainer` does not, so
+  library users and tests in one process keep their own cache settings."""
   import jax  # pylint: disable=import-outside-toplevel
   path = compilation_cache_dir(cfg)
   if not path:

@@ -36,7 +36,6 @@ class Trainer:
     from jaxrl_dense.data import batching, iterator
     t0 = time.time()
     self.cfg = cfg
-    self.compilation_cache = setup.configure_compilation_cache(cfg)  # before the first compile
     p, r = cfg.prime, cfg.prime.rollout
     self.mesh = sharding.make_mesh(cfg.mesh)
     div = sharding.batch_divisor(self.mesh)
@@ -289,7 +288,3 @@ class Trainer:
 
   def close(self) -> None:
     self.verifier.close()
-    if self.compilation_cache:  # the cache setting is process-wide: leave the process as found
-      from jax.experimental.compilation_cache import compilation_cache as cc_lib
-      jax.config.update("jax_compilation_cache_dir", None)
-      cc_lib.reset_cache()
