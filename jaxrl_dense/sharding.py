@@ -508,6 +508,64 @@ def constrain_kv_cache(x: jax.Array) -> jax.Array:
   return with_logical_constraint(x, KV_CACHE_AXES[5 - x.ndim:])
 
 
+def kernel_axes(mesh: Any, *, batch: int, num_heads: int, num_kv_heads: int) -> dict[str, Any]:
+  """Mesh axes a custom kernel's operands split over, per logical name, on `mesh`.
+
+  "batch" (rows) goes over the longest prefix of ("data", "fsdp") whose size divides `batch`;
+  "heads" and "kv_heads" go over "tensor" only when it divides BOTH head counts, so every shard
+  holds whole query groups (query head h reads kv head h // (H / Hkv): shard i of the query
+  heads then reads exactly shard i of the kv heads). Anything else is replicated (None).
+  """
+  sizes = dict(mesh.shape)
+  rows: list = []
+  prod = 1
+  for a in BATCH_AXES:
+    size = sizes.get(a, 1)
+    if size == 1:
+      continue
+    if batch % (prod * size):
+      break
+    rows.append(a)
+    prod *= size
+  t = sizes.get("tensor", 1)
+  heads = "tensor" if t > 1 and num_heads % t == 0 and num_kv_heads % t == 0 else None
+  return {"batch": None if not rows else (rows[0] if len(rows) == 1 else tuple(rows)),
+          "heads": heads, "kv_heads": heads}
+
+
+def shard_kernel(fn: Callable, in_names: Sequence[Sequence[Optional[str]]],
+                 out_names: Sequence[Optional[str]], *, batch: int, num_heads: int,
+                 num_kv_heads: int) -> Callable:
+  """`fn` run per shard (`jax.shard_map`) over the context mesh, for custom kernels.
+
+  A `pallas_call` (or any custom call without a partitioning rule) traced on sharded operands
+  makes XLA gather them whole onto every device: a decode kernel would then copy every layer's
+  KV cache to every device each step. MaxText wraps its kernels in `shard_map`; so do we: each
+  device calls the kernel on its own rows and heads (`kernel_axes`), with no collective, which
+  is right for attention because rows and query groups are independent.
+
+  Args:
+    fn: the kernel call, positional array arguments only (bind the rest with functools.partial).
+    in_names: per positional argument, one logical name per dimension ("batch", "heads",
+      "kv_heads" or None = whole on every shard).
+    out_names: the output's names (a single array).
+    batch / num_heads / num_kv_heads: the global sizes that decide the split.
+
+  Without a context mesh (`use_mesh` / `with_mesh`), or on one device, returns `fn` itself, so
+  single-device programs are unchanged.
+  """
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn
+  axes = kernel_axes(mesh, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads)
+
+  def spec(names):
+    return P(*[axes.get(n) if n is not None else None for n in names])
+
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(n) for n in in_names),
+                       out_specs=spec(out_names), check_vma=False)
+
+
 # ----------------------------------------------------------------------------------------
 # Logical axes of parameters
 # ----------------------------------------------------------------------------------------

@@ -18,11 +18,15 @@ kernel has run on hardware in this repository's tests.
 """
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxrl_dense import sharding as _sharding
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -132,6 +136,22 @@ def attend_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
   `interpret=True` runs the GPU kernel in the Pallas interpreter (any backend; for tests).
   """
   b, h, hd = q.shape
+  if platform not in ("tpu", "gpu"):
+    raise ValueError(f"attend_pallas: no Pallas paged-attention kernel for platform {platform!r}.")
+  # Per shard (no partitioning rule for a pallas_call): rows and their block tables over
+  # (data, fsdp), query groups and the pool's kv heads over tensor. The pool is shared by all
+  # rows, so each row shard reads the pages it holds on its device.
+  kernel = _sharding.shard_kernel(
+      functools.partial(_attend_pallas, platform=platform, interpret=interpret),
+      (("batch", "heads", None), ("kv_heads", None, None, None), ("kv_heads", None, None, None),
+       ("batch", None), ("batch",)), ("batch", "heads"),
+      batch=b, num_heads=h, num_kv_heads=k_pages.shape[0])
+  return kernel(q, k_pages, v_pages, block_table, lengths)
+
+
+def _attend_pallas(q, k_pages, v_pages, block_table, lengths, *, platform, interpret):
+  """`attend_pallas` on one shard's rows and heads."""
+  b, h, hd = q.shape
   pp = block_table.shape[1]
   qs = q * jnp.asarray(hd ** -0.5, q.dtype)
   if platform == "tpu":
@@ -139,15 +159,13 @@ def attend_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
     block = next(c for c in (8, 4, 2, 1) if pp % c == 0)
     out = tpu_pa.paged_attention(qs, k_pages.astype(q.dtype), v_pages.astype(q.dtype), lengths,
                                  block_table, pages_per_compute_block=block)
-  elif platform == "gpu":
+  else:  # "gpu"
     from jax.experimental.pallas.ops.gpu import paged_attention as gpu_pa
     block = next(c for c in (8, 4, 2, 1) if pp % c == 0)
     splits = next(c for c in (16, 8, 4, 2, 1) if (pp // block) % c == 0)
     out = gpu_pa.paged_attention(qs, k_pages.astype(q.dtype), v_pages.astype(q.dtype), block_table,
                                  lengths, pages_per_compute_block=block, k_splits=splits,
                                  interpret=interpret)
-  else:
-    raise ValueError(f"attend_pallas: no Pallas paged-attention kernel for platform {platform!r}.")
   return out.reshape(b, h * hd).astype(q.dtype)
 
 

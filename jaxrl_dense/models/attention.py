@@ -40,7 +40,10 @@ Kernels (`implementation="auto"` picks the first that applies):
        O(live) slots, not O(S).
 Every path that runs on CPU is tested equal to an einsum reference (tests/test_attention.py).
 The GPU/TPU kernels are only reached on those platforms; explicit `implementation=` names force a
-path (Pallas decode runs in interpret mode off-GPU, for tests). On a machine where a kernel has
+path (Pallas decode runs in interpret mode off-GPU, splash off-TPU, for tests). Every Pallas
+kernel runs per shard inside `jax.shard_map` (`sharding.shard_kernel`: rows over data x fsdp,
+query groups over tensor) when the program is traced under a mesh: a pallas_call has no
+partitioning rule, so on sharded operands XLA would otherwise replicate them. On a machine where a kernel has
 not been validated, the environment variables JAXRL_ATTENTION / JAXRL_DECODE_ATTENTION (an
 implementation name, e.g. "xla") replace the "auto" choice; "auto" also falls back from cuDNN to
 XLA when the cuDNN wrapper rejects the shapes at trace time.
@@ -56,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxrl_dense import sharding as _sharding
 
 MASK_VALUE = float(np.finfo(np.float32).min)
 # Escape hatches for kernels not yet run on a given machine: JAXRL_ATTENTION / JAXRL_DECODE_ATTENTION
@@ -147,7 +152,7 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window,
     head_mask = splash.FullMask((t, s))
   kernel = splash.make_splash_mha(
       splash.MultiHeadMask([head_mask] * h), head_shards=1, q_seq_shards=1,
-      attn_logits_soft_cap=softcap)
+      attn_logits_soft_cap=softcap, interpret=_platform() != "tpu")  # interpreter off-TPU (tests)
   qt = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B, H, T, hd]
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, hd]
   seg = splash.SegmentIds(q=q_segment_ids.astype(jnp.int32), kv=kv_segment_ids.astype(jnp.int32))
@@ -224,8 +229,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if implementation == "splash":
     if not default_index or mask is not None:
       raise ValueError("splash attention needs segment ids only: no dense mask, default indices.")
-    return _splash_attention(q, k, v, qs, ks, causal=causal, window=window, softcap=softcap,
-                             scale=scale)
+    kernel = _sharding.shard_kernel(  # per shard, as the Pallas decode kernel below
+        functools.partial(_splash_attention, causal=causal, window=window, softcap=softcap,
+                          scale=scale),
+        (("batch", None, "heads", None), ("batch", None, "kv_heads", None),
+         ("batch", None, "kv_heads", None), ("batch", None), ("batch", None)),
+        ("batch", None, "heads", None),
+        batch=q.shape[0], num_heads=q.shape[2], num_kv_heads=k.shape[2])
+    return kernel(q, k, v, qs, ks)
   allowed = allowed_mask(qs, ks, qi, ki, causal=causal, window=window)  # [B, T, S]
   if mask is not None:
     chex.assert_shape(mask, allowed.shape)
@@ -436,5 +447,12 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, st
   if implementation == "pallas":
     if softcap is not None:
       raise ValueError("the Pallas decode kernel has no logit soft-cap; use implementation='xla'.")
-    return _decode_pallas(q, k_cache, v_cache, start, length, scale)
+    # Per shard: rows over (data, fsdp), query groups over tensor (a pallas_call has no
+    # partitioning rule; on sharded operands XLA would gather the whole cache to every device).
+    kernel = _sharding.shard_kernel(
+        functools.partial(_decode_pallas, scale=scale),
+        (("batch", "heads", None), ("batch", "kv_heads", None, None),
+         ("batch", "kv_heads", None, None), ("batch",), ("batch",)), ("batch", "heads", None),
+        batch=b, num_heads=h, num_kv_heads=k_cache.shape[1])
+    return kernel(q, k_cache, v_cache, start, length)
   return _decode_xla(q, k_cache, v_cache, start, length, scale, softcap, int(chunk))
