@@ -4,8 +4,9 @@
   H[b, t]    = logsumexp_v z[b, t-1, v] - sum_v softmax(z[b, t-1])_v z[b, t-1, v]
   with z = h @ W_out the float32 logits of the hidden states h [B, T, D].
 
-The LM head, logsumexp, gather and entropy are computed chunk by chunk over the flattened
-B*(T-1) predicting positions (`lax.map` over chunks of `chunk_size` tokens), each chunk under
+The LM head, logsumexp, gather and entropy are computed chunk by chunk over the B*(T-1)
+predicting positions (`lax.map` over chunks of about `chunk_size` tokens: a slice of positions
+of every row, so rows keep their devices under a mesh), each chunk under
 `jax.checkpoint`, so neither the forward nor the backward pass ever holds more than one chunk of
 float32 logits. This is the memory hot spot of RL for LMs (V = 49k to 152k).
 
@@ -26,21 +27,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxrl_dense import sharding as _sharding
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _head_stats(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool):
-  """h [C, D], w [D, V], targets [C] -> (logp [C], entropy [C]) from float32 logits [C, V]."""
-  logits = jnp.einsum("cd,dv->cv", h, w, preferred_element_type=jnp.float32)  # [C, V]
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
-  tgt = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]  # [C]
-  logp = tgt - lse  # [C]
+def _head_stats(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bool,
+                vocab_split: bool):
+  """h [B, C, D], w [D, V], targets [B, C] -> (logp [B, C], entropy [B, C]) from float32 logits.
+
+  Under a mesh the chunk's rows stay on the batch axes and its logits are split over the
+  vocabulary where "tensor" divides V (`vocab_split`): then the target logit is a masked sum over
+  the vocabulary (a local reduction plus an all-reduce of [B, C] scalars) instead of a gather
+  along a split axis.
+  """
+  logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)  # [B, C, V]
+  logits = _sharding.with_logical_constraint(logits, ("batch", None, "vocab"))
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+  if vocab_split:
+    hit = lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets[..., None]
+    tgt = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # [B, C]
+  else:
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, C]
+  logp = tgt - lse
   if with_entropy:
-    probs = jnp.exp(logits - lse[:, None])  # [C, V]
-    entropy = lse - jnp.sum(probs * logits, axis=-1)  # [C]
+    probs = jnp.exp(logits - lse[..., None])  # [B, C, V]
+    entropy = lse - jnp.sum(probs * logits, axis=-1)  # [B, C]
   else:
     entropy = jnp.zeros_like(logp)
   return logp, entropy
@@ -50,6 +64,12 @@ def logprobs_from_hidden(hidden: jax.Array, w_out: jax.Array, tokens: jax.Array,
                          attention_mask: jax.Array, *, return_entropy: bool = False,
                          chunk_size: Optional[int] = None):
   """Chunked log p(tokens[:, t] | tokens[:, :t]) from hidden states.
+
+  Chunks run along the sequence, all rows at once: chunk k holds positions [k*c, (k+1)*c) of
+  every row, c = max(1, chunk_size // B), so a chunk has about `chunk_size` tokens and, under a
+  mesh, keeps the rows' batch sharding: each device computes the head for its own rows (the
+  weight is gathered over fsdp like every layer's, split over the vocabulary on "tensor"), and no
+  float32 logits cross devices.
 
   Args:
     hidden: [B, T, D] final-normed hidden states (position t predicts token t+1).
@@ -70,27 +90,32 @@ def logprobs_from_hidden(hidden: jax.Array, w_out: jax.Array, tokens: jax.Array,
   if chunk <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
   b, t, d = hidden.shape
-  n = b * (t - 1)
   valid = attention_mask.astype(bool)
   pred_valid = valid[:, 1:] & valid[:, :-1]  # [B, T-1]
-  if n == 0:
+  if b == 0 or t <= 1:
     zeros = jnp.zeros((b, t), jnp.float32)
     return (zeros, zeros) if return_entropy else zeros
-  h = hidden[:, :-1].reshape(n, d)  # [N, D]
-  targets = tokens[:, 1:].reshape(n).astype(jnp.int32)  # [N]
-  chunk = min(chunk, n)
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(num_chunks, chunk, d)  # [K, C, D]
-  targets = jnp.pad(targets, (0, pad)).reshape(num_chunks, chunk)  # [K, C]
-  w = w_out.astype(hidden.dtype)
+  c = min(max(1, chunk // b), t - 1)  # positions per row in a chunk
+  num_chunks = -(-(t - 1) // c)
+  pad = num_chunks * c - (t - 1)
+  h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, K*c, D]
+  h = h.reshape(b, num_chunks, c, d).transpose(1, 0, 2, 3)  # [K, B, c, D]
+  h = _sharding.with_logical_constraint(h, (None, "batch", None, "act_embed"))
+  targets = jnp.pad(tokens[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
+  targets = targets.reshape(b, num_chunks, c).transpose(1, 0, 2)  # [K, B, c]
+  targets = _sharding.with_logical_constraint(targets, (None, "batch", None))
+  w = _sharding.with_logical_constraint(w_out.astype(hidden.dtype), ("act_embed", "vocab"))
+  mesh = _sharding.current_mesh()
+  vocab_split = (mesh is not None and _sharding.logical_to_spec(
+      ("vocab",), (w.shape[1],), mesh)[0] is not None)
 
   body = jax.checkpoint(
-      functools.partial(_head_stats, w=w, with_entropy=return_entropy), prevent_cse=False)
-  logp, ent = lax.map(lambda xs: body(xs[0], targets=xs[1]), (h, targets))  # [K, C] each
+      functools.partial(_head_stats, w=w, with_entropy=return_entropy, vocab_split=vocab_split),
+      prevent_cse=False)
+  logp, ent = lax.map(lambda xs: body(xs[0], targets=xs[1]), (h, targets))  # [K, B, c] each
 
   def finish(x):
-    x = x.reshape(-1)[:n].reshape(b, t - 1)  # [B, T-1]
+    x = x.transpose(1, 0, 2).reshape(b, num_chunks * c)[:, :t - 1]  # [B, T-1]
     x = jnp.where(pred_valid, x, 0.0)
     return jnp.pad(x, ((0, 0), (1, 0)))  # [B, T]
 

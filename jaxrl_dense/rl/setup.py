@@ -488,28 +488,11 @@ def plan(cfg: RunConfig):
   return "\n".join(lines), problems
 
 
-def aot_plan(cfg: RunConfig, devices=None) -> dict:
-  """The compiled memory plan of one RL step (--dry_run --aot; issue 12 item 5).
-
-  Lowers and compiles, from abstract inputs (`jax.ShapeDtypeStruct`s with their shardings; no
-  weights are read), the two programs a training step runs on `cfg.mesh`:
-
-    generate   the rollout sampler (`sampling`'s jitted static sampler; one call of
-               --generate_batch_size prompts x n samples, max_prompt_length + max_response_length
-               tokens, the KV cache in --dtype) on the params exactly as `rl.rollout.collect`
-               passes them: the policy's float32 master weights in the training (FSDP + tensor)
-               layout; XLA gathers each layer's weights (and hoists those gathers out of the
-               decode loop, which the plan shows in the temporaries);
-    update     `rl.prime.make_prime`'s ONE jitted update (scoring, PRM update, advantages, PPO
-               update; donated state), exactly as the trainer builds it (LoRA included).
-
-  and reads per-device bytes from `compiled.memory_analysis()` (`sharding_plan.memory_stats`).
-  While the sampler runs, the training state (policy / PRM params and AdamW states, the
-  reference) stays resident; `generate_with_state_bytes` adds it, and `peak_bytes_per_device`
-  is the larger of that and the update's peak.
-
-  Returns {"mesh", "param_dtype", "compute_dtype", "model", "programs": {name: bytes dict},
-  "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
+def abstract_update(cfg: RunConfig, mesh) -> tuple:
+  """The trainer's one jitted update (`rl.prime.make_prime`, as `Trainer` builds it, LoRA
+  included) and abstract arguments for it on `mesh`: ShapeDtypeStructs carrying their
+  shardings, no weights read. Returns (update_fn, (state, batch, key), model_config, source);
+  `update_fn.lower(*args)` inside `sharding.use_mesh(mesh)` gives the program that runs.
   """
   import jax
   import jax.numpy as jnp
@@ -524,7 +507,6 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
     raise ConfigError("model", cfg.model, "cannot build the model config for --aot "
                       "(give a readable --model or an --arch preset)")
   p, r = cfg.prime, cfg.prime.rollout
-  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   pol_opt, prm_opt = prime.optimizers(p)
   key = jax.random.PRNGKey(0)
 
@@ -539,7 +521,6 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
     shapes = jax.eval_shape(init, key)
     return sharding_plan.abstract(shapes, sharding.tree_shardings(shapes, mc, mesh))
 
-  lora_any = p.policy_lora is not None or p.prm_lora is not None
   policy = train_state(pol_opt, p.policy_lora)
   prm = train_state(prm_opt, p.prm_lora) if p.uses_prm else None
   # The trainer keeps the frozen reference / LoRA base in the compute dtype.
@@ -557,6 +538,37 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   rep = sharding.replicated(mesh)
   akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   _, update_fn = prime.make_prime(mc, p, mesh=mesh)
+  return update_fn, (state, batch, akey), mc, source
+
+
+def aot_plan(cfg: RunConfig, devices=None) -> dict:
+  """The compiled memory plan of one RL step (--dry_run --aot; issue 12 item 5).
+
+  Lowers and compiles, from abstract inputs (`jax.ShapeDtypeStruct`s with their shardings; no
+  weights are read), the two programs a training step runs on `cfg.mesh`:
+
+    generate   the rollout sampler (`sampling`'s jitted static sampler; one call of
+               --generate_batch_size prompts x n samples, max_prompt_length + max_response_length
+               tokens, the KV cache in --dtype) on the params exactly as `rl.rollout.collect`
+               passes them: the rollout copy of the policy (`sharding.rollout_params`: the
+               compute dtype, the decode layout), made once per rollout;
+    update     `rl.prime.make_prime`'s ONE jitted update (scoring, PRM update, advantages, PPO
+               update; donated state), exactly as the trainer builds it (LoRA included).
+
+  and reads per-device bytes from `compiled.memory_analysis()` (`sharding_plan.memory_stats`).
+  While the sampler runs, the training state (policy / PRM params and AdamW states, the
+  reference) stays resident; `generate_with_state_bytes` adds it, and `peak_bytes_per_device`
+  is the larger of that and the update's peak.
+
+  Returns {"mesh", "param_dtype", "compute_dtype", "model", "programs": {name: bytes dict},
+  "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
+  """
+  from jaxrl_dense import sharding, sharding_plan
+  p, r = cfg.prime, cfg.prime.rollout
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  update_fn, (state, batch, akey), mc, source = abstract_update(cfg, mesh)
+  lora_any = p.policy_lora is not None or p.prm_lora is not None
+  rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
   gen = sharding_plan.rl_step_programs(
       mc, mesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
       micro_batch_size=p.policy.micro_batch_size, num_samples=r.n, rollout_layout="inference",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable, Mapping, Optional, Union
 
 import chex
@@ -144,13 +145,16 @@ def response_logprobs(params, config, tokens, attention_mask, response_len: int,
   group_size == 1: the trunk runs over the whole sequence [b, P+R]. group_size == n > 1: rows
   come in groups of n consecutive rows sharing one prompt (GRPO/RLOO/PRIME groups), and the trunk
   runs each prompt once (`transformer.shared_prefix_hidden_states`: same values and gradients,
-  b/n * P + b * R token passes instead of b * (P + R)). Either way the LM head (vocabulary-sized,
+  b/n * P + b * R token passes instead of b * (P + R)) - unless, under a mesh, the b/n prompts
+  split over fewer devices than the b rows (2 prompts of a micro-batch on fsdp:8): a prompt pass
+  that cannot split would run replicated on every device with activation collectives per layer,
+  so the rows then run whole, each on its own device (`_prompts_split_like_rows`). Either way the LM head (vocabulary-sized,
   chunked) runs only over the R positions that predict response tokens.
   """
   w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))  # [D, V]
   if temperature != 1.0:
     w = w / jnp.asarray(temperature, w.dtype)  # logits / T = h @ (W / T)
-  if group_size > 1:
+  if group_size > 1 and _prompts_split_like_rows(tokens.shape[0], group_size):
     p = tokens.shape[1] - response_len
     n = group_size
     prompt_tok, prompt_am = tokens[::n, :p], attention_mask[::n, :p]  # [b/n, P]
@@ -172,6 +176,21 @@ def response_logprobs(params, config, tokens, attention_mask, response_len: int,
 
 
 _response_logprobs = response_logprobs  # former private name
+
+
+def _prompts_split_like_rows(rows: int, group_size: int) -> bool:
+  """Whether the rows // group_size shared prompts split over as many devices as the rows do
+  (always true without a context mesh): the condition for sharing the prompt pass."""
+  mesh = sharding.current_mesh()
+  if mesh is None:
+    return True
+  sizes = dict(mesh.shape)
+
+  def shards(n):
+    entry = sharding.logical_to_spec(("batch",), (n,), mesh)[0]
+    return math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str) else (entry or ())))
+
+  return shards(rows // group_size) == shards(rows)
 
 
 def _check_group_size(group_size: int, **sizes):
