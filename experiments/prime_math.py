@@ -236,6 +236,17 @@ def print_aot_plan(cfg) -> dict:
         f"{gib(plan['generate_with_state_bytes'])}")
   print(f"  peak per device: {gib(plan['peak_bytes_per_device'])}")
   print(setup.plan_markdown(plan))
+  if cfg.plan_target:
+    fit = setup.target_fit(plan["peak_bytes_per_device"], cfg.plan_target, cfg.memory_fraction)
+    plan["target"] = fit
+    if "need_fraction" in fit:
+      print(f"  {fit['target']}: {fit['hbm_gib']} GiB HBM, {fit['reserve_gib']} GiB reserved outside "
+            f"JAX's pool; this plan needs --memory_fraction >= {fit['need_fraction']:.2f} (at most "
+            f"{fit['max_fraction']:.2f} leaves the reserve); with {fit['memory_fraction']:.2f} "
+            f"(pool {fit['pool_gib']} GiB) it {'fits' if fit['fits'] else 'does NOT fit'}")
+    else:
+      print(f"  {fit['target']}: {fit['budget_gib']} GiB per chip after the runtime's reserve; it "
+            f"{'fits' if fit['fits'] else 'does NOT fit'}")
   if cfg.plan_json:
     os.makedirs(os.path.dirname(os.path.abspath(cfg.plan_json)), exist_ok=True)
     with open(cfg.plan_json, "w") as f:
@@ -254,6 +265,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
   if FLAGS.dry_run and FLAGS.aot:  # before JAX starts: simulated CPU devices for the mesh
     _simulate_devices(FLAGS.mesh)
+  if FLAGS.memory_fraction > 0:  # before JAX starts: the GPU pool's size
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{FLAGS.memory_fraction:g}"
   from jaxrl_dense import checkpoint as ckpt_lib
   from jaxrl_dense import sharding
   from jaxrl_dense.rl import setup

@@ -134,12 +134,17 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
   b, tp = prompt_tokens.shape
   n = num_samples
   s = tp + max_new_tokens
-  cache = transformer.init_cache(config, b, s)
+  # The prompts' cache holds only their Tp slots; each of the n samples of a prompt (rows
+  # b*n .. b*n+n-1) then gets its copy inside the one full-length [L, B*n, K, S, hd] cache, so
+  # the only buffer beside that cache is the prompts' [L, B, K, Tp, hd].
+  cache = transformer.init_cache(config, b, tp)
   logits, cache = transformer.prefill(params, config, prompt_tokens, prompt_mask, cache)  # [B, V]
   valid = prompt_mask.astype(bool)  # [B, Tp]
-  if n > 1:  # share each prompt's cache across its n samples: rows b*n .. b*n+n-1
+  grow = lambda x: jnp.pad(jnp.repeat(x, n, axis=1) if n > 1 else x,
+                           ((0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0)))
+  cache = transformer.KVCache(grow(cache.k), grow(cache.v))  # [L, B*n, K, S, hd]
+  if n > 1:
     logits = jnp.repeat(logits, n, axis=0)
-    cache = transformer.KVCache(jnp.repeat(cache.k, n, axis=1), jnp.repeat(cache.v, n, axis=1))
     valid = jnp.repeat(valid, n, axis=0)
   # Under a mesh (generate(..., mesh=)): rows over data x fsdp, kv heads over tensor.
   cache = transformer.KVCache(*(sharding.constrain_kv_cache(x) for x in cache))  # [L, BN, K, S, hd]

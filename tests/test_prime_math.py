@@ -440,7 +440,7 @@ def test_dry_run_aot_writes_the_compiled_memory_plan(tmp_path):
   """--dry_run --aot compiles the sampler and the one jitted update for --mesh on simulated CPU
   devices (no weights read) and writes per-device bytes; a LoRA PRM shrinks the resident state."""
   plans = {}
-  for name, extra in (("full", []), ("lora", ["--prm_lora_rank=4"])):
+  for name, extra in (("full", ["--plan_target=v5e"]), ("lora", ["--prm_lora_rank=4"])):
     path = tmp_path / f"{name}.json"
     r = _run([f"--flagfile={SMOKE}", "--dry_run", "--aot", "--mesh=data:2,fsdp:2,tensor:2",
               f"--plan_json={path}", *extra])
@@ -457,6 +457,31 @@ def test_dry_run_aot_writes_the_compiled_memory_plan(tmp_path):
   assert upd["argument_bytes"] >= full["resident_state_bytes"] and upd["alias_bytes"] >= 0.9 * full["resident_state_bytes"]
   assert full["peak_bytes_per_device"] == max(full["generate_with_state_bytes"], upd["peak_bytes"])
   assert lora_["lora"]["prm"]["rank"] == 4 and lora_["resident_state_bytes"] < 0.7 * full["resident_state_bytes"]
+  # --plan_target checks the peak against the chip's memory less the runtime's reserve
+  assert full["target"]["target"] == "v5e" and full["target"]["fits"] is True
+  assert full["target"]["peak_gib"] == round(full["peak_bytes_per_device"] / 2**30, 2)
+  assert "target" not in lora_
+
+
+def test_plan_target_fit_and_memory_fraction():
+  """`setup.target_fit`: a GPU plan fits when the pool (fraction x HBM) holds the peak and the
+  rest holds the reserve; the needed fraction is rounded up; a TPU plan fits HBM - reserve."""
+  from jaxrl_dense.rl import setup
+  gib = 2**30
+  h = setup.target_fit(int(57.25 * gib), "h100")
+  assert h["memory_fraction"] == 0.75 and h["fits"] and h["need_fraction"] == 0.72
+  h = setup.target_fit(int(70 * gib), "h100")   # above JAX's default pool (59.7 GiB)
+  assert not h["fits"] and h["need_fraction"] == 0.88 and h["fits_budget"]
+  assert setup.target_fit(int(70 * gib), "h100", 0.9)["fits"]
+  assert not setup.target_fit(int(70 * gib), "h100", 0.99)["fits"]   # no room left for the reserve
+  assert not setup.target_fit(int(77 * gib), "h100")["fits_budget"]
+  assert setup.target_fit(int(15.2 * gib), "v5e")["fits"] and not setup.target_fit(int(15.5 * gib), "v5e")["fits"]
+  with pytest.raises(config_lib.ConfigError, match="plan_target"):
+    setup.target_fit(1, "a100")
+  cfg = config_lib.from_args(["--memory_fraction=0.9", "--plan_target=h100"])
+  assert cfg.memory_fraction == 0.9 and cfg.plan_target == "h100"
+  with pytest.raises(config_lib.ConfigError, match="memory_fraction"):
+    config_lib.from_args(["--memory_fraction=1.5"])
 
 
 @pytest.mark.slow

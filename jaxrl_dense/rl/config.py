@@ -613,6 +613,13 @@ class RunConfig:
                  "per-device memory from XLA (rl.setup.aot_plan); simulated CPU devices stand in "
                  "for absent accelerators.", runtime=True)
   plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.", runtime=True)
+  plan_target: str = _f("", "With --dry_run --aot: check the plan against this accelerator's memory "
+                        "(rl.setup.PLAN_TARGETS: HBM per device, a reserve for runtime workspaces "
+                        "outside JAX's pool) and print the --memory_fraction it needs. '' = no check.",
+                        choices=("", "h100", "h200", "v5e", "v5p"), runtime=True)
+  memory_fraction: float = _f(0.0, "GPU: the share of device memory JAX's pool preallocates "
+                              "(sets XLA_PYTHON_CLIENT_MEM_FRACTION before JAX starts; JAX's default "
+                              "is 0.75). 0 = leave JAX's setting.", lo=0.0, hi=1.0, runtime=True)
   compilation_cache_dir: str = _f("", "JAX's persistent compilation cache: compiled programs are "
                                   "written here and a later process (a resume, the next seed, an "
                                   "eval) loads them instead of compiling. '' = <logdir>/jax_cache "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 from typing import Optional
 
@@ -486,6 +487,48 @@ def plan(cfg: RunConfig):
   else:
     problems.append("cannot build the model config (give a readable --model or --arch)")
   return "\n".join(lines), problems
+
+
+# Accelerators a memory plan can be checked against. hbm_gib: device memory as the runtime
+# reports it; reserve_gib: what runs outside JAX's pool (GPU: CUDA context, cuBLAS/cuDNN
+# workspaces, NCCL buffers; TPU: the runtime's own reservation), a stated allowance, not a
+# measurement; fraction: whether XLA_PYTHON_CLIENT_MEM_FRACTION applies (GPU) and JAX's default.
+PLAN_TARGETS = {
+    "h100": {"hbm_gib": 79.6, "reserve_gib": 4.0, "platform": "gpu", "default_fraction": 0.75},
+    "h200": {"hbm_gib": 139.8, "reserve_gib": 4.0, "platform": "gpu", "default_fraction": 0.75},
+    "v5e": {"hbm_gib": 15.75, "reserve_gib": 0.5, "platform": "tpu", "default_fraction": None},
+    "v5p": {"hbm_gib": 95.74, "reserve_gib": 0.5, "platform": "tpu", "default_fraction": None},
+}
+
+
+def target_fit(peak_bytes: int, target: str, memory_fraction: float = 0.0) -> dict:
+  """Whether a plan's per-device peak fits `target` (a PLAN_TARGETS name).
+
+  GPU: JAX's pool is memory_fraction x HBM (JAX's default 0.75 when 0); it must hold the peak,
+  and the rest must hold the reserve, so the plan fits when
+      peak <= f x HBM   and   (1 - f) x HBM >= reserve,
+  with `need_fraction` = peak / HBM rounded up to 0.01 and `max_fraction` = 1 - reserve / HBM.
+  TPU: the peak must fit HBM - reserve.
+  """
+  if target not in PLAN_TARGETS:
+    raise ConfigError("plan_target", target, f"expected one of {sorted(PLAN_TARGETS)}")
+  t = PLAN_TARGETS[target]
+  hbm = t["hbm_gib"] * 2**30
+  peak_gib = peak_bytes / 2**30
+  out = {"target": target, "hbm_gib": t["hbm_gib"], "reserve_gib": t["reserve_gib"],
+         "peak_gib": round(peak_gib, 2)}
+  if t["platform"] == "gpu":
+    need = math.ceil(100 * peak_bytes / hbm) / 100
+    max_f = math.floor(100 * (1 - t["reserve_gib"] / t["hbm_gib"])) / 100
+    f = memory_fraction or t["default_fraction"]
+    out.update(need_fraction=need, max_fraction=max_f, memory_fraction=f,
+               pool_gib=round(f * t["hbm_gib"], 2), fits_budget=need <= max_f,
+               fits=peak_bytes <= f * hbm and f <= max_f)
+  else:
+    out.update(budget_gib=round(t["hbm_gib"] - t["reserve_gib"], 2),
+               fits=peak_gib <= t["hbm_gib"] - t["reserve_gib"])
+    out["fits_budget"] = out["fits"]
+  return out
 
 
 def abstract_update(cfg: RunConfig, mesh) -> tuple:
