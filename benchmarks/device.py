@@ -1,4 +1,4 @@
-"""One-command accelerator benchmark: rollout, train step, PRIME vs GRPO and decode bandwidth, side by side.
+"""One-command accelerator benchmark: rollout, train step, whole PRIME/GRPO steps, engine, decode bandwidth.
 
   python benchmarks/device.py --json docs/results/device_<gpu>.json   # one GPU, <= ~8 min
   python benchmarks/device.py --smoke --json /tmp/device.json         # CPU, tiny shapes, < 60 s
@@ -12,11 +12,21 @@ to its goal (issue 13):
       `--remat_policy`) vs transformers (fp32 weights, bf16 autocast, fused AdamW) on the
       Qwen2-0.5B shape at sequence 1024. MFU = 6 N_matmul + 6 L T H hd (causal attention) FLOPs
       per token over the device's bf16 peak. Goal: ours >= 45% MFU.
-  (c) PRIME step / GRPO step: `jaxrl_dense.rl.prime.make_prime` with algo="prime" and
-      algo="grpo" on the same RolloutBatch (SmolLM2 shape). Goal: <= 1.25.
+  (c) the whole RL step, as the trainer runs it, for PRIME and GRPO (SmolLM2 shape, 16 prompts x
+      4 samples): float32 master weights -> the rollout copy (`sharding.rollout_params`, bf16,
+      decode layout) -> n samples per prompt (`sampling.generate`) -> the one jitted update
+      (`rl.prime.make_prime`: scoring, PRM update for PRIME, advantages, PPO). Reports each part,
+      the full-step ratio (goal: PRIME / GRPO <= 1.25) and the updates' ratio alone (PRIME does
+      about 11 forward-equivalents to GRPO's 5 there, so that one is >= 2 by construction).
   (d) decode bytes/s against the device's HBM peak: bytes a decode step must read (bf16 weights
       + the live KV slots) x steps / decode time, from the batch-256 rollout of (a).
       Goal: >= 50% of peak.
+  (e) the continuous-batching engine vs the static sampler on a heavy-tailed workload (90% of
+      rows stop within 64 tokens, 10% run to 1,024) and a uniform one
+      (`benchmarks/generation.py`'s planted model). Goal: engine >= 2x static on heavy-tailed
+      (the flag files switch to the engine once this holds on the device).
+MFU is reported twice: against the data-sheet peak and against the bf16 matmul this run measures
+(the roofline section), which is what the hardware delivers to JAX.
 Peaks come from a table of device kinds (`--peak_tflops` / `--peak_hbm_tbs` override) and the
 run also measures a bf16 matmul and a device copy, so the roofline figures can be read both ways.
 The transformers peer shares the GPU: XLA_PYTHON_CLIENT_PREALLOCATE=false is set before jax
@@ -60,7 +70,8 @@ SHAPES = {
 # bf16 dense TFLOP/s and HBM TB/s (vendor data sheets, SXM parts).
 PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.04), "L4": (121.0, 0.3),
          "TPU v5e": (197.0, 0.82), "TPU v5p": (459.0, 2.76), "TPU v4": (275.0, 1.2)}
-GOALS = {"rollout_ratio_b256": 20.0, "decode_hbm_frac": 0.5, "train_mfu": 0.45, "prime_over_grpo": 1.25}
+GOALS = {"rollout_ratio_b256": 20.0, "decode_hbm_frac": 0.5, "train_mfu": 0.45,
+         "prime_over_grpo_full_step": 1.25, "engine_speedup_heavy_tailed": 2.0}
 
 
 def _peaks(args):
@@ -177,7 +188,7 @@ def rollout(args, shape: str, batch: int, peaks) -> dict:
 # ------------------------------------------------------------------------------------------------
 # (b) train step
 # ------------------------------------------------------------------------------------------------
-def train(args, peaks) -> dict:
+def train(args, peaks, measured_tflops=None) -> dict:
   shape, b, t = args.train_shape, args.train_batch, args.train_seq
   cfg = _config(shape, param_dtype="float32", dtype="bfloat16", remat=args.remat_policy != "none",
                 remat_policy=args.remat_policy)
@@ -213,6 +224,8 @@ def train(args, peaks) -> dict:
          "ours_tok_s": b * t / best}
   if peaks[1]:
     row["ours_mfu"] = row["ours_tok_s"] * flops_tok / (peaks[1] * 1e12)
+  if measured_tflops:
+    row["ours_mfu_measured_peak"] = row["ours_tok_s"] * flops_tok / (measured_tflops * 1e12)
   box.clear()
   del state, params
   if not args.no_peer:
@@ -236,6 +249,8 @@ def train(args, peaks) -> dict:
       row.update(peer_s=pbest, peer_tok_s=b * t / pbest)
       if peaks[1]:
         row["peer_mfu"] = row["peer_tok_s"] * flops_tok / (peaks[1] * 1e12)
+      if measured_tflops:
+        row["peer_mfu_measured_peak"] = row["peer_tok_s"] * flops_tok / (measured_tflops * 1e12)
       del model, popt
       if dev == "cuda":
         torch.cuda.empty_cache()
@@ -245,29 +260,25 @@ def train(args, peaks) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# (c) PRIME step / GRPO step
+# (c) the whole RL step: rollout copy + sampling + the one jitted update, PRIME vs GRPO
 # ------------------------------------------------------------------------------------------------
-def prime_vs_grpo(args) -> dict:
+def full_step(args) -> dict:
+  from jaxrl_dense import sharding
   from jaxrl_dense.rl import RolloutBatch
   from jaxrl_dense.rl import config as rl_config
   from jaxrl_dense.rl import prime as prime_lib
   shape, g, n, p_len, r_len = args.rl_shape, args.rl_prompts, args.rl_n, args.rl_prompt_len, args.rl_response_len
-  cfg_m = _config(shape, param_dtype="float32", dtype=args.rl_dtype, remat=args.rl_remat)
-  rows = g * n
+  cfg_m = _config(shape, param_dtype="float32", dtype=args.rl_dtype, remat=args.rl_remat,
+                  eos_token_ids=(), pad_token_id=0)
+  mesh = sharding.make_mesh("data:1", devices=jax.devices()[:1])
   rng = np.random.default_rng(0)
   ptok, pmask = _prompts(g, p_len, cfg_m.vocab_size)
-  rmask = np.zeros((rows, r_len), np.float32)
-  for i, L in enumerate(rng.integers(r_len // 4, r_len + 1, rows)):
-    rmask[i, :L] = 1
-  batch = RolloutBatch(
-      prompt_tokens=jnp.asarray(np.repeat(ptok, n, 0)), prompt_mask=jnp.asarray(np.repeat(pmask, n, 0)),
-      response_tokens=jnp.asarray(rng.integers(1, cfg_m.vocab_size, (rows, r_len)) * rmask, jnp.int32),
-      response_mask=jnp.asarray(rmask), acc=jnp.asarray(rng.integers(0, 2, rows), jnp.float32))
-  micro = args.rl_micro
   base = init_params(cfg_m, jax.random.PRNGKey(0))  # policy, PRM and reference start equal
   out = {"shape": shape, "prompts": g, "n": n, "prompt_len": p_len, "response_len": r_len,
-         "dtype": args.rl_dtype}
+         "dtype": args.rl_dtype, "parts": "rollout_copy + generate + update"}
+  acc = jnp.asarray(rng.integers(0, 2, g * n), jnp.float32)
   for algo in ("grpo", "prime"):
+    micro = args.rl_micro
     cfg = rl_config.PrimeConfig(
         algo=algo, score_micro_batch_size=micro,
         rollout=rl_config.RolloutConfig(n=n, prompts_per_step=g, max_prompt_length=p_len,
@@ -276,18 +287,60 @@ def prime_vs_grpo(args) -> dict:
         prm=rl_config.PRMConfig(prm_micro_batch_size=micro, prm_update=args.rl_prm_update))
     init_fn, update_fn = prime_lib.make_prime(cfg_m, cfg)
     fresh = lambda: jax.tree.map(jnp.copy, base)  # noqa: E731  (the state is donated)
-    state = [init_fn(fresh(), fresh() if cfg.uses_prm else None,
-                     fresh() if cfg.needs_ref else None)]
+    state = [init_fn(fresh(), fresh() if cfg.uses_prm else None, fresh() if cfg.needs_ref else None)]
+    # On the rollout's (one-device) mesh, as the update's outputs will be: one compile.
+    state[0] = jax.device_put(state[0], sharding.replicated(mesh))
 
-    def step():
-      state[0], metrics = update_fn(state[0], batch, jax.random.PRNGKey(3))
+    def step(key):
+      t0 = time.perf_counter()
+      copy = sharding.rollout_params(prime_lib.model_params(state[0], "policy", cfg), cfg_m, mesh,
+                                     dtype=cfg_m.dtype)
+      jax.block_until_ready(copy)
+      t1 = time.perf_counter()
+      gen = sampling.generate(copy, cfg_m, ptok, pmask, key, max_new_tokens=r_len, temperature=1.0,
+                              eos_ids=(), num_samples=n, prompt_bucket=p_len)
+      gen.tokens.block_until_ready()
+      del copy
+      t2 = time.perf_counter()
+      batch = RolloutBatch(
+          prompt_tokens=jnp.asarray(np.repeat(ptok, n, 0)), prompt_mask=jnp.asarray(np.repeat(pmask, n, 0)),
+          response_tokens=gen.tokens, response_mask=gen.mask.astype(jnp.float32), acc=acc,
+          sampler_logp=gen.logprobs)
+      state[0], metrics = update_fn(state[0], batch, jax.random.fold_in(key, 1))
       jax.block_until_ready(metrics)
+      return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    first, best = _timed(step, args.repeats)
-    out[f"{algo}_first_call_s"], out[f"{algo}_s"] = first, best
+    first = sum(step(jax.random.PRNGKey(0)))
+    runs = [step(jax.random.PRNGKey(r + 1)) for r in range(max(1, args.repeats))]
+    best = min(runs, key=sum)
+    out[f"{algo}_first_call_s"] = first
+    out.update({f"{algo}_{k}_s": v for k, v in zip(("rollout_copy", "generate", "update"), best)})
+    out[f"{algo}_step_s"] = sum(best)
     state.clear()
-  out["prime_over_grpo"] = out["prime_s"] / out["grpo_s"]
+  out["prime_over_grpo_full_step"] = out["prime_step_s"] / out["grpo_step_s"]
+  out["prime_over_grpo_update"] = out["prime_update_s"] / out["grpo_update_s"]
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) continuous engine vs static sampler
+# ------------------------------------------------------------------------------------------------
+def engine(args) -> dict:
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generation.py")
+  spec = importlib.util.spec_from_file_location("generation_bench", path)
+  gen = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gen)
+  ns = argparse.Namespace(
+      batch=args.engine_batch, long_len=args.engine_long_len, short_max=args.engine_short_max,
+      uniform_len=args.engine_uniform_len, vocab=args.engine_vocab, hidden=args.engine_hidden,
+      layers=args.engine_layers, page_size=args.engine_page_size,
+      steps_per_call=args.engine_steps_per_call, repeats=max(1, args.repeats))
+  res = gen.engine_vs_static(ns)
+  rows = {r["workload"]: r for r in res["rows"]}
+  return {"model": res["model"], "rows": res["rows"],
+          "speedup_heavy_tailed": rows["heavy_tailed"]["speedup"],
+          "speedup_uniform": rows["uniform"]["speedup"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,10 +389,19 @@ def summary(result: dict) -> list:
     lines.append(f"train {t['shape']} b={t['batch']} T={t['seq']}: ours {t['ours_tok_s']:.0f} tok/s "
                  f"MFU {_fmt(t.get('ours_mfu'), '.1%')} (goal >= {GOALS['train_mfu']:.0%}); "
                  f"transformers {_fmt(t.get('peer_tok_s'), '.0f')} tok/s MFU {_fmt(t.get('peer_mfu'), '.1%')}")
-  c = result.get("rl", {})
-  if "prime_over_grpo" in c:
-    lines.append(f"PRIME step {c['prime_s']:.2f}s / GRPO step {c['grpo_s']:.2f}s = "
-                 f"{c['prime_over_grpo']:.2f} (goal <= {GOALS['prime_over_grpo']})")
+  f = result.get("step", {})
+  if "prime_over_grpo_full_step" in f:
+    lines.append(f"whole RL step (rollout copy + generate + update): PRIME {f['prime_step_s']:.2f}s / "
+                 f"GRPO {f['grpo_step_s']:.2f}s = {f['prime_over_grpo_full_step']:.2f} "
+                 f"(goal <= {GOALS['prime_over_grpo_full_step']}); updates alone "
+                 f"{f['prime_over_grpo_update']:.2f}")
+  e = result.get("engine", {})
+  if "speedup_heavy_tailed" in e:
+    lines.append(f"engine vs static: heavy-tailed {e['speedup_heavy_tailed']:.2f}x (goal >= "
+                 f"{GOALS['engine_speedup_heavy_tailed']:.0f}x), uniform {e['speedup_uniform']:.2f}x")
+  if "ours_mfu_measured_peak" in t:
+    lines.append(f"train MFU against the measured matmul peak: ours {t['ours_mfu_measured_peak']:.1%}, "
+                 f"transformers {_fmt(t.get('peer_mfu_measured_peak'), '.1%')}")
   rf = result.get("roofline", {})
   if "matmul_tflops" in rf:
     lines.append(f"measured: bf16 matmul {rf['matmul_tflops']:.1f} TFLOP/s, copy {rf['copy_tbs']:.3f} TB/s; "
@@ -355,7 +417,7 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
   ap.add_argument("--json", default=None)
-  ap.add_argument("--sections", default="roofline,rollout,train,rl")
+  ap.add_argument("--sections", default="roofline,rollout,train,step,engine")
   ap.add_argument("--rollout_shapes", default="smollm2_135m,qwen2_0.5b")
   ap.add_argument("--batches", default="64,256")
   ap.add_argument("--prompt_len", type=int, default=64)
@@ -373,6 +435,15 @@ def main(argv=None) -> dict:
   ap.add_argument("--rl_dtype", default="bfloat16")
   ap.add_argument("--rl_remat", type=int, default=1, help="remat the layers in (c) (1/0)")
   ap.add_argument("--rl_prm_update", default="before", choices=("before", "after"))
+  ap.add_argument("--engine_batch", type=int, default=64)
+  ap.add_argument("--engine_long_len", type=int, default=1024)
+  ap.add_argument("--engine_short_max", type=int, default=64)
+  ap.add_argument("--engine_uniform_len", type=int, default=256)
+  ap.add_argument("--engine_vocab", type=int, default=2048)
+  ap.add_argument("--engine_hidden", type=int, default=256)
+  ap.add_argument("--engine_layers", type=int, default=4)
+  ap.add_argument("--engine_page_size", type=int, default=16)
+  ap.add_argument("--engine_steps_per_call", type=int, default=16)
   ap.add_argument("--repeats", type=int, default=1, help="timed calls after the first (compile) call")
   ap.add_argument("--matmul_size", type=int, default=8192)
   ap.add_argument("--copy_mb", type=int, default=1024)
@@ -387,6 +458,9 @@ def main(argv=None) -> dict:
     args.rl_micro, args.rl_dtype, args.rl_remat, args.repeats = 4, "float32", 0, 1
     args.rl_prm_update, args.remat_policy = "after", "none"  # fewer programs to compile
     args.matmul_size, args.copy_mb = 128, 4
+    args.engine_batch, args.engine_long_len, args.engine_short_max = 10, 40, 8
+    args.engine_uniform_len, args.engine_vocab, args.engine_hidden = 16, 128, 32
+    args.engine_layers, args.engine_page_size, args.engine_steps_per_call = 1, 8, 8
   kind, tf, hbm = _peaks(args)
   result = {"benchmark": "device", "smoke": args.smoke, "backend": jax.default_backend(),
             "device_kind": kind, "device_count": jax.device_count(), "peak_tflops": tf,
@@ -402,9 +476,12 @@ def main(argv=None) -> dict:
               for b in args.batches.split(",")]
     _section("rollout", all_rollouts, result)
   if "train" in sections:
-    _section("train", lambda: train(args, peaks), result)
-  if "rl" in sections:
-    _section("rl", lambda: prime_vs_grpo(args), result)
+    measured = result.get("roofline", {}).get("matmul_tflops")
+    _section("train", lambda: train(args, peaks, measured), result)
+  if "step" in sections:
+    _section("step", lambda: full_step(args), result)
+  if "engine" in sections:
+    _section("engine", lambda: engine(args), result)
   result["summary"] = summary(result)
   print("\n".join(result["summary"]), flush=True)
   if args.json:
