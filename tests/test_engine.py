@@ -403,3 +403,39 @@ def test_prime_math_runs_on_the_continuous_engine(tmp_path):
   rows = [json.loads(l) for l in (logdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
   steps = [r for r in rows if "prm/loss" in r]
   assert len(steps) == 2 and all(r["prm/loss"] == r["prm/loss"] for r in steps)  # finite, not NaN
+
+
+def test_compiles_are_bucketed_and_host_syncs_bounded():
+  """One decode program per distinct (width, table span) bucket, both powers of two, counted by
+  the trace counter; one host round trip per admission wave and per K decode steps."""
+  from jaxrl_dense.engine import engine as engine_mod
+  cfg = ModelConfig(model_type="qwen2", vocab_size=89, hidden_size=32, intermediate_size=48,
+                    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
+                    tie_word_embeddings=False, eos_token_ids=(), pad_token_id=0)  # fresh shapes
+  p = init_params(cfg, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+  b, k = 12, 4
+  tokens = rng.integers(2, 89, (b, 9)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  limits = np.where(np.arange(b) % 6 == 0, 40, rng.integers(2, 9, b)).astype(np.int32)  # heavy tail
+  eng = EngineConfig(page_size=4, max_slots=8, steps_per_call=k, min_decode_width=2,
+                     min_table_tokens=8, prefill_chunk=16)
+  before = engine_mod.TRACE_COUNT["decode"]
+  out, stats = engine_lib.run(p, cfg, tokens, mask, jax.random.PRNGKey(0), max_new_tokens=40,
+                              temperature=1.0, engine=eng, max_new_per_row=limits)
+  np.testing.assert_array_equal(np.asarray(out.lengths), limits)
+  shapes = set(stats.decode_shapes)
+  assert engine_mod.TRACE_COUNT["decode"] - before == len(shapes) >= 2   # one compile per bucket
+  cap = max(pp for _, pp in shapes)   # the longest row's table (a span is capped there)
+  for w, pp in shapes:
+    assert w & (w - 1) == 0 and 2 <= w <= 8   # widths: powers of two up to max_slots
+    assert (pp & (pp - 1) == 0 or pp == cap) and 2 <= pp <= cap
+  assert len(shapes) <= 3 * 4   # widths {2, 4, 8} x spans {2, 4, 8, cap}
+  # a second run of the same workload compiles nothing
+  engine_lib.run(p, cfg, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=40, temperature=1.0,
+                 engine=eng, max_new_per_row=limits)
+  assert engine_mod.TRACE_COUNT["decode"] - before == len(shapes)
+  # host round trips: decode calls cover K steps each for the live rows
+  assert stats.decode_calls <= -(-int(limits.sum()) // k) + b
+  assert stats.host_syncs == stats.decode_calls + stats.first_sample_calls
+  assert stats.decode_calls >= -(-int(limits.max()) // k)

@@ -105,8 +105,19 @@ class EngineStats:
   decode_row_steps: int = 0      # sum over decode calls of width * K (padded work)
   generated_tokens: int = 0
   page_copies: int = 0
+  first_sample_calls: int = 0    # admissions' first-token draws (each reads its tokens to host)
   pages_in_use_at_end: int = -1  # 0 after every run (checked by `run` too)
   widths: list = dataclasses.field(default_factory=list)
+  # (width, table pages) of each decode call: one compiled decode program per distinct pair,
+  # both powers of two (min_decode_width .. max_slots, min_table_tokens / P .. the longest row)
+  decode_shapes: list = dataclasses.field(default_factory=list)
+
+  @property
+  def host_syncs(self) -> int:
+    """Device -> host round trips of the run: one per admission wave (its first tokens) and one
+    per decode call (every K decode steps), whatever the number of rows; prefill results stay on
+    the device."""
+    return self.first_sample_calls + self.decode_calls
 
 
 def _pow2(x: int, lo: int = 1, hi: Optional[int] = None) -> int:
@@ -512,6 +523,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     rows = np.zeros((m,), np.int32)
     rows[:len(seqs)] = [s.row for s in seqs]
     tok, lp, raw = (np.asarray(a) for a in _sample_first(logits, rows, rng, temp_arr, top_p_arr, **samp))
+    stats.first_sample_calls += 1
     for i, s in enumerate(seqs):
       out_tok[s.row, 0], out_lp[s.row, 0], out_raw[s.row, 0], out_mask[s.row, 0] = tok[i], lp[i], raw[i], 1
       s.step, s.last_token = 1, int(tok[i])
@@ -547,6 +559,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     stats.decode_calls += 1
     stats.decode_row_steps += w * k_steps
     stats.widths.append(w)
+    stats.decode_shapes.append((w, pp))
     still = []
     for i, s in enumerate(live):
       k = int(emitted[i].sum())
