@@ -463,6 +463,21 @@ def test_dry_run_aot_writes_the_compiled_memory_plan(tmp_path):
   assert "target" not in lora_
 
 
+def test_prm_losses_dispatch_through_the_registry():
+  """make_prm_update takes a PRM_LOSSES name; grouping and row-summing come from the entry."""
+  from jaxrl_dense import rewards
+  info = {n: rewards.PRM_LOSSES.info(n) for n in rewards.PRM_LOSSES.names()}
+  assert info["ce"] == {"grouped": False, "sums_rows": False}
+  assert info["dpo"] == {"grouped": True, "sums_rows": False}
+  assert info["bon_acc"]["sums_rows"] and info["bon_rm"]["grouped"]
+  opt = optax.sgd(0.1)
+  for bad in ("nope", implicit_prm.prm_ce_loss):
+    with pytest.raises(ValueError, match="registered PRM loss"):
+      steps.make_prm_update(TINY, opt, beta=0.05, mini_batch_size=4, micro_batch_size=4, loss_fn=bad)
+  with pytest.raises(ValueError, match="group-wise PRM loss"):   # grouped: needs groups of n >= 2
+    steps.make_prm_update(TINY, opt, beta=0.05, mini_batch_size=4, micro_batch_size=4, loss_fn="dpo")
+
+
 def test_plan_target_fit_and_memory_fraction():
   """`setup.target_fit`: a GPU plan fits when the pool (fraction x HBM) holds the peak and the
   rest holds the reserve; the needed fraction is rounded up; a TPU plan fits HBM - reserve."""

@@ -50,11 +50,18 @@ from jaxrl_dense.rewards.implicit_prm_objectives import (
     sequence_logratio,
 )
 
+# PRM losses: `loss(q, mask, acc, *, beta)` or, registered with grouped=True, `loss(q, mask, acc,
+# q_bc, acc_bc, *, beta)` where q_bc / acc_bc are the row's group from a no-grad pass. `sums_rows`:
+# the loss SUMS its per-row terms (best-of-N forms, spec §5.2) instead of averaging them.
+# `rl.steps.make_prm_update` dispatches on these entries (register a new loss here to train it).
 PRM_LOSSES = Registry("PRM loss")
-PRM_LOSSES.register("ce", prm_ce_loss)
-PRM_LOSSES.register("dpo", functools.partial(prm_detached_dpo_loss, bon_mode="none"))
-PRM_LOSSES.register("bon_acc", functools.partial(prm_detached_dpo_loss, bon_mode="bon_acc"))
-PRM_LOSSES.register("bon_rm", functools.partial(prm_detached_dpo_loss, bon_mode="bon_rm"))
+PRM_LOSSES.register("ce", prm_ce_loss, grouped=False, sums_rows=False)
+PRM_LOSSES.register("dpo", functools.partial(prm_detached_dpo_loss, bon_mode="none"),
+                    grouped=True, sums_rows=False)
+PRM_LOSSES.register("bon_acc", functools.partial(prm_detached_dpo_loss, bon_mode="bon_acc"),
+                    grouped=True, sums_rows=True)
+PRM_LOSSES.register("bon_rm", functools.partial(prm_detached_dpo_loss, bon_mode="bon_rm"),
+                    grouped=True, sums_rows=True)
 get_prm_loss = PRM_LOSSES.get
 
 __all__ = [

@@ -21,9 +21,8 @@ The prompt length P is static: P = tokens.shape[1] - response_mask.shape[1].
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 import chex
 import jax
@@ -296,7 +295,7 @@ def make_prm_update(
     beta: float,
     mini_batch_size: int,
     micro_batch_size: int,
-    loss_fn: Union[str, Callable] = "ce",
+    loss_fn: str = "ce",
     num_samples: Optional[int] = None,
     mesh=None,
     state_sharding=None,
@@ -313,13 +312,14 @@ def make_prm_update(
   `micro_batch_size` rows, each micro-batch loss scaled by micro/mini (the mini-batch mean).
   With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
 
-    loss_fn = any loss of `rewards.PRM_LOSSES` (a name or the function):
+    loss_fn = the name of a loss of `rewards.PRM_LOSSES`:
       "ce" (PRIME, spec §5.1): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
       "dpo" / "bon_acc" / "bon_rm" (veRL detached DPO, spec §5.2): these compare each response
       with the others of its group: `q_bc` / `acc_bc` [b, n] are the detached Σ_t m q and labels of
       its group (from a no-grad pass at the start of each mini-batch, which must hold whole groups
-      of `num_samples` = n rows). A loss takes `(q, mask, acc, *, beta)` or, when its signature
-      has `q_bc`, `(q, mask, acc, q_bc, acc_bc, *, beta)`.
+      of `num_samples` = n rows). `loss_fn` names an entry of `rewards.PRM_LOSSES`: a loss
+      takes `(q, mask, acc, *, beta)` or, registered with grouped=True,
+      `(q, mask, acc, q_bc, acc_bc, *, beta)`.
 
   Optional batch key `weight` [B] (1 = train on the row, 0 = not; PRIME trains its PRM on the
   in-band groups only): the mini-batch loss becomes the weighted mean of the per-row losses,
@@ -338,11 +338,13 @@ def make_prm_update(
   model is `lora.attach(base, adapters)`, so gradients and AdamW states exist for the adapters only.
   """
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
-  if isinstance(loss_fn, str):
-    loss_fn = rewards.get_prm_loss(loss_fn)
-  grouped = "q_bc" in inspect.signature(loss_fn).parameters
-  # The best-of-N forms of the detached DPO loss SUM their weighted terms (spec §5.2).
-  sums_rows = getattr(loss_fn, "keywords", {}).get("bon_mode", "none") != "none"
+  if not isinstance(loss_fn, str) or loss_fn not in rewards.PRM_LOSSES:
+    raise ValueError(f"loss_fn={loss_fn!r}: expected a registered PRM loss name "
+                     f"{rewards.PRM_LOSSES.names()} (register new ones in rewards.PRM_LOSSES "
+                     "with grouped= and sums_rows=)")
+  info = rewards.PRM_LOSSES.info(loss_fn)
+  grouped, sums_rows = bool(info["grouped"]), bool(info["sums_rows"])
+  loss_fn = rewards.PRM_LOSSES.get(loss_fn)
   if grouped:
     n = num_samples or group_size
     if n < 2 or mini_batch_size % n:
