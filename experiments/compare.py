@@ -162,38 +162,28 @@ def steps_to_reach(curve: Sequence[Sequence[float]], target: float) -> Optional[
 # --------------------------------------------------------------------------------------------
 # Flag files and runs
 # --------------------------------------------------------------------------------------------
-def read_flagfile(path: str) -> dict:
-  """{name: value-string} of a flag file's `--name=value` lines (comments and blanks skipped;
-  `--flag` / `--noflag` booleans become "true" / "false"; nested --flagfile lines are followed).
-  Later lines win, as in absl."""
-  out: dict = {}
-  with open(path, encoding="utf-8") as f:
-    for raw in f:
-      line = raw.strip()
-      if not line or line.startswith("#"):
-        continue
-      out.update(parse_flag_args([line], base_dir=os.path.dirname(path)))
-  return out
-
-
-def parse_flag_args(args: Sequence[str], base_dir: str = ".") -> dict:
-  out: dict = {}
+def extra_flag_names(args: Sequence[str]) -> list:
+  """The flag names of `--extra_flags` entries ('--name=value', '--flag', '--noflag')."""
+  names = []
   for a in args:
     if not a.startswith("--"):
-      raise CompareError(f"expected '--name=value', got {a!r}")
-    body = a[2:]
-    if "=" in body:
-      k, v = body.split("=", 1)
-    elif body.startswith("no"):
-      k, v = body[2:], "false"
-    else:
-      k, v = body, "true"
-    if k == "flagfile":
-      p = v if os.path.isabs(v) or os.path.exists(v) else os.path.join(base_dir, v)
-      out.update(read_flagfile(p))
-    else:
-      out[k] = v
-  return out
+      raise CompareError(f"--extra_flags: expected '--name=value', got {a!r}")
+    body = a[2:].split("=", 1)[0]
+    names.append(body[2:] if "=" not in a and body.startswith("no") else body)
+  return names
+
+
+def run_config(flagfile: str, extra: Sequence[str]):
+  """The RunConfig every run starts from: the flag file and --extra_flags read by the trainer's
+  own parser (`rl.config.from_args`), so a bad value fails here, naming the flag, before any run."""
+  from absl import flags as absl_flags
+  from jaxrl_dense.rl import config as config_lib
+  try:
+    return config_lib.from_args([f"--flagfile={flagfile}", *extra])
+  except config_lib.ConfigError as e:
+    raise CompareError(f"--run_flagfile={flagfile} / --extra_flags: {e}") from None
+  except absl_flags.Error as e:
+    raise CompareError(f"--run_flagfile={flagfile} / --extra_flags: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,22 +542,20 @@ def settings_from_flags() -> dict:
     raise CompareError(f"--seeds={','.join(f.seeds)}: expected distinct integers")
   if f.baseline not in methods and "prime" in methods and len(methods) > 1:
     raise CompareError(f"--baseline={f.baseline!r} is not one of --methods={methods}")
-  extra = parse_flag_args(f.extra_flags)
-  for k in extra:
+  for k in extra_flag_names(f.extra_flags):
     if k in _RESERVED or k in _BUDGET:
       raise CompareError(f"--extra_flags: --{k} is set by compare.py or fixes the equal budget; "
                          f"put budget flags in --run_flagfile")
-  ff = read_flagfile(f.run_flagfile)
-  vals = {**ff, **extra}
-  steps = f.steps or int(vals.get("steps", 10))
+  cfg = run_config(f.run_flagfile, f.extra_flags)
+  steps = f.steps or cfg.steps
   if steps < 1:
     raise CompareError(f"--steps={steps}: must be >= 1")
-  p, o, n = (int(vals.get(k, d)) for k, d in (("prompts_per_step", 64), ("oversample", 4),
-                                               ("n", 4)))
-  r = int(vals.get("max_response_length", 256))
+  ro = cfg.prime.rollout
+  p, o, n, r = ro.prompts_per_step, ro.oversample, ro.n, ro.max_response_length
   budget = {"sampled_prompts_per_step": p * o, "n": n, "sampled_rows_per_step": p * o * n,
             "trained_rows_per_step": p * n, "max_response_length": r,
-            "max_sampled_tokens_per_step": p * o * n * r, "filter": vals.get("filter", "band")}
+            "max_sampled_tokens_per_step": p * o * n * r, "filter": cfg.prime.filter.filter,
+            "filter_mode": cfg.prime.filter_protocol}
   return {"methods": methods, "seeds": seeds, "steps": steps, "budget": budget,
           "extra": list(f.extra_flags), "flagfile": os.path.abspath(f.run_flagfile),
           "out": f.out, "trainer": os.path.abspath(f.trainer)}

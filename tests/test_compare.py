@@ -196,7 +196,9 @@ def _run_compare(tmp_path, *args, env=None):
   trainer.write_text(FAKE_TRAINER)
   flagfile = tmp_path / "run.flags"
   flagfile.write_text("# shared\n--prompts_per_step=2\n--oversample=2\n--n=4\n"
-                      "--max_response_length=16\n--eval_every=2\n--steps=9\n")
+                      "--max_response_length=16\n--eval_every=2\n--steps=9\n"
+                      "--score_micro_batch_size=8\n--micro_batch_size=4\n--mini_batch_size=8\n"
+                      "--prm_micro_batch_size=4\n--prm_mini_batch_size=8\n")
   cmd = [sys.executable, str(REPO / "experiments" / "compare.py"), f"--run_flagfile={flagfile}",
          f"--trainer={trainer}", f"--out={tmp_path / 'out'}", "--bootstrap=500", "--noplot",
          *args]
@@ -297,3 +299,15 @@ def test_share_start_eval_fills_only_an_agreed_step0_value():
   # measured starts that disagree (not the same model / problems): nothing is filled
   runs2 = runs + [run(0.2, [(0, 0.2), (24, 0.3)], 0.3)]
   assert compare.share_start_eval(runs2)[1]["start"] is None
+
+
+def test_bad_flag_file_fails_before_any_run(tmp_path):
+  """compare.py reads the flag file with the trainer's parser: a bad value stops it, naming the
+  flag, before any run starts."""
+  bad = tmp_path / "bad.flags"
+  bad.write_text("--n=4\n--lr=-1\n")
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "compare.py"),
+                      f"--run_flagfile={bad}", f"--out={tmp_path / 'out'}", "--noplot"],
+                     capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert r.returncode == 2 and "--lr" in r.stderr, r.stderr
+  assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
