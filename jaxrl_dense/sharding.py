@@ -516,20 +516,9 @@ def kernel_axes(mesh: Any, *, batch: int, num_heads: int, num_kv_heads: int) -> 
   holds whole query groups (query head h reads kv head h // (H / Hkv): shard i of the query
   heads then reads exactly shard i of the kv heads). Anything else is replicated (None).
   """
-  sizes = dict(mesh.shape)
-  rows: list = []
-  prod = 1
-  for a in BATCH_AXES:
-    size = sizes.get(a, 1)
-    if size == 1:
-      continue
-    if batch % (prod * size):
-      break
-    rows.append(a)
-    prod *= size
-  t = sizes.get("tensor", 1)
+  t = dict(mesh.shape).get("tensor", 1)
   heads = "tensor" if t > 1 and num_heads % t == 0 and num_kv_heads % t == 0 else None
-  return {"batch": None if not rows else (rows[0] if len(rows) == 1 else tuple(rows)),
+  return {"batch": logical_to_spec(("batch",), (batch,), mesh)[0],  # the activations' row rule
           "heads": heads, "kv_heads": heads}
 
 
