@@ -213,7 +213,11 @@ def test_prime_math_two_processes_match_one_process_and_resume(tmp_path):
     for k in sorted(keys):
       # prm_health/auroc etc. are NaN when every label of a batch agrees (equal NaN still compared)
       assert math.isfinite(mm[s][k]) or k.startswith("prm_health/"), (s, k, mm[s][k])
-      np.testing.assert_allclose(mm[s][k], ms[s][k], rtol=1e-5, atol=1e-6,
+      # rollout_corr/* measure π_old vs μ: two programs computing the same log-probs, so their
+      # values are float rounding (a sequence's 30 token log-ratios sum to ~5e-7) that depends on
+      # the reduction layout; they must stay at that noise level in both runs.
+      atol = 1e-5 if k.startswith("rollout_corr/") else 1e-6
+      np.testing.assert_allclose(mm[s][k], ms[s][k], rtol=1e-5, atol=atol,
                                  err_msg=f"step {s} {k}: 2 processes vs 1 process")
   # Greedy eval after step 1 (process 0 wrote it): the same responses.
   ev_m = json.loads((multi / "eval_step00001_end.json").read_text())

@@ -136,6 +136,26 @@ def _count_procs():
   return sum(1 for p in os.listdir("/proc") if p.isdigit())
 
 
+def _sandbox_uid_procs():
+  """Processes running as this process's sandbox uid (bwrap mode as root drops to it)."""
+  uid = vsandbox._sandbox_uid()
+  n = 0
+  for p in os.listdir("/proc"):
+    if p.isdigit():
+      try:
+        n += os.stat(f"/proc/{p}").st_uid == uid
+      except OSError:
+        pass
+  return n
+
+
+def _wait_until(cond, timeout_s=5.0):
+  deadline = time.monotonic() + timeout_s
+  while not cond() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return cond()
+
+
 @pytest.mark.parametrize("sandbox", SANDBOXES)
 def test_fork_bomb_is_contained(sandbox):
   before = _count_procs()
@@ -146,8 +166,11 @@ def test_fork_bomb_is_contained(sandbox):
   ]
   for bomb in bombs:
     assert vcode.score(bomb, ["assert True"], timeout_s=T, sandbox=sandbox) == 0.0
-  time.sleep(0.3)
-  assert _count_procs() <= before + 5  # nothing left running (others may start processes too)
+  if sandbox == "auto" and os.geteuid() == 0:
+    # exact: every process a sandboxed program starts runs as the sandbox uid, and none is left
+    assert _wait_until(lambda: _sandbox_uid_procs() == 0), _sandbox_uid_procs()
+  else:  # a count: other tests' processes may come and go meanwhile, so allow a few
+    assert _wait_until(lambda: _count_procs() <= before + 5), (_count_procs(), before)
 
 
 @pytest.mark.parametrize("sandbox", SANDBOXES)
