@@ -100,6 +100,8 @@ class AdvantageInputs(_NamedTuple):
     of ``--filter_mode=mask``), or None (all rows). Masked rows get advantages and returns of 0
     and leave every batch statistic (whitening); the other rows get what the estimator gives on
     them alone.
+  turn_rewards: ``[B, K]`` turn-level rewards of a multi-turn rollout (MatchTIR) or None.
+  turn_ids: int ``[B, T]`` turn of each model token (−1 elsewhere) or None.
   """
   outcome: _jax.Array
   mask: _jax.Array
@@ -108,6 +110,8 @@ class AdvantageInputs(_NamedTuple):
   ref_logp: _Optional[_jax.Array] = None
   step_ids: _Optional[_jax.Array] = None
   row_mask: _Optional[_jax.Array] = None
+  turn_rewards: _Optional[_jax.Array] = None
+  turn_ids: _Optional[_jax.Array] = None
 
 
 @_dc.dataclass(frozen=True)
@@ -119,6 +123,7 @@ class AdvantageParams:
   outcome_coef: float = 5.0
   gamma: float = 1.0  # PRIME original / REINFORCE++
   prl_eta: float = 200.0
+  igpo_variant: str = "code"
 
   def __post_init__(self):
     if not isinstance(self.n, int) or self.n < 1:
@@ -170,6 +175,31 @@ def _prl(x: AdvantageInputs, hp: AdvantageParams):
       x.row_mask)
 
 
+def _matchtir(x: AdvantageInputs, hp: AdvantageParams):
+  if x.turn_rewards is None or x.turn_ids is None:
+    raise ValueError("matchtir needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
+                     "(a multi-turn rollout: --env)")
+  from jaxrl_dense.advantages.dual_level import dual_level_advantages
+  from jaxrl_dense.rewards.turn_level import turn_mask_from_ids
+  k = x.turn_rewards.shape[1]
+  gids, g = _groups(x, hp)
+  return _zero_masked_rows(
+      dual_level_advantages(x.turn_rewards, turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g),
+      x.row_mask)
+
+
+def _igpo(x: AdvantageInputs, hp: AdvantageParams):
+  if x.turn_rewards is None or x.turn_ids is None:
+    raise ValueError("igpo needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
+                     "(a multi-turn rollout: --env)")
+  from jaxrl_dense.rewards.turn_level import igpo_advantages, turn_mask_from_ids
+  k = x.turn_rewards.shape[1]
+  gids, g = _groups(x, hp)
+  return _zero_masked_rows(
+      igpo_advantages(x.turn_rewards, turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g,
+                      variant=hp.igpo_variant), x.row_mask)
+
+
 ESTIMATORS = Registry("advantage estimator")
 ESTIMATORS.register("prime_rloo", _prime_rloo)
 ESTIMATORS.register("grpo", _sequence(grpo_advantages))
@@ -178,4 +208,6 @@ ESTIMATORS.register("rloo", _sequence(rloo_advantages))
 ESTIMATORS.register("reinforce_pp", _reinforce_pp)
 ESTIMATORS.register("reinforce_pp_baseline", _sequence(reinforce_pp_baseline_advantages, batch_stats=True))
 ESTIMATORS.register("prl", _prl)
+ESTIMATORS.register("matchtir", _matchtir)
+ESTIMATORS.register("igpo", _igpo)
 __all__ += ["AdvantageInputs", "AdvantageParams", "ESTIMATORS"]

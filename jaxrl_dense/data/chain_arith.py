@@ -129,6 +129,13 @@ class ChainProblem:
   def answer(self) -> int:
     return self.values[-1]
 
+  def calculator_calls(self) -> tuple:
+    """The solution's steps as calculator tool calls, `{"name": "calculator", "arguments":
+    {"expression": "a op b"}}` per step (MatchTIR's gold calls for a tool rollout)."""
+    lefts = (self.operands[0],) + self.values[:-1]
+    return tuple({"name": "calculator", "arguments": {"expression": f"{a} {op} {b}"}}
+                 for a, op, b in zip(lefts, self.ops, self.operands[1:]))
+
   @property
   def expression(self) -> str:
     """'((52 - 17) + 9) - 21' (the outermost step is not parenthesised)."""
@@ -317,7 +324,7 @@ def to_record(problem: ChainProblem, task: ChainArithTask, split: str,
       str(problem.operands[-1])
   return PromptRecord(prompt_messages=build_messages(problem, task, system_prompt),
                       gold=str(problem.answer), data_source=DATA_SOURCE,
-                      uid=f"{DATA_SOURCE}:{split}:{uid}")
+                      uid=f"{DATA_SOURCE}:{split}:{uid}", gold_calls=problem.calculator_calls())
 
 
 def make_splits(task: ChainArithTask, system_prompt: Optional[str] = None) -> tuple:

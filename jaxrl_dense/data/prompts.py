@@ -75,6 +75,8 @@ class PromptRecord:
     uid: stable identifier, unique within its dataset (e.g. "gsm8k_test:17").
     verifier: "math" or "code" to choose the verifier explicitly (a row's `verifier` field);
       None routes by the exact `data_source` name (`verifiers.kind_of_source`).
+    gold_calls: reference tool calls `({"name": str, "arguments": {...}}, ...)` of a solution
+      (MatchTIR's matching target, --advantage=matchtir), or None.
   """
 
   prompt_messages: tuple
@@ -82,6 +84,7 @@ class PromptRecord:
   data_source: str
   uid: str
   verifier: Optional[str] = None
+  gold_calls: Optional[tuple] = None
 
   def __post_init__(self):
     msgs = self.prompt_messages
@@ -99,6 +102,12 @@ class PromptRecord:
     if not isinstance(self.gold, str):
       raise ValueError(f"PromptRecord {self.uid!r}: gold must be a str, got "
                        f"{type(self.gold).__name__}")
+    if self.gold_calls is not None:
+      calls = tuple(self.gold_calls)
+      if not all(isinstance(c, Mapping) and isinstance(c.get("name"), str) for c in calls):
+        raise ValueError(f"PromptRecord {self.uid!r}: gold_calls must be dicts with a string 'name', "
+                         f"got {calls!r:.120}")
+      object.__setattr__(self, "gold_calls", calls)
     if self.verifier not in (None, "math", "code"):
       raise ValueError(f"PromptRecord {self.uid!r}: verifier must be 'math', 'code' or None, got "
                        f"{self.verifier!r:.40}")

@@ -37,6 +37,12 @@ class RolloutBatch(NamedTuple):
   process_rewards: float32 [B, R] token rewards from an external step-scoring PRM
     (--process_reward: served step scores, credited and placed on these response tokens by
     `rl.external_reward`), or None.
+  observation_mask: float32 [B, R] 1 on environment observation tokens of a multi-turn rollout
+    (--env; `rl.multiturn`): attended as context, never trained (response_mask is 0 there, so
+    the losses, the implicit PRM's rewards and the advantages skip them), or None (single turn).
+  turn_ids: int32 [B, R] turn index of each model token (-1 on observations and padding), or None.
+  turn_rewards: float32 [B, K] turn-level rewards (--advantage=matchtir: MatchTIR's matched-call
+    rewards, the answer turn's outcome), K = --max_turns, or None.
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -50,6 +56,9 @@ class RolloutBatch(NamedTuple):
   query_free_prompt_mask: Optional[jax.Array] = None
   in_band: Optional[jax.Array] = None
   process_rewards: Optional[jax.Array] = None
+  observation_mask: Optional[jax.Array] = None
+  turn_ids: Optional[jax.Array] = None
+  turn_rewards: Optional[jax.Array] = None
 
   @property
   def num_rows(self) -> int:
@@ -65,6 +74,10 @@ class RolloutBatch(NamedTuple):
       x = getattr(self, name)
       if x is None:
         continue
+      if name == "turn_rewards":
+        if x.ndim != 2 or x.shape[0] != b:
+          raise ValueError(f"RolloutBatch.turn_rewards has shape {tuple(x.shape)}, expected ({b}, K)")
+        continue
       want = (b, p) if "prompt" in name else (b,) if name in ("acc", "in_band") else (b, r)
       if tuple(x.shape) != want:
         raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected {want}")
@@ -78,9 +91,17 @@ class RolloutBatch(NamedTuple):
     tok = self.prompt_tokens if prompt == "prompt" else self.query_free_prompt_tokens
     pm = self.prompt_mask if prompt == "prompt" else self.query_free_prompt_mask
     rmask = self.response_mask.astype(jnp.float32)
+    attend = rmask if self.observation_mask is None else rmask + self.observation_mask.astype(jnp.float32)
     return {"tokens": jnp.concatenate([tok, self.response_tokens], axis=1).astype(jnp.int32),
-            "attention_mask": jnp.concatenate([pm, rmask.astype(pm.dtype)], axis=1).astype(jnp.int32),
+            "attention_mask": jnp.concatenate([pm, attend.astype(pm.dtype)], axis=1).astype(jnp.int32),
             "response_mask": rmask}
+
+  def response_lengths(self):
+    """[B] the response region's extent per row: model tokens plus any observation tokens."""
+    m = np.asarray(self.response_mask) > 0
+    if self.observation_mask is not None:
+      m = m | (np.asarray(self.observation_mask) > 0)
+    return m.sum(axis=1)
 
 
 def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
@@ -100,7 +121,7 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
   longest_p = max(int(np.max(np.sum(np.asarray(m) > 0, axis=1)))
                   for m in (batch.prompt_mask, batch.query_free_prompt_mask) if m is not None)
   p = up(longest_p, pw)
-  r = up(np.max(np.sum(np.asarray(batch.response_mask) > 0, axis=1)), rw)
+  r = up(np.max(batch.response_lengths()), rw)  # observations of a multi-turn row included
   cut = lambda x, kind: None if x is None else (np.asarray(x)[:, pw - p:] if kind == "p" else np.asarray(x)[:, :r])
   return batch._replace(
       prompt_tokens=cut(batch.prompt_tokens, "p"), prompt_mask=cut(batch.prompt_mask, "p"),
@@ -108,4 +129,5 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
       sampler_logp=cut(batch.sampler_logp, "r"), ref_logp=cut(batch.ref_logp, "r"), prm_logp=cut(batch.prm_logp, "r"),
       query_free_prompt_tokens=cut(batch.query_free_prompt_tokens, "p"),
       query_free_prompt_mask=cut(batch.query_free_prompt_mask, "p"),
-      process_rewards=cut(batch.process_rewards, "r"))
+      process_rewards=cut(batch.process_rewards, "r"), observation_mask=cut(batch.observation_mask, "r"),
+      turn_ids=cut(batch.turn_ids, "r"))

@@ -85,7 +85,7 @@ ALGOS = ("prime", "grpo", "rloo", "reinforce_pp")
 FILTERS = ("band", "prof", "none")
 FILTER_MODES = ("", "fill", "mask", "resample")
 # --advantage overrides for the outcome-only algos (registry names of `advantages.ESTIMATORS`).
-ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "matchtir", "igpo")
 EXTRA_REWARDS = ("sar",)
 SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
 KL_TYPES = losses.KL_ESTIMATORS.names()  # choices from the registries the update dispatches on
@@ -120,9 +120,23 @@ class RolloutConfig:
                                 "at once). Bounds the rollout's KV cache and temporaries (memory "
                                 "~ this * n rows); each call draws its own key, so it is part of "
                                 "the run's fingerprint.", lo=0)
+  env: str = _f("", "Multi-turn environment (jaxrl_dense.envs, rl/multiturn.py): '' = single-turn; "
+                "'tool:calculator' / 'tool:calculator,python' = the model may call tools as "
+                "<tool>NAME: ARGS</tool>, generation stops at the call and the tool's result is "
+                "appended as observation tokens (attended, never trained).")
+  max_turns: int = _f(4, "--env: model turns per episode at most (tool calls + the answer).", lo=1, hi=64)
 
   def __post_init__(self):
     _check(self)
+    if self.env:
+      from jaxrl_dense import envs  # pylint: disable=import-outside-toplevel
+      try:
+        envs.make_env(self.env)
+      except ValueError as e:
+        raise ConfigError("env", self.env, str(e)) from None
+      if self.rollout_engine != "static":
+        raise ConfigError("env", self.env, "multi-turn rollouts run on --rollout_engine=static "
+                          "(the continuous engine does not pause rows for the environment yet)")
     total = self.prompts_per_step * self.oversample
     if self.generate_batch_size and total % self.generate_batch_size:
       raise ConfigError("generate_batch_size", self.generate_batch_size,
@@ -341,9 +355,18 @@ class PrimeConfig:
   outcome_coef: float = _f(5.0, "PRIME verl: coefficient of the outcome reward.", lo=0.0, hi=1e3)
   gamma: float = _f(1.0, "Discount (PRIME original / REINFORCE++).", lo=0.0, hi=1.0)
   advantage: str = _f("", "Advantage estimator override for --algo=grpo|rloo|reinforce_pp: one of "
-                      "prl, grpo, dr_grpo, rloo, reinforce_pp_baseline ('' = the one implied by "
-                      "--algo). 'prl' = Process Reward Learning (methods.md §1.6).",
+                      "prl, grpo, dr_grpo, rloo, reinforce_pp_baseline, matchtir ('' = the one implied by "
+                      "--algo). 'prl' = Process Reward Learning (arXiv 2601.10201); 'matchtir' = "
+                      "MatchTIR's matched-tool-call turn rewards with its dual-level advantage "
+                      "(arXiv 2601.10712; needs --env); 'igpo' = IGPO's information-gain turn rewards "
+                      "(arXiv 2510.14967; needs --env).",
                       choices=ADVANTAGE_OVERRIDES)
+  igpo_answer_template: str = _f("The answer is {gold}.", "--advantage=igpo: the gold answer as the "
+                                 "policy would write it ({gold} = the record's answer); its "
+                                 "teacher-forced probability after each turn is IGPO's p_k.")
+  igpo_variant: str = _f("code", "--advantage=igpo: advantage of the official code (position-wise "
+                         "group-mean returns) or the paper (group z-scored turn rewards).",
+                         choices=("code", "paper"))
   prl_eta: float = _f(200.0, "--advantage=prl: inverse KL strength eta (0 = plain GRPO).", lo=0.0, hi=1e9)
   step_len: int = _f(256, "Fixed step length in tokens for --advantage=prl and --filter=prof.", lo=1)
   extra_reward: str = _f("", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': 'sar:0.2' = "
@@ -408,6 +431,14 @@ class PrimeConfig:
                           "rloo|reinforce_pp; --algo=prime's estimator is PRIME RLOO over the PRM rewards")
       if n < 2:
         raise ConfigError("n", n, f"--advantage={self.advantage} needs n >= 2 samples per prompt")
+    if self.advantage in ("matchtir", "igpo") and not r.env:
+      raise ConfigError("advantage", self.advantage, "turn rewards need a multi-turn tool rollout: "
+                        "set --env (e.g. tool:calculator)")
+    if "{gold}" not in self.igpo_answer_template:
+      raise ConfigError("igpo_answer_template", self.igpo_answer_template, "must contain {gold}")
+    if r.env and (self.process_reward or parse_extra_reward(self.extra_reward)[0] == "sar"):
+      raise ConfigError("env", r.env, "multi-turn rollouts do not combine with --process_reward or "
+                        "--extra_reward=sar yet (both read the response as one model turn)")
     if flt.filter == "prof":
       if not self.uses_prm:
         raise ConfigError("filter", flt.filter, "PROF ranks responses by PRM step scores; it needs the "

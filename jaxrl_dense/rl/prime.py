@@ -153,6 +153,9 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None,
   in_band=None, external=None) -> (advantages [B, R], returns [B, R], stats)`.
 
+  `turn_rewards` [B, K], `turn_ids` [B, R]: a multi-turn rollout's turn rewards and token turns
+  (--advantage=matchtir reads them).
+
   `external` [B, R]: with --process_reward, the served PRM's token rewards
   (`RolloutBatch.process_rewards`), PRIME's RLOO process term in place of the implicit PRM's
   (no batch norm: the PRM's own scale, e.g. p1 - p0 in [-1, 1]).
@@ -182,9 +185,11 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
 
   def hp(group):
     return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
-                                   outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta)
+                                   outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta,
+                                   igpo_variant=cfg.igpo_variant)
 
-  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None, external=None):
+  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None, external=None,
+         turn_rewards=None, turn_ids=None):
     m = mask.astype(jnp.float32)  # [B, R]
     ones = jnp.ones(m.shape[:1], jnp.float32)
     band = ones if in_band is None else (in_band > 0).astype(jnp.float32)  # [B]
@@ -239,7 +244,9 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     inputs = adv_lib.AdvantageInputs(
         outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
         ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len),
-        row_mask=ws if masks else None)
+        row_mask=ws if masks else None, turn_rewards=take(turn_rewards), turn_ids=take(turn_ids))
+    if turn_rewards is not None:
+      stats["reward/turn_reward_sum"] = jnp.sum(turn_rewards * w[:, None]) / jnp.maximum(jnp.sum(w), 1.0)
     adv, ret = estimator(inputs, hp(group))  # [B', R] each
     if process is not None:  # the process term alone: its return's row mean against the length
       gammas = {} if cfg.prime_variant == "verl" else {"process_gamma": cfg.gamma}
@@ -383,7 +390,8 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     with jax.named_scope("advantage"):
       adv, ret, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
                                        old_logp, extra=extra, keep=keep, in_band=in_band,
-                                       external=batch.process_rewards)
+                                       external=batch.process_rewards, turn_rewards=batch.turn_rewards,
+                                       turn_ids=batch.turn_ids)
       metrics.update(adv_stats)
     pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
     mw = m  # [B, R] the trained tokens (the logged means below)

@@ -15,6 +15,7 @@ of a multi-process run calls it with the same records and key and gets the same 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -143,6 +144,8 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
   # bucket_multiple, set to it by the Trainer), so the sampler compiles once per bucket too.
   pb = encoder.batch(records, pad_to=None if r.length_bucket else r.max_prompt_length)
   g = r.generate_prompts
+  if r.env:  # multi-turn: the environment answers between the model's turns (rl/multiturn.py)
+    return _sample_turns(params, model_config, tokenizer, pb, records, key, cfg, verify_fn, t0)
   parts = []
   for i in range(0, len(records), g):  # --generate_batch_size prompts per sampler call
     gen = sampling.generate(params, model_config, pb.tokens[i:i + g], pb.mask[i:i + g],
@@ -160,6 +163,55 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
   t2 = time.perf_counter()
   return {"records": list(records), "prompts": pb, "tokens": tokens, "mask": mask, "logp": logp,
           "acc": acc, "lengths": mask.sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1}
+
+
+def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config_lib.PrimeConfig,
+                  verify_fn: VerifyFn, t0: float) -> dict:
+  """`_sample_round` for --env: n multi-turn episodes per record (`multiturn.rollout_turns`); the
+  verifier scores the model's turns only. Adds observation_mask / turn_ids [G·n, R], the turn
+  texts, and the tool statistics."""
+  from jaxrl_dense import envs  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
+  r = cfg.rollout
+  n = r.n
+  eos = tuple(model_config.eos_token_ids)
+  pad = model_config.pad_token_id if model_config.pad_token_id is not None else (eos[0] if eos else 0)
+
+  def generate_fn(ctx, cmask, k, num_samples, max_new):
+    gen = sampling.generate(params, model_config, ctx, cmask, k, max_new_tokens=max_new,
+                            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            num_samples=num_samples, prompt_bucket=r.length_bucket or 16)
+    return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
+
+  g = r.generate_prompts
+  make_env = envs.make_env(r.env)
+  outs = []
+  for i in range(0, len(records), g):  # --generate_batch_size prompts per call, as single-turn
+    outs.append(multiturn.rollout_turns(
+        generate_fn, tokenizer, np.asarray(pb.tokens[i:i + g]), np.asarray(pb.mask[i:i + g]),
+        records[i:i + g], key if g == len(records) else jax.random.fold_in(key, i // g), n=n,
+        make_env=make_env, max_turns=r.max_turns, max_response_length=r.max_response_length,
+        eos_ids=eos, pad_id=pad))
+  cat = lambda f: np.concatenate([getattr(o, f) for o in outs], axis=0)
+  turn_texts = [t for o in outs for t in o.turn_texts]
+  infos = [x for o in outs for x in o.infos]
+  t1 = time.perf_counter()
+  texts = [multiturn.model_text(t) for t in turn_texts]
+  acc = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
+                             [x.verifier_source for x in records for _ in range(n)]), np.float32)
+  t2 = time.perf_counter()
+  mask, obs = cat("mask"), cat("observation_mask")
+  calls = [i for row in infos for i in row if i.get("tool")]
+  errors = [i for i in calls if i.get("error")]
+  stats = {"env/turns_mean": float(np.mean(cat("num_turns"))),
+           "env/tool_calls_per_row": len(calls) / max(len(infos), 1),
+           "env/tool_error_frac": len(errors) / max(len(calls), 1),
+           "env/tool_timeouts": float(sum(i.get("error") == "timeout" for i in calls)),
+           "env/observation_tokens_mean": float(obs.sum(axis=1).mean())}
+  return {"records": list(records), "prompts": pb, "tokens": cat("tokens"), "mask": mask, "logp": cat("logp"),
+          "observation_mask": obs, "turn_ids": cat("turn_ids"), "turn_texts": turn_texts,
+          "acc": acc, "lengths": (mask + obs).sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1,
+          "env_stats": stats}
 
 
 def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
@@ -220,10 +272,44 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     picks += failing[:r.prompts_per_step - len(picks)]
     if buffer is not None:
       buffer.add(rounds[j]["records"][g] for j, g in passing[r.prompts_per_step:])
-  return _assemble(rounds, picks, flags, encoder, cfg, process_scorer)
+  return _assemble(rounds, picks, flags, encoder, cfg, process_scorer,
+                   policy=(params, model_config, tokenizer))
 
 
-def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, process_scorer=None):
+@functools.lru_cache(maxsize=8)
+def _probe_scorer(model_config, micro_batch_size: int):
+  """The jitted teacher-forced log-prob pass of IGPO's answer probes (one per model config)."""
+  from jaxrl_dense.rl import steps  # pylint: disable=import-outside-toplevel
+  return steps.make_scoring(model_config, micro_batch_size=micro_batch_size, with_policy=True,
+                            with_ref=False, with_prm=False, with_entropy=False)
+
+
+def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, cfg: config_lib.PrimeConfig):
+  """--advantage=igpo: IGPO's turn rewards [B, K] of a multi-turn batch (`multiturn.igpo_turn_rewards`)
+  under the rollout's policy params; records: the B rows' PromptRecords."""
+  from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
+  mb = cfg.score_micro_batch_size
+  score = _probe_scorer(model_config, mb)
+
+  def score_fn(ct, cm, at, am):
+    m = ct.shape[0]
+    pad = -m % mb  # whole micro-batches (the extra rows repeat row 0 and are dropped)
+    cat = lambda a, b: np.concatenate([a, b], axis=1)
+    seq = {"tokens": cat(ct, at), "attention_mask": cat(cm, (am > 0).astype(np.int32)), "response_mask": am}
+    seq = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v for k, v in seq.items()}
+    return np.asarray(sharding.to_host(score(params, None, None, seq)["old_logp"]))[:m]
+
+  answers = [tokenizer.encode(cfg.igpo_answer_template.format(gold=x.gold), add_special_tokens=False)
+             for x in records]
+  eos = tuple(model_config.eos_token_ids)
+  pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else (eos[0] if eos else 0)
+  r, _ = multiturn.igpo_turn_rewards(score_fn, batch.prompt_tokens, batch.prompt_mask, batch.response_tokens,
+                                     batch.turn_ids, answers, batch.acc, num_turns=cfg.rollout.max_turns,
+                                     pad_id=pad_id)
+  return r
+
+
+def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, process_scorer=None, policy=None):
   """The RolloutBatch of the picked (round, group) pairs, in order, and the step's statistics
   (flags: each round's per-group pass flags [G])."""
   r = cfg.rollout
@@ -231,6 +317,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
   rows = [(j, g * n + i) for j, g in picks for i in range(n)]  # (round, row) [B]
   take = lambda key: np.stack([rounds[j][key][i] for j, i in rows])
   tokens, mask, logp, acc = take("tokens"), take("mask"), take("logp"), take("acc")
+  multi = "observation_mask" in rounds[0]  # --env: multi-turn rows
   if (mask.sum(axis=1) == 0).any():
     raise RuntimeError("a sampled response has no token (L = 0); the sampler must emit >= 1 token")
   in_band = np.repeat(np.asarray([flags[j][g] for j, g in picks], np.float32), n)  # [B]
@@ -251,6 +338,22 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
       acc=acc.astype(np.float32),
       sampler_logp=logp.astype(np.float32),
       query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask, in_band=in_band)
+  env_stats = {}
+  if multi:
+    batch = batch._replace(observation_mask=take("observation_mask").astype(np.float32),
+                           turn_ids=take("turn_ids").astype(np.int32))
+    if cfg.advantage == "matchtir":  # MatchTIR: matched tool calls per turn, the outcome on the answer turn
+      from jaxrl_dense import envs  # pylint: disable=import-outside-toplevel
+      from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
+      turn_texts = [rounds[j]["turn_texts"][i] for j, i in rows]
+      golds = [getattr(x, "gold_calls", None) for x in picked for _ in range(n)]
+      batch = batch._replace(turn_rewards=multiturn.matchtir_turn_rewards(
+          turn_texts, golds, acc, num_turns=r.max_turns, parse_calls=envs.tool_calls))
+    elif cfg.advantage == "igpo":  # IGPO: the gold answer's probability after each turn
+      batch = batch._replace(turn_rewards=igpo_rewards(*policy, batch, [x for x in picked for _ in range(n)], cfg))
+    for x in rounds:  # the tool statistics of every sampled row, averaged over the rounds
+      for k, v in x["env_stats"].items():
+        env_stats[k] = env_stats.get(k, 0.0) + v / len(rounds)
   scorer_stats = {}
   if process_scorer is not None:  # --process_reward: the served PRM's step rewards on these tokens
     proc, scorer_stats = process_scorer([x for x in picked for _ in range(n)], batch.response_tokens,
@@ -268,5 +371,5 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
            "response/length_mean": float(lengths.mean()),
            "response/truncated_frac": float((lengths >= r.max_response_length).mean()),
            "response/sampled_tokens": float(lengths.sum()),
-           "time/generate": t_gen, "time/verify": t_ver, **scorer_stats}
+           "time/generate": t_gen, "time/verify": t_ver, **scorer_stats, **env_stats}
   return batch, stats

@@ -1,0 +1,329 @@
+"""Multi-turn rollouts: the policy acts, an environment answers, the policy acts again.
+
+    out = rollout_turns(generate_fn, tokenizer, prompt_tokens, prompt_mask, records, key,
+                        n=4, make_env=envs.make_env("tool:calculator"), max_turns=4,
+                        max_response_length=256, eos_ids=(2,))
+
+Each row's response region is the exact interleaving of what the sampler emitted and what the
+environment returned, as token ids:
+
+    [ turn 0 ids | observation 0 ids | turn 1 ids | observation 1 ids | turn 2 ids | pad ... ]
+      mask 1       observation 1       mask 1       observation 1       mask 1
+      turn_id 0    turn_id -1          turn_id 1    turn_id -1          turn_id 2
+
+Exact by construction (the point SkyRL's step-wise training makes about re-tokenising a chat):
+the model tokens are the SAMPLED ids, cut only at the token where a stop string completes;
+observation text is encoded once and its ids appended; the next turn is sampled from the ids
+of the prompt + everything so far, never from re-encoded text. So the trainer's log-probs of the
+trained sequence are the sampler's (`logp`) up to float rounding, and token rewards / importance
+ratios land on the tokens that were sampled. Observations are attended to (they are context) but
+have mask 0: no loss, no implicit-PRM reward, no advantage; turn ids mark the model tokens.
+
+A turn ends at EOS, at a stop string of the environment (e.g. ``</tool>``: the tokens the
+sampler produced after the stop are dropped, as vLLM drops text after a stop string), or at the
+row's remaining budget. After a stop string the environment's `step(text of the turn)` gives the
+observation; the episode ends when the environment says done, the turn ended without a stop
+string, `max_turns` turns were taken, or the `max_response_length` tokens of the response region
+are used up (observations count against it; an observation that does not fit is cut).
+
+The static sampler runs each turn as one batched call over the rows still active (turn 0 shares
+each prompt's prefill among its n samples; later turns re-prefill the row's context). Active rows
+are padded to a power of two and the context width to a multiple of 16, so the number of
+compiled programs stays small.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+__all__ = ["TurnRollout", "stop_cut", "rollout_turns", "model_text", "turn_texts_of", "matchtir_turn_rewards",
+           "answer_probe_batch", "igpo_turn_rewards"]
+
+# generate_fn(context_tokens [N, W], context_mask [N, W], key, num_samples, max_new_tokens)
+#   -> (tokens [N*num_samples, max_new], mask, logp): numpy, rows prompt-major, mask 1 up to and
+#   including EOS.
+GenerateFn = Callable[[np.ndarray, np.ndarray, jax.Array, int, int], tuple]
+
+
+class TurnRollout(NamedTuple):
+  """Host numpy arrays of N = G·n multi-turn rows (row g·n + i is sample i of prompt g).
+
+  tokens: int32 [N, R] model ids and observation ids, right-padded with `pad_id`.
+  mask: float32 [N, R] 1 on model (sampled) tokens: the loss / reward mask.
+  observation_mask: float32 [N, R] 1 on observation tokens (attended, never trained).
+  logp: float32 [N, R] the sampler's log-probs of the model tokens, 0 elsewhere.
+  turn_ids: int32 [N, R] turn index of each model token, -1 on observations and padding.
+  num_turns: int32 [N] turns taken.
+  turn_texts: per row, the decoded text of each model turn.
+  observations: per row, the observation text after each turn ('' when none).
+  infos: per row, the environment's info dict of each step.
+  env_rewards: float32 [N, max_turns] the environment's reward of each turn.
+  """
+  tokens: np.ndarray
+  mask: np.ndarray
+  observation_mask: np.ndarray
+  logp: np.ndarray
+  turn_ids: np.ndarray
+  num_turns: np.ndarray
+  turn_texts: list
+  observations: list
+  infos: list
+  env_rewards: np.ndarray
+
+
+def stop_cut(tokenizer, ids: Sequence[int], stop_strings: Sequence[str]) -> int | None:
+  """The shortest prefix length k such that decode(ids[:k]) contains a stop string, or None.
+
+  Decoding is of the sampled ids themselves (special tokens skipped), so the cut falls on the
+  token that completes the stop string, wherever the tokenizer split it."""
+  if not stop_strings or not len(ids):
+    return None
+  dec = lambda k: tokenizer.decode(list(ids[:k]), skip_special_tokens=True)
+  if not any(s in dec(len(ids)) for s in stop_strings):
+    return None
+  lo, hi = 1, len(ids)  # containment is monotone in the prefix: binary search the first hit
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if any(s in dec(mid) for s in stop_strings):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def _pow2(k: int) -> int:
+  return 1 << max(0, int(k - 1).bit_length())
+
+
+def rollout_turns(generate_fn: GenerateFn, tokenizer, prompt_tokens, prompt_mask, records, key, *, n: int,
+                  make_env: Callable[[], object], max_turns: int, max_response_length: int,
+                  eos_ids: Sequence[int], pad_id: int = 0, width_bucket: int = 16) -> TurnRollout:
+  """Samples n multi-turn episodes for each of the G prompts (see the module docstring).
+
+  Args:
+    generate_fn: the sampler (`GenerateFn` above), e.g. `sampling.generate` bound to the params,
+      model config and sampling settings.
+    tokenizer: decodes model turns, encodes observations (`encode(text, add_special_tokens=False)`).
+    prompt_tokens, prompt_mask: [G, P] left-padded prompts.
+    records: the G PromptRecords (each environment is `reset` with its row's record).
+    key: PRNG key; turn 0 uses it as a single-turn rollout would, turn k > 0 `fold_in(key, k)`.
+    n: samples per prompt.
+    make_env: builds one environment (`envs.Environment`) per row.
+    max_turns: turns per episode (>= 1).
+    max_response_length: R, the response region's width (model + observation tokens).
+    eos_ids: the ids that end a turn and the episode.
+  """
+  pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+  g = pt.shape[0]
+  if len(records) != g:
+    raise ValueError(f"rollout_turns: {len(records)} records for {g} prompts")
+  if max_turns < 1:
+    raise ValueError(f"rollout_turns: max_turns must be >= 1, got {max_turns}")
+  R, N = int(max_response_length), g * n
+  eos = set(int(e) for e in eos_ids)
+  prompts = [pt[i][pm[i] > 0].tolist() for i in range(g)]
+  envs = [make_env() for _ in range(N)]
+  ids = [[] for _ in range(N)]
+  lps = [[] for _ in range(N)]
+  kind = [[] for _ in range(N)]  # per token: turn index (>= 0) or -1 for an observation
+  texts = [[] for _ in range(N)]
+  obs_texts = [[] for _ in range(N)]
+  infos = [[] for _ in range(N)]
+  env_rewards = np.zeros((N, max_turns), np.float32)
+  active = [True] * N
+
+  def put_observation(i, text):
+    room = R - len(ids[i])
+    o = tokenizer.encode(text, add_special_tokens=False)[:max(room, 0)] if text else []
+    ids[i] += list(o)
+    lps[i] += [0.0] * len(o)
+    kind[i] += [-1] * len(o)
+
+  first = [env.reset(records[i // n]) for i, env in enumerate(envs)]
+  for i, text in enumerate(first):
+    put_observation(i, text)
+  stops = [tuple(getattr(env, "stop_strings", ()) or ()) for env in envs]
+
+  for turn in range(max_turns):
+    rows = [i for i in range(N) if active[i] and len(ids[i]) < R]
+    for i in range(N):
+      if active[i] and len(ids[i]) >= R:
+        active[i] = False
+    if not rows:
+      break
+    if turn == 0 and not any(first):  # the single-turn call: n samples share each prompt's prefill
+      tok, msk, lp = generate_fn(pt, pm, key, n, R)
+      outs = {i: (tok[i], msk[i], lp[i]) for i in rows}
+    else:
+      ctx = [prompts[i // n] + ids[i] for i in rows]
+      width = -(-max(len(c) for c in ctx) // width_bucket) * width_bucket
+      m = _pow2(len(rows))
+      ct = np.full((m, width), pad_id, np.int32)
+      cm = np.zeros((m, width), np.int32)
+      for j in range(m):  # rows beyond the active ones repeat the first (outputs dropped)
+        c = ctx[j] if j < len(ctx) else ctx[0]
+        ct[j, width - len(c):] = c
+        cm[j, width - len(c):] = 1
+      room = max(R - len(ids[i]) for i in rows)
+      max_new = min(R, -(-room // width_bucket) * width_bucket)
+      tok, msk, lp = generate_fn(ct, cm, jax.random.fold_in(key, turn), 1, max_new)
+      outs = {i: (tok[j], msk[j], lp[j]) for j, i in enumerate(rows)}
+    for i in rows:
+      t, mk, l = outs[i]
+      length = int(np.sum(np.asarray(mk) > 0))
+      new, new_lp = [int(x) for x in t[:length]], [float(x) for x in l[:length]]
+      cut = stop_cut(tokenizer, [x for x in new if x not in eos] if new and new[-1] in eos else new, stops[i])
+      stopped = cut is not None
+      if stopped:
+        new, new_lp = new[:cut], new_lp[:cut]
+      ended = bool(new) and new[-1] in eos
+      room = R - len(ids[i])
+      full = len(new) >= room
+      new, new_lp = new[:room], new_lp[:room]
+      ids[i] += new
+      lps[i] += new_lp
+      kind[i] += [turn] * len(new)
+      text = tokenizer.decode(new, skip_special_tokens=True)
+      texts[i].append(text)
+      res = envs[i].step(text)
+      env_rewards[i, turn] = float(res.reward)
+      infos[i].append(dict(res.info or {}))
+      obs = res.observation if (stopped and not ended and not full and not res.done) else ""
+      obs_texts[i].append(obs)
+      if obs:
+        put_observation(i, obs)
+      if not obs or turn == max_turns - 1:
+        active[i] = False
+
+  tokens = np.full((N, R), pad_id, np.int32)
+  mask = np.zeros((N, R), np.float32)
+  obs_mask = np.zeros((N, R), np.float32)
+  logp = np.zeros((N, R), np.float32)
+  turn_ids = np.full((N, R), -1, np.int32)
+  for i in range(N):
+    k = np.asarray(kind[i], np.int32)
+    L = len(ids[i])
+    tokens[i, :L] = ids[i]
+    logp[i, :L] = lps[i]
+    mask[i, :L] = k >= 0
+    obs_mask[i, :L] = k < 0
+    turn_ids[i, :L] = k
+  return TurnRollout(tokens, mask, obs_mask, logp, turn_ids, np.asarray([len(x) for x in texts], np.int32),
+                     texts, obs_texts, infos, env_rewards)
+
+
+def model_text(turn_texts: Sequence[str]) -> str:
+  """The text a verifier scores: the model's turns only, joined (an observation, e.g. a tool's
+  printed number, can never be taken for the model's answer)."""
+  return "".join(turn_texts)
+
+
+def turn_texts_of(tokenizer, tokens, turn_ids, num_turns: int) -> list:
+  """Per row, the decoded text of each model turn, from the token layout (for sample pages)."""
+  tokens, turn_ids = np.asarray(tokens), np.asarray(turn_ids)
+  return [[tokenizer.decode(tokens[b][turn_ids[b] == k].tolist(), skip_special_tokens=True)
+           for k in range(num_turns) if np.any(turn_ids[b] == k)] for b in range(tokens.shape[0])]
+
+
+def matchtir_turn_rewards(turn_texts: Sequence[Sequence[str]], gold_calls: Sequence, outcome, *,
+                          num_turns: int, parse_calls: Callable[[str], list], mode: str = "greedy",
+                          unmatched_penalty: float = 0.0) -> np.ndarray:
+  """MatchTIR turn rewards [N, K] (arXiv 2601.10712, methods.md §1.7; host side).
+
+  The predicted calls of each row (every call of every turn, `parse_calls(turn text)`) are
+  matched to the row's gold calls (`rewards.turn_level.assignment_call_rewards`, greedy = the
+  official code); a turn's reward is the mean of its calls' rewards; the answer turn (the last
+  one) gets the outcome label instead (for verifiable math the verifier's label plays the role
+  of MatchTIR's answer F1). Turns without calls and beyond the row's turns get 0.
+  """
+  from jaxrl_dense.rewards import turn_level  # pylint: disable=import-outside-toplevel
+  N = len(turn_texts)
+  # Argument values compare after whitespace is removed ("8 - 3" is the call "8-3").
+  canon = lambda c: {"name": c["name"], "arguments": {k: "".join(str(v).split())
+                                                      for k, v in dict(c.get("arguments") or {}).items()}}
+  preds, call_turn = [], []
+  for texts in turn_texts:
+    row, where = [], []
+    for k, t in enumerate(texts[:num_turns]):
+      calls = [canon(c) for c in parse_calls(t)]
+      row += calls
+      where += [k] * len(calls)
+    preds.append(row)
+    call_turn.append(where)
+  P = max(1, max(len(p) for p in preds))
+  golds = [[canon(c) for c in (gc or [])] for gc in gold_calls]
+  Gt = max(1, max(len(gc) for gc in golds))
+  sim = np.zeros((N, P, Gt), np.float32)
+  pv = np.zeros((N, P), bool)
+  gv = np.zeros((N, Gt), bool)
+  ct = np.full((N, P), -1, np.int32)
+  for b in range(N):
+    for p, call in enumerate(preds[b]):
+      pv[b, p] = True
+      ct[b, p] = call_turn[b][p]
+      for q, gold in enumerate(golds[b]):
+        sim[b, p, q] = turn_level.tool_call_similarity(call, gold)
+    gv[b, :len(golds[b])] = True
+  r_call = np.asarray(turn_level.assignment_call_rewards(sim, pv, gv, mode=mode,
+                                                         unmatched_penalty=unmatched_penalty))
+  nt = np.asarray([min(len(t), num_turns) for t in turn_texts], np.int32)
+  answer_turn = np.maximum(nt - 1, 0)
+  out = np.asarray(turn_level.turn_rewards_from_calls(r_call, ct, pv, num_turns, np.asarray(outcome, np.float32),
+                                                      answer_turn), np.float32)
+  k = np.arange(num_turns)[None, :]
+  return np.where(k < nt[:, None], out, 0.0).astype(np.float32)
+
+
+def answer_probe_batch(prompt_tokens, prompt_mask, tokens, turn_ids, answer_ids: Sequence[Sequence[int]], *,
+                       num_turns: int, pad_id: int = 0, bucket: int = 64) -> tuple:
+  """IGPO's probe sequences: for row b and k = 0..K−1, the context after k completed turns
+  (the prompt and every response token before turn k's first token: turns < k and their
+  observations) followed by the row's gold-answer ids.
+
+  Returns (context [B·K, W] left-padded, context_mask, answer [B·K, A] right-padded, answer_mask
+  float32, valid [B, K]) with W and A rounded up to `bucket`; valid[b, k] = turn k exists (the
+  other probes repeat k = 0 and are ignored). Host numpy."""
+  pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+  tok, tid = np.asarray(tokens), np.asarray(turn_ids)
+  B = tok.shape[0]
+  ctxs, valid = [], np.zeros((B, num_turns), bool)
+  for b in range(B):
+    prompt = pt[b][pm[b] > 0].tolist()
+    for k in range(num_turns):
+      pos = np.flatnonzero(tid[b] == k)
+      valid[b, k] = pos.size > 0
+      start = int(pos[0]) if pos.size else 0
+      ctxs.append(prompt + tok[b, :start].tolist())
+  up = lambda x: max(bucket, -(-x // bucket) * bucket)
+  W = up(max(len(c) for c in ctxs))
+  A = up(max(1, max(len(a) for a in answer_ids)))
+  ct = np.full((B * num_turns, W), pad_id, np.int32)
+  cm = np.zeros((B * num_turns, W), np.int32)
+  at = np.full((B * num_turns, A), pad_id, np.int32)
+  am = np.zeros((B * num_turns, A), np.float32)
+  for j, c in enumerate(ctxs):
+    ct[j, W - len(c):], cm[j, W - len(c):] = c, 1
+    a = list(answer_ids[j // num_turns])[:A]
+    at[j, :len(a)], am[j, :len(a)] = a, 1.0
+  return ct, cm, at, am, valid
+
+
+def igpo_turn_rewards(score_fn: Callable, prompt_tokens, prompt_mask, tokens, turn_ids, answer_ids, outcome, *,
+                      num_turns: int, pad_id: int = 0, bucket: int = 64) -> tuple:
+  """IGPO turn rewards [B, K] (arXiv 2510.14967, methods.md §1.8) and the likelihoods p [B, K].
+
+  p[b, k] = exp(mean_j log π(a_j | q, turns < k, a_<j)): the policy's (`score_fn(context,
+  context_mask, answer, answer_mask) -> logp [M, A]`, a teacher-forced pass) probability of the
+  gold answer after k completed turns; then `rewards.turn_level.information_gain_turn_rewards`:
+  r_k = p_{k+1} − p_k on non-final turns, the outcome on the final turn."""
+  from jaxrl_dense.rewards import turn_level  # pylint: disable=import-outside-toplevel
+  ct, cm, at, am, valid = answer_probe_batch(prompt_tokens, prompt_mask, tokens, turn_ids, answer_ids,
+                                             num_turns=num_turns, pad_id=pad_id, bucket=bucket)
+  B = valid.shape[0]
+  logp = np.asarray(score_fn(ct, cm, at, am), np.float32).reshape(B, num_turns, -1)
+  p = np.asarray(turn_level.answer_likelihood(logp, am.reshape(B, num_turns, -1)))  # [B, K]
+  p = np.where(valid, p, 0.0)
+  r = turn_level.information_gain_turn_rewards(p, valid.astype(np.float32), np.asarray(outcome, np.float32))
+  return np.asarray(r, np.float32), p.astype(np.float32)
