@@ -133,6 +133,17 @@ class PromptRecord:
     return out
 
 
+def with_system_instruction(record: PromptRecord, text: str) -> PromptRecord:
+  """The record with `text` appended to its system message (a system message is added first when
+  it has none), e.g. a tool environment's call format."""
+  msgs = list(record.prompt_messages)
+  if msgs and msgs[0]["role"] == "system":
+    msgs[0] = {**msgs[0], "content": (msgs[0]["content"].rstrip() + "\n\n" + text).strip()}
+  else:
+    msgs.insert(0, {"role": "system", "content": text})
+  return dataclasses.replace(record, prompt_messages=tuple(msgs))
+
+
 def _gold_to_str(value: Any, where: str) -> str:
   if isinstance(value, bool) or value is None:
     raise PromptDataError(f"{where}: the answer must be a string or a number, got {value!r}")

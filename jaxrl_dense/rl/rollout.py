@@ -184,7 +184,7 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
     return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
 
   g = r.generate_prompts
-  make_env = envs.make_env(r.env)
+  make_env = envs.make_env(r.env, max_turns=r.max_turns)
   outs = []
   for i in range(0, len(records), g):  # --generate_batch_size prompts per call, as single-turn
     outs.append(multiturn.rollout_turns(

@@ -90,11 +90,12 @@ class Trainer:
             "full rows (no prompt sharing)")
     # Data.
     self.train_records, self.eval_records = setup.load_records(cfg)
-    if r.env:  # multi-turn tool use: the system prompt states the call format
+    if r.env:  # multi-turn tool use: the system prompt states the call format and the tools
       from jaxrl_dense import envs
+      from jaxrl_dense.data.prompts import with_system_instruction
+      text = envs.make_env(r.env, max_turns=r.max_turns)().instruction
       self.train_records, self.eval_records = (
-          [envs.with_instruction(x, envs.TOOL_FORMAT_INSTRUCTION) for x in recs]
-          for recs in (self.train_records, self.eval_records))
+          [with_system_instruction(x, text) for x in recs] for recs in (self.train_records, self.eval_records))
     self.encoder = batching.PromptEncoder(self.tokenizer, max_prompt_length=r.max_prompt_length,
                                           bucket_multiple=r.length_bucket or 64, overflow="error")
     if cfg.train_data == "arithmetic":  # near-uniform lengths: check a sample, not all 25k

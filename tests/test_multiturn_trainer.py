@@ -1,0 +1,154 @@
+"""The trainer on multi-turn tool rollouts (--env): MatchTIR and IGPO end to end on chain_arith
+with the calculator tool. A scripted sampler stands in for a model that already calls tools (a
+random smoke model never writes a well-formed call): even rows call the calculator on the first
+step, read the result and answer; odd rows answer at once. Everything after the sampler is the
+production path: the environment, the verifier, the turn rewards, the one jitted update."""
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrl_dense import sampling
+from jaxrl_dense.rl import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = REPO / "experiments" / "configs" / "smoke.flags"
+MT_FLAGS = ["--train_data=chain_arith:train:shots=0", "--max_prompt_length=512", "--algo=grpo",
+            "--env=tool:calculator", "--max_turns=3", "--max_response_length=80"]
+
+
+def _config(**overrides):
+  cfg = config_lib.from_args([f"--flagfile={SMOKE}", *MT_FLAGS, "--eval_data="])
+  return config_lib.replace(cfg, **overrides)
+
+
+def _scripted_generate(tokenizer, calls):
+  """sampling.generate's contract, with a fixed policy (see the module docstring)."""
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+  def generate(params, config, ctx, cmask, key, *, max_new_tokens, num_samples=1, **kw):
+    ctx = np.asarray(ctx)
+    rows = []
+    for c, m in zip(ctx, np.asarray(cmask)):
+      text = tokenizer.decode(c[m > 0].tolist(), skip_special_tokens=False)
+      expr = re.findall(r"What is (.*?)\?", text)[-1]
+      first = re.search(r"(\d+) ([-+*]) (\d+)", expr).group(0)
+      for s in range(num_samples):
+        if "<result>" in text.split("What is")[-1]:  # (the system prompt shows the format too)
+          out = f"The answer is {eval(expr)}."  # pylint: disable=eval-used
+        elif len(rows) % 2 == 0:
+          out = f"<tool>calculator: {first}</tool> and more"
+        else:
+          out = "The answer is 5."
+        ids = tokenizer.encode(out, add_special_tokens=False) + [eos]
+        rows.append(ids[:max_new_tokens])
+    calls.append(len(rows))
+    tok = np.zeros((len(rows), max_new_tokens), np.int32)
+    msk = np.zeros_like(tok)
+    for i, ids in enumerate(rows):
+      tok[i, :len(ids)], msk[i, :len(ids)] = ids, 1
+    lp = np.where(msk > 0, -0.5, 0.0).astype(np.float32)
+    return sampling.GenerationOutput(tok, lp, msk, lp, msk.sum(-1))
+
+  return generate
+
+
+@pytest.mark.parametrize("advantage", ["matchtir", "igpo"])
+def test_turn_level_methods_train_on_tool_rollouts(advantage, monkeypatch, tmp_path):
+  from jaxrl_dense.rl.trainer import Trainer
+  run = Trainer(_config(advantage=advantage, sample_every=1, logdir=str(tmp_path)))
+  calls = []
+  monkeypatch.setattr(sampling, "generate", _scripted_generate(run.tokenizer, calls))
+  try:
+    assert "<tool>" in run.train_records[0].prompt_messages[0]["content"]  # the call format is in the prompt
+    before = jax.tree.map(np.asarray, run.state.policy.params)
+    m = run.train_step()
+    batch, series = run.last_rollout
+  finally:
+    run.close()
+  assert len(calls) == 2  # turn 0 for every row, turn 1 for the rows that called the tool
+  assert m["env/tool_calls_per_row"] == pytest.approx(0.5) and m["env/tool_error_frac"] == 0.0
+  assert m["env/turns_mean"] == pytest.approx(1.5)
+  obs = np.asarray(batch.observation_mask) > 0
+  model = np.asarray(batch.response_mask) > 0
+  assert obs[::2].any(axis=1).all() and not obs[1::2].any()  # even rows hold the tool's result
+  assert not (obs & model).any()
+  # the observation is the calculator's result, as ids appended after the call
+  from jaxrl_dense.rl import multiturn
+  texts = multiturn.turn_texts_of(run.tokenizer, batch.response_tokens, batch.turn_ids, 3)
+  assert texts[0][0].startswith("<tool>calculator:") and texts[0][0].endswith("</tool>")
+  assert texts[0][1].startswith("The answer is")
+  obs_text = run.tokenizer.decode(np.asarray(batch.response_tokens)[0][obs[0]].tolist())
+  assert re.fullmatch(r"\n<result>\d+</result>\n", obs_text), obs_text
+  np.testing.assert_array_equal(np.asarray(batch.acc)[::2], 1.0)  # tool users answer right
+  tr = np.asarray(batch.turn_rewards)
+  assert tr.shape == (batch.num_rows, 3)
+  if advantage == "matchtir":
+    # the call matches the gold first step exactly: s = (1 + J + 1) / (2 + 1) = 1; answer turn = outcome
+    np.testing.assert_allclose(tr[::2, 0], 1.0)
+    np.testing.assert_allclose(tr[::2, 1], 1.0)
+    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.acc)[1::2])
+  else:  # IGPO: turn 0 of a tool user gets p_1 - p_0 (the result raised the gold answer's probability or not)
+    assert np.abs(tr[::2, 0]).max() > 0 and (np.abs(tr[::2, 0]) <= 1).all()
+    np.testing.assert_allclose(tr[::2, 1], 1.0)
+    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.acc)[1::2])
+  adv = series["advantage"]
+  assert (adv[obs] == 0).all() and np.abs(adv[model]).max() > 0  # observations get no advantage
+  bad = [k for k, v in m.items() if not math.isfinite(v) and k != "kl_ref"]  # kl_ref: NaN, no reference
+  assert not bad, bad
+  after = jax.tree.map(np.asarray, run.state.policy.params)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+
+
+def test_bad_multiturn_flags_name_the_flag():
+  with pytest.raises(config_lib.ConfigError, match="env"):
+    _config(env="tool:abacus")
+  with pytest.raises(config_lib.ConfigError, match="advantage"):
+    config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}"]), algo="grpo", advantage="matchtir")
+  with pytest.raises(config_lib.ConfigError, match="igpo_answer_template"):
+    _config(advantage="igpo", igpo_answer_template="The answer is 5.")
+  with pytest.raises(config_lib.ConfigError, match="env"):
+    _config(rollout_engine="continuous")
+
+
+def _metrics(d):
+  import json
+  return {r["step"]: r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "step" in r and
+          not any(k.startswith("eval/") for k in r)}
+
+
+def test_igpo_smoke_run_resumes_exactly(tmp_path):
+  """3 steps straight == 2 steps + a fresh process resuming for the third (real random model)."""
+  common = [f"--flagfile={SMOKE}", *MT_FLAGS, "--advantage=igpo", "--eval_data=", "--checkpoint_every=1"]
+  runs = {"a": ["--steps=3"], "b": ["--steps=2"]}
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  script = str(REPO / "experiments" / "prime_math.py")
+  procs = [subprocess.Popen([sys.executable, script, *common, *extra, f"--logdir={tmp_path}/{k}",
+                             f"--checkpoint_dir={tmp_path}/{k}/ck"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=env)
+           for k, extra in runs.items()]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  r = subprocess.run([sys.executable, script, *common, "--steps=3", "--resume", f"--logdir={tmp_path}/b",
+                      f"--checkpoint_dir={tmp_path}/b/ck"], capture_output=True, text=True, cwd=str(REPO),
+                     env=env, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "restored step 2" in r.stdout
+  ma, mb = _metrics(f"{tmp_path}/a"), _metrics(f"{tmp_path}/b")
+  assert sorted(ma) == sorted(mb) == [1, 2, 3]
+  for s in ma:
+    for k, v in ma[s].items():
+      if k.startswith("time/") or k in ("time", "tokens_per_s") or not isinstance(v, float):
+        continue
+      if math.isnan(v):
+        assert math.isnan(mb[s][k]), (s, k)
+        continue
+      np.testing.assert_allclose(v, mb[s][k], rtol=1e-5, atol=1e-6, err_msg=f"step {s} {k}")
+  assert "reward/turn_reward_sum" in ma[3] and "env/turns_mean" in ma[3]
