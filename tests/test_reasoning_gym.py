@@ -160,10 +160,15 @@ def test_a_gold_that_does_not_recreate_is_a_counted_error_not_a_wrong_answer(poo
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
+  from jaxrl_dense.rl import config as config_lib
+  from jaxrl_dense.rl import setup
   monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import reasoning_gym -> ImportError
   monkeypatch.setattr(rg, "_DATASETS", type(rg._DATASETS)())
   with pytest.raises(ImportError, match=r"pip install 'jaxrl_dense\[rg\]'"):
     prompts.load_prompts("rg:chain_sum:size=2")
+  cfg = config_lib.from_args([f"--flagfile={REPO / 'experiments' / 'configs' / 'smoke.flags'}"])
+  with pytest.raises(config_lib.ConfigError, match=r"--eval_data='rg:chain_sum'.*pip install"):
+    setup.check_data_spec("eval_data", "rg:chain_sum", cfg, allow_empty=True)
   assert not rg_data.is_source("chain_arith:eval") and rg_data.is_source("rg:x")
 
 
@@ -186,3 +191,10 @@ def test_two_step_prime_math_run_on_rg_tasks(tmp_path):
   assert [p["uid"] for p in ev["problems"]] == [f"rg:chain_sum:1:{i}" for i in range(4)]
   assert all(rg.decode_gold(p["gold"])["rg"] == "rg:chain_sum:max_terms=3,seed=1,size=4"
              for p in ev["problems"])
+
+
+def test_eval_math_refuses_a_bad_rg_spec_naming_the_flag():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "eval_math.py"), "--dataset=rg:chain_sum:sise=3"],
+                     capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
+  assert r.returncode == 2 and "--dataset='rg:chain_sum:sise=3'" in r.stderr and "size" in r.stderr, r.stderr[-2000:]
