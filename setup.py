@@ -29,6 +29,9 @@ setuptools.setup(
                  "wandb>=0.31", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         # Optional W&B logging in the experiments (`--wandb_project`).
         "wandb": ["wandb>=0.31"],
+        # reasoning-gym tasks as prompt sources (`--train_data=rg:<task>[:k=v,...]`), pinned: the
+        # verifier re-creates entries from (task, config, seed, index), so versions must agree.
+        "rg": ["reasoning-gym==0.1.25"],
     },
     license="Apache-2.0",
 )

@@ -24,7 +24,9 @@ weighted by sigmoid(reward)); each problem's answers and PRM rewards go into the
 
 --dataset is "arithmetic" (the held-out split of the synthetic task; its --arith_* flags must
 match the training run's so the split is the same), "chain_arith:eval[:k=v,...]" (the chained-
-arithmetic task, `jaxrl_dense.data.chain_arith`), a shipped set (jaxrl_dense.data.prompts
+arithmetic task, `jaxrl_dense.data.chain_arith`), "rg:<task>[:k=v,...]" (a reasoning-gym task
+scored by its own checker, `jaxrl_dense.data.reasoning_gym`; maj@k votes on the math-extracted
+answers, not on the <answer> tags), a shipped set (jaxrl_dense.data.prompts
 .SHIPPED_DATASETS: gsm8k_test, math500, aime24, amc23, minerva_math, olympiadbench,
 aimo_validation_aime, aimo_validation_amc, ...) or a .jsonl / .parquet prompt file (veRL
 columns or {problem|question, answer}). The library function behind it is
@@ -113,6 +115,12 @@ def validate_flags() -> None:
     try:
       chain_arith.parse_source(ds)
     except ValueError as e:
+      raise _flag_err("dataset", ds, str(e)) from None
+  elif ds.startswith("rg:"):  # a reasoning-gym task (optional extra [rg])
+    from jaxrl_dense.verifiers import rg
+    try:
+      rg.parse_spec(ds)
+    except (ValueError, ImportError) as e:
       raise _flag_err("dataset", ds, str(e)) from None
   elif ds != "arithmetic" and ds not in prompts.SHIPPED_DATASETS and ds != "math500_test":
     if not pathlib.Path(ds).is_file():

@@ -85,8 +85,8 @@ def default_verify_fn() -> VerifyFn:
   if verify_batch is not None:
 
     def fn(texts, golds, sources):
-      del sources  # every shipped source (and "arithmetic") is verified as math
-      return verify_batch(list(texts), list(golds), kind="math")
+      # routed by source as in training: shipped sets and "arithmetic" are math, `rg:` records rg
+      return verify_batch(list(texts), list(golds), kind=verifiers.kinds_of_sources(sources))
 
     return fn
   from jaxrl_dense.verifiers import math as vmath

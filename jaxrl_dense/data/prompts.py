@@ -57,6 +57,8 @@ _ALIASES = {"math500_test": "math500"}
 DATASETS_DIR = pathlib.Path(__file__).resolve().parent / "datasets"
 
 _VALID_ROLES = ("system", "user", "assistant", "tool")
+# Explicit verifier kinds of a record / row (`verifiers.pool.KINDS`).
+VERIFIER_KINDS = ("math", "code", "rg")
 
 
 class PromptDataError(ValueError):
@@ -73,8 +75,9 @@ class PromptRecord:
     gold: reference answer (string) handed to the verifier.
     data_source: dataset name (veRL's `data_source`), e.g. "arithmetic", "math500_test".
     uid: stable identifier, unique within its dataset (e.g. "gsm8k_test:17").
-    verifier: "math" or "code" to choose the verifier explicitly (a row's `verifier` field);
-      None routes by the exact `data_source` name (`verifiers.kind_of_source`).
+    verifier: "math", "code" or "rg" to choose the verifier explicitly (a row's `verifier`
+      field; "rg": a reasoning-gym task's checker, gold = `verifiers.rg` JSON); None routes by
+      the exact `data_source` name (`verifiers.kind_of_source`).
     gold_calls: reference tool calls `({"name": str, "arguments": {...}}, ...)` of a solution
       (MatchTIR's matching target, --advantage=matchtir), or None.
   """
@@ -108,13 +111,13 @@ class PromptRecord:
         raise ValueError(f"PromptRecord {self.uid!r}: gold_calls must be dicts with a string 'name', "
                          f"got {calls!r:.120}")
       object.__setattr__(self, "gold_calls", calls)
-    if self.verifier not in (None, "math", "code"):
-      raise ValueError(f"PromptRecord {self.uid!r}: verifier must be 'math', 'code' or None, got "
-                       f"{self.verifier!r:.40}")
+    if self.verifier is not None and self.verifier not in VERIFIER_KINDS:
+      raise ValueError(f"PromptRecord {self.uid!r}: verifier must be one of {VERIFIER_KINDS} or None, "
+                       f"got {self.verifier!r:.40}")
 
   @property
   def verifier_source(self) -> str:
-    """What the verifier routes on: the explicit kind ("math"/"code") or the data_source."""
+    """What the verifier routes on: the explicit kind ("math"/"code"/"rg") or the data_source."""
     return self.verifier or self.data_source
 
   @property
@@ -276,8 +279,8 @@ def record_from_row(row: Mapping[str, Any], *, where: str, default_source: str, 
   if uid is None:
     uid = default_uid
   verifier = row.get("verifier")
-  if verifier not in (None, "math", "code"):
-    raise PromptDataError(f"{where}: 'verifier' must be \"math\" or \"code\", got {verifier!r:.40}")
+  if verifier is not None and verifier not in VERIFIER_KINDS:
+    raise PromptDataError(f"{where}: 'verifier' must be one of {VERIFIER_KINDS}, got {verifier!r:.40}")
   record = PromptRecord(prompt_messages=messages, gold=gold, data_source=src, uid=uid, verifier=verifier)
   from jaxrl_dense.verifiers import code as code_verifier
   from jaxrl_dense.verifiers import dispatch
@@ -402,7 +405,10 @@ def load_prompts(source: str | os.PathLike, *, instruction: Optional[str] = None
 
   For shipped names, `instruction=None` means `BOXED_INSTRUCTION`. The generated chained-
   arithmetic task is loaded by name too: `chain_arith:train` / `chain_arith:eval[:k=v,...]`
-  (see `jaxrl_dense.data.chain_arith.parse_source`; `instruction` is not applied to it).
+  (see `jaxrl_dense.data.chain_arith.parse_source`; `instruction` is not applied to it), and so
+  are reasoning-gym tasks: `rg:<task>[:k=v,...]` (see `jaxrl_dense.data.reasoning_gym`; the
+  optional extra `pip install jaxrl_dense[rg]`; `instruction` is not applied: the records carry
+  their own <answer>-tag instruction).
   """
   if limit is not None and limit <= 0:
     raise ValueError(f"limit must be positive, got {limit}")
@@ -410,6 +416,9 @@ def load_prompts(source: str | os.PathLike, *, instruction: Optional[str] = None
   from jaxrl_dense.data import chain_arith  # generated task: 'chain_arith:train|eval[:k=v,...]'
   if chain_arith.is_source(s):
     return chain_arith.load_source(s, system_prompt=system_prompt, limit=limit)
+  from jaxrl_dense.data import reasoning_gym  # generated tasks: 'rg:<task>[:k=v,...]'
+  if reasoning_gym.is_source(s):
+    return reasoning_gym.load_source(s, system_prompt=system_prompt, limit=limit)
   if s in SHIPPED_DATASETS or s in _ALIASES:
     return load_shipped(s, instruction=BOXED_INSTRUCTION if instruction is None else instruction,
                         system_prompt=system_prompt, limit=limit)
@@ -420,8 +429,9 @@ def load_prompts(source: str | os.PathLike, *, instruction: Optional[str] = None
     return load_jsonl(s, **kw)
   if suffix in (".parquet", ".pq"):
     return load_parquet(s, **kw)
-  raise ValueError(f"prompt source {s!r}: expected a .jsonl/.json/.parquet path or one of the "
-                   f"shipped datasets {SHIPPED_DATASETS}")
+  raise ValueError(f"prompt source {s!r}: expected a .jsonl/.json/.parquet path, one of the "
+                   f"shipped datasets {SHIPPED_DATASETS}, 'chain_arith:<split>[:...]' or "
+                   f"'rg:<task>[:...]'")
 
 
 def write_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike) -> None:

@@ -607,9 +607,11 @@ class RunConfig:
   arch: str = _f("", "Architecture preset for --dry_run when the model path is missing "
                  "(smollm2-135m, qwen2.5-math-7b).", runtime=True)
   train_data: str = _f("arithmetic", "'arithmetic' (the shipped generator), a shipped set name, a "
-                       "generated task ('chain_arith:train'), or a .jsonl/.parquet path.")
-  eval_data: str = _f("arithmetic", "'arithmetic' (held-out split), a shipped set name, a path, or '' "
-                      "for none.", runtime=True)
+                       "generated task ('chain_arith:train'), a reasoning-gym task "
+                       "('rg:<task>[:k=v,...]', extra [rg]), or a .jsonl/.parquet path.")
+  eval_data: str = _f("arithmetic", "'arithmetic' (held-out split), a shipped set name, a generated "
+                      "or reasoning-gym task ('rg:<task>[:k=v,...]'), a path, or '' for none.",
+                      runtime=True)
   arith_ops: str = _f("+,-,*", "Arithmetic task operators.")
   arith_max_digits: int = _f(2, "Arithmetic task: operand digits 1..this.", lo=1, hi=4)
   arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)

@@ -104,8 +104,8 @@ def check_data_spec(name: str, spec: str, cfg: RunConfig, allow_empty: bool) -> 
   from jaxrl_dense.data import prompts
   try:
     records = prompts.load_prompts(spec, **({"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}))
-  except (ValueError, OSError) as e:  # PromptDataError, unknown sources, unreadable files
-    raise ConfigError(name, spec, str(e)) from None
+  except (ValueError, OSError, ImportError) as e:  # PromptDataError, unknown sources, unreadable
+    raise ConfigError(name, spec, str(e)) from None  # files, an optional package (rg:) missing
   from jaxrl_dense.verifiers import dispatch, sandbox
   n_code = sum(dispatch.kind_of_source(r.verifier_source) == "code" for r in records)
   if n_code:  # code rows need the isolating sandbox (or the explicit unsafe mode), known now

@@ -10,6 +10,13 @@ runaway sympy expansion ends in MemoryError (score 0.0) instead of swapping the 
 Workers start with the "forkserver" method by default: the fork server imports and warms up
 math-verify once, and every worker (including replacements) forks from it, so replacing a
 killed worker costs milliseconds and the parent (which may hold JAX threads) is never forked.
+
+Kinds: "math" (`math.score`), "code" (`code.score_detailed` in the sandbox) and "rg" (a
+reasoning-gym task's `score_answer`, `rg.score_detailed`: the worker re-creates the entry from the
+JSON gold and caches each spec's dataset). reasoning-gym is optional and not preloaded by the
+fork server: the first batch with a new rg spec first imports it and builds that spec's dataset
+in every worker (`_RG_WARMUP`, under a separate, generous limit), so that the per-item limit
+measures scoring only.
 """
 from __future__ import annotations
 
@@ -31,9 +38,12 @@ import numpy as np
 
 __all__ = ["VerifierPool", "VerifyStats", "default_workers", "get_pool", "verify_batch"]
 
-KINDS = ("math", "code")
+KINDS = ("math", "code", "rg")
 # Package-internal kind: (extracted answer, gold string) pairs sent by `math.score`.
 _MATH_ANSWERS = "_math_answers"
+# Package-internal kind: import reasoning-gym and build the datasets of a list of rg specs.
+_RG_WARMUP = "_rg_warmup"
+RG_WARMUP_TIMEOUT_S = 300.0
 _PRELOAD = ["jaxrl_dense.verifiers._preload"]
 
 
@@ -49,7 +59,8 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
   """Worker loop: receive (idx, kind, response, gold, timeout_s), send (idx, score, status).
 
   status: "ok" (full marks), "ok:<reason>" (judged: wrong_answer, no_code, runtime_error, timeout
-  of a code test), "harness_error: ..." (the code sandbox itself failed), "memory", "error: ...".
+  of a code test, no_answer of an rg item), "harness_error: ..." (the code sandbox itself
+  failed), "memory", "error: ...".
   """
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
   if memory_bytes:
@@ -59,6 +70,7 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
   from jaxrl_dense.verifiers import code as code_lib
   from jaxrl_dense.verifiers import math as math_lib
+  from jaxrl_dense.verifiers import rg as rg_lib
   while True:
     try:
       msg = conn.recv()
@@ -78,6 +90,14 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
         else:  # already-extracted answers, from `math.score`'s isolation
           s = float(math_lib._sympy_equal(response, gold, soft_s))
         status = "ok" if s >= 1.0 else "ok:wrong_answer"
+      elif kind == "rg":
+        s, reason = rg_lib.score_detailed(response, gold)
+        status = "ok" if reason == "ok" else f"ok:{reason}"
+      elif kind == _RG_WARMUP:  # gold: the rg specs whose datasets to build now
+        rg_lib.require()
+        for spec in gold:
+          rg_lib.dataset(spec)
+        s, status = 1.0, "ok"
       else:
         r = code_lib.score_detailed(response, gold, timeout_s=code_test_timeout_s, sandbox=code_sandbox)
         s = r.score
@@ -232,6 +252,7 @@ class VerifierPool:
     self._workers = [_Worker(self._ctx, memory_bytes) for _ in range(workers)]
     self.total_restarts = 0
     self.last_stats = VerifyStats()
+    self._rg_warm_specs: set = set()  # rg specs whose datasets every worker has built
 
   # -- lifecycle
 
@@ -282,8 +303,9 @@ class VerifierPool:
 
     Args:
       responses: N decoded response texts (None counts as empty: 0.0).
-      golds: N gold answers (math: str/int/float) or test specs (code: see `code.score`).
-      kinds: "math" / "code", or one per item.
+      golds: N gold answers (math: str/int/float), test specs (code: see `code.score`) or
+        rg golds (the JSON of `rg.encode_gold`).
+      kinds: "math" / "code" / "rg", or one per item.
       timeout_s: hard wall-clock limit per item, enforced by killing the worker (> 0). For
         "code" items it bounds the whole test suite of the item.
       code_test_timeout_s: per-test limit inside the code sandbox (default min(5, timeout_s)).
@@ -315,13 +337,37 @@ class VerifierPool:
         raise TypeError(f"verify: golds[{i}] must be str, int or float for math, got {type(g).__name__}")
       if k == "code" and not isinstance(g, (str, list, tuple, dict)):
         raise TypeError(f"verify: golds[{i}] must be tests (dict, list or str) for code, got {type(g).__name__}")
+      if k == "rg" and not isinstance(g, str):
+        raise TypeError(f"verify: golds[{i}] must be the JSON string of an rg gold, got {type(g).__name__}")
 
     code_mode = None
     if "code" in kinds:  # refuse before scoring anything: an unusable sandbox is not a 0 reward
       from jaxrl_dense.verifiers import sandbox as sandbox_lib
       code_mode = sandbox_lib.resolve_mode(self.code_sandbox)
+    rg_specs = set()
+    if "rg" in kinds:  # refuse before scoring anything: a missing package is not a 0 reward
+      from jaxrl_dense.verifiers import rg as rg_lib
+      rg_lib.require()
+      for g, k in zip(golds, kinds):
+        if k == "rg":
+          try:
+            rg_specs.add(rg_lib.decode_gold(g)["rg"])
+          except ValueError:
+            pass  # the worker reports it as this item's error
     with self._lock:
+      new_specs = sorted(rg_specs - self._rg_warm_specs)
+      if new_specs:
+        self._warm_rg(new_specs)
       return self._run(responses, golds, kinds, float(timeout_s), test_timeout, code_mode)
+
+  def _warm_rg(self, specs: list) -> None:
+    """Every worker imports reasoning-gym and builds the datasets of `specs` (one item each)."""
+    n = len(self._workers)
+    self._run([None] * n, [list(specs)] * n, [_RG_WARMUP] * n, RG_WARMUP_TIMEOUT_S, 0.0, None)
+    if self.last_stats.failure_reasons():  # a spec that fails fails again, per item, in the real run
+      logging.getLogger(__name__).warning("rg warm-up of %s: %s", specs, self.last_stats.statuses)
+    else:
+      self._rg_warm_specs.update(specs)
 
   def _verify_math_answers(self, answers: Sequence[str], golds: Sequence[str],
                            timeout_s: float) -> np.ndarray:
@@ -478,7 +524,7 @@ def verify_batch(responses: Sequence[str | None], golds: Sequence[Any], kind: st
 
   Runs on the process-wide `get_pool(workers)` (created once, reused across calls), each item
   under a hard wall-clock limit of `timeout_s`; timeouts and verifier errors score 0.0.
-  `kind` is "math" or "code" or one per item; for code, `timeout_s` bounds the whole test suite
+  `kind` is "math", "code" or "rg" (a reasoning-gym task's checker) or one per item; for code, `timeout_s` bounds the whole test suite
   of an item (each test gets min(5, timeout_s)), so give code a larger limit (PRIME: 300 s).
   """
   return get_pool(workers).verify(responses, golds, kinds=kind, timeout_s=timeout_s)
