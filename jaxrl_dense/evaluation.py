@@ -109,7 +109,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
              seed: int = 0, verify_fn: Optional[VerifyFn] = None,
              encoder: Optional[batching.PromptEncoder] = None,
              generate_fn: Optional[Callable] = None, eos_ids: Optional[Sequence[int]] = None,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, env: Optional[Callable] = None, max_turns: int = 1) -> EvalResult:
   """Generates, verifies and scores `records`; see the module docstring.
 
   Args:
@@ -129,6 +129,10 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
       sharded sampler from the training loop.
     eos_ids: stop ids (default: the config's).
     progress: show a tqdm bar over batches.
+    env, max_turns: a multi-turn environment factory (`envs.make_env(spec)`) and its turn cap:
+      each response is an episode of `rl.multiturn.rollout_turns` (the tool's results appended as
+      observation tokens, `max_new_tokens` = the whole response region), scored on the model's
+      turns only; each problem also lists its turns and observations.
   """
   if not records:
     raise ValueError("evaluate: no records")
@@ -160,7 +164,8 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
   width = batching.bucket_length(longest, encoder.bucket_multiple, encoder.max_prompt_length)
   k = int(num_samples)
   base_key = jax.random.key(seed)
-  all_tokens, all_lengths = [], []
+  all_tokens, all_lengths, all_texts, all_turns = [], [], [], []
+  eos = set(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   gen_seconds = 0.0
   t_start = time.perf_counter()
   starts = range(0, len(records), batch_size)
@@ -171,17 +176,35 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
     chunk = records[start:start + batch_size]
     pb = encoder.batch(chunk, pad_to=width, num_rows=batch_size)
     t0 = time.perf_counter()
-    out = generate_fn(params, config, pb.tokens, pb.mask, jax.random.fold_in(base_key, b),
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      eos_ids=eos_ids, num_samples=k)
-    tokens, lengths = jax.device_get((out.tokens, out.lengths))  # [b*k, T], [b*k]
-    gen_seconds += time.perf_counter() - t0
     n_real = len(chunk) * k  # rows are prompt-major; the padding prompts come last
+    key = jax.random.fold_in(base_key, b)
+    if env is None:
+      out = generate_fn(params, config, pb.tokens, pb.mask, key, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, eos_ids=eos_ids, num_samples=k)
+      tokens, lengths = jax.device_get((out.tokens, out.lengths))  # [b*k, T], [b*k]
+      all_texts += _decode(tokenizer, np.asarray(tokens)[:n_real], np.asarray(lengths)[:n_real])
+    else:  # multi-turn episodes; the verifier reads the model's turns only
+      from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
+
+      def gen(ctx, cmask, kk, ns, mx):
+        o = generate_fn(params, config, ctx, cmask, kk, max_new_tokens=mx, temperature=temperature,
+                        top_p=top_p, eos_ids=eos_ids, num_samples=ns)
+        return tuple(np.asarray(x) for x in jax.device_get((o.tokens, o.mask, o.logprobs)))
+
+      recs = list(chunk) + [chunk[0]] * (pb.tokens.shape[0] - len(chunk))
+      pad = config.pad_token_id if config.pad_token_id is not None else min(eos, default=0)
+      ep = multiturn.rollout_turns(gen, tokenizer, np.asarray(pb.tokens), np.asarray(pb.mask), recs, key, n=k,
+                                   make_env=env, max_turns=max_turns, max_response_length=max_new_tokens,
+                                   eos_ids=tuple(eos), pad_id=pad)
+      tokens, lengths = ep.tokens, (ep.mask + ep.observation_mask).sum(axis=1).astype(np.int32)
+      all_texts += [multiturn.model_text(t) for t in ep.turn_texts[:n_real]]
+      all_turns += [{"turns": t, "observations": o} for t, o in zip(ep.turn_texts[:n_real], ep.observations[:n_real])]
+    gen_seconds += time.perf_counter() - t0
     all_tokens.append(np.asarray(tokens)[:n_real])
     all_lengths.append(np.asarray(lengths)[:n_real])
   tokens = np.concatenate(all_tokens, axis=0)  # [N*k, T]
   lengths = np.concatenate(all_lengths, axis=0)  # [N*k]
-  texts = _decode(tokenizer, tokens, lengths)
+  texts = all_texts
   golds = [r.gold for r in records for _ in range(k)]
   sources = [r.verifier_source for r in records for _ in range(k)]
   scores = np.asarray(verify_fn(texts, golds, sources), dtype=np.float64)  # [N*k]
@@ -191,7 +214,6 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
   lengths_nk = lengths.reshape(len(records), k)  # [N, k]
   # A response without EOS within max_new_tokens has length == max_new_tokens and ends in a
   # non-EOS token; with EOS at the very last position it is complete.
-  eos = set(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
   last_tok = tokens[np.arange(tokens.shape[0]), np.maximum(lengths - 1, 0)]
   truncated = (lengths >= max_new_tokens) & ~np.isin(last_tok, list(eos))
   problems = []
@@ -200,6 +222,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
         "uid": r.uid, "question": r.question, "gold": r.gold, "data_source": r.data_source,
         "responses": texts[i * k:(i + 1) * k], "scores": scores[i].tolist(),
         "lengths": lengths_nk[i].astype(int).tolist(), "mean_score": float(scores[i].mean()),
+        **({"episodes": all_turns[i * k:(i + 1) * k]} if all_turns else {}),
     })
   acc = float(scores.mean())
   summary = {

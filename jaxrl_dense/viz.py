@@ -79,6 +79,8 @@ class Response:
   """One sampled response: its token texts and per-token series (all of length ``len(tokens)``).
 
   label: verifier label (1 correct, 0 wrong; fractional allowed) or None if unknown.
+  observation: per-token flags of a multi-turn response: True on the environment's observation
+    tokens (shown grey and italic, their series NaN: they are context, never trained).
   outcome_reward: the outcome reward used in training (defaults to the label when built by
     :func:`groups_from_batch`); None if unknown.
   """
@@ -86,9 +88,14 @@ class Response:
   values: Mapping[str, tuple]
   label: Optional[float] = None
   outcome_reward: Optional[float] = None
+  observation: tuple = ()  # per token: True on an environment's observation (multi-turn), or ()
 
   def __post_init__(self):
     object.__setattr__(self, "tokens", tuple(str(t) for t in self.tokens))
+    obs = tuple(bool(x) for x in self.observation)
+    if obs and len(obs) != len(self.tokens):
+      raise ValueError(f"Response: {len(obs)} observation flags for {len(self.tokens)} tokens")
+    object.__setattr__(self, "observation", obs)
     vals = {}
     for name, v in self.values.items():
       if not isinstance(name, str) or not name:
@@ -253,7 +260,7 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list:
 def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
                       series: Mapping[str, Any], mask: Any, acc: Any, *, n: int,
                       outcome_reward: Any = None, group_indices: Optional[Sequence[int]] = None,
-                      titles: Optional[Sequence[str]] = None) -> list:
+                      titles: Optional[Sequence[str]] = None, observation_mask: Any = None) -> list:
   """Builds :class:`Group` s from a ``[B, T]`` batch (B = P·n rows, groups contiguous).
 
   Args:
@@ -264,8 +271,11 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
     mask: ``[B, T]`` response mask (right-padded). acc: ``[B]`` verifier labels.
     n: samples per prompt. outcome_reward: ``[B]`` (default: ``acc``).
     group_indices: which groups to build, in order (default: all). titles: one per built group.
+    observation_mask: ``[B, T]`` 1 on a multi-turn row's observation tokens (shown between the
+      model's turns; ``texts`` then cover ``mask | observation_mask``), or None.
   """
   m = np.asarray(mask) != 0
+  obs = np.zeros_like(m) if observation_mask is None else np.asarray(observation_mask) != 0
   if m.ndim != 2:
     raise ValueError(f"groups_from_batch: `mask` must be [B, T], got shape {m.shape}")
   b, t = m.shape
@@ -295,13 +305,15 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
       raise ValueError(f"groups_from_batch: group index {g} out of range [0, {b // n})")
     responses = []
     for i in range(g * n, (g + 1) * n):
-      keep = m[i]
+      keep = m[i] | obs[i]
       if len(texts[i]) != int(keep.sum()):
         raise ValueError(f"groups_from_batch: row {i} has {len(texts[i])} token texts but "
                          f"{int(keep.sum())} valid tokens")
+      o = obs[i][keep]
       responses.append(Response(tokens=tuple(texts[i]),
-                                values={name: v[i][keep] for name, v in vals.items()},
-                                label=float(acc[i]), outcome_reward=float(rew[i])))
+                                values={name: np.where(o, np.nan, v[i][keep]) for name, v in vals.items()},
+                                label=float(acc[i]), outcome_reward=float(rew[i]),
+                                observation=tuple(o) if o.any() else ()))
     groups.append(Group(prompt=str(prompts[g]), responses=tuple(responses),
                         title="" if titles is None else str(titles[k])))
   return groups
@@ -422,6 +434,7 @@ pre.prompt{white-space:pre-wrap;background:#f6f6f6;border:1px solid #ddd;padding
 .text{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;
  line-height:1.7;white-space:pre-wrap;word-break:break-word;padding:6px}
 .tok{border-radius:2px}
+.obs{background:#ececec;color:#555;font-style:italic;border-bottom:1px dashed #999}
 .sb{display:inline-block;width:2px;height:1.1em;background:#111;margin:0 1px;vertical-align:middle}
 #tip{position:fixed;display:none;background:#222;color:#fff;font-size:12px;padding:6px 8px;
  border-radius:4px;pointer-events:none;z-index:5;max-width:360px;white-space:pre}
@@ -545,6 +558,10 @@ def render_html(groups: Sequence[Group], *, title: str = "Dense rewards per toke
         c = _colour(r.values[default_series][ti], kind0, scale0)
         body, nl = tok.rstrip("\n"), tok[len(tok.rstrip("\n")):]
         sb = '<span class="sb"></span>' if end else ""
+        if r.observation and r.observation[ti]:  # context from the environment, not trained
+          parts.append(f'<span class="obs" title="observation (not trained)">{html.escape(body)}'
+                       f'{html.escape(nl)}</span>')
+          continue
         parts.append(f'<span class="tok" data-r="{ridx}" data-t="{ti}" style="background:'
                      f'rgb{c};color:{_ink(c)}">{html.escape(body)}{sb}{html.escape(nl)}</span>')
       parts.append("</div></div>")
@@ -758,7 +775,8 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
                       outcome_reward: Any = None, process_return: Any = None,
                       num_best: int = 1, num_worst: int = 1, num_disagree: int = 1,
                       png: bool = False, tag: str = "step", meta: Optional[Mapping[str, Any]] = None,
-                      decode: Optional[Callable[[Any, Sequence[int]], list]] = None) -> dict:
+                      decode: Optional[Callable[[Any, Sequence[int]], list]] = None,
+                      observation_mask: Any = None) -> dict:
   """One call per sampling step: picks groups, decodes them, writes ``<out_dir>/<tag>_NNNNN.html``.
 
   Args:
@@ -770,6 +788,8 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
     process_return: ``[B]`` for :func:`pick_groups` (default: the row sum Σ_t of
       ``series["process_reward"]``, or of the first series when that one is absent).
     png: also write ``<tag>_NNNNN.png`` (:func:`render_png`). meta: shown under the title.
+    observation_mask: ``[B, T]`` a multi-turn batch's observation tokens (shown grey between the
+      model's turns), or None.
   Returns:
     ``{"html": path, "png": path or None, "groups": [(group_index, reason)], "page": [Group]}``.
   """
@@ -785,12 +805,14 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
       raise ValueError("write_sample_page: pass `tokenizer` or `texts`")
     dec = decode or token_texts
     tok = np.asarray(response_tokens)
+    shown = m if observation_mask is None else m | (np.asarray(observation_mask) != 0)
     rows = {i for gi, _ in picks for i in range(gi * n, (gi + 1) * n)}
-    texts = [dec(tokenizer, tok[i][m[i]].tolist()) if i in rows else [""] * int(m[i].sum())
+    texts = [dec(tokenizer, tok[i][shown[i]].tolist()) if i in rows else [""] * int(shown[i].sum())
              for i in range(b)]
   groups = groups_from_batch(prompts, texts, series, m, acc, n=n, outcome_reward=outcome_reward,
                              group_indices=[gi for gi, _ in picks],
-                             titles=[f"{reason} (prompt {gi})" for gi, reason in picks])
+                             titles=[f"{reason} (prompt {gi})" for gi, reason in picks],
+                             observation_mask=observation_mask)
   out_dir = pathlib.Path(out_dir)
   stem = f"{tag}_{int(step):05d}"
   info = {"step": int(step)}

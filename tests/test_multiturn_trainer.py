@@ -70,8 +70,11 @@ def test_turn_level_methods_train_on_tool_rollouts(advantage, monkeypatch, tmp_p
     before = jax.tree.map(np.asarray, run.state.policy.params)
     m = run.train_step()
     batch, series = run.last_rollout
+    page = run.write_samples(str(tmp_path / "samples"))
   finally:
     run.close()
+  html = open(page["html"]).read()  # the sample page shows the tool's result between the turns
+  assert '<span class="obs" title="observation (not trained)">' in html and "result" in html
   assert len(calls) == 2  # turn 0 for every row, turn 1 for the rows that called the tool
   assert m["env/tool_calls_per_row"] == pytest.approx(0.5) and m["env/tool_error_frac"] == 0.0
   assert m["env/turns_mean"] == pytest.approx(1.5)
@@ -152,3 +155,27 @@ def test_igpo_smoke_run_resumes_exactly(tmp_path):
         continue
       np.testing.assert_allclose(v, mb[s][k], rtol=1e-5, atol=1e-6, err_msg=f"step {s} {k}")
   assert "reward/turn_reward_sum" in ma[3] and "env/turns_mean" in ma[3]
+
+
+def test_eval_runs_the_same_episodes_and_scores_model_turns_only(monkeypatch, tmp_path):
+  """--env: the greedy eval is multi-turn too; its report lists each problem's turns and tool
+  results, and the verifier never reads an observation."""
+  import json
+  from jaxrl_dense.rl.trainer import Trainer
+  run = Trainer(_config(advantage="matchtir", logdir=str(tmp_path),
+                        eval_data="chain_arith:eval:num_eval=4,shots=0", eval_batch_size=4))
+  calls = []
+  monkeypatch.setattr(sampling, "generate", _scripted_generate(run.tokenizer, calls))
+  try:
+    report = run.evaluate()
+  finally:
+    run.close()
+  assert len(calls) == 2
+  res = json.load(open(tmp_path / "eval_step00000.json"))
+  p0, p1 = res["problems"][0], res["problems"][1]
+  ep = p0["episodes"][0]
+  assert ep["turns"][0].startswith("<tool>calculator:") and ep["turns"][1] == f"The answer is {p0['gold']}."
+  assert re.fullmatch(r"\n<result>\d+</result>\n", ep["observations"][0])
+  assert p0["scores"] == [1.0] and p0["responses"][0] == "".join(ep["turns"])
+  assert p1["episodes"][0]["turns"] == ["The answer is 5."] and p1["scores"] == [float(p1["gold"] == "5")]
+  assert report["eval/pass@1"] == pytest.approx(np.mean([p["scores"][0] for p in res["problems"]]))

@@ -179,14 +179,16 @@ class Trainer:
         self.rollout_params(), self.model_config, self.tokenizer, self.eval_records,
         max_new_tokens=cfg.eval_max_response_length or cfg.prime.rollout.max_response_length,
         batch_size=cfg.eval_batch_size, max_prompt_length=cfg.prime.rollout.max_prompt_length,
-        verify_fn=self.verifier, encoder=self.encoder, generate_fn=host_generate)
+        verify_fn=self.verifier, encoder=self.encoder, generate_fn=host_generate,
+        **self._eval_env())
     report = {"eval/pass@1": res.summary["accuracy"], "eval/num": res.summary["num_problems"],
               "eval/truncated_rate": res.summary["truncated_rate"], "time/eval": res.summary["eval_seconds"]}
     p = cfg.prime
     # The PRM's quality on held-out responses. Skipped while the PRM is still the reference
     # (PRIME's default start, before any PRM update): its implicit rewards are then only the
     # float rounding between the two forward passes (~1e-5 per response in float32), no signal.
-    if cfg.eval_prm and p.uses_prm and p.needs_ref and not self.prm_is_reference():
+    # (--env: skipped; the held-out re-scoring reads each response as one model turn)
+    if cfg.eval_prm and p.uses_prm and p.needs_ref and not p.rollout.env and not self.prm_is_reference():
       from jaxrl_dense import prm_health
       t = time.perf_counter()
       max_new = cfg.eval_max_response_length or p.rollout.max_response_length
@@ -213,6 +215,14 @@ class Trainer:
       evaluation.write_report(res, os.path.join(cfg.logdir, f"eval_step{self.step:05d}{tag}.json"),
                               step=self.step, model=cfg.model, eval_data=cfg.eval_data)
     return report
+
+  def _eval_env(self) -> dict:
+    """--env: the eval runs the same multi-turn episodes as the rollout (greedy)."""
+    r = self.cfg.prime.rollout
+    if not r.env:
+      return {}
+    from jaxrl_dense import envs
+    return {"env": envs.make_env(r.env, max_turns=r.max_turns), "max_turns": r.max_turns}
 
   def prm_is_reference(self) -> bool:
     """True while the PRM computes the reference's log-probs exactly: its weights equal the
@@ -269,7 +279,8 @@ class Trainer:
     meta = {"algo": self.cfg.prime.algo, "model": self.cfg.model}
     return viz.write_sample_page(out_dir, self.step, prompts=prompts, response_tokens=batch.response_tokens,
                                  mask=batch.response_mask, acc=batch.acc, series=series, n=n,
-                                 tokenizer=self.tokenizer, meta=meta, **kwargs)
+                                 tokenizer=self.tokenizer, meta=meta,
+                                 observation_mask=batch.observation_mask, **kwargs)
 
   def checkpoint(self, history=()) -> tuple:
     """(state tree, meta): the trained states, and step / data-iterator state / history / model."""
