@@ -257,3 +257,27 @@ def test_step_credit_solutions_properties_and_determinism():
     assert {k for (dd, k) in errors if dd == d} == set(range(d)), d
   assert ca.step_credit_solutions(ev[0], 1) != ca.step_credit_solutions(ev[0], 2) or \
       ca.step_credit_solutions(ev[1], 1) != ca.step_credit_solutions(ev[1], 2)
+
+
+def test_tool_shots_show_calculator_calls_that_the_tool_env_answers():
+  """tools=1: the worked examples call the calculator for every step, in the format the tool
+  environment parses and answers; tools=0 keeps the task's fingerprint as before the field."""
+  from jaxrl_dense import envs
+  from jaxrl_dense.data import chain_arith as ca
+  task, _ = ca.parse_source("chain_arith:eval:tools=1,num_eval=3")
+  assert task.tool_shots == 1 and "tool_shots" in task.to_json()
+  assert "tool_shots" not in ca.parse_source("chain_arith:eval")[0].to_json()
+  rec = ca.load_source("chain_arith:eval:tools=1,num_eval=3")[0]
+  shot = rec.prompt_messages[1]["content"]
+  calls = envs.tool_calls(shot)
+  problem = ca._shot_examples(task.ops, task.min_depth, task.max_depth)[0]
+  assert [c["arguments"]["expression"] for c in calls] == [
+      c["arguments"]["expression"] for c in problem.calculator_calls()]
+  env = envs.make_env("tool:calculator", max_turns=8)()
+  env.reset(rec)
+  for chunk, value in zip(shot.split("</tool>")[:-1], problem.values):  # each call's result is the shot's
+    assert env.step(chunk + "</tool>").observation == f"\n<result>{value}</result>\n"
+  with pytest.raises(ValueError, match="tool_shots"):
+    ca.parse_source("chain_arith:eval:tools=2")
+  first = ca.make_problem_splits(task)[1][0]  # the record's gold calls: its own problem's steps
+  assert rec.gold_calls == first.calculator_calls() and len(rec.gold_calls) == first.depth

@@ -158,6 +158,16 @@ class ChainProblem:
       acc = v
     return " ".join(parts) + f" The answer is {self.answer}."
 
+  def tool_solution(self) -> str:
+    """The solution written with calculator calls, as a multi-turn tool episode reads (the call,
+    then the environment's result, then the step): '<tool>calculator: 52 - 17</tool>\n<result>35
+    </result>\n52 - 17 = 35. <tool>calculator: 35 + 9</tool>...The answer is 44.'"""
+    parts, acc = [], self.operands[0]
+    for op, b, v in zip(self.ops, self.operands[1:], self.values):
+      parts.append(f"<tool>calculator: {acc} {op} {b}</tool>\n<result>{v}</result>\n{acc} {op} {b} = {v}.")
+      acc = v
+    return " ".join(parts) + f" The answer is {self.answer}."
+
   @property
   def key(self) -> tuple:
     """Canonical identity: the first step's operands unordered when its op commutes."""
@@ -193,6 +203,8 @@ class ChainArithTask:
     num_train: training problems (distinct keys, none in the eval split).
     seed: split seed.
     num_shots: worked examples in the prompt (0 = zero-shot).
+    tool_shots: 1 = the worked examples call the calculator for every step
+      (`ChainProblem.tool_solution`, for --env=tool:calculator); 0 = written arithmetic.
   """
 
   ops: tuple = ("+", "-")
@@ -205,6 +217,7 @@ class ChainArithTask:
   num_train: int = 10000
   seed: int = 0
   num_shots: int = 3
+  tool_shots: int = 0
 
   def __post_init__(self):
     ops = tuple(self.ops)
@@ -223,6 +236,8 @@ class ChainArithTask:
     if self.max_value < 2 * self.max_operand:
       raise ValueError(f"ChainArithTask.max_value={self.max_value} must be >= 2 * max_operand="
                        f"{2 * self.max_operand} (so '+' is always possible)")
+    if self.tool_shots not in (0, 1):
+      raise ValueError(f"ChainArithTask.tool_shots must be 0 or 1, got {self.tool_shots}")
     if self.num_eval < 1 or self.num_train < 1:
       raise ValueError(f"ChainArithTask.num_eval and num_train must be >= 1, got "
                        f"num_eval={self.num_eval}, num_train={self.num_train}")
@@ -234,6 +249,8 @@ class ChainArithTask:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["ops"] = list(self.ops)
+    if not self.tool_shots:  # written before the field existed: the same fingerprint
+      d.pop("tool_shots")
     return d
 
 
@@ -313,7 +330,7 @@ def build_messages(problem: ChainProblem, task: ChainArithTask,
     msgs.append({"role": "system", "content": system_prompt})
   for ex in _shot_examples(task.ops, task.min_depth, task.max_depth)[:task.num_shots]:
     msgs.append({"role": "user", "content": ex.question})
-    msgs.append({"role": "assistant", "content": ex.solution()})
+    msgs.append({"role": "assistant", "content": ex.tool_solution() if task.tool_shots else ex.solution()})
   msgs.append({"role": "user", "content": problem.question})
   return tuple(msgs)
 
@@ -336,8 +353,8 @@ def make_splits(task: ChainArithTask, system_prompt: Optional[str] = None) -> tu
 
 # ----------------------------------------------------------------------------- source names
 _INT_FIELDS = ("min_depth", "max_depth", "max_operand", "max_mul_operand", "max_value",
-               "num_eval", "num_train", "seed", "num_shots")
-_ALIASES = {"shots": "num_shots"}
+               "num_eval", "num_train", "seed", "num_shots", "tool_shots")
+_ALIASES = {"shots": "num_shots", "tools": "tool_shots"}
 
 
 def is_source(spec: str) -> bool:

@@ -28,7 +28,7 @@ are used up (observations count against it; an observation that does not fit is 
 
 The static sampler runs each turn as one batched call over the rows still active (turn 0 shares
 each prompt's prefill among its n samples; later turns re-prefill the row's context). Active rows
-are padded to a power of two and the context width to a multiple of 16, so the number of
+are padded to a power of two, the context width and the turn's token budget to multiples of 64, so the number of
 compiled programs stays small.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _pow2(k: int) -> int:
 
 def rollout_turns(generate_fn: GenerateFn, tokenizer, prompt_tokens, prompt_mask, records, key, *, n: int,
                   make_env: Callable[[], object], max_turns: int, max_response_length: int,
-                  eos_ids: Sequence[int], pad_id: int = 0, width_bucket: int = 16) -> TurnRollout:
+                  eos_ids: Sequence[int], pad_id: int = 0, width_bucket: int = 64) -> TurnRollout:
   """Samples n multi-turn episodes for each of the G prompts (see the module docstring).
 
   Args:
