@@ -27,13 +27,35 @@ with `idx` the token's index in the row (default arange) and segment ids 1/0 for
 
 which equals one softmax over the union of the key sets.
 
+Masks without a dense array (`valid=`): causal self-attention over rows whose real tokens are
+marked by a bool `valid` [B, T] (left-padded prompts, right-padded responses, any holes) is
+handed to the kernels as native masks, never as a [B, T, S] array: `native_mask` compacts each
+row (its real tokens first, in order: a permutation gathered in and out, its transpose a gather
+too), after which the mask is exactly
+
+  allowed(i', j') = i' < n_b and j' < n_b and j' <= i' (causal) and i' - j' < window
+
+on the compacted indices i', j' (n_b = the row's real-token count) = `jax.nn.dot_product_attention`'s
+`query_seq_lengths = key_value_seq_lengths = n`, `is_causal`, `local_window_size=(window - 1, 0)`:
+cuDNN runs its PADDING_CAUSAL (+ sliding-window) mask, with no bias and no bias gradient. Compacted
+index = the token's rank among the row's real tokens = the model's position (cumsum(valid) - 1),
+so the window counts real tokens (what `transformer.sliding_window_mask` does with positions; the
+raw index distance wherever a row's real tokens are contiguous). Splash takes `valid` as its
+segment ids (rows compacted first when there is a window). What still needs a dense mask: an
+explicit `mask=` argument (the shared-prefix rows, whose causal diagonal is offset per row by the
+prompt length: JAX's causal mask is top-left aligned and its cuDNN backward drops the log-sum-exp
+cotangent, so neither one call nor a two-pass combine expresses it), packed segment ids
+(`q_segment_ids`/`kv_segment_ids` with ids > 1; splash takes them natively) and non-default
+indices. Those keep `allowed_mask`: on GPU a [B, 1, T, S] cuDNN bias (with its gradient).
+
 Kernels (`implementation="auto"` picks the first that applies):
   GPU  training/scoring/prefill: cuDNN flash attention through `jax.nn.dot_product_attention`
        (bf16/fp16, head_dim % 8 == 0 and <= 128, no soft-cap, static window); decode: the Pallas
        (Triton) decode kernel `jax.experimental.pallas.ops.gpu.decode_attention` with the live
        slot range [start, length) per row, split over k blocks (flash decoding).
   TPU  splash attention (Pallas, `jax.experimental.pallas.ops.tpu.splash_attention`) with segment
-       ids, causal/local static masks and the soft-cap (sequence lengths multiples of 128).
+       ids, causal/local static masks and the soft-cap (sequence lengths multiples of 128; no
+       dense `mask`).
   else XLA: on CPU an einsum with float32 scores (also wherever the log-sum-exp or the soft-cap
        is needed), elsewhere `jax.nn.dot_product_attention(implementation="xla")`; decode runs a `lax.fori_loop` over blocks of
        `chunk` cache slots bounded by the longest live length (online softmax), so a step reads
@@ -43,16 +65,22 @@ The GPU/TPU kernels are only reached on those platforms; explicit `implementatio
 path (Pallas decode runs in interpret mode off-GPU, splash off-TPU, for tests). Every Pallas
 kernel runs per shard inside `jax.shard_map` (`sharding.shard_kernel`: rows over data x fsdp,
 query groups over tensor) when the program is traced under a mesh: a pallas_call has no
-partitioning rule, so on sharded operands XLA would otherwise replicate them. On a machine where a kernel has
-not been validated, the environment variables JAXRL_ATTENTION / JAXRL_DECODE_ATTENTION (an
-implementation name, e.g. "xla") replace the "auto" choice; "auto" also falls back from cuDNN to
-XLA when the cuDNN wrapper rejects the shapes at trace time.
+partitioning rule, so on sharded operands XLA would otherwise replicate them.
+
+Fallback: a kernel can fail where the wrapper's trace-time checks do not look (cuDNN rejecting a
+shape, dtype or version when XLA compiles its custom call). "auto" therefore compiles the chosen
+cuDNN / splash call (forward and backward, on abstract shapes: `jax.jit(...).lower(...).compile()`)
+once per shape signature and caches the verdict (`_KERNEL_VERDICTS`); a failure runs the XLA path
+(same native masks) instead and logs ONE warning per (kernel, error type) per process. On a
+machine where a kernel has not been validated, the environment variables JAXRL_ATTENTION /
+JAXRL_DECODE_ATTENTION (an implementation name, e.g. "xla") replace the "auto" choice (no probe).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -111,6 +139,116 @@ def _defaults(q, k, q_segment_ids, kv_segment_ids, q_index, kv_index):
   chex.assert_shape([qs, qi], (b, t))
   chex.assert_shape([ks, ki], (b, s))
   return qs, ks, qi, ki
+
+
+class NativeMask(NamedTuple):
+  """What the kernels get instead of a dense mask for causal self-attention over `valid` tokens.
+
+  order [B, T] int32: compacted slot c holds token order[b, c] (the real tokens first, in order).
+  inverse [B, T] int32: token t sits at compacted slot inverse[b, t] (the inverse permutation;
+    for a real token, its rank among the row's real tokens).
+  lengths [B] int32: real tokens per row (`query_seq_lengths` = `key_value_seq_lengths`).
+  is_causal: `is_causal`; local_window_size: (window - 1, 0) (causal; (window - 1, T) if not)
+    or None (`local_window_size`).
+  """
+  order: jax.Array
+  inverse: jax.Array
+  lengths: jax.Array
+  is_causal: bool
+  local_window_size: Optional[tuple[int, int]]
+
+
+def native_mask(valid: jax.Array, *, causal: bool = True, window: Optional[int] = None) -> NativeMask:
+  """The native-mask arguments of self-attention over the True tokens of `valid` [B, T].
+
+  On the compacted rows (real tokens first) the mask is allowed(i', j') = i' < n and j' < n and
+  (not causal or j' <= i') and (window is None or i' - j' < window): exactly
+  `allowed_mask(valid, valid, rank, rank, causal, window)` in the original order, rank =
+  cumsum(valid) - 1 (tested in tests/test_attention.py).
+  """
+  chex.assert_rank(valid, 2)
+  if window is not None and not isinstance(window, (int, np.integer)):
+    raise ValueError(f"native masks need a static int window, got {type(window).__name__}.")
+  _check_window(window)
+  valid = valid.astype(bool)
+  real = valid.astype(jnp.int32)
+  lengths = jnp.sum(real, axis=1)  # [B]
+  inverse = jnp.where(valid, jnp.cumsum(real, axis=1) - 1,
+                      lengths[:, None] + jnp.cumsum(1 - real, axis=1) - 1)  # [B, T]
+  order = jnp.argsort(inverse, axis=1).astype(jnp.int32)  # [B, T]
+  # Non-causal: the window only bounds keys behind the query (as `allowed_mask`); cuDNN takes no
+  # right window without its causal mask, so "auto" then falls back to XLA (probe).
+  local = None if window is None else (int(window) - 1, 0 if causal else valid.shape[1])
+  return NativeMask(order, inverse.astype(jnp.int32), lengths.astype(jnp.int32), bool(causal), local)
+
+
+@jax.custom_vjp
+def _permute(x, order, inverse):
+  """x[b, order[b, c]] along axis 1 (a row permutation; `inverse` undoes it, also in the VJP)."""
+  return jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+
+
+def _permute_fwd(x, order, inverse):
+  return _permute(x, order, inverse), (order, inverse)
+
+
+def _permute_bwd(res, g):
+  order, inverse = res
+  return jnp.take_along_axis(g, inverse[:, :, None, None], axis=1), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def _native_attention(q, k, v, order, inverse, lengths, *, is_causal, local_window_size, scale,
+                      implementation):
+  """`jax.nn.dot_product_attention` on compacted rows with lengths/causal/window: no mask array."""
+  qc = _permute(q, order, inverse)  # [B, T, H, hd] real tokens first
+  kc = _permute(k.astype(q.dtype), order, inverse)  # [B, S, Hkv, hd]
+  vc = _permute(v.astype(q.dtype), order, inverse)
+  out = jax.nn.dot_product_attention(
+      qc, kc, vc, scale=scale, is_causal=is_causal, query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, local_window_size=local_window_size,
+      implementation=implementation)  # [B, T, H, hd]
+  out = _permute(out.astype(q.dtype), inverse, order)  # back to token order
+  real = jnp.arange(q.shape[1])[None, :] < lengths[:, None]  # [B, T] compacted real slots
+  real = jnp.take_along_axis(real, inverse, axis=1)  # = valid
+  # Padding queries (no allowed key) are zeroed: a kernel may leave them NaN, and their keys /
+  # values would poison the next layer's real rows through 0 * NaN.
+  return jnp.where(real[:, :, None, None], out, 0).astype(q.dtype)
+
+
+# Compile verdicts of "auto"'s kernel probes: (kernel, signature) -> None (compiles) or the error.
+_KERNEL_VERDICTS: dict = {}
+_WARNED: set = set()
+_LOG = logging.getLogger(__name__)
+
+
+def _kernel_compiles(name: str, fn, args, static_key) -> bool:
+  """Whether `fn(*args)` (forward and backward) compiles; once per signature, cached.
+
+  `fn` closes over static values only (listed in `static_key`); the probe lowers and compiles
+  `value_and_grad` of its float32 sum on abstract shapes, so a kernel rejected when XLA compiles
+  its custom call (not only at trace time) is caught before the real program uses it. A failure
+  logs one warning per (kernel, error type) per process.
+  """
+  sig = (name, tuple((tuple(a.shape), str(a.dtype)) for a in args), static_key)
+  if sig not in _KERNEL_VERDICTS:
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    loss = lambda q, k, v, *rest: jnp.sum(fn(q, k, v, *rest).astype(jnp.float32))
+    try:
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(*abstract).compile()
+      _KERNEL_VERDICTS[sig] = None
+    except Exception as e:  # any lowering / compile error: the XLA path is always available
+      _KERNEL_VERDICTS[sig] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      reason = (name, type(e).__name__)
+      if reason not in _WARNED:
+        _WARNED.add(reason)
+        _LOG.warning("attention: the %s kernel does not compile for q %s %s, k %s (%s); using the "
+                     "XLA path instead (warned once per kernel and error type; JAXRL_ATTENTION=xla "
+                     "silences this).", name, args[0].shape, args[0].dtype, args[1].shape,
+                     _KERNEL_VERDICTS[sig])
+  return _KERNEL_VERDICTS[sig] is None
 
 
 def _softcap(scores, softcap):
@@ -184,6 +322,7 @@ def choose_implementation(q, k, *, softcap=None, window: Window = None, return_l
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              valid: Optional[jax.Array] = None,
               q_segment_ids: Optional[jax.Array] = None, kv_segment_ids: Optional[jax.Array] = None,
               q_index: Optional[jax.Array] = None, kv_index: Optional[jax.Array] = None,
               mask: Optional[jax.Array] = None, causal: bool = True, window: Window = None,
@@ -193,17 +332,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   Args:
     q: [B, T, H, hd]; k, v: [B, S, Hkv, hd] (H a multiple of Hkv).
-    q_segment_ids / kv_segment_ids: int or bool [B, T] / [B, S]; 0 = padding (default all 1).
+    valid: optional bool [B, T]: self-attention (S == T) over the rows' True tokens, indices =
+      their ranks among the real tokens (= positions cumsum(valid) - 1). Without `mask` the kernels
+      get native masks (`native_mask`: lengths + causal + window), no [B, T, S] array. Excludes
+      the segment ids and indices below.
+    q_segment_ids / kv_segment_ids: int or bool [B, T] / [B, S]; 0 = padding (default all 1);
+      ids 1..n pack several sequences in a row. Dense mask except on splash.
     q_index / kv_index: int [B, T] / [B, S] token indices for the causal and window tests
       (default arange: queries and keys are the same row). Non-default indices use the einsum.
-    mask: optional bool [B, T, S] (True = may attend), and-ed with the rest (how the model's
-      sliding layers and shared-prefix rows pass their masks).
+    mask: optional bool [B, T, S] (True = may attend), and-ed with the rest (how the shared-prefix
+      rows pass their masks): the one case that always builds the dense mask (a [B, 1, T, S]
+      cuDNN bias on GPU; never splash).
     causal: keys after the query are masked.
     window: sliding window (query sees keys with idx_q - idx_kv < window); int, traced scalar or
       None. A traced window uses the einsum kernel.
     softcap: logit soft-cap c (s -> c tanh(s / c)), or None.
     scale: score scale (default 1 / sqrt(hd)).
-    implementation: "auto" | "xla" | "einsum" | "cudnn" | "splash".
+    implementation: "auto" | "xla" | "einsum" | "cudnn" | "splash". "auto" compiles a chosen
+      cuDNN / splash kernel once per signature and falls back to "xla" (one warning) if it fails.
     return_lse: also return the float32 log-sum-exp [B, T, H] of the masked scores
       (differentiable; einsum kernel).
 
@@ -215,8 +361,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS}.")
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  default_index = q_index is None and kv_index is None
+  if valid is not None:
+    if any(x is not None for x in (q_segment_ids, kv_segment_ids, q_index, kv_index)):
+      raise ValueError("attention: pass either valid= or segment ids / indices, not both.")
+    if q.shape[1] != k.shape[1]:
+      raise ValueError(f"valid= is self-attention: q length {q.shape[1]} != k length {k.shape[1]}.")
+    chex.assert_shape(valid, q.shape[:2])
+    valid = valid.astype(bool)
+    real = valid.astype(jnp.int32)
+    rank = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)  # [B, T] = the model's positions
+    q_segment_ids = kv_segment_ids = real
+    q_index = kv_index = rank
+  default_index = (q_index is None and kv_index is None) or valid is not None
+  static_window = window is None or isinstance(window, (int, np.integer))
+  native = valid is not None and mask is None and static_window  # lengths/causal/window kernels
   auto = implementation == "auto"
+  probe = auto and not os.environ.get(_ENV_FULL)  # "auto"'s own choices are compiled first
   if auto:
     implementation = os.environ.get(_ENV_FULL) or choose_implementation(
         q, k, softcap=softcap, window=window, return_lse=return_lse, default_index=default_index,
@@ -225,18 +385,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       implementation = "einsum"
   if return_lse and implementation != "einsum":
     raise ValueError(f"return_lse needs implementation='einsum' (or 'auto'), got {implementation!r}.")
+  if softcap is not None and implementation in ("xla", "cudnn"):
+    raise ValueError(f"implementation={implementation!r} has no logit soft-cap; use 'einsum'.")
   qs, ks, qi, ki = _defaults(q, k, q_segment_ids, kv_segment_ids, q_index, kv_index)
+  nm = native_mask(valid, causal=causal, window=window) if native else None
+
   if implementation == "splash":
     if not default_index or mask is not None:
       raise ValueError("splash attention needs segment ids only: no dense mask, default indices.")
-    kernel = _sharding.shard_kernel(  # per shard, as the Pallas decode kernel below
-        functools.partial(_splash_attention, causal=causal, window=window, softcap=softcap,
-                          scale=scale),
-        (("batch", None, "heads", None), ("batch", None, "kv_heads", None),
-         ("batch", None, "kv_heads", None), ("batch", None), ("batch", None)),
-        ("batch", None, "heads", None),
-        batch=q.shape[0], num_heads=q.shape[2], num_kv_heads=k.shape[2])
-    return kernel(q, k, v, qs, ks)
+    if nm is not None and window is not None:  # the window counts real tokens: compact the rows
+      run = functools.partial(_splash_native, causal=causal, window=window, softcap=softcap,
+                              scale=scale)
+      args = (q, k, v, nm.order, nm.inverse, nm.lengths)
+    else:
+      run = functools.partial(_splash_sharded, causal=causal, window=window, softcap=softcap,
+                              scale=scale)
+      args = (q, k, v, qs, ks)
+    if not probe or _kernel_compiles(
+        "splash", run, args, (causal, window, softcap, scale, nm is not None)):
+      return run(*args)
+    implementation = "xla" if softcap is None else "einsum"  # XLA has no soft-cap
+  if implementation == "cudnn" and nm is not None:
+    run = functools.partial(_native_attention, is_causal=nm.is_causal,
+                            local_window_size=nm.local_window_size, scale=scale,
+                            implementation="cudnn")
+    args = (q, k, v, nm.order, nm.inverse, nm.lengths)
+    if not probe or _kernel_compiles(
+        "cudnn", run, args, (nm.is_causal, nm.local_window_size, scale)):
+      return run(*args)
+    implementation = "xla"
+  if implementation == "xla" and nm is not None:  # the XLA twin of the native cuDNN call
+    return _native_attention(q, k, v, nm.order, nm.inverse, nm.lengths, is_causal=nm.is_causal,
+                             local_window_size=nm.local_window_size, scale=scale,
+                             implementation="xla")
+
   allowed = allowed_mask(qs, ks, qi, ki, causal=causal, window=window)  # [B, T, S]
   if mask is not None:
     chex.assert_shape(mask, allowed.shape)
@@ -244,30 +426,53 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if implementation == "einsum":
     out, lse = _einsum_attention(q, k, v, allowed, scale, softcap)
     return (out, lse) if return_lse else out
-  if softcap is not None:
-    raise ValueError(f"implementation={implementation!r} has no logit soft-cap; use 'einsum'.")
-  if implementation == "cudnn" and auto:
-    try:  # shapes / cuDNN versions the wrapper rejects at trace time fall back to XLA
-      return attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                       mask=mask, causal=causal, window=window, scale=scale,
-                       implementation="cudnn")
-    except (NotImplementedError, ValueError, RuntimeError, TypeError):
-      implementation = "xla"
   if implementation == "cudnn":
-    # Causal and window are already in `allowed`; is_causal / local_window_size let cuDNN skip
-    # the masked blocks. The mask becomes a [B, 1, T, S] bias inside cuDNN (no f32 scores).
-    t, s = q.shape[1], k.shape[1]
-    local = None if window is None else (int(window) - 1, 0)
-    out = jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=scale,
-        is_causal=causal and t == s and default_index, local_window_size=local,
-        implementation="cudnn").astype(q.dtype)
-    # Queries with no allowed key (padding) can come out NaN from the mask-as-bias; their
-    # keys/values would then poison the next layer's valid rows through 0 * NaN. Zero them.
-    return jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
+    # Raw-index causal is implied by rank-causal (ranks keep the order); a raw-index window is
+    # not (it is stricter across holes), so with `valid` the window stays in `allowed` only.
+    run = functools.partial(_cudnn_dense, scale=scale,
+                            is_causal=causal and default_index and q.shape[1] == k.shape[1],
+                            window=None if window is None or valid is not None else int(window))
+    if not probe or _kernel_compiles(
+        "cudnn", run, (q, k, v, allowed), ("dense", causal, window, scale)):
+      return run(q, k, v, allowed)
   return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                       mask=allowed[:, None], scale=scale,
                                       implementation="xla").astype(q.dtype)
+
+
+def _cudnn_dense(q, k, v, allowed, *, scale, is_causal, window):
+  """cuDNN with a dense mask (a [B, 1, T, S] bias inside cuDNN, with its gradient)."""
+  # Causal and window are already in `allowed`; is_causal / local_window_size let cuDNN skip
+  # the masked blocks.
+  local = None if window is None else (window - 1, 0)
+  out = jax.nn.dot_product_attention(
+      q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None], scale=scale,
+      is_causal=is_causal, local_window_size=local, implementation="cudnn").astype(q.dtype)
+  # Queries with no allowed key (padding) can come out NaN from the mask-as-bias; their
+  # keys/values would then poison the next layer's valid rows through 0 * NaN. Zero them.
+  return jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _splash_sharded(q, k, v, qs, ks, *, causal, window, softcap, scale):
+  """Splash per shard (as the Pallas decode kernel below): rows over data x fsdp, heads over tensor."""
+  kernel = _sharding.shard_kernel(
+      functools.partial(_splash_attention, causal=causal, window=window, softcap=softcap,
+                        scale=scale),
+      (("batch", None, "heads", None), ("batch", None, "kv_heads", None),
+       ("batch", None, "kv_heads", None), ("batch", None), ("batch", None)),
+      ("batch", None, "heads", None),
+      batch=q.shape[0], num_heads=q.shape[2], num_kv_heads=k.shape[2])
+  return kernel(q, k, v, qs, ks)
+
+
+def _splash_native(q, k, v, order, inverse, lengths, *, causal, window, softcap, scale):
+  """Splash on compacted rows (real tokens first; segment ids 1 on the first `lengths` slots)."""
+  seg = (jnp.arange(q.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, T]
+  out = _splash_sharded(_permute(q, order, inverse), _permute(k, order, inverse),
+                        _permute(v, order, inverse), seg, seg, causal=causal, window=window,
+                        softcap=softcap, scale=scale)
+  out = _permute(out, inverse, order)
+  return jnp.where(jnp.take_along_axis(seg, inverse, axis=1)[:, :, None, None] > 0, out, 0)
 
 
 def combine_lse(outs, lses) -> tuple[jax.Array, jax.Array]:

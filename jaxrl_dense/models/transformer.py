@@ -18,6 +18,9 @@ Public functions take a params pytree and a static `ModelConfig`:
 
 Attention goes through `attention.py` (one entry point per pass, the kernel chosen by platform:
 cuDNN flash on GPU, splash on TPU, an einsum on CPU; decode reads only the live cache slots).
+Training, scoring and prefill pass the [B, T] real-token mask, never a [B, T, T] one: the kernels
+mask natively (lengths + causal + window, `attention.native_mask`); only the shared-prefix
+continuations keep a dense mask.
 `decode_step` is the only decode path: the same `_Layer` modules applied layer by layer over
 slices of the stacked params, each layer's cache its own loop carry. `remat_policy(name)` maps
 `ModelConfig.remat_policy` to a `jax.checkpoint` policy.
@@ -232,12 +235,13 @@ class _Layer(nn.Module):
       cos_l, sin_l, window_mask = local
       cos = jnp.where(sliding, cos_l, cos)
       sin = jnp.where(sliding, sin_l, sin)
-      mask = jnp.where(sliding, window_mask, mask)
+      if mask.ndim == 3:  # a dense mask: the sliding layers' own (a [B, T] mask: the window)
+        mask = jnp.where(sliding, window_mask, mask)
 
     h = _rms_norm(c, "input_layernorm")(x)  # [B, T, D]
     x_attn, kv_out = _SelfAttention(c, self.mode, name="self_attn")(
         h, cos, sin, mask, cache_index, None if self.mode == "full" else (k_all, v_all, layer),
-        prefix_kv)
+        prefix_kv, sliding)
     if c.post_norms:  # Gemma: norm the attention output before the residual add
       x_attn = _rms_norm(c, "post_attention_layernorm")(x_attn)
     x = _sharding.with_logical_constraint(x + x_attn, ("batch", "length", "act_embed"))
@@ -259,12 +263,15 @@ class _SelfAttention(nn.Module):
   Returns (output [B, T, D], kv): kv is the updated (k_all, v_all) cache with a cache, else this
   call's own keys/values (k, v) [B, T, Hkv, hd]. With `prefix_kv` (full mode) the queries attend
   to concat(prefix keys, own keys) along the key axis; `mask` then covers [B, T, S0 + T].
+  A [B, T] `mask` (real tokens) is causal self-attention with native kernel masks
+  (`attention(valid=...)`; the sliding layers' window by `lax.cond` on `sliding`); a dense
+  [B, T, S] mask (shared prefix, decode) is passed as such.
   """
   config: ModelConfig
   mode: str = "full"
 
   @nn.compact
-  def __call__(self, h, cos, sin, mask, cache_index, cache, prefix_kv=None):
+  def __call__(self, h, cos, sin, mask, cache_index, cache, prefix_kv=None, sliding=None):
     c = self.config
     b, t, _ = h.shape
     hd = c.head_dim
@@ -301,7 +308,15 @@ class _SelfAttention(nn.Module):
       attn = _attention.decode_attention(
           q[:, 0], k_cache, v_cache, start=jnp.argmax(mask[:, 0, :], axis=-1),
           length=cache_index + 1)[:, None]  # [B, 1, H, hd]
-    else:  # training / scoring / prefill: causal self-attention (+ a shared prefix's keys)
+    elif mask.ndim == 2:  # training / scoring / prefill: causal self-attention, native masks
+      if prefix_kv is not None:
+        raise ValueError("prefix_kv needs the dense [B, T, S0 + T] mask, got a [B, T] one.")
+      run = lambda w: _attention.attention(q, keys, values, valid=mask, causal=True, window=w)
+      if sliding is None:
+        attn = run(None)
+      else:  # static windows in both branches: the kernels keep their native masks
+        attn = lax.cond(sliding, lambda: run(int(c.sliding_window)), lambda: run(None))
+    else:  # continuations of a shared prefix: the dense [B, T, S0 + T] mask
       attn = _attention.attention(q, keys, values, mask=mask, causal=prefix_kv is None)
     attn = attn.reshape(b, t, c.num_heads * hd)  # [B, T, H*hd]
     attn = _sharding.with_logical_constraint(attn, ("batch", "length", "heads"))
@@ -371,14 +386,18 @@ def remat_policy(name: str):
 class Transformer(nn.Module):
   """Embedding -> scanned decoder layers -> final RMSNorm. Returns hidden states, not logits.
 
-  __call__(tokens [B, T], positions [B, T], mask [B, T, S], cache=None, cache_index=0,
+  __call__(tokens [B, T], positions [B, T], mask, cache=None, cache_index=0,
            prefix_kv=None)
     -> (hidden [B, T, D] in the compute dtype, new (k, v) cache or None).
 
+  `mask` is bool [B, T] (the real tokens: causal self-attention whose kernels take native masks,
+  no [B, T, T] array; training, scoring, prefill) or a dense [B, T, S] (shared-prefix
+  continuations, decode).
   Full mode only: `prefix_kv` = (k, v) [L, B, S0, Hkv, hd] of a prefix the tokens continue (mask
   then [B, T, S0 + T]); with `emit_kv` the second output is this call's (k, v) [L, B, T, Hkv, hd].
-  `window_mask` (same shape as `mask`; required when the config has sliding layers) is the mask
-  of the sliding-window layers (`sliding_window_mask`).
+  `window_mask` (same shape as a dense `mask`; required with one when the config has sliding
+  layers) is the mask of the sliding-window layers (`sliding_window_mask`); a [B, T] mask needs
+  none (the window is `config.sliding_window` over positions).
   """
   config: ModelConfig
   mode: str = "full"
@@ -398,7 +417,7 @@ class Transformer(nn.Module):
     cos, sin = rope_cos_sin(c, positions)  # [B, T, hd]
     local, sliding = None, None
     if c.has_sliding_layers:
-      if window_mask is None:
+      if window_mask is None and mask.ndim == 3:
         raise ValueError("this config has sliding-window layers: pass window_mask "
                          "(see sliding_window_mask).")
       cos_l, sin_l = rope_cos_sin(c, positions, local=True)  # [B, T, hd]
@@ -484,13 +503,9 @@ def hidden_states(params: Params, config: ModelConfig, tokens: jax.Array,
                   attention_mask: jax.Array) -> jax.Array:
   """Final-normed hidden states [B, T, D] (compute dtype) for left- or right-padded tokens [B, T]."""
   _check_inputs(config, tokens, attention_mask)
-  valid = attention_mask.astype(bool)  # [B, T]
+  valid = attention_mask.astype(bool)  # [B, T]: causal over the real tokens, native masks
   positions = positions_from_mask(attention_mask)  # [B, T]
-  t = tokens.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))  # [T, T]
-  mask = causal[None] & valid[:, None, :]  # [B, T, T]
-  hidden, _ = Transformer(config).apply(_variables(params), tokens, positions, mask,
-                                        window_mask=_window_mask(config, mask, positions, positions))
+  hidden, _ = Transformer(config).apply(_variables(params), tokens, positions, valid)
   return hidden
 
 
@@ -526,10 +541,8 @@ def shared_prefix_hidden_states(params: Params, config: ModelConfig, prompt_toke
   trunk = _variables(params)
   pvalid = prompt_mask.astype(bool)  # [G, P]
   ppos = positions_from_mask(prompt_mask)  # [G, P]
-  pmask = jnp.tril(jnp.ones((p, p), bool))[None] & pvalid[:, None, :]  # [G, P, P]
   prompt_hidden, (pk, pv) = Transformer(config, emit_kv=True).apply(
-      trunk, prompt_tokens, ppos, pmask,
-      window_mask=_window_mask(config, pmask, ppos, ppos))  # kv: [L, G, P, Hkv, hd]
+      trunk, prompt_tokens, ppos, pvalid)  # native masks; kv: [L, G, P, Hkv, hd]
   pk, pv = (jnp.repeat(x, n, axis=1) for x in (pk, pv))  # [L, G*n, P, Hkv, hd]
   rvalid = response_mask.astype(bool)  # [B, R]
   plen = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=1), n)  # [B]
@@ -578,11 +591,8 @@ def prefill(params: Params, config: ModelConfig, tokens: jax.Array, attention_ma
   _check_inputs(config, tokens, attention_mask)
   valid = attention_mask.astype(bool)
   positions = positions_from_mask(attention_mask)
-  t = tokens.shape[1]
-  mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]  # [B, T, T]
-  hidden, cache = Transformer(config, mode="prefill").apply(
-      _variables(params), tokens, positions, mask, cache, jnp.zeros((), jnp.int32),
-      window_mask=_window_mask(config, mask, positions, positions))
+  hidden, cache = Transformer(config, mode="prefill").apply(  # native masks from `valid`
+      _variables(params), tokens, positions, valid, cache, jnp.zeros((), jnp.int32))
   return logits_from_hidden(params, config, hidden[:, -1]), cache
 
 
