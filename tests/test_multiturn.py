@@ -141,7 +141,8 @@ CONFIG = ModelConfig(model_type="llama", vocab_size=104, hidden_size=32, interme
                      eos_token_ids=(2,), pad_token_id=0)
 
 
-def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars):
+@pytest.mark.parametrize("engine", ["static", "continuous"])
+def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars, engine):
   """A real (random) model through sampling.generate: the update's scoring pass over
   RolloutBatch.sequences() (observations attended, not scored) gives the sampler's log-probs on
   every model token of every turn: the trained ids and their contexts are the sampled ones."""
@@ -149,7 +150,7 @@ def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars):
 
   def generate_fn(ctx, cmask, key, num_samples, max_new):
     gen = sampling.generate(params, CONFIG, ctx, cmask, key, max_new_tokens=max_new, temperature=1.0,
-                            num_samples=num_samples, prompt_bucket=16)
+                            num_samples=num_samples, prompt_bucket=16, engine=engine)
     return tuple(np.asarray(x) for x in (gen.tokens, gen.mask, gen.logprobs))
 
   prompts = [_ids(chars, "What is 3+4?"), _ids(chars, "Hi")]
@@ -163,6 +164,16 @@ def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars):
                                 make_env=lambda: ScriptedEnv(stop=list("aeiou0123456789"), observation="<r>ok</r>"),
                                 max_turns=4, max_response_length=48, eos_ids=(2,))
   assert out.num_turns.max() >= 3 and out.observation_mask.sum() > 0
+  from jaxrl_dense.rewards.turn_level import turn_ids_from_mask
+  np.testing.assert_array_equal(np.asarray(turn_ids_from_mask(out.mask, 4)), out.turn_ids)
+  for b in range(8):  # token by token: turn k's ids decode to its text, each observation to the env's
+    for k, text in enumerate(out.turn_texts[b]):
+      assert chars.decode(out.tokens[b][out.turn_ids[b] == k].tolist(), skip_special_tokens=True) == text
+    o = out.observation_mask[b] > 0
+    runs = np.split(out.tokens[b][o], np.flatnonzero(np.diff(np.flatnonzero(o)) > 1) + 1) if o.any() else []
+    for j, run in enumerate(runs):
+      got = chars.decode(run.tolist())
+      assert got == "<r>ok</r>" or (j == len(runs) - 1 and "<r>ok</r>".startswith(got)), got
   batch = RolloutBatch(prompt_tokens=np.repeat(pt, 4, 0), prompt_mask=np.repeat(pm, 4, 0),
                        response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(8, np.float32),
                        sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)

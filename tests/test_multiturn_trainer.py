@@ -116,8 +116,6 @@ def test_bad_multiturn_flags_name_the_flag():
     config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}"]), algo="grpo", advantage="matchtir")
   with pytest.raises(config_lib.ConfigError, match="igpo_answer_template"):
     _config(advantage="igpo", igpo_answer_template="The answer is 5.")
-  with pytest.raises(config_lib.ConfigError, match="env"):
-    _config(rollout_engine="continuous")
 
 
 def _metrics(d):

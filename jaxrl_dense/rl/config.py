@@ -134,9 +134,6 @@ class RolloutConfig:
         envs.make_env(self.env)
       except ValueError as e:
         raise ConfigError("env", self.env, str(e)) from None
-      if self.rollout_engine != "static":
-        raise ConfigError("env", self.env, "multi-turn rollouts run on --rollout_engine=static "
-                          "(the continuous engine does not pause rows for the environment yet)")
     total = self.prompts_per_step * self.oversample
     if self.generate_batch_size and total % self.generate_batch_size:
       raise ConfigError("generate_batch_size", self.generate_batch_size,

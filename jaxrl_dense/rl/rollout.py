@@ -180,7 +180,8 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
   def generate_fn(ctx, cmask, k, num_samples, max_new):
     gen = sampling.generate(params, model_config, ctx, cmask, k, max_new_tokens=max_new,
                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            num_samples=num_samples, prompt_bucket=r.length_bucket or 16)
+                            num_samples=num_samples, prompt_bucket=r.length_bucket or 16,
+                            engine=r.rollout_engine)
     return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
 
   g = r.generate_prompts
