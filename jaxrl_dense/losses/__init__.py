@@ -60,6 +60,7 @@ from jaxrl_dense.losses import rollout_correction as rollout_correction_lib  # n
 from jaxrl_dense.losses.policy import (  # noqa: E402
     DEFAULT_AGG,
     DEFAULT_CLIPS,
+    POLICY_LOSSES,
     cispo_terms,
     gspo_terms,
     gspo_token_terms,
@@ -74,13 +75,6 @@ from jaxrl_dense.losses.rollout_correction import (  # noqa: E402
     rejection_mask,
     rollout_correction,
 )
-
-POLICY_LOSSES = Registry("policy loss")
-POLICY_LOSSES.register("ppo", ppo_terms)
-POLICY_LOSSES.register("ppo_original", ppo_original_terms)
-POLICY_LOSSES.register("gspo", gspo_terms)
-POLICY_LOSSES.register("gspo_token", gspo_token_terms)
-POLICY_LOSSES.register("cispo", cispo_terms)
 
 
 def get_kl(name: str):
