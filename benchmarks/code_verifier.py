@@ -16,10 +16,7 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_dense.verifiers import VerifierPool  # noqa: E402
 from jaxrl_dense.verifiers import code as vcode  # noqa: E402

@@ -54,14 +54,10 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import app, flags
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 from jaxrl_dense.rl import rollout, setup  # noqa: E402

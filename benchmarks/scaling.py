@@ -35,8 +35,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 

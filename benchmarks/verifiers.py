@@ -17,10 +17,7 @@ import json
 import os
 import platform
 import random
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_dense.verifiers import VerifierPool, datasets  # noqa: E402
 from jaxrl_dense.verifiers import math as vmath  # noqa: E402

@@ -14,23 +14,16 @@ trained inline with implicit_prm.py's flags (--objective, --steps, --lr, --num_p
 """
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import flags
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxrl_dense import cli  # noqa: E402
-from experiments import dense_common as dc  # noqa: E402
-from experiments.dense_rules import rerank_report  # noqa: E402
-from experiments import implicit_prm as iprm  # noqa: E402  (also defines the PRM training flags)
+import dense_common as dc  # noqa: E402
+from dense_rules import rerank_report  # noqa: E402
+import implicit_prm as iprm  # noqa: E402  (also defines the PRM training flags)
 from jaxrl_dense import ops, rewards  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -58,8 +58,6 @@ import numpy as np
 from absl import app, flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 from jaxrl_dense import cli  # noqa: E402
 

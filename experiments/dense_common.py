@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

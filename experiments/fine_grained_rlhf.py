@@ -20,15 +20,9 @@ with a linear value head on the policy trunk, advantage whitening
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import time
 
 from absl import flags
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -36,8 +30,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxrl_dense import cli  # noqa: E402
-from experiments import dense_common as dc  # noqa: E402
-from experiments.dense_rules import factuality_judgments, pack, relevance_judgments  # noqa: E402
+import dense_common as dc  # noqa: E402
+from dense_rules import factuality_judgments, pack, relevance_judgments  # noqa: E402
 from jaxrl_dense import losses, ops  # noqa: E402
 from jaxrl_dense.models import logprobs, transformer  # noqa: E402
 from jaxrl_dense.rewards import fine_grained as fg  # noqa: E402

@@ -19,15 +19,9 @@ pairwise accuracy (PRIME's `compute_dpo_accuracy`) before and after training.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 from absl import flags
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -35,8 +29,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxrl_dense import cli  # noqa: E402
-from experiments import dense_common as dc  # noqa: E402
-from experiments.dense_rules import contrastive_pairs  # noqa: E402
+import dense_common as dc  # noqa: E402
+from dense_rules import contrastive_pairs  # noqa: E402
 from jaxrl_dense import rewards  # noqa: E402
 from jaxrl_dense.rl import state as state_lib  # noqa: E402
 from jaxrl_dense.rl import steps as steps_lib  # noqa: E402

@@ -15,15 +15,10 @@ except time/*. Reading uses `jaxrl_dense.metrics.read_jsonl` (a bad line names f
 from __future__ import annotations
 
 import math
-import os
 import pathlib
 import sys
 
 from absl import app, flags
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 from jaxrl_dense import cli  # noqa: E402
 

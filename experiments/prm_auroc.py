@@ -19,10 +19,6 @@ import sys
 
 from absl import app, flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
-
 from jaxrl_dense import cli  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 

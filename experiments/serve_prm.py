@@ -11,15 +11,10 @@ batch of rows, padded to token buckets. A trainer can also load the same directo
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
 from absl import app, flags
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 from jaxrl_dense import cli  # noqa: E402
 

@@ -11,6 +11,10 @@ Conventions (enforced in every public function of ``rewards``, ``advantages``, `
   ``num_groups``; ``contiguous_group_ids(num_groups, n)`` builds the usual layout.
 * Steps: ``step_ids int32[B, T]`` gives each token's step index (−1 on masked tokens) with a static
   maximum ``num_steps`` (S); ids outside ``[0, S)`` are ignored by the segment reductions.
+* Turns (multi-turn rollouts): a turn is a maximal run of ``mask = 1`` (tool/environment tokens are
+  0); ``turn_ids int32[B, T]`` is each token's 0-based turn (−1 elsewhere) with a static maximum
+  ``num_turns`` (K), and ``turn_mask [B, K]`` marks the turns that exist. Turns are steps whose
+  boundaries come from the mask, so the step reductions apply to them.
 * Masked-out entries never enter a result, even when they hold NaN/inf (``jnp.where``, not ``x*m``).
 * Outputs of rewards and advantages are 0 on padded positions.
 * Rewards and advantages are returned under ``stop_gradient``; only losses carry gradients.
@@ -38,6 +42,7 @@ __all__ = [
     "segment_sum", "segment_mean", "segment_min", "segment_max", "step_mask_from_ids",
     "broadcast_steps", "step_ids_from_ends", "step_ends_from_ids", "fixed_length_step_ids",
     "step_ids_from_delimiter",
+    "turn_ids_from_mask", "turn_mask_from_ids", "broadcast_turns", "place_turn_rewards",
 ]
 
 
@@ -424,3 +429,52 @@ def step_ids_from_delimiter(token_ids, mask, delim_ids: Sequence[int]) -> np.nda
   ends = np.isin(tok, np.asarray(list(delim_ids))) & m
   before = np.cumsum(ends, axis=1) - ends
   return np.where(m, before, -1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- turns
+
+
+def turn_ids_from_mask(mask: ArrayLike, num_turns: int) -> Array:
+  """Turn index of every token: maximal runs of `mask = 1` are turns 0, 1, 2, ...
+
+  turn_ids[b, t] = (number of run starts at positions <= t) - 1 if mask[b, t] else -1.
+  Tokens of runs beyond `num_turns - 1` get -1 (they are dropped; size `num_turns` generously).
+
+  Args:
+    mask: `[B, T]` 0/1 (1 on assistant tokens, 0 on tool outputs and padding).
+    num_turns: static K.
+
+  Returns:
+    int32 `[B, T]`.
+  """
+  mask = jnp.asarray(mask)
+  chex.assert_rank(mask, 2)
+  m = mask.astype(bool)  # [B, T]
+  prev = jnp.pad(m[:, :-1], ((0, 0), (1, 0)))  # [B, T]
+  starts = m & ~prev  # [B, T]
+  ids = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1  # [B, T]
+  return jnp.where(m & (ids < num_turns), ids, -1).astype(jnp.int32)
+
+
+def turn_mask_from_ids(turn_ids: ArrayLike, num_turns: int) -> Array:
+  """`turn_mask[b, k] = 1` iff some token has turn k  (`[B, T] -> [B, K]` float32)."""
+  turn_ids = jnp.asarray(turn_ids)
+  chex.assert_rank(turn_ids, 2)
+  hit = turn_ids[:, :, None] == jnp.arange(num_turns)[None, None, :]  # [B, T, K]
+  return jnp.any(hit, axis=1).astype(jnp.float32)
+
+
+def broadcast_turns(v: ArrayLike, turn_ids: ArrayLike) -> Array:
+  """Token value = value of its turn: `out[b, t] = v[b, turn_ids[b, t]]`, 0 where turn_ids < 0."""
+  return broadcast_steps(v, turn_ids)
+
+
+def place_turn_rewards(r_turn: ArrayLike, turn_ids: ArrayLike, mask: ArrayLike) -> Array:
+  """Puts each turn's reward on the turn's last token: `[B, K] -> [B, T]` (stop-gradient)."""
+  r_turn = jnp.asarray(r_turn, jnp.float32)
+  turn_ids = jnp.asarray(turn_ids)
+  mask = jnp.asarray(mask, jnp.float32)
+  chex.assert_rank([r_turn, turn_ids, mask], 2)
+  chex.assert_equal_shape([turn_ids, mask])
+  end = step_ends_from_ids(turn_ids)  # [B, T]
+  return jax.lax.stop_gradient(jnp.where(end, broadcast_turns(r_turn, turn_ids), 0.0) * mask)

@@ -152,8 +152,8 @@ def run_prime_rloo(case):
   else:
     kw = dict(process_gamma=cfg.get("reward_model_gamma", 1.0),
               outcome_gamma=cfg.get("verifier_gamma", 1.0))
-  adv, ret = advantages.get("prime_rloo")(scores, f32(inp["acc"]), m, n=int(inp["n_samples"]),
-                                          variant=variant, **kw)
+  adv, ret = advantages.prime_rloo_advantages(scores, f32(inp["acc"]), m, n=int(inp["n_samples"]),
+                                                 variant=variant, **kw)
   out.update(advantages=adv, returns=ret)
   out.masked = {"advantages": m, "returns": m}
   return out
@@ -173,7 +173,7 @@ def run_grpo(case):
   s, gid, g = _scores_and_groups(inp)
   name = "grpo" if cfg.get("norm_adv_by_std_in_grpo", True) else "dr_grpo"
   kw = {"eps": cfg["epsilon"]} if name == "grpo" and "epsilon" in cfg else {}
-  adv, ret = advantages.get(name)(s, m, gid, g, **kw)
+  adv, ret = getattr(advantages, f"{name}_advantages")(s, m, gid, g, **kw)
   return Out(advantages=adv, returns=ret, masked={"advantages": m, "returns": m})
 
 
@@ -182,7 +182,7 @@ def run_rloo(case):
   inp = case["inputs"]
   m = mask_of(inp)
   s, gid, g = _scores_and_groups(inp)
-  adv, ret = advantages.get("rloo")(s, m, gid, g)
+  adv, ret = advantages.rloo_advantages(s, m, gid, g)
   return Out(advantages=adv, returns=ret, masked={"advantages": m, "returns": m})
 
 
@@ -191,10 +191,10 @@ def run_reinforce_pp(case):
   inp, cfg = case["inputs"], case["config"]
   m = mask_of(inp)
   if "gamma" in cfg:
-    adv, ret = advantages.get("reinforce_pp")(f32(inp["token_level_rewards"]), m, gamma=cfg["gamma"])
+    adv, ret = advantages.reinforce_pp_advantages(f32(inp["token_level_rewards"]), m, gamma=cfg["gamma"])
   elif "index" in inp:
     s, gid, g = _scores_and_groups(inp)
-    adv, ret = advantages.get("reinforce_pp_baseline")(s, m, gid, g)
+    adv, ret = advantages.reinforce_pp_baseline_advantages(s, m, gid, g)
   else:
     raise NotUnderstood("neither gamma (REINFORCE++) nor index (baseline)")
   return Out(advantages=adv, returns=ret, masked={"advantages": m, "returns": m})
@@ -207,8 +207,8 @@ def run_gae(case):
   if variant is None:
     raise NotUnderstood("GAE source")
   m = mask_of(inp)
-  adv, ret = advantages.get("gae")(f32(inp["token_level_rewards"]), f32(inp["values"]), m,
-                                   gamma=cfg["gamma"], lam=cfg["lam"], variant=variant)
+  adv, ret = advantages.gae_advantages(f32(inp["token_level_rewards"]), f32(inp["values"]), m,
+                                          gamma=cfg["gamma"], lam=cfg["lam"], variant=variant)
   return Out(advantages=adv, returns=ret, masked={"advantages": m, "returns": m})
 
 
@@ -281,7 +281,7 @@ def run_filter(case):
   variant = {"verl": "verl", "original": "original"}.get(reference_of(case))
   if variant is None:
     raise NotUnderstood("filter source")
-  res = filters.get("accuracy_band")(
+  res = filters.accuracy_band_filter(
       f32(inp["acc"]), jnp.asarray(inp["valid_response_length"]), n=int(inp["n_samples"]),
       variant=variant, low=cfg["accuracy_lower_bound"], high=cfg["accuracy_upper_bound"],
       max_response_length=cfg.get("max_response_length"),

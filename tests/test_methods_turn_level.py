@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxrl_dense.advantages import igpo_advantages
 from jaxrl_dense.rewards import turn_level as tl
 
 
@@ -161,7 +162,7 @@ IG_GROUPS = np.array([0, 0, 0, 1, 1, 2], np.int32)
 def test_igpo_code_advantages_hand(jit):
   ids = tl.turn_ids_from_mask(IG_MASK, 3)
   tm = tl.turn_mask_from_ids(ids, 3)
-  f = _maybe_jit(tl.igpo_advantages, jit, num_groups=3, variant="code")
+  f = _maybe_jit(igpo_advantages, jit, num_groups=3, variant="code")
   adv = f(IG_R, tm, ids, IG_MASK, IG_GROUPS)[0]
   a, b = 1.6 / 3, 0.4   # group-0 position means at t = 0, 1
   want = np.array([
@@ -178,8 +179,8 @@ def test_igpo_code_vs_paper_variant():
   """§4 item 5: the code subtracts the position-wise group mean and never divides by the std."""
   ids = tl.turn_ids_from_mask(IG_MASK, 3)
   tm = tl.turn_mask_from_ids(ids, 3)
-  code = lambda *a: tl.igpo_advantages(*a, num_groups=3, variant="code")[0]
-  paper = lambda *a: tl.igpo_advantages(*a, num_groups=3, variant="paper")[0]
+  code = lambda *a: igpo_advantages(*a, num_groups=3, variant="code")[0]
+  paper = lambda *a: igpo_advantages(*a, num_groups=3, variant="paper")[0]
   a1, a3 = code(IG_R, tm, ids, IG_MASK, IG_GROUPS), code(3 * IG_R, tm, ids, IG_MASK, IG_GROUPS)
   np.testing.assert_allclose(a3, 3 * np.asarray(a1), atol=1e-5)           # no std: scales
   p1, p3 = paper(IG_R, tm, ids, IG_MASK, IG_GROUPS), paper(3 * IG_R, tm, ids, IG_MASK, IG_GROUPS)
@@ -193,4 +194,4 @@ def test_igpo_code_vs_paper_variant():
   g = [z.sum(), z[1:].sum(), z[2]]
   np.testing.assert_allclose(p1[4], [g[0], 0, g[1], 0, g[2], 0], atol=1e-5)
   with pytest.raises(ValueError, match="variant"):
-    tl.igpo_advantages(IG_R, tm, ids, IG_MASK, IG_GROUPS, 3, variant="other")
+    igpo_advantages(IG_R, tm, ids, IG_MASK, IG_GROUPS, 3, variant="other")

@@ -69,16 +69,27 @@ def test_estimator_adapters_equal_the_raw_functions():
       "reinforce_pp_baseline": advantages.reinforce_pp_baseline_advantages(acc, mask, gid, g),
       "prl": advantages.prl_advantages(acc, old, ref, mask, gid, g, step_ids, eta=3.0),
   }
-  assert set(advantages.ESTIMATORS.names()) == set(want)
-  for name, (a, r) in want.items():
-    got_a, got_r = advantages.ESTIMATORS.get(name)(x, hp)
+  # Turn-level estimators: two turns where a row's tokens straddle a masked tool output at t = 2.
+  tmask = mask * (np.arange(5) != 2)
+  tids = ops.turn_ids_from_mask(tmask, 2)
+  turn_r = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
+  xt = advantages.AdvantageInputs(acc, tmask, turn_rewards=turn_r, turn_ids=tids)
+  tm = ops.turn_mask_from_ids(tids, 2)
+  want_turn = {
+      "matchtir": advantages.dual_level_advantages(turn_r, tm, tids, tmask, gid, g),
+      "igpo": advantages.igpo_advantages(turn_r, tm, tids, tmask, gid, g, variant="code"),
+  }
+  assert set(advantages.ESTIMATORS.names()) == set(want) | set(want_turn)
+  for name, (a, r) in {**want, **want_turn}.items():
+    got_a, got_r = advantages.ESTIMATORS.get(name)(xt if name in want_turn else x, hp)
     np.testing.assert_allclose(got_a, a, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(got_r, r, atol=1e-6, err_msg=name)
   # Every algo / override of the config maps to a registered estimator.
   for algo in config_lib.ALGOS:
     assert _cfg(algo=algo).estimator in advantages.ESTIMATORS
   for adv in config_lib.ADVANTAGE_OVERRIDES[1:]:
-    assert _cfg(algo="grpo", advantage=adv).estimator in advantages.ESTIMATORS
+    env = {"env": "tool:calculator"} if adv in ("matchtir", "igpo") else {}  # turn rewards need turns
+    assert _cfg(algo="grpo", advantage=adv, **env).estimator in advantages.ESTIMATORS
 
 
 # ------------------------------------------------------------------------ the snippet (item 4)

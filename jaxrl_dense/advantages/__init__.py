@@ -12,21 +12,18 @@ Public API (stable names):
   reinforce_pp_advantages(token_rewards, mask, *, gamma)
   reinforce_pp_baseline_advantages(scores, mask, group_ids, num_groups)
   gae_advantages(token_rewards, values, mask, *, gamma, lam, variant="verl"|"original")
+  prl_advantages(...), dual_level_advantages(...) (MatchTIR), igpo_advantages(...) (turn_level.py)
 
-Registry: ``get(name)`` returns the function, ``density(name)`` its reward density
-("token", "sequence" or "token+sequence"), ``names()`` the known names. Registered:
-"prime_rloo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae".
-
-Adding a method: write ``advantages/<name>.py`` with a pure function, then one line below:
-``REGISTRY.register("<name>", <module>.<fn>, density="token")``.
+Adding a method: write ``advantages/<name>.py`` with a pure function, export it here, and register
+an adapter in ``ESTIMATORS`` (below) when a trainer should reach it by name.
 
 One calling convention (what trainers call; no caller branches on a name):
 ``ESTIMATORS.get(name)(inputs: AdvantageInputs, hp: AdvantageParams) -> (advantages, returns)``.
 Each entry is a small adapter that takes what its estimator needs from ``inputs`` (outcome
 ``[B]``, mask ``[B, T]``, optional process rewards / old / ref log-probs / step ids ``[B, T]``) and
 ``hp`` (static: n, variant, coefficients, gamma, eta). Registered: "prime_rloo", "grpo",
-"dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "prl". ``REGISTRY`` / ``get`` keep
-the raw functions (golden tests call them with their own signatures).
+"dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "prl", "matchtir", "igpo". The raw
+functions above keep their own signatures (the golden tests call them by name).
 """
 from jaxrl_dense.advantages.gae import gae_advantages
 from jaxrl_dense.advantages.outcome import (
@@ -43,39 +40,17 @@ from jaxrl_dense.advantages.prime import (
 )
 from jaxrl_dense.registry import Registry, UnknownNameError
 
-REGISTRY = Registry("advantage estimator")
-REGISTRY.register("prime_rloo", prime_rloo_advantages, density="token+sequence")
-REGISTRY.register("grpo", grpo_advantages, density="sequence")
-REGISTRY.register("dr_grpo", dr_grpo_advantages, density="sequence")
-REGISTRY.register("rloo", rloo_advantages, density="sequence")
-REGISTRY.register("reinforce_pp", reinforce_pp_advantages, density="token")
-REGISTRY.register("reinforce_pp_baseline", reinforce_pp_baseline_advantages, density="sequence")
-REGISTRY.register("gae", gae_advantages, density="token")
-
-get = REGISTRY.get
-names = REGISTRY.names
-
-
-def density(name: str) -> str:
-  """Reward density accepted by the registered estimator ``name``."""
-  return REGISTRY.info(name)["density"]
-
-
 __all__ = [
     "prime_rloo_advantages", "leave_one_out_token_rewards", "paper_process_baseline",
     "grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "reinforce_pp_advantages",
-    "reinforce_pp_baseline_advantages", "gae_advantages",
-    "REGISTRY", "get", "names", "density", "UnknownNameError",
+    "reinforce_pp_baseline_advantages", "gae_advantages", "UnknownNameError",
 ]
 
 # Tier-1 dense-reward methods (methods.md §1.6–§1.8); same (advantages, returns) contract.
 from jaxrl_dense.advantages.dual_level import dual_level_advantages  # noqa: E402
 from jaxrl_dense.advantages.prl import prl_advantages  # noqa: E402
-from jaxrl_dense.rewards.turn_level import igpo_advantages  # noqa: E402
+from jaxrl_dense.advantages.turn_level import igpo_advantages  # noqa: E402
 
-REGISTRY.register("prl", prl_advantages, density="sequence")
-REGISTRY.register("dual_level", dual_level_advantages, density="turn")
-REGISTRY.register("igpo", igpo_advantages, density="turn")
 __all__ += ["prl_advantages", "dual_level_advantages", "igpo_advantages"]
 
 
@@ -179,12 +154,10 @@ def _matchtir(x: AdvantageInputs, hp: AdvantageParams):
   if x.turn_rewards is None or x.turn_ids is None:
     raise ValueError("matchtir needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
                      "(a multi-turn rollout: --env)")
-  from jaxrl_dense.advantages.dual_level import dual_level_advantages
-  from jaxrl_dense.rewards.turn_level import turn_mask_from_ids
   k = x.turn_rewards.shape[1]
   gids, g = _groups(x, hp)
   return _zero_masked_rows(
-      dual_level_advantages(x.turn_rewards, turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g),
+      dual_level_advantages(x.turn_rewards, _ops.turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g),
       x.row_mask)
 
 
@@ -192,11 +165,10 @@ def _igpo(x: AdvantageInputs, hp: AdvantageParams):
   if x.turn_rewards is None or x.turn_ids is None:
     raise ValueError("igpo needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
                      "(a multi-turn rollout: --env)")
-  from jaxrl_dense.rewards.turn_level import igpo_advantages, turn_mask_from_ids
   k = x.turn_rewards.shape[1]
   gids, g = _groups(x, hp)
   return _zero_masked_rows(
-      igpo_advantages(x.turn_rewards, turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g,
+      igpo_advantages(x.turn_rewards, _ops.turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g,
                       variant=hp.igpo_variant), x.row_mask)
 
 

@@ -11,7 +11,7 @@ returns normalised across the samples of the same prompt that reach the same tur
 
 Singleton sets (one sample in the group, or one sample reaching turn k) use mean 0, std 1 (verl GRPO
 convention). Turns are the maximal runs of `mask = 1` (tool outputs masked); see
-`jaxrl_dense.rewards.turn_level.turn_ids_from_mask`.
+`jaxrl_dense.ops.turn_ids_from_mask`.
 Official code: quchangle1/MatchTIR `Code/verl/trainer/ppo/core_algos.py` (modified GRPO advantage).
 """
 
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrl_dense import ops
-from jaxrl_dense.rewards.turn_level import broadcast_turns
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -107,5 +106,5 @@ def dual_level_advantages(r_turn: ArrayLike, turn_mask: ArrayLike, turn_ids: Arr
   g = discounted_turn_returns(r, tm, turn_discount)  # [B, K]
   a_turn = per_turn_group_normalize(g, tm, group_ids, num_groups, eps=eps)  # [B, K]
   fused = traj_weight * a_traj[:, None] + (1.0 - traj_weight) * a_turn  # [B, K]
-  adv = lax.stop_gradient(broadcast_turns(fused, turn_ids) * mask)  # [B, T]
+  adv = lax.stop_gradient(ops.broadcast_turns(fused, turn_ids) * mask)  # [B, T]
   return adv, adv

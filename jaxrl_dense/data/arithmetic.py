@@ -37,7 +37,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxrl_dense.data.prompts import PromptRecord
+from jaxrl_dense.data.records import PromptRecord
 
 DATA_SOURCE = "arithmetic"
 OPS = ("+", "-", "*")

@@ -78,7 +78,7 @@ from typing import Optional
 import numpy as np
 
 from jaxrl_dense.data.arithmetic import extract_answer  # noqa: F401  (re-exported)
-from jaxrl_dense.data.prompts import PromptRecord
+from jaxrl_dense.data.records import PromptRecord
 
 DATA_SOURCE = "chain_arith"
 OPS = ("+", "-", "*")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from jaxrl_dense.data.prompts import PromptRecord
+from jaxrl_dense.data.records import PromptRecord
 
 __all__ = ["is_source", "load_source", "to_record"]
 

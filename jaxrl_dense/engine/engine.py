@@ -2,7 +2,7 @@
 
 `generate` returns exactly what `sampling.generate` returns (`GenerationOutput`, rows
 prompt-major, samples of a prompt contiguous), with the same sampling semantics (temperature,
-top-k / top-p via `sampling._sample_step`, the EOS set, log-probs of the sampled and of the
+top-k / top-p via `sampling_step.sample_step`, the EOS set, log-probs of the sampled and of the
 untempered distribution), but schedules the work differently:
 
   * KV cache = a pool of pages (`page_table.PagePool`); a row holds only the pages its prompt and
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sampling, sharding
+from jaxrl_dense import sampling_step, sharding
 from jaxrl_dense.engine import paged_attention as pa
 from jaxrl_dense.engine.page_table import NULL_PAGE, PagePool, Sequence, pages_for
 from jaxrl_dense.models import transformer
@@ -233,8 +233,8 @@ def _row_keys(rng, rows, steps):
 
 
 def _sample_rows(logits, keys, temperature, top_p, *, greedy, top_k, use_top_p):
-  """Per-row keys around `sampling._sample_step`: logits [R, V], keys [R] -> 3 x [R]."""
-  one = lambda lg, k: sampling._sample_step(lg[None], k, temperature, top_p, greedy=greedy,
+  """Per-row keys around `sampling_step.sample_step`: logits [R, V], keys [R] -> 3 x [R]."""
+  one = lambda lg, k: sampling_step.sample_step(lg[None], k, temperature, top_p, greedy=greedy,
                                             top_k=top_k, use_top_p=use_top_p)
   tok, lp, raw = jax.vmap(one)(logits, keys)
   return tok[:, 0], lp[:, 0], raw[:, 0]
@@ -331,8 +331,8 @@ def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max
 # ----------------------------------------------------------------------------------------------
 def _real_prompts(prompt_tokens, prompt_mask) -> list:
   """Left- (or any-) padded [B, Tp] prompts -> list of B int32 arrays of their real tokens."""
-  t = sampling._host_value(prompt_tokens)
-  m = sampling._host_value(prompt_mask).astype(bool)
+  t = sampling_step.host_value(prompt_tokens)
+  m = sampling_step.host_value(prompt_mask).astype(bool)
   return [t[i][m[i]].astype(np.int32) for i in range(t.shape[0])]
 
 
@@ -589,12 +589,12 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   stats.peak_pages_in_use = pool_pages.peak_in_use
   stats.generated_tokens = int(out_mask.sum())
   lengths = out_mask.sum(-1).astype(np.int32)
-  out = sampling.GenerationOutput(jnp.asarray(out_tok), jnp.asarray(out_lp), jnp.asarray(out_mask),
+  out = sampling_step.GenerationOutput(jnp.asarray(out_tok), jnp.asarray(out_lp), jnp.asarray(out_mask),
                                   jnp.asarray(out_raw), jnp.asarray(lengths))
   return out, stats
 
 
 def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
-             engine: Optional[EngineConfig] = None, **kwargs) -> "sampling.GenerationOutput":
+             engine: Optional[EngineConfig] = None, **kwargs) -> sampling_step.GenerationOutput:
   """`run(...)[0]`: the `sampling.generate` signature on the continuous engine."""
   return run(params, config, prompt_tokens, prompt_mask, rng, engine=engine, **kwargs)[0]

@@ -17,7 +17,6 @@ Registries:
   get_kl(name) -> fn(log_prob, ref_log_prob) -> [B, T]; names "kl", "k1", "abs", "mse", "k2",
       "low_var_kl", "k3". A "+" suffix (straight-through k2 gradient, documented by veRL) raises
       NotImplementedError, as veRL at the pinned commit does.
-  get_aggregation(name) -> fn(loss_mat, mask) -> (sum, count); names = aggregation.MODES.
   get_policy_loss(name) -> per-token terms fn(log_prob, old_log_prob, advantages, mask, *,
       clip_ratio_low, clip_ratio_high, clip_ratio_c) -> PPOTokenTerms (``losses/policy.py``): "ppo"
       (veRL vanilla), "ppo_original" (PRIME-RL), "gspo", "gspo_token", "cispo"; the jitted update
@@ -57,16 +56,11 @@ KL_ESTIMATORS.register("k2", kl_k2)
 KL_ESTIMATORS.register("low_var_kl", kl_k3)
 KL_ESTIMATORS.register("k3", kl_k3)
 
-AGGREGATIONS = Registry("loss aggregation mode")
-AGGREGATIONS.register("token-mean", token_mean, additive_count=True)
-AGGREGATIONS.register("seq-mean-token-sum", seq_mean_token_sum, additive_count=True)
-AGGREGATIONS.register("seq-mean-token-mean", seq_mean_token_mean, additive_count=True)
-AGGREGATIONS.register("seq-mean-token-sum-norm", seq_mean_token_sum_norm, additive_count=False)
-
 from jaxrl_dense.losses import rollout_correction as rollout_correction_lib  # noqa: E402
 from jaxrl_dense.losses.policy import (  # noqa: E402
     DEFAULT_AGG,
     DEFAULT_CLIPS,
+    POLICY_LOSSES,
     cispo_terms,
     gspo_terms,
     gspo_token_terms,
@@ -82,13 +76,6 @@ from jaxrl_dense.losses.rollout_correction import (  # noqa: E402
     rollout_correction,
 )
 
-POLICY_LOSSES = Registry("policy loss")
-POLICY_LOSSES.register("ppo", ppo_terms)
-POLICY_LOSSES.register("ppo_original", ppo_original_terms)
-POLICY_LOSSES.register("gspo", gspo_terms)
-POLICY_LOSSES.register("gspo_token", gspo_token_terms)
-POLICY_LOSSES.register("cispo", cispo_terms)
-
 
 def get_kl(name: str):
   """KL estimator by name (see module docstring); '+' names raise NotImplementedError."""
@@ -100,7 +87,6 @@ def get_kl(name: str):
   return KL_ESTIMATORS.get(name)
 
 
-get_aggregation = AGGREGATIONS.get
 get_policy_loss = POLICY_LOSSES.get
 
 __all__ = [
@@ -108,8 +94,8 @@ __all__ = [
     "PPOTokenTerms", "aggregation", "aggregate", "aggregate_terms", "combine", "token_mean",
     "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
     "kl_k1", "kl_abs", "kl_k2", "kl_k3", "kl_in_reward", "entropy_from_logits",
-    "KL_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "get_kl", "get_aggregation",
-    "get_policy_loss", "UnknownNameError", "policy_loss", "ppo_terms", "ppo_original_terms",
+    "KL_ESTIMATORS", "POLICY_LOSSES", "get_kl", "get_policy_loss", "UnknownNameError",
+    "policy_loss", "ppo_terms", "ppo_original_terms",
     "gspo_terms", "gspo_token_terms", "cispo_terms", "DEFAULT_CLIPS", "DEFAULT_AGG",
     "rollout_correction", "CorrectionOutput", "is_weights", "rejection_mask", "mismatch_metrics",
 ]
@@ -117,8 +103,4 @@ __all__ = [
 # Pairwise preference losses on token log-probs (methods.md §1.5): TGDPO and plain DPO.
 from jaxrl_dense.losses.tgdpo import dpo_loss_from_token_logps, tgdpo_loss  # noqa: E402
 
-PREFERENCE_LOSSES = Registry("preference loss")
-PREFERENCE_LOSSES.register("dpo", dpo_loss_from_token_logps)
-PREFERENCE_LOSSES.register("tgdpo", tgdpo_loss)
-get_preference_loss = PREFERENCE_LOSSES.get
-__all__ += ["tgdpo_loss", "dpo_loss_from_token_logps", "PREFERENCE_LOSSES", "get_preference_loss"]
+__all__ += ["tgdpo_loss", "dpo_loss_from_token_logps"]

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from jaxrl_dense import ops
 from jaxrl_dense.losses.ppo import PolicyLossOutput, PPOTokenTerms, loss_output, ppo_clip_token_loss
+from jaxrl_dense.registry import Registry
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -164,6 +165,16 @@ def cispo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayL
   return PPOTokenTerms(loss, ratio != clipped_ratio, jnp.zeros(lp.shape, bool), -delta)
 
 
+# The per-token terms by name: what `--policy_loss` selects and the jitted update dispatches on
+# (re-exported as `losses.POLICY_LOSSES` / `losses.get_policy_loss`).
+POLICY_LOSSES = Registry("policy loss")
+POLICY_LOSSES.register("ppo", ppo_terms)
+POLICY_LOSSES.register("ppo_original", ppo_original_terms)
+POLICY_LOSSES.register("gspo", gspo_terms)
+POLICY_LOSSES.register("gspo_token", gspo_token_terms)
+POLICY_LOSSES.register("cispo", cispo_terms)
+
+
 def policy_loss(name: str, log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
                 mask: ArrayLike, *, clip_ratio_low: Optional[float] = None,
                 clip_ratio_high: Optional[float] = None, clip_ratio_c: Optional[float] = 3.0,
@@ -176,8 +187,7 @@ def policy_loss(name: str, log_prob: ArrayLike, old_log_prob: ArrayLike, advanta
   ``DEFAULT_AGG``). Clip values None take ``DEFAULT_CLIPS[name]``; ``loss_options`` go to the
   term function (e.g. ``log_ratio_clamp=None`` for TRL's unclamped GSPO / CISPO). Metrics: ``pg_clipfrac``,
   ``pg_clipfrac_lower`` (dual clip; 0 for the others), ``ppo_kl = mean_m(o − ℓ)``."""
-  from jaxrl_dense.losses import get_policy_loss  # pylint: disable=import-outside-toplevel
-  fn = get_policy_loss(name)
+  fn = POLICY_LOSSES.get(name)
   lo, hi = DEFAULT_CLIPS[name]
   lo = lo if clip_ratio_low is None else clip_ratio_low
   hi = hi if clip_ratio_high is None else clip_ratio_high

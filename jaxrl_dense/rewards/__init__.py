@@ -87,19 +87,11 @@ from jaxrl_dense.rewards.turn_level import (  # noqa: E402
     information_gain_turn_rewards,
     turn_rewards_from_calls,
 )
-
-EXTRA_REWARDS = Registry("extra reward")
-EXTRA_REWARDS.register("sar", self_aligned_reward, density="sequence")
-EXTRA_REWARDS.register("fine_grained", fine_grained_token_rewards, density="token")
-EXTRA_REWARDS.register("matchtir", turn_rewards_from_calls, density="turn")
-EXTRA_REWARDS.register("igpo", information_gain_turn_rewards, density="turn")
-EXTRA_REWARDS.register("overlong", overlong_penalty, density="sequence")
-get_extra_reward = EXTRA_REWARDS.get
 __all__ += [
     "fine_grained_token_rewards", "fine_grained_advantages", "kl_shaped_rewards",
     "place_segment_rewards", "self_aligned_reward", "sar_schedule", "combine_with_sar",
     "assignment_call_rewards", "turn_rewards_from_calls", "information_gain_turn_rewards",
-    "EXTRA_REWARDS", "get_extra_reward", "overlong_penalty",
+    "overlong_penalty",
 ]
 
 # Step rewards from a process reward model: segmentation, placement across tokenizers, credit

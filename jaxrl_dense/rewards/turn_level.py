@@ -18,7 +18,8 @@ by token-set F1 of the answer). Matching modes:
 
 IGPO (arXiv 2510.14967, methods.md §1.8): information-gain turn rewards
   p_k = exp(mean_j log pi(a_j | q, turns < k, a_<j)),  r_k = p_{k+1} - p_k (non-final turns),
-  final turn r = alpha * F1(pred, gold); advantages in `igpo_advantages` (code and paper variants).
+  final turn r = alpha * F1(pred, gold); its advantages are `jaxrl_dense.advantages.igpo_advantages`
+  (`advantages/turn_level.py`; code and paper variants).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from jaxrl_dense import ops
+from jaxrl_dense.ops import broadcast_turns, place_turn_rewards, turn_ids_from_mask, turn_mask_from_ids
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -52,7 +54,6 @@ __all__ = [
     "extract_answer",
     "answer_likelihood",
     "information_gain_turn_rewards",
-    "igpo_advantages",
 ]
 
 
@@ -60,50 +61,8 @@ __all__ = [
 # Turn machinery.
 
 
-def turn_ids_from_mask(mask: ArrayLike, num_turns: int) -> Array:
-  """Turn index of every token: maximal runs of `mask = 1` are turns 0, 1, 2, ...
-
-  turn_ids[b, t] = (number of run starts at positions <= t) - 1 if mask[b, t] else -1.
-  Tokens of runs beyond `num_turns - 1` get -1 (they are dropped; size `num_turns` generously).
-
-  Args:
-    mask: `[B, T]` 0/1 (1 on assistant tokens, 0 on tool outputs and padding).
-    num_turns: static K.
-
-  Returns:
-    int32 `[B, T]`.
-  """
-  mask = jnp.asarray(mask)
-  chex.assert_rank(mask, 2)
-  m = mask.astype(bool)  # [B, T]
-  prev = jnp.pad(m[:, :-1], ((0, 0), (1, 0)))  # [B, T]
-  starts = m & ~prev  # [B, T]
-  ids = jnp.cumsum(starts.astype(jnp.int32), axis=1) - 1  # [B, T]
-  return jnp.where(m & (ids < num_turns), ids, -1).astype(jnp.int32)
-
-
-def turn_mask_from_ids(turn_ids: ArrayLike, num_turns: int) -> Array:
-  """`turn_mask[b, k] = 1` iff some token has turn k  (`[B, T] -> [B, K]` float32)."""
-  turn_ids = jnp.asarray(turn_ids)
-  chex.assert_rank(turn_ids, 2)
-  hit = turn_ids[:, :, None] == jnp.arange(num_turns)[None, None, :]  # [B, T, K]
-  return jnp.any(hit, axis=1).astype(jnp.float32)
-
-
-def broadcast_turns(v: ArrayLike, turn_ids: ArrayLike) -> Array:
-  """Token value = value of its turn: `out[b, t] = v[b, turn_ids[b, t]]`, 0 where turn_ids < 0."""
-  return ops.broadcast_steps(v, turn_ids)
-
-
-def place_turn_rewards(r_turn: ArrayLike, turn_ids: ArrayLike, mask: ArrayLike) -> Array:
-  """Puts each turn's reward on the turn's last token: `[B, K] -> [B, T]` (stop-gradient)."""
-  r_turn = jnp.asarray(r_turn, jnp.float32)
-  turn_ids = jnp.asarray(turn_ids)
-  mask = jnp.asarray(mask, jnp.float32)
-  chex.assert_rank([r_turn, turn_ids, mask], 2)
-  chex.assert_equal_shape([turn_ids, mask])
-  end = ops.step_ends_from_ids(turn_ids)  # [B, T]
-  return lax.stop_gradient(jnp.where(end, broadcast_turns(r_turn, turn_ids), 0.0) * mask)
+# `turn_ids_from_mask`, `turn_mask_from_ids`, `broadcast_turns` and `place_turn_rewards` live in
+# `jaxrl_dense.ops` (shared with `advantages/`) and are imported above under the same names.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,65 +349,13 @@ def information_gain_turn_rewards(p: ArrayLike, turn_mask: ArrayLike, outcome: A
   return lax.stop_gradient(r * tm)
 
 
-def igpo_advantages(turn_rewards: ArrayLike, turn_mask: ArrayLike, turn_ids: ArrayLike,
-                    mask: ArrayLike, group_ids: ArrayLike, num_groups: int, gamma: float = 1.0,
-                    variant: str = "code", eps: float = 1e-6) -> Array:
-  """IGPO advantages.
-
-  variant="code" (official `compute_grpo_outcome_advantage`): token returns
-    G_t = sum_{k' >= k(t)} gamma^{k'-k(t)} r_{k'} (turn rewards sit on turn-end tokens; the return is
-    taken over the turn axis, so tool-output tokens neither add nor stop it), then
-    A_{i,t} = G_{i,t} - mean_{j in g(i)} G_{j,t}   (position-wise group mean over all n group members,
-    0 at positions where a member has no token; the std is computed but NOT applied in the code;
-    singleton group: mean 0).
-  variant="paper" [INFERRED from summaries]: z-normalise all valid turn rewards within the group
-    (mean, unbiased std, eps), then discounted cumulative sum over turns, broadcast to turn tokens.
-
-  Args:
-    turn_rewards: `[B, K]`; turn_mask: `[B, K]`; turn_ids: int `[B, T]`; mask: `[B, T]`;
-    group_ids: int `[B]` in [0, num_groups).
-
-  Returns:
-    (advantages `[B, T]`, returns `[B, T]`), float32, stop-gradient, 0 on masked tokens; returns
-    equal the advantages (GRPO convention).
-  """
-  r = jnp.asarray(turn_rewards, jnp.float32)
-  tm = jnp.asarray(turn_mask, jnp.float32)
-  turn_ids = jnp.asarray(turn_ids)
-  mask = jnp.asarray(mask, jnp.float32)
-  group_ids = jnp.asarray(group_ids)
-  chex.assert_rank([r, tm, turn_ids, mask], 2)
-  chex.assert_equal_shape([r, tm])
-  chex.assert_equal_shape([turn_ids, mask])
-  chex.assert_shape(group_ids, (r.shape[0],))
-  r = r * tm
-
-  def turn_returns(x):  # [B, K] -> [B, K], reverse discounted cumsum over the turn axis
-    def step(c, xs):
-      xk, mk = xs
-      c = (xk + gamma * c) * mk + c * (1.0 - mk)
-      return c, c * mk
-    _, g = lax.scan(step, jnp.zeros(x.shape[0], x.dtype), (x.T, tm.T), reverse=True)
-    return g.T
-
-  if variant == "code":
-    g_tok = broadcast_turns(turn_returns(r), turn_ids) * mask  # [B, T]
-    cnt = jax.ops.segment_sum(jnp.ones_like(group_ids, jnp.float32), group_ids, num_groups)  # [G]
-    tot = jax.ops.segment_sum(g_tok, group_ids, num_groups)  # [G, T]
-    mean = jnp.where((cnt > 1)[:, None], tot / jnp.maximum(cnt, 1.0)[:, None], 0.0)  # [G, T]
-    adv = (g_tok - mean[group_ids]) * mask
-  elif variant == "paper":
-    flat_g = jnp.repeat(group_ids, r.shape[1])  # [B*K]
-    flat_r, flat_m = r.reshape(-1), tm.reshape(-1)
-    cnt = jax.ops.segment_sum(flat_m, flat_g, num_groups)  # [G]
-    mu = jax.ops.segment_sum(flat_r * flat_m, flat_g, num_groups) / jnp.maximum(cnt, 1.0)
-    ss = jax.ops.segment_sum(((flat_r - mu[flat_g]) ** 2) * flat_m, flat_g, num_groups)
-    sd = jnp.sqrt(ss / jnp.maximum(cnt - 1.0, 1.0))
-    mu = jnp.where(cnt > 1, mu, 0.0)
-    sd = jnp.where(cnt > 1, sd, 1.0)
-    z = (r - mu[group_ids][:, None]) / (sd[group_ids][:, None] + eps) * tm  # [B, K]
-    adv = broadcast_turns(turn_returns(z), turn_ids) * mask
-  else:
-    raise ValueError(f"variant must be 'code' or 'paper', got {variant!r}.")
-  adv = lax.stop_gradient(adv)
-  return adv, adv
+def __getattr__(name: str):
+  """Deprecated alias: `igpo_advantages` moved to `jaxrl_dense.advantages.turn_level`."""
+  if name == "igpo_advantages":
+    import warnings  # pylint: disable=import-outside-toplevel
+    from jaxrl_dense.advantages.turn_level import igpo_advantages  # pylint: disable=import-outside-toplevel
+    warnings.warn("jaxrl_dense.rewards.turn_level.igpo_advantages moved to "
+                  "jaxrl_dense.advantages.igpo_advantages (advantages/turn_level.py); the old name "
+                  "is a deprecated alias for one release", DeprecationWarning, stacklevel=2)
+    return igpo_advantages
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
