@@ -150,26 +150,25 @@ def _prl(x: AdvantageInputs, hp: AdvantageParams):
       x.row_mask)
 
 
-def _matchtir(x: AdvantageInputs, hp: AdvantageParams):
-  if x.turn_rewards is None or x.turn_ids is None:
-    raise ValueError("matchtir needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
-                     "(a multi-turn rollout: --env)")
-  k = x.turn_rewards.shape[1]
-  gids, g = _groups(x, hp)
-  return _zero_masked_rows(
-      dual_level_advantages(x.turn_rewards, _ops.turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g),
-      x.row_mask)
+def _turns(name, fn, **static):
+  """Adapter of a turn-level estimator ``fn(turn_rewards, turn_mask, turn_ids, mask, group_ids,
+  num_groups, **kw)``; ``static`` maps its keyword arguments to AdvantageParams fields."""
+  def adapter(x: AdvantageInputs, hp: AdvantageParams):
+    if x.turn_rewards is None or x.turn_ids is None:
+      raise ValueError(f"{name} needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
+                       "(a multi-turn rollout: --env)")
+    k = x.turn_rewards.shape[1]
+    gids, g = _groups(x, hp)
+    kw = {arg: getattr(hp, field) for arg, field in static.items()}
+    return _zero_masked_rows(
+        fn(x.turn_rewards, _ops.turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g, **kw),
+        x.row_mask)
+  adapter.__name__ = adapter.__qualname__ = f"turn_adapter_{name}"
+  return adapter
 
 
-def _igpo(x: AdvantageInputs, hp: AdvantageParams):
-  if x.turn_rewards is None or x.turn_ids is None:
-    raise ValueError("igpo needs turn_rewards [B, K] and turn_ids [B, T] in AdvantageInputs "
-                     "(a multi-turn rollout: --env)")
-  k = x.turn_rewards.shape[1]
-  gids, g = _groups(x, hp)
-  return _zero_masked_rows(
-      igpo_advantages(x.turn_rewards, _ops.turn_mask_from_ids(x.turn_ids, k), x.turn_ids, x.mask, gids, g,
-                      variant=hp.igpo_variant), x.row_mask)
+_matchtir = _turns("matchtir", dual_level_advantages)
+_igpo = _turns("igpo", igpo_advantages, variant="igpo_variant")
 
 
 ESTIMATORS = Registry("advantage estimator")
