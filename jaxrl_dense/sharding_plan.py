@@ -168,7 +168,8 @@ def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: in
   prm_update = rl.make_prm_update(config, optimizer, beta=prm_beta, mini_batch_size=mini,
                                   micro_batch_size=micro_batch_size, mesh=mesh,
                                   state_sharding=sshard, batch_sharding=bsh)
-  policy_update = rl.make_policy_update(config, optimizer, rl.PolicyLossSettings(),
+  from jaxrl_dense.rl.config import PolicyConfig  # pylint: disable=import-outside-toplevel
+  policy_update = rl.make_policy_update(config, optimizer, PolicyConfig(),
                                         mini_batch_size=mini, micro_batch_size=micro_batch_size,
                                         mesh=mesh, state_sharding=sshard, batch_sharding=bsh)
   score_batch = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask")}

@@ -83,7 +83,7 @@ def test_policy_update_is_the_global_mean_gradient(agg):
   params = _params(0)
   batch = _batch()
   batch["old_logp"] = _resp_logp(params, batch) + 0.05 * jax.random.normal(jax.random.PRNGKey(3), (8, R))
-  settings = steps.PolicyLossSettings(agg_mode=agg, entropy_coeff=0.01)
+  settings = config_lib.PolicyConfig(loss_agg=agg, entropy_coeff=0.01)
 
   def full_loss(p):
     logp = _resp_logp(p, batch)
@@ -127,15 +127,15 @@ def test_policy_update_reference_normalisers(norm, shards):
 
   expected = jax.tree.map(lambda p, g: p - g, params, jax.grad(ref_loss)(params))
   opt = optax.sgd(1.0)
-  settings = steps.PolicyLossSettings(entropy_coeff=0.0, loss_norm=norm, loss_shards=shards)
-  update = steps.make_policy_update(TINY, opt, settings, mini_batch_size=8, micro_batch_size=micro,
-                                    shuffle=False)
+  settings = config_lib.PolicyConfig(entropy_coeff=0.0, loss_norm=norm)
+  update = steps.make_policy_update(TINY, opt, settings, loss_shards=shards, mini_batch_size=8,
+                                    micro_batch_size=micro, shuffle=False)
   new, metrics = update(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch,
                         jax.random.PRNGKey(0))
   np.testing.assert_allclose(metrics["actor/pg_loss"], ref_loss(params), rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), new.params, expected)
   # The default (global token count) differs from both on these unequal lengths.
-  glob = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(entropy_coeff=0.0),
+  glob = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0),
                                   mini_batch_size=8, micro_batch_size=micro, shuffle=False)
   _, m2 = glob(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch, jax.random.PRNGKey(0))
   assert abs(float(m2["actor/pg_loss"]) - float(ref_loss(params))) > 1e-4
@@ -146,13 +146,13 @@ def test_policy_update_minibatches_and_epochs_count_optimizer_steps():
   batch = _batch()
   batch["old_logp"] = _resp_logp(params, batch)
   opt = optax.adam(1e-3)
-  update = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(), mini_batch_size=4,
+  update = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
                                     micro_batch_size=2, epochs=3)
   new, metrics = update(state_lib.init_train_state(params, opt), batch, jax.random.PRNGKey(1))
   assert int(new.step) == 6  # 2 mini-batches x 3 epochs
   assert bool(metrics["actor/loss_finite"])
   with pytest.raises(ValueError, match="micro_batch_size"):
-    bad = steps.make_policy_update(TINY, opt, steps.PolicyLossSettings(), mini_batch_size=4,
+    bad = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
                                    micro_batch_size=3)
     bad(state_lib.init_train_state(_params(0), opt), batch, jax.random.PRNGKey(1))
 

@@ -35,6 +35,7 @@ def _close_tree(x, y, tol, atol=0.0):
 from jaxrl_dense.models import ModelConfig, init_params
 from jaxrl_dense.models import transformer
 from jaxrl_dense.rl import state as state_lib
+from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import steps
 
 CONFIG = ModelConfig(model_type="qwen2", vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -122,7 +123,7 @@ def test_policy_and_prm_updates_match_rowwise():
   b = dict(b, old_logp=jnp.zeros_like(b["response_mask"]) - 1.0, ref_logp=jnp.zeros_like(b["response_mask"]) - 2.0)
   out = {}
   for g in (1, N):
-    pol = steps.make_policy_update(CONFIG, opt, steps.PolicyLossSettings(), mini_batch_size=4,
+    pol = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
                                    micro_batch_size=4, epochs=2, shuffle=False, group_size=g)
     fresh = lambda: jax.tree.map(jnp.copy, params)  # the updates donate their state
     st, m = pol(state_lib.TrainState(fresh(), opt.init(params), jnp.zeros((), jnp.int32)), b,
@@ -146,12 +147,12 @@ def test_group_shuffle_keeps_groups_and_matches_rowwise_on_group_perm():
   params, b = _params(), _batch(3)
   b = dict(b, old_logp=jnp.zeros_like(b["response_mask"]) - 1.0)
   opt = optax.sgd(1e-2)
-  pol = steps.make_policy_update(CONFIG, opt, steps.PolicyLossSettings(), mini_batch_size=12,
+  pol = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
                                  micro_batch_size=4, shuffle=True, group_size=N)
   st, m = pol(state_lib.TrainState(jax.tree.map(jnp.copy, params), opt.init(params),
                                    jnp.zeros((), jnp.int32)), b, jax.random.PRNGKey(5))
   # One mini-batch = all rows: the shuffled update equals the unshuffled one.
-  pol0 = steps.make_policy_update(CONFIG, opt, steps.PolicyLossSettings(), mini_batch_size=12,
+  pol0 = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
                                   micro_batch_size=4, shuffle=False, group_size=1)
   st0, _ = pol0(state_lib.TrainState(params, opt.init(params), jnp.zeros((), jnp.int32)), b,
                 jax.random.PRNGKey(5))
@@ -161,7 +162,7 @@ def test_group_shuffle_keeps_groups_and_matches_rowwise_on_group_perm():
 def test_bad_group_size_is_named():
   opt = optax.sgd(1e-2)
   with pytest.raises(ValueError, match="micro_batch_size=6 must be a multiple of group_size=4"):
-    steps.make_policy_update(CONFIG, opt, steps.PolicyLossSettings(), mini_batch_size=12,
+    steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
                              micro_batch_size=6, group_size=4)
   with pytest.raises(ValueError, match="group_size=0"):
     steps.make_scoring(CONFIG, micro_batch_size=4, group_size=0)

@@ -13,8 +13,7 @@
 """
 from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState, init_train_state, make_optimizer
-from jaxrl_dense.rl.steps import (PolicyLossSettings, make_policy_update, make_prm_update,
-                                  make_scoring, response_logprobs)
+from jaxrl_dense.rl.steps import make_policy_update, make_prm_update, make_scoring, response_logprobs
 
-__all__ = ["RolloutBatch", "TrainState", "init_train_state", "make_optimizer", "PolicyLossSettings",
+__all__ = ["RolloutBatch", "TrainState", "init_train_state", "make_optimizer",
            "make_policy_update", "make_prm_update", "make_scoring", "response_logprobs"]

@@ -89,7 +89,7 @@ ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_basel
 EXTRA_REWARDS = ("sar",)
 SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
 KL_TYPES = losses.KL_ESTIMATORS.names()  # choices from the registries the update dispatches on
-# ppo_original is --policy_loss=ppo with --prime_variant=original (PolicyLossSettings.registry_name)
+# ppo_original is --policy_loss=ppo with --prime_variant=original (rl.steps.make_policy_update)
 POLICY_LOSS_NAMES = tuple(n for n in losses.POLICY_LOSSES.names() if n != "ppo_original")
 
 

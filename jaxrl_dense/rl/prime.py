@@ -316,16 +316,10 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   score_sar = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
                                  with_prm=False, with_entropy=False, group_size=group, jit=False)
   p = cfg.policy
-  clip_low, clip_high = p.clip_range
   bypass = not p.recompute_old_logp
   policy_update = steps.make_policy_update(
-      model_config, pol_opt, steps.PolicyLossSettings(
-          variant=cfg.prime_variant, loss=p.policy_loss, clip_low=clip_low, clip_high=clip_high,
-          clip_c=p.clip_c, agg_mode=p.agg_mode, entropy_coeff=p.entropy_coeff, kl_coef=p.kl_coef,
-          kl_type=p.kl_type, loss_norm=p.loss_norm,
-          loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
-          bypass_rs=p.rollout_rs if bypass else "none", bypass_rs_low=p.rollout_rs_low,
-          bypass_rs_high=p.rollout_rs_high, bypass_rs_k3_max=p.rollout_rs_k3_max),
+      model_config, pol_opt, p, variant=cfg.prime_variant, bypass=bypass,
+      loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
       lora_config=cfg.policy_lora, jit=False)

@@ -20,7 +20,6 @@ The prompt length P is static: P = tokens.shape[1] - response_mask.shape[1].
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Mapping, Optional
 
@@ -36,74 +35,6 @@ from jaxrl_dense.rl.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 LOSS_NORMS = ("mini_batch", "micro_batch", "device_micro_batch")
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyLossSettings:
-  """The policy objective (spec §7; veRL defaults) and its rollout correction.
-
-  Attributes:
-    variant: "verl" (ratio clamp ±20 + dual clip) or "original" (PRIME-RL: plain clip, no dual
-      clip); with loss "ppo" it picks the registry's "ppo" / "ppo_original".
-    loss: name in `losses.POLICY_LOSSES` ("ppo", "gspo", "gspo_token", "cispo"; losses/policy.py).
-    clip_low / clip_high: ε_low, ε_high of clip(ρ, 1−ε_low, 1+ε_high) (cispo: ε_low >= 1 = no lower bound).
-    clip_c: dual-clip constant c (ppo, verl only; <= 1 disables dual clip).
-    agg_mode: loss aggregation (spec §7.2): "token-mean", "seq-mean-token-sum",
-      "seq-mean-token-mean", "seq-mean-token-sum-norm".
-    entropy_coeff: objective = pg_loss − entropy_coeff · H.
-    kl_coef: coefficient of a KL-to-reference loss term (0 in PRIME).
-    kl_type: KL estimator ("k1", "abs", "k2", "k3" / "low_var_kl").
-    loss_norm: the normaliser of a mini-batch's loss (docs/algorithms.md). "mini_batch"
-      (default): Σ over the mini-batch / its global aggregation count (token count for
-      token-mean), independent of the micro-batch size and the device count. "micro_batch"
-      ([O] PRIME-RL): the mean over micro-batches of each micro-batch's own aggregate.
-      "device_micro_batch" ([V] veRL): each micro-batch split into `loss_shards` data-parallel
-      shards (one per GPU), each shard's aggregate, averaged over shards and micro-batches.
-    loss_shards: data-parallel shards of "device_micro_batch" (the micro-batch must divide).
-    bypass_rs / bypass_rs_low / bypass_rs_high / bypass_rs_k3_max: bypass mode's rejection (old_logp
-      = the sampler's μ): "none" | "token" | "sequence" | "geometric" on sg(π_θ)/μ in [low, high],
-      or "k3" (row mean of r − 1 − log r <= k3_max), computed inside
-      each micro-batch's loss (veRL compute_policy_loss_bypass_mode); rejected tokens add 0 to the
-      loss and stay in its count (veRL's global token count).
-  """
-  variant: str = "verl"
-  loss: str = "ppo"
-  clip_low: float = 0.2
-  clip_high: float = 0.2
-  clip_c: float = 3.0
-  agg_mode: str = "token-mean"
-  entropy_coeff: float = 0.0
-  kl_coef: float = 0.0
-  kl_type: str = "low_var_kl"
-  loss_norm: str = "mini_batch"
-  loss_shards: int = 1
-  bypass_rs: str = "none"
-  bypass_rs_low: float = 0.5
-  bypass_rs_high: float = 2.0
-  bypass_rs_k3_max: float = 0.01
-
-  def __post_init__(self):
-    if self.loss_norm not in LOSS_NORMS:
-      raise ValueError(f"PolicyLossSettings.loss_norm={self.loss_norm!r}; expected one of {LOSS_NORMS}.")
-    if self.loss_shards < 1:
-      raise ValueError(f"PolicyLossSettings.loss_shards={self.loss_shards} must be >= 1.")
-    if self.variant not in ("verl", "original"):
-      raise ValueError(f"PolicyLossSettings.variant={self.variant!r}; expected 'verl' or 'original'.")
-    losses.get_policy_loss(self.loss)  # raises for an unknown loss
-    if self.agg_mode not in losses.aggregation.MODES:
-      raise ValueError(f"PolicyLossSettings.agg_mode={self.agg_mode!r}; expected one of "
-                       f"{losses.aggregation.MODES}.")
-    losses.get_kl(self.kl_type)  # raises for an unknown estimator
-    if self.clip_low < 0 or self.clip_high < 0 or (self.loss != "cispo" and self.clip_low >= 1):
-      raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) (>= 0 for cispo) and "
-                       f"clip_high={self.clip_high} >= 0.")
-    if self.bypass_rs not in losses.rollout_correction_lib.RS_LEVELS:
-      raise ValueError(f"PolicyLossSettings.bypass_rs={self.bypass_rs!r}; expected one of "
-                       f"{losses.rollout_correction_lib.RS_LEVELS}.")
-
-  @property
-  def registry_name(self) -> str:
-    return "ppo_original" if (self.loss == "ppo" and self.variant == "original") else self.loss
 
 
 def _split(n: int, size: int, what: str) -> int:
@@ -436,8 +367,11 @@ def make_prm_update(
 def make_policy_update(
     config,
     optimizer: optax.GradientTransformation,
-    settings: PolicyLossSettings,
+    policy,
     *,
+    variant: str = "verl",
+    loss_shards: int = 1,
+    bypass: bool = False,
     mini_batch_size: int,
     micro_batch_size: int,
     epochs: int = 1,
@@ -463,12 +397,20 @@ def make_policy_update(
 
     L = [Σ_micro pg_sum − c_H Σ_micro H_sum + c_KL Σ_micro KL_sum] / count(mini-batch).
 
-  (`settings.loss_norm` offers the references' forms instead: the mean of micro-batch aggregates
-  [O], or of per-device micro-batch aggregates [V]; see docs/algorithms.md.)
+  (`policy.loss_norm` offers the references' forms instead: the mean of micro-batch aggregates
+  [O], or of per-device micro-batch aggregates [V], over `loss_shards` data-parallel shards;
+  see docs/algorithms.md.)
+
+  The objective's settings are the run's validated `rl.config.PolicyConfig` (one source): the loss
+  (`policy_loss`, with `variant`="original" selecting PRIME-RL's plain clip for ppo), its clip range
+  and aggregation (anchor defaults resolved by `clip_range` / `agg_mode`), `clip_c`,
+  `entropy_coeff`, `kl_coef` / `kl_type`, `loss_norm`. `bypass`=True (old_logp is the sampler's μ):
+  `policy.rollout_rs` rejects tokens on sg(π_θ)/μ inside each micro-batch's loss (veRL
+  compute_policy_loss_bypass_mode; rejected tokens add 0 and stay in the count).
 
   Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
   when kl_coef > 0); optional "is_weight" [B, R]: rollout-correction weights multiplying each
-  token's loss (`losses.rollout_correction`). The token loss is `settings.loss` from
+  token's loss (`losses.rollout_correction`). The token loss is `policy.policy_loss` from
   `losses.POLICY_LOSSES` (one signature for ppo, gspo, gspo_token, cispo). Rows whose response_mask is all 0 (rows masked out by the caller) add
   nothing to the loss or its count; a mini-batch of such rows only takes no optimizer step. `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
   once per group (same loss and gradient). The shuffle permutes blocks of `shuffle_group_size`
@@ -479,9 +421,16 @@ def make_policy_update(
   LoRA adapters of the frozen base passed as `policy_update(policy_state, batch, rng, base)`
   (as `make_prm_update`).
   """
-  if settings.loss_norm == "device_micro_batch" and micro_batch_size % settings.loss_shards:
+  if variant not in ("verl", "original"):
+    raise ValueError(f"make_policy_update: variant={variant!r}; expected 'verl' or 'original'.")
+  if loss_shards < 1:
+    raise ValueError(f"make_policy_update: loss_shards={loss_shards} must be >= 1.")
+  clip_low, clip_high = policy.clip_range
+  agg_mode, loss_norm = policy.agg_mode, policy.loss_norm
+  bypass_rs = policy.rollout_rs if bypass else "none"
+  if loss_norm == "device_micro_batch" and micro_batch_size % loss_shards:
     raise ValueError(f"loss_norm='device_micro_batch': micro_batch_size={micro_batch_size} must split "
-                     f"into loss_shards={settings.loss_shards} device shards")
+                     f"into loss_shards={loss_shards} device shards")
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
   shuffle_g = group_size if shuffle_group_size is None else shuffle_group_size
   if shuffle and shuffle_g % group_size:
@@ -490,7 +439,8 @@ def make_policy_update(
   if epochs < 1:
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
-  loss_terms = losses.get_policy_loss(settings.registry_name)
+  loss_terms = losses.get_policy_loss(
+      "ppo_original" if (policy.policy_loss == "ppo" and variant == "original") else policy.policy_loss)
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)
@@ -501,7 +451,7 @@ def make_policy_update(
     keys = ["tokens", "attention_mask", "response_mask", "old_logp", "advantages"]
     if "is_weight" in batch:
       keys.append("is_weight")
-    if settings.kl_coef > 0:
+    if policy.kl_coef > 0:
       keys.append("ref_logp")
     rows = {k: batch[k] for k in keys}
 
@@ -509,26 +459,26 @@ def make_policy_update(
       logp, ent = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, need_entropy,
                                     group_size, temperature)
       m = mb["response_mask"]
-      terms = loss_terms(logp, mb["old_logp"], mb["advantages"], m, clip_ratio_low=settings.clip_low,
-                         clip_ratio_high=settings.clip_high, clip_ratio_c=settings.clip_c)
+      terms = loss_terms(logp, mb["old_logp"], mb["advantages"], m, clip_ratio_low=clip_low,
+                         clip_ratio_high=clip_high, clip_ratio_c=policy.clip_c)
       token_loss = terms.token_loss
       if "is_weight" in mb:  # decoupled rollout correction: min(pi_old / mu, C) (no gradient)
         token_loss = token_loss * mb["is_weight"]
-      if settings.bypass_rs != "none":  # bypass: reject on sg(pi_theta) / mu (old_logp = mu)
+      if bypass_rs != "none":  # bypass: reject on sg(pi_theta) / mu (old_logp = mu)
         keep = losses.rejection_mask(jax.lax.stop_gradient(logp) - mb["old_logp"], m,
-                                     level=settings.bypass_rs, low=settings.bypass_rs_low,
-                                     high=settings.bypass_rs_high, k3_max=settings.bypass_rs_k3_max)
+                                     level=bypass_rs, low=policy.rollout_rs_low,
+                                     high=policy.rollout_rs_high, k3_max=policy.rollout_rs_k3_max)
         token_loss = token_loss * keep
       agg = lambda x: normalised(x, m, count)
       sums = {"pg": agg(token_loss), "entropy": agg(ent)}
-      total = sums["pg"] - settings.entropy_coeff * sums["entropy"]
-      if settings.kl_coef > 0:
-        sums["kl"] = agg(losses.get_kl(settings.kl_type)(logp, mb["ref_logp"]))  # of [b, R]
-        total = total + settings.kl_coef * sums["kl"]
+      total = sums["pg"] - policy.entropy_coeff * sums["entropy"]
+      if policy.kl_coef > 0:
+        sums["kl"] = agg(losses.get_kl(policy.kl_type)(logp, mb["ref_logp"]))  # of [b, R]
+        total = total + policy.kl_coef * sums["kl"]
       tok_stats = {"clipfrac": terms.clipped.astype(jnp.float32),
                    "clipfrac_lower": terms.dual_clipped.astype(jnp.float32),
                    "ppo_kl": terms.neg_log_ratio}
-      if settings.bypass_rs != "none":
+      if bypass_rs != "none":
         tok_stats["rollout_rs_masked_frac"] = 1.0 - keep
       # Token-level diagnostics as masked sums (divided by the token count at the end).
       for name, v in tok_stats.items():
@@ -537,16 +487,16 @@ def make_policy_update(
 
     def normalised(x, m, count):
       """This micro-batch's share of the mini-batch loss of the token values x [b, R]."""
-      if settings.loss_norm == "mini_batch":  # Σ_micro sum / global count of the mini-batch
-        return losses.aggregate_terms(x, m, settings.agg_mode)[0] / count
-      d = settings.loss_shards if settings.loss_norm == "device_micro_batch" else 1
+      if loss_norm == "mini_batch":  # Σ_micro sum / global count of the mini-batch
+        return losses.aggregate_terms(x, m, agg_mode)[0] / count
+      d = loss_shards if loss_norm == "device_micro_batch" else 1
       xs, ms = (v.reshape((d, v.shape[0] // d) + v.shape[1:]) for v in (x, m))  # [d, b/d, R]
-      s, c = jax.vmap(lambda a, w: losses.aggregate_terms(a, w, settings.agg_mode))(xs, ms)  # [d]
+      s, c = jax.vmap(lambda a, w: losses.aggregate_terms(a, w, agg_mode))(xs, ms)  # [d]
       return jnp.sum(s / jnp.maximum(c, 1e-8)) / (d * n_micro)  # mean of (shard) micro-batch means
 
     def mini_step(st: TrainState, mini):
       count = losses.aggregate_terms(jnp.zeros_like(mini["response_mask"]), mini["response_mask"],
-                                     settings.agg_mode)[1]  # parameter-free global count
+                                     agg_mode)[1]  # parameter-free global count
       count = jnp.maximum(count, 1e-8)
       micros = _chunk(mini, n_micro)
 
