@@ -577,6 +577,10 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
           "in_band": ((rows,), jnp.float32)})  # rollout.collect always fills both
   if p.process_reward:
     b.update(ab({"process_rewards": ((rows, R_), jnp.float32)}))
+  if r.env:  # multi-turn rows (rl/multiturn.py): observations attended, turn ids, turn rewards
+    b.update(ab({"observation_mask": ((rows, R_), jnp.float32), "turn_ids": ((rows, R_), jnp.int32)}))
+    if p.advantage in ("matchtir", "igpo"):
+      b.update(ab({"turn_rewards": ((rows, r.max_turns), jnp.float32)}))
   batch = RolloutBatch(**b)
   rep = sharding.replicated(mesh)
   akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
