@@ -124,9 +124,10 @@ def _metrics(d):
           not any(k.startswith("eval/") for k in r)}
 
 
-def test_igpo_smoke_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("advantage", ["igpo", "matchtir"])
+def test_turn_level_smoke_run_resumes_exactly(tmp_path, advantage):
   """3 steps straight == 2 steps + a fresh process resuming for the third (real random model)."""
-  common = [f"--flagfile={SMOKE}", *MT_FLAGS, "--advantage=igpo", "--eval_data=", "--checkpoint_every=1"]
+  common = [f"--flagfile={SMOKE}", *MT_FLAGS, f"--advantage={advantage}", "--eval_data=", "--checkpoint_every=1"]
   runs = {"a": ["--steps=3"], "b": ["--steps=2"]}
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   script = str(REPO / "experiments" / "prime_math.py")
