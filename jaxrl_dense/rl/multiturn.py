@@ -255,17 +255,10 @@ def matchtir_turn_rewards(turn_texts: Sequence[Sequence[str]], gold_calls: Seque
   P = max(1, max(len(p) for p in preds))
   golds = [[canon(c) for c in (gc or [])] for gc in gold_calls]
   Gt = max(1, max(len(gc) for gc in golds))
-  sim = np.zeros((N, P, Gt), np.float32)
-  pv = np.zeros((N, P), bool)
-  gv = np.zeros((N, Gt), bool)
+  sim, pv, gv = turn_level.similarity_matrix(preds, golds, P, Gt)  # [N, P, Gt], [N, P], [N, Gt]
   ct = np.full((N, P), -1, np.int32)
-  for b in range(N):
-    for p, call in enumerate(preds[b]):
-      pv[b, p] = True
-      ct[b, p] = call_turn[b][p]
-      for q, gold in enumerate(golds[b]):
-        sim[b, p, q] = turn_level.tool_call_similarity(call, gold)
-    gv[b, :len(golds[b])] = True
+  for b, where in enumerate(call_turn):
+    ct[b, :len(where)] = where
   r_call = np.asarray(turn_level.assignment_call_rewards(sim, pv, gv, mode=mode,
                                                          unmatched_penalty=unmatched_penalty))
   nt = np.asarray([min(len(t), num_turns) for t in turn_texts], np.int32)
