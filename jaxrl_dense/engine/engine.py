@@ -6,7 +6,9 @@ top-k / top-p via `sampling_step.sample_step`, the EOS set, log-probs of the sam
 untempered distribution), but schedules the work differently:
 
   * KV cache = a pool of pages (`page_table.PagePool`); a row holds only the pages its prompt and
-    its tokens so far need, and gives them back when it finishes.
+    its tokens so far need, and gives them back when it finishes. Under a mesh the pool is split
+    by rows (one block of pages and one PagePool per data x fsdp row shard; a prompt's samples
+    share a shard) and by kv heads ("tensor"); pages are touched only inside `jax.shard_map`.
   * At most `max_slots` rows decode at once; waiting rows are admitted (FIFO) as others finish
     (JetStream's insert / generate loop). A decode call runs on the live rows only, compacted and
     padded to a power-of-two width, over a block table cut to the longest live row (power-of-two
@@ -46,9 +48,57 @@ from jaxrl_dense.models.config import ModelConfig
 # Traces of each jitted program (tests use it to bound recompiles).
 TRACE_COUNT = collections.Counter()
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-# Under a mesh the pages are split over kv heads ("tensor") and replicated over the batch axes:
-# any row may read any page; each device decodes its own rows (rows over data x fsdp).
-_PAGE_AXES = ("kv_heads", None, None, "head_dim")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pool layout under a mesh
+# ----------------------------------------------------------------------------------------------
+# Under a mesh with S = data x fsdp row shards the pool's page axis is S blocks of N pages, one
+# per row shard, and its kv heads are split over "tensor" (where it divides both head counts):
+# pool [Hkv, S * N, P, hd] with spec P("tensor", ("data", "fsdp"), None, None). A row lives on
+# one shard: its block table holds page ids LOCAL to that shard's block (each block has its own
+# null page 0), and decode / prefill rows are laid out shard-major (rows [s W/S, (s+1) W/S) on
+# shard s), so page writes, paged attention and copy-on-write run per shard inside
+# `jax.shard_map` and no device holds or reads another shard's pages: per device the pool is
+# 1 / (S x tensor) of the whole. One device (or no mesh): S = 1, the pool is [Hkv, N, P, hd].
+def row_shards(mesh) -> int:
+  """S: the devices along the row axes (data x fsdp) of `mesh`; 1 without a mesh."""
+  if mesh is None:
+    return 1
+  sizes = dict(mesh.shape)
+  return int(np.prod([sizes.get(a, 1) for a in sharding.BATCH_AXES]))
+
+
+def _shard_axes(mesh, config: ModelConfig) -> dict:
+  """Mesh axes per name: "rows" (and the pool's "pages") over data x fsdp, "heads" (query and
+  kv heads) over tensor when it divides both head counts (whole query groups per shard)."""
+  ax = sharding.kernel_axes(mesh, batch=row_shards(mesh), num_heads=config.num_heads,
+                            num_kv_heads=config.num_kv_heads)
+  return {"rows": ax["batch"], "pages": ax["batch"], "heads": ax["heads"]}
+
+
+def pool_spec(mesh, config: ModelConfig) -> jax.sharding.PartitionSpec:
+  """PartitionSpec of each [Hkv, S * N, P, hd] pool array on `mesh`."""
+  ax = _shard_axes(mesh, config)
+  return jax.sharding.PartitionSpec(ax["heads"], ax["pages"], None, None)
+
+
+def _per_row_shard(fn, in_names, out_names, config: ModelConfig):
+  """`fn` run per (row shard, kv-head shard) with `jax.shard_map` over the context mesh.
+
+  in_names / out_names: per argument (output), one name per dimension ("rows", "pages",
+  "heads" or None); a name tuple applies to every leaf of a pytree argument (the pool). Without a
+  context mesh, or on one device, returns `fn` itself (the single-device program is unchanged).
+  """
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn
+  ax = _shard_axes(mesh, config)
+  spec = lambda names: jax.sharding.PartitionSpec(*[ax[n] if n else None for n in names])
+  multi = isinstance(out_names[0], tuple)
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(n) for n in in_names),
+                       out_specs=tuple(spec(n) for n in out_names) if multi else spec(out_names),
+                       check_vma=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +108,12 @@ class EngineConfig:
   Attributes:
     page_size: P, token slots per KV page.
     max_slots: rows decoding at once (the largest decode width); None: every row (the static
-      sampler's concurrency; finished rows still leave the decode batch).
-    num_pages: pages in the pool including the null page; None sizes it for `max_slots` rows
-      of the longest prompt plus their prompts' pages (about the static sampler's cache when
-      max_slots >= rows; less when fewer slots).
+      sampler's concurrency; finished rows still leave the decode batch). Under a mesh each of
+      the S row shards (data x fsdp) takes ceil(max_slots / S) rows.
+    num_pages: pages in the pool including the null page (under a mesh: all shards' pages,
+      num_pages // S per shard, each with its own null page); None sizes each shard for its
+      slots of the longest prompt plus their prompts' pages (about the static sampler's cache
+      when max_slots >= rows; less when fewer slots).
     steps_per_call: K, decode steps per jitted call.
     prefill_chunk: longest prefill chunk (tokens); longer prompts are prefilled in chunks.
     min_prefill_bucket: shortest prefill length bucket (prompts are padded to powers of two).
@@ -96,8 +148,9 @@ class EngineConfig:
 @dataclasses.dataclass
 class EngineStats:
   """What a run did: calls, pages, widths (for tests and benchmarks)."""
-  num_pages: int = 0
-  peak_pages_in_use: int = 0
+  num_pages: int = 0             # all row shards' pages (each shard: num_pages / row_shards)
+  row_shards: int = 1            # S: one PagePool and one block of the device pool per shard
+  peak_pages_in_use: int = 0     # sum over shards of each shard's peak
   peak_live_rows: int = 0
   prefill_calls: int = 0
   prefill_tokens: int = 0
@@ -111,6 +164,11 @@ class EngineStats:
   # (width, table pages) of each decode call: one compiled decode program per distinct pair,
   # both powers of two (min_decode_width .. max_slots, min_table_tokens / P .. the longest row)
   decode_shapes: list = dataclasses.field(default_factory=list)
+  # (prompts, chunk tokens, table pages) of each prefill call: one compiled prefill program each
+  prefill_shapes: list = dataclasses.field(default_factory=list)
+  # live rows per shard of each decode call (the decode width per shard is their pow2 maximum)
+  shard_live: list = dataclasses.field(default_factory=list)
+  shard_rows: list = dataclasses.field(default_factory=list)  # rows admitted to each shard
 
   @property
   def host_syncs(self) -> int:
@@ -196,7 +254,9 @@ def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page
 
   Each layer writes its keys/values of the T tokens to (page_ids, offsets) [B, T] and then
   attends, per row, over the pages of `block_table` [B, pp] up to each query's position.
-  pool: tuple of L (k_pages, v_pages) [Hkv, N, P, hd]. Returns (hidden, new pool).
+  pool: tuple of L (k_pages, v_pages) [Hkv, S * N, P, hd]; under a mesh B is S blocks of rows,
+  block s holding shard-local page ids, and both steps run per shard (`_paged_layer`).
+  Returns (hidden, new pool).
   """
   c = config
   dt = transformer.compute_dtype(c)
@@ -206,6 +266,11 @@ def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page
   x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
   cos, sin = transformer.rope_cos_sin(c, positions)  # [B, T, hd]
   new_pool = []
+  tok_names, page_names = ("rows", None, "heads", None), ("heads", "pages", None, None)
+  paged = _per_row_shard(functools.partial(_paged_layer, attention=attention),
+                         (tok_names, tok_names, tok_names, page_names, page_names, ("rows", None),
+                          ("rows", None), ("rows", None), ("rows", None)),
+                         (("rows", None, "heads"), page_names, page_names), config)
   for w, (k_pages, v_pages) in zip(weights, pool):
     y = _rms(x, w["ln1"], c.rms_norm_eps, dt)
     qkv = _linear(y, w["qkv"])  # [B, T, (H + 2Hkv) hd]
@@ -214,17 +279,30 @@ def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page
     q = _rope(qkv[..., : h * hd].reshape(b, t, h, hd), cos, sin)  # [B, T, H, hd]
     k = _rope(qkv[..., h * hd: (h + hkv) * hd].reshape(b, t, hkv, hd), cos, sin)  # [B, T, Hkv, hd]
     v = qkv[..., (h + hkv) * hd:].reshape(b, t, hkv, hd)
-    k_pages = pa.write_pages(k_pages, k, page_ids, offsets)
-    v_pages = pa.write_pages(v_pages, v, page_ids, offsets)
-    k_pages, v_pages = (sharding.with_logical_constraint(a, _PAGE_AXES) for a in (k_pages, v_pages))
+    attn, k_pages, v_pages = paged(q, k, v, k_pages, v_pages, page_ids, offsets, block_table,
+                                   positions)
     new_pool.append((k_pages, v_pages))
-    attn = pa.paged_attention(q, k_pages, v_pages, block_table, positions, impl=attention)
     x = x + _linear(attn.astype(dt), w["o"])
     y = _rms(x, w["ln2"], c.rms_norm_eps, dt)
     gu = _linear(y, w["gate_up"])  # [B, T, 2I]
     x = x + _linear(jax.nn.silu(gu[..., : c.intermediate_size]) * gu[..., c.intermediate_size:], w["down"])
     x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
   return _rms(x, params["norm"]["scale"], c.rms_norm_eps, dt), tuple(new_pool)
+
+
+def _paged_layer(q, k, v, k_pages, v_pages, page_ids, offsets, block_table, positions, *,
+                 attention):
+  """One layer's page writes and paged attention on one shard's rows, pages and kv heads.
+
+  q [B, T, H, hd], k / v [B, T, Hkv, hd], pages [Hkv, N, P, hd], page_ids / offsets /
+  block_table / positions with this shard's local page ids. Returns (attn [B, T, H * hd],
+  k_pages, v_pages).
+  """
+  k_pages = pa.write_pages(k_pages, k, page_ids, offsets)
+  v_pages = pa.write_pages(v_pages, v, page_ids, offsets)
+  attn = pa.paged_attention(q, k_pages, v_pages, block_table, positions, impl=attention,
+                            per_shard=True)
+  return attn, k_pages, v_pages
 
 
 def _row_keys(rng, rows, steps):
@@ -241,10 +319,23 @@ def _sample_rows(logits, keys, temperature, top_p, *, greedy, top_k, use_top_p):
 
 
 def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple:
-  """Zeroed page pool: L x (k, v) [Hkv, num_pages, page_size, hd] (default: compute dtype)."""
+  """Zeroed page pool: L x (k, v) [Hkv, num_pages, page_size, hd] (default: compute dtype).
+
+  Under a context mesh (`sharding.use_mesh`) num_pages = S x pages per row shard and the arrays
+  are created in place with `pool_spec` (pages over data x fsdp, kv heads over tensor): no device
+  ever holds the whole pool.
+  """
   dtype = transformer.compute_dtype(config) if dtype is None else dtype
   shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+  make = lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                       for _ in range(config.num_layers))
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return make()
+  if num_pages % row_shards(mesh):
+    raise ValueError(f"init_pool: num_pages={num_pages} is not a multiple of the "
+                     f"{row_shards(mesh)} row shards (data x fsdp) of the mesh.")
+  return jax.jit(make, out_shardings=pool_spec(mesh, config))()
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("pool",))
@@ -274,11 +365,17 @@ def _sample_first(logits, rows, rng, temperature, top_p, *, greedy, top_k, use_t
   return _sample_rows(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
 
-@functools.partial(jax.jit, donate_argnames=("pool",))
-def _copy_pages(pool, src, dst):
-  """pool pages dst[i] <- src[i] in every layer (copy-on-write of shared partial pages)."""
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("pool",))
+def _copy_pages(pool, src, dst, *, config):
+  """pool pages dst[i] <- src[i] in every layer (copy-on-write of shared partial pages).
+
+  src / dst int32 [S * m]: block s holds shard s's local page ids (pads copy page 0 onto itself).
+  """
   TRACE_COUNT["copy"] += 1
-  return tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])) for k, v in pool)
+  copy = lambda pool, src, dst: tuple((k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src]))
+                                      for k, v in pool)
+  pages = ("heads", "pages", None, None)
+  return _per_row_shard(copy, (pages, ("rows",), ("rows",)), pages, config)(pool, src, dst)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -354,8 +451,10 @@ def run(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array,
   here), plus:
     max_new_per_row: optional int [B * n] per-row limits <= max_new_tokens (rows stop there).
     engine: EngineConfig (default EngineConfig()).
-    mesh: device mesh (default: the mesh of `params`' shardings, if any). Decode rows are split
-      over data x fsdp, the page pool over kv heads ("tensor") and replicated over rows.
+    mesh: device mesh (default: the mesh of `params`' shardings, if any). Rows are split over
+      the S = data x fsdp row shards, each with its own block of the page pool (one host
+      PagePool per shard, shard-local page ids; a prompt and its n samples on one shard), and
+      the pool's kv heads over "tensor": per device the pool is 1 / (S x tensor) of the whole.
   The output has max_new_tokens columns whatever the per-row limits.
   """
   _check_config(config, params)
@@ -408,14 +507,25 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   if cfg.max_slots is None:
     cfg = dataclasses.replace(cfg, max_slots=num_rows)
   lens = [len(p) for p in prompts]
-  num_pages = cfg.num_pages or _default_num_pages(cfg, lens, n, max_new)
-  pool_pages = PagePool(num_pages)
+  # Row shards: one host PagePool per data x fsdp device group, max_slots / S rows each.
+  n_shards = row_shards(sharding.current_mesh())
+  slots = -(-cfg.max_slots // n_shards)
+  if cfg.num_pages:
+    shard_pages = cfg.num_pages // n_shards
+    if shard_pages < 2:
+      raise ValueError(f"EngineConfig.num_pages={cfg.num_pages} gives {shard_pages} pages to each of "
+                       f"the {n_shards} row shards (data x fsdp); each needs >= 2.")
+  else:
+    shard_pages = _default_num_pages(dataclasses.replace(cfg, max_slots=slots), lens, n, max_new)
+  num_pages = n_shards * shard_pages
+  pools = [PagePool(shard_pages) for _ in range(n_shards)]
   worst = max(pages_for(lens[r // n] + int(limits[r]) - 1, p_size) + 1 for r in range(num_rows))
-  if worst > num_pages - 1:
+  if worst > shard_pages - 1:
     raise ValueError(f"EngineConfig.num_pages={num_pages}: a row needs up to {worst} pages "
-                     f"(page_size={p_size}) plus the null page; raise num_pages.")
+                     f"(page_size={p_size}) plus the null page of its row shard's "
+                     f"{shard_pages} pages ({n_shards} row shards); raise num_pages.")
   max_pp = max(pages_for(lens[r // n] + int(limits[r]) - 1, p_size) for r in range(num_rows))
-  stats = EngineStats(num_pages=num_pages)
+  stats = EngineStats(num_pages=num_pages, row_shards=n_shards, shard_rows=[0] * n_shards)
 
   greedy = temperature == 0.0
   samp = dict(greedy=greedy, top_k=top_k, use_top_p=(top_p < 1.0) and not greedy)
@@ -433,6 +543,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   pending = collections.deque(range(num_rows))
   pending_of = collections.Counter(r // n for r in range(num_rows))  # samples not yet admitted
   prompt_pages: dict = {}    # prompt -> its page ids (one reference held while samples wait)
+  prompt_shard: dict = {}    # prompt -> the row shard holding its pages (all its samples go there)
   prompt_logits: dict = {}   # prompt -> device logits [V] after its last token
   live: list = []            # admitted, unfinished Sequences (<= max_slots)
 
@@ -446,14 +557,18 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     for c, group in plan.items():
       n_chunks = max(pages_for(lens[p], c) for p in group)
       for j in range(n_chunks):
-        rows = [p for p in group if lens[p] > j * c]
-        bp = _pow2(len(rows))
+        # Shard-major rows: shard s's prompts in [s * bl, (s + 1) * bl).
+        by_shard = [[p for p in group if lens[p] > j * c and prompt_shard[p] == s]
+                    for s in range(n_shards)]
+        bl = _pow2(max(map(len, by_shard)))
+        slot = {p: s * bl + i for s, ps in enumerate(by_shard) for i, p in enumerate(ps)}
+        bp = n_shards * bl
         pp = _pow2(pages_for((j + 1) * c, p_size))
         toks = np.zeros((bp, c), np.int32)
         table = np.zeros((bp, pp), np.int32)
         start = np.full((bp,), j * c, np.int32)
         n_valid = np.zeros((bp,), np.int32)
-        for i, p in enumerate(rows):
+        for p, i in slot.items():
           seg = prompts[p][j * c:(j + 1) * c]
           toks[i, :len(seg)] = seg
           n_valid[i] = len(seg)
@@ -463,59 +578,92 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
                                 attention=cfg.attention)
         stats.prefill_calls += 1
         stats.prefill_tokens += bp * c
-        for i, p in enumerate(rows):
+        stats.prefill_shapes.append((bp, c, pp))
+        for p, i in slot.items():
           if lens[p] <= (j + 1) * c:
             prompt_logits[p] = logits[i]
 
   def admit():
-    """Admits waiting rows FIFO while slots and pages allow; samples their first token."""
+    """Admits waiting rows while slots and pages allow; samples their first token.
+
+    FIFO per row shard: a prompt's samples all go to the shard holding its pages, a new prompt
+    to the open shard with the fewest rows (then the most available pages), and a shard that
+    cannot take the next row meant for it takes no later row this wave (so long rows are not
+    starved). With one shard this is plain FIFO.
+    """
     nonlocal pool
-    admitted, new_prompts, budget = [], [], pool_pages.num_available
-    while pending and len(live) + len(admitted) < cfg.max_slots:
-      r = pending[0]
+    admitted, new_prompts = [], []
+    budget = [pl.num_available for pl in pools]
+    load = [0] * n_shards  # rows per shard: decoding + admitted this wave
+    for s in live:
+      load[s.shard] += 1
+    closed = [False] * n_shards
+    for r in pending:
+      open_shards = [i for i in range(n_shards) if not closed[i] and load[i] < slots]
+      if not open_shards:
+        break
       p = r // n
-      fresh = p not in prompt_pages and p not in new_prompts
+      fresh = p not in prompt_shard
       need = (pages_for(lens[p] + int(limits[r]) - 1, p_size) - pages_for(lens[p], p_size)  # growth
               + (1 if lens[p] % p_size else 0)                   # copy of the shared last page
               + (pages_for(lens[p], p_size) if fresh else 0))    # the prompt's own pages
-      if need > budget:
-        break
-      budget -= need
       if fresh:
-        new_prompts.append(p)
-      admitted.append(pending.popleft())
+        candidates = sorted(open_shards, key=lambda i: (load[i], -budget[i], i))
+      else:
+        candidates = [prompt_shard[p]] if prompt_shard[p] in open_shards else []
+      for i in candidates:
+        if need > budget[i]:
+          closed[i] = True
+          continue
+        budget[i] -= need
+        load[i] += 1
+        if fresh:
+          prompt_shard[p] = i
+          new_prompts.append(p)
+        admitted.append(r)
+        break
     if not admitted:
       return
+    taken = set(admitted)
+    rest = [r for r in pending if r not in taken]
+    pending.clear()
+    pending.extend(rest)
     for p in new_prompts:
-      prompt_pages[p] = pool_pages.alloc(pages_for(lens[p], p_size))
+      prompt_pages[p] = pools[prompt_shard[p]].alloc(pages_for(lens[p], p_size))
     if new_prompts:
       prefill(new_prompts)
-    copies = []
+    copies = [[] for _ in range(n_shards)]
     seqs = []
     for r in admitted:
       p = r // n
+      shard = prompt_shard[p]
+      pool_pages = pools[shard]
       shared = prompt_pages[p]
       pool_pages.incref(shared)
       pending_of[p] -= 1
       if pending_of[p] == 0:  # the prompt's own reference goes with its last sample
         pool_pages.decref(shared)
-        del prompt_pages[p]
+        del prompt_pages[p], prompt_shard[p]
       table = list(shared)
       if lens[p] % p_size:  # the partially filled last page is written by every sample
         table[-1], src = pool_pages.make_private(table[-1])
         if src is not None:
-          copies.append((src, table[-1]))
-      seq = Sequence(row=r, prompt=p, prompt_len=lens[p], max_new=int(limits[r]), block_table=table)
+          copies[shard].append((src, table[-1]))
+      seq = Sequence(row=r, prompt=p, prompt_len=lens[p], max_new=int(limits[r]), block_table=table,
+                     shard=shard)
       seq.reserved = pages_for(lens[p] + seq.max_new - 1, p_size) - len(table)
       pool_pages.reserve(seq.reserved)
+      stats.shard_rows[shard] += 1
       seqs.append(seq)
-    if copies:
-      m = _pow2(len(copies))
-      src = np.zeros((m,), np.int32)
-      dst = np.zeros((m,), np.int32)
-      src[:len(copies)], dst[:len(copies)] = zip(*copies)
-      pool = _copy_pages(pool, src, dst)
-      stats.page_copies += len(copies)
+    if any(copies):
+      m = _pow2(max(map(len, copies)))  # shard s's copies in [s * m, (s + 1) * m)
+      src = np.zeros((n_shards * m,), np.int32)
+      dst = np.zeros((n_shards * m,), np.int32)
+      for i, cs in enumerate(copies):
+        if cs:
+          src[i * m:i * m + len(cs)], dst[i * m:i * m + len(cs)] = zip(*cs)
+      pool = _copy_pages(pool, src, dst, config=config)
+      stats.page_copies += sum(map(len, copies))
     # Step 0 of every admitted row, from its prompt's logits.
     m = _pow2(len(seqs))
     logits = jnp.stack([prompt_logits[s.prompt] for s in seqs] +
@@ -528,7 +676,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
       out_tok[s.row, 0], out_lp[s.row, 0], out_raw[s.row, 0], out_mask[s.row, 0] = tok[i], lp[i], raw[i], 1
       s.step, s.last_token = 1, int(tok[i])
       if int(tok[i]) in eos_ids or s.max_new == 1:
-        s.release(pool_pages)
+        s.release(pools[s.shard])
       else:
         live.append(s)
     for p in [p for p in prompt_logits if pending_of[p] == 0]:
@@ -539,16 +687,21 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     for s in live:  # pages for the next K steps, drawn from each row's reservation
       grow = pages_for(s.positions_needed(k_steps), p_size) - len(s.block_table)
       if grow > 0:
-        s.block_table += pool_pages.alloc(grow, from_reserved=True)
+        s.block_table += pools[s.shard].alloc(grow, from_reserved=True)
         s.reserved -= grow
-    w = max(_pow2(len(live), lo=cfg.min_decode_width, hi=cfg.max_slots), len(live))
+    # Shard-major rows: shard s's live rows in [s * wl, (s + 1) * wl), wl a power of two.
+    by_shard = [[s for s in live if s.shard == i] for i in range(n_shards)]
+    top = max(map(len, by_shard))
+    wl = max(_pow2(top, lo=-(-cfg.min_decode_width // n_shards), hi=slots), top)
+    w = n_shards * wl
+    order = [(i * wl + j, s) for i, ss in enumerate(by_shard) for j, s in enumerate(ss)]
     pp = _pow2(max(len(s.block_table) for s in live), lo=pages_for(cfg.min_table_tokens, p_size),
                hi=max_pp)
     table = np.zeros((w, pp), np.int32)
     tok, plen, step, rows = (np.zeros((w,), np.int32) for _ in range(4))
     max_n = np.ones((w,), np.int32)
     alive = np.zeros((w,), bool)
-    for i, s in enumerate(live):
+    for i, s in order:
       table[i, :len(s.block_table)] = s.block_table
       tok[i], plen[i], step[i], rows[i], max_n[i], alive[i] = (
           s.last_token, s.prompt_len, s.step, s.row, s.max_new, True)
@@ -560,8 +713,9 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     stats.decode_row_steps += w * k_steps
     stats.widths.append(w)
     stats.decode_shapes.append((w, pp))
+    stats.shard_live.append(tuple(map(len, by_shard)))
     still = []
-    for i, s in enumerate(live):
+    for i, s in order:
       k = int(emitted[i].sum())
       cols = slice(s.step, s.step + k)
       out_tok[s.row, cols], out_lp[s.row, cols], out_raw[s.row, cols] = t[i, :k], lp[i, :k], raw[i, :k]
@@ -571,7 +725,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
         s.last_token = int(t[i, k - 1])
       finished = s.step >= s.max_new or (k and int(t[i, k - 1]) in eos_ids) or k < k_steps
       if finished:
-        s.release(pool_pages)
+        s.release(pools[s.shard])
       else:
         still.append(s)
     live[:] = still
@@ -583,10 +737,11 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
       decode()
     elif pending:
       raise RuntimeError("engine made no progress: no row fits the page pool "  # unreachable by `worst`
-                         f"({pool_pages.num_available} pages available).")
-  stats.pages_in_use_at_end = pool_pages.num_in_use
-  pool_pages.check_all_free()
-  stats.peak_pages_in_use = pool_pages.peak_in_use
+                         f"({[pl.num_available for pl in pools]} pages available per shard).")
+  stats.pages_in_use_at_end = sum(pl.num_in_use for pl in pools)
+  for pl in pools:
+    pl.check_all_free()
+  stats.peak_pages_in_use = sum(pl.peak_in_use for pl in pools)
   stats.generated_tokens = int(out_mask.sum())
   lengths = out_mask.sum(-1).astype(np.int32)
   out = sampling_step.GenerationOutput(jnp.asarray(out_tok), jnp.asarray(out_lp), jnp.asarray(out_mask),

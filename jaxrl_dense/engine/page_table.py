@@ -123,7 +123,8 @@ class PagePool:
 class Sequence:
   """Book-keeping of one row (a sample of a prompt) on the host.
 
-  block_table: page ids holding positions [0, len(block_table) * page_size).
+  block_table: page ids holding positions [0, len(block_table) * page_size), local to the
+    row's shard's pool (`shard`: the engine keeps one PagePool per row shard of the mesh).
   reserved: pages still promised to this row in the pool's reservation.
   """
   row: int
@@ -135,6 +136,7 @@ class Sequence:
   step: int = 0          # index of the next token to sample
   last_token: int = 0    # the token fed at the next decode step
   done: bool = False
+  shard: int = 0         # row shard (data x fsdp device group) whose pages the row holds
 
   def positions_needed(self, steps: int) -> int:
     """Cache positions [0, n) the next `steps` decode steps need.

@@ -139,8 +139,9 @@ def attend_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
   if platform not in ("tpu", "gpu"):
     raise ValueError(f"attend_pallas: no Pallas paged-attention kernel for platform {platform!r}.")
   # Per shard (no partitioning rule for a pallas_call): rows and their block tables over
-  # (data, fsdp), query groups and the pool's kv heads over tensor. The pool is shared by all
-  # rows, so each row shard reads the pages it holds on its device.
+  # (data, fsdp), query groups and the pool's kv heads over tensor. Here the pool is shared by
+  # all rows (replicated over the row axes); the engine splits its pool by rows too and calls
+  # the kernel from inside its own shard_map (`paged_attention(..., per_shard=True)`).
   kernel = _sharding.shard_kernel(
       functools.partial(_attend_pallas, platform=platform, interpret=interpret),
       (("batch", "heads", None), ("kv_heads", None, None, None), ("kv_heads", None, None, None),
@@ -170,10 +171,12 @@ def _attend_pallas(q, k_pages, v_pages, block_table, lengths, *, platform, inter
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_table: jax.Array,
-                    q_positions: jax.Array, *, impl: str = "auto") -> jax.Array:
+                    q_positions: jax.Array, *, impl: str = "auto", per_shard: bool = False) -> jax.Array:
   """Dispatcher: q [B, T, H, hd] -> [B, T, H * hd] (see the module docstring for `impl`).
 
   Pallas applies only to single-query decode (T == 1); prefill chunks always take the XLA path.
+  per_shard: the caller already runs per shard (inside `jax.shard_map`, the engine's
+  row-sharded pool), so the Pallas kernel is called on these operands as they are.
   """
   if impl not in ("auto", "xla", "pallas"):
     raise ValueError(f"attention impl must be 'auto', 'xla' or 'pallas', got {impl!r}.")
@@ -183,8 +186,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
   if use_pallas:
     if platform is None:
       raise ValueError(f"attention impl='pallas' needs a TPU or GPU backend, not {jax.default_backend()!r}.")
-    out = attend_pallas(q[:, 0], k_pages, v_pages, block_table, q_positions[:, 0] + 1,
-                        platform=platform)
+    call = functools.partial(_attend_pallas, interpret=False) if per_shard else attend_pallas
+    out = call(q[:, 0], k_pages, v_pages, block_table, q_positions[:, 0] + 1, platform=platform)
     return out[:, None]
   # Decode reads blocks of 32 tokens (fastest on XLA:CPU); prefill chunks have many queries.
   return attend_xla(q, k_pages, v_pages, block_table, q_positions,
