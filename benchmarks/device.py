@@ -5,9 +5,10 @@
 
 Sections (random weights of the named shapes: nothing is downloaded), each figure printed next
 to its goal (issue 13):
-  (a) rollout tokens/s, `sampling.generate` vs transformers `generate` (bf16; SmolLM2-135M and
-      Qwen2-0.5B shapes; batch 64 and 256; 64-token prompts, 256 new tokens, EOS ignored).
-      Goal: ours >= 20x transformers at batch 256.
+  (a) rollout tokens/s, the trainer's rollout (float32 masters -> the bf16 rollout copy,
+      `sharding.rollout_params` as `Trainer.rollout_params` makes it, timed -> `sampling.generate`)
+      vs transformers `generate` (bf16; SmolLM2-135M and Qwen2-0.5B shapes; batch 64 and 256;
+      64-token prompts, 256 new tokens, EOS ignored). Goal: ours >= 20x transformers at batch 256.
   (b) train-step tokens/s and MFU, ours (f32 master weights, bf16 compute, AdamW, remat policy
       `--remat_policy`) vs transformers (fp32 weights, bf16 autocast, fused AdamW) on the
       Qwen2-0.5B shape at sequence 1024. MFU = 6 N_matmul + 6 L T H hd (causal attention) FLOPs
@@ -26,7 +27,12 @@ to its goal (issue 13):
       (`benchmarks/generation.py`'s planted model). Goal: engine >= 2x static on heavy-tailed
       (the flag files switch to the engine once this holds on the device).
 MFU is reported twice: against the data-sheet peak and against the bf16 matmul this run measures
-(the roofline section), which is what the hardware delivers to JAX.
+(the roofline section, or the train section's own when run alone), which is what the hardware
+delivers to JAX.
+JSON sections (`--sections`, default all): roofline, rollout, train, full_step (alias step, rl:
+prime_s, grpo_s, ratio = PRIME / GRPO whole step, update_ratio), engine (heavy-tailed engine_s,
+static_s, speedup, engine_tok_s, static_tok_s; both workloads in rows); `check_schema` lists
+what is missing or not a finite positive number in "schema_problems".
 Peaks come from a table of device kinds (`--peak_tflops` / `--peak_hbm_tbs` override) and the
 run also measures a bf16 matmul and a device copy, so the roofline figures can be read both ways.
 The transformers peer shares the GPU: XLA_PYTHON_CLIENT_PREALLOCATE=false is set before jax
@@ -132,12 +138,31 @@ def _param_count(cfg: ModelConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 # (a) rollout and (d) decode bandwidth
 # ------------------------------------------------------------------------------------------------
+def _mesh():
+  """The one-device mesh the benchmark's trainer paths run on (`Trainer.mesh` of --mesh=data:1)."""
+  from jaxrl_dense import sharding
+  return sharding.make_mesh("data:1", devices=jax.devices()[:1])
+
+
 def rollout(args, shape: str, batch: int, peaks) -> dict:
-  cfg = _config(shape, param_dtype="bfloat16", dtype="bfloat16", eos_token_ids=(), pad_token_id=0)
-  params = init_params(cfg, jax.random.PRNGKey(0))
+  """The trainer's rollout: float32 master weights -> the rollout copy (`sharding.rollout_params`,
+  bf16, decode layout; as `Trainer.rollout_params`, timed) -> `sampling.generate` on it."""
+  from jaxrl_dense import sharding
+  cfg = _config(shape, param_dtype="float32", dtype="bfloat16", eos_token_ids=(), pad_token_id=0)
+  masters = init_params(cfg, jax.random.PRNGKey(0))
+  mesh = _mesh()
+  masters = jax.device_put(masters, sharding.replicated(mesh))
+  jax.block_until_ready(sharding.rollout_params(masters, cfg, mesh, dtype=cfg.dtype))  # compiles the cast
+  t0 = time.perf_counter()
+  params = sharding.rollout_params(masters, cfg, mesh, dtype=cfg.dtype)
+  jax.block_until_ready(params)
+  copy_s = time.perf_counter() - t0
+  del masters
   tokens, mask = _prompts(batch, args.prompt_len, cfg.vocab_size)
   new = args.new_tokens
-  row = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": new}
+  row = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": new,
+         "weights": "rollout copy of float32 masters (sharding.rollout_params, bfloat16)",
+         "rollout_copy_s": copy_s}
 
   def ours():
     out = sampling.generate(params, cfg, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=new,
@@ -222,8 +247,10 @@ def train(args, peaks, measured_tflops=None) -> dict:
          "ours_tok_s": b * t / best}
   if peaks[1]:
     row["ours_mfu"] = row["ours_tok_s"] * flops_tok / (peaks[1] * 1e12)
-  if measured_tflops:
-    row["ours_mfu_measured_peak"] = row["ours_tok_s"] * flops_tok / (measured_tflops * 1e12)
+  if not measured_tflops:  # --sections train alone: measure the matmul peak in this run too
+    measured_tflops = roofline(args)["matmul_tflops"]
+  row["measured_peak_tflops"] = measured_tflops
+  row["ours_mfu_measured_peak"] = row["ours_tok_s"] * flops_tok / (measured_tflops * 1e12)
   box.clear()
   del state, params
   if not args.no_peer:
@@ -317,6 +344,10 @@ def full_step(args) -> dict:
     state.clear()
   out["prime_over_grpo_full_step"] = out["prime_step_s"] / out["grpo_step_s"]
   out["prime_over_grpo_update"] = out["prime_update_s"] / out["grpo_update_s"]
+  # The schema the README cites (check_schema): the whole steps and their ratio.
+  out.update(prime_s=out["prime_step_s"], grpo_s=out["grpo_step_s"],
+             ratio=out["prime_over_grpo_full_step"], update_ratio=out["prime_over_grpo_update"],
+             tokens_per_step=g * n * r_len)
   return out
 
 
@@ -336,8 +367,12 @@ def engine(args) -> dict:
       steps_per_call=args.engine_steps_per_call, repeats=max(1, args.repeats))
   res = gen.engine_vs_static(ns)
   rows = {r["workload"]: r for r in res["rows"]}
-  return {"model": res["model"], "rows": res["rows"],
-          "speedup_heavy_tailed": rows["heavy_tailed"]["speedup"],
+  h = rows["heavy_tailed"]
+  # The schema the README cites (check_schema): the heavy-tailed workload's figures on top.
+  return {"model": res["model"], "workload": "heavy_tailed", "batch": h["batch"],
+          "useful_tokens": h["useful_tokens"], "engine_s": h["engine_s"], "static_s": h["static_s"],
+          "speedup": h["speedup"], "engine_tok_s": h["engine_tok_s"], "static_tok_s": h["static_tok_s"],
+          "rows": res["rows"], "speedup_heavy_tailed": h["speedup"],
           "speedup_uniform": rows["uniform"]["speedup"]}
 
 
@@ -354,6 +389,46 @@ def roofline(args) -> dict:
   _, cbest = _timed(lambda: cp(x).block_until_ready(), 3)
   return {"matmul_n": n, "matmul_tflops": 2 * n ** 3 / best / 1e12,
           "copy_bytes": 2 * x.nbytes, "copy_tbs": 2 * x.nbytes / cbest / 1e12}
+
+
+# The JSON's schema (docs/results/device_<gpu>.json; the --smoke test asserts it): per section,
+# the keys that must hold finite positive numbers.
+SCHEMA = {
+    "roofline": ("matmul_tflops", "copy_tbs"),
+    "train": ("ours_tok_s", "measured_peak_tflops", "ours_mfu_measured_peak"),
+    "full_step": ("prime_s", "grpo_s", "ratio", "update_ratio"),
+    "engine": ("engine_s", "static_s", "speedup", "engine_tok_s", "static_tok_s"),
+}
+ROLLOUT_SCHEMA = ("rollout_copy_s", "ours_s", "ours_tok_s", "decode_bytes_s")
+
+
+def check_schema(result: dict, sections=None) -> list:
+  """Problems with `result` against SCHEMA (missing section or key, a value that is not a
+  finite positive number); [] when it holds. `sections`: the ones that ran (default: all)."""
+  import math
+  names = set(SCHEMA) | {"rollout"} if sections is None else set(sections)
+  bad = []
+
+  def need(where, d, keys):
+    for k in keys:
+      v = d.get(k)
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        bad.append(f"{where}.{k} = {v!r}")
+
+  for name in sorted(names & set(SCHEMA)):
+    sec = result.get(name)
+    if not isinstance(sec, dict) or "error" in sec:
+      bad.append(f"{name}: {'missing' if sec is None else sec.get('error', sec)}")
+    else:
+      need(name, sec, SCHEMA[name])
+  if "rollout" in names:
+    rows = result.get("rollout")
+    if not isinstance(rows, list) or not rows:
+      bad.append(f"rollout: {rows!r:.200}")
+    else:
+      for i, r in enumerate(rows):
+        need(f"rollout[{i}]", r, ROLLOUT_SCHEMA)
+  return bad
 
 
 def _section(name, fn, result):
@@ -387,7 +462,7 @@ def summary(result: dict) -> list:
     lines.append(f"train {t['shape']} b={t['batch']} T={t['seq']}: ours {t['ours_tok_s']:.0f} tok/s "
                  f"MFU {_fmt(t.get('ours_mfu'), '.1%')} (goal >= {GOALS['train_mfu']:.0%}); "
                  f"transformers {_fmt(t.get('peer_tok_s'), '.0f')} tok/s MFU {_fmt(t.get('peer_mfu'), '.1%')}")
-  f = result.get("step", {})
+  f = result.get("full_step", {})
   if "prime_over_grpo_full_step" in f:
     lines.append(f"whole RL step (rollout copy + generate + update): PRIME {f['prime_step_s']:.2f}s / "
                  f"GRPO {f['grpo_step_s']:.2f}s = {f['prime_over_grpo_full_step']:.2f} "
@@ -408,6 +483,8 @@ def summary(result: dict) -> list:
   for k, v in result.items():
     if isinstance(v, dict) and "error" in v:
       lines.append(f"{k}: FAILED {v['error']}")
+  if result.get("schema_problems"):
+    lines.append(f"schema problems: {'; '.join(result['schema_problems'])}")
   return lines
 
 
@@ -415,7 +492,8 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (CI)")
   ap.add_argument("--json", default=None)
-  ap.add_argument("--sections", default="roofline,rollout,train,step,engine")
+  ap.add_argument("--sections", default="roofline,rollout,train,full_step,engine",
+                  help="comma-separated; 'step' and 'rl' name full_step")
   ap.add_argument("--rollout_shapes", default="smollm2_135m,qwen2_0.5b")
   ap.add_argument("--batches", default="64,256")
   ap.add_argument("--prompt_len", type=int, default=64)
@@ -464,7 +542,12 @@ def main(argv=None) -> dict:
             "device_kind": kind, "device_count": jax.device_count(), "peak_tflops": tf,
             "peak_hbm_tbs": hbm, "jax": jax.__version__, "host": platform.node(),
             "args": vars(args), "goals": GOALS}
-  sections = args.sections.split(",")
+  aliases = {"step": "full_step", "rl": "full_step"}  # earlier names (device_check.sh: --sections rl)
+  sections = [aliases.get(x.strip(), x.strip()) for x in args.sections.split(",") if x.strip()]
+  unknown = set(sections) - {"roofline", "rollout", "train", "full_step", "engine"}
+  if unknown:
+    ap.error(f"--sections: unknown {sorted(unknown)}; known roofline, rollout, train, full_step "
+             "(step, rl), engine")
   peaks = (kind, tf, hbm)
   if "roofline" in sections:
     _section("roofline", lambda: roofline(args), result)
@@ -476,10 +559,12 @@ def main(argv=None) -> dict:
   if "train" in sections:
     measured = result.get("roofline", {}).get("matmul_tflops")
     _section("train", lambda: train(args, peaks, measured), result)
-  if "step" in sections:
-    _section("step", lambda: full_step(args), result)
+  if "full_step" in sections:
+    _section("full_step", lambda: full_step(args), result)
   if "engine" in sections:
     _section("engine", lambda: engine(args), result)
+  result["sections"] = sections
+  result["schema_problems"] = check_schema(result, sections)
   result["summary"] = summary(result)
   print("\n".join(result["summary"]), flush=True)
   if args.json:

@@ -963,19 +963,42 @@ def inference_params(params: PyTree, config: Any, mesh: Mesh, *, max_bytes: Opti
 
 
 def rollout_params(params: PyTree, config: Any, mesh: Mesh, *, dtype: Any = None,
-                   max_bytes: Optional[int] = None) -> PyTree:
+                   max_bytes: Optional[int] = None, layout: str = "auto") -> PyTree:
   """The rollout's weights as the trainer, the memory plan and the layout test make them: the
   policy cast to its compute `dtype` (None or float32: kept) and placed in the decode layout of
   `inference_params` (layout "auto": replicated where it fits in `max_bytes`, tensor-parallel
   otherwise). Only matrices are cast (vectors, i.e. norm scales and biases, stay as they are:
   Gemma's (1 + w) norm reads its scale in float32), so the copy changes no sampled value: every
   matmul casts its weights to the compute dtype anyway. LoRA-attached params (a "lora" subtree)
-  are returned as they are: their adapters are applied at run time in the training layout."""
+  are returned as they are: their adapters are applied at run time in the training layout.
+
+  `mesh` may be another mesh over the same devices than the params' (the trainer's
+  --rollout_mesh): the copy then moves onto it, e.g. `layout="tensor"` on data:2,tensor:4 holds
+  1/4 of the weights per device (`rollout_mesh_layout`)."""
   if isinstance(params, dict) and "lora" in params:
     return params
   if dtype is not None and jnp.dtype(dtype) != jnp.float32:
     params = _cast_matrices(params, jnp.dtype(dtype).name)  # in the source layout: no communication
-  return inference_params(params, config, mesh, max_bytes=max_bytes)
+  return inference_params(params, config, mesh, max_bytes=max_bytes, layout=layout)
+
+
+def rollout_mesh_layout(config: Any, train_mesh: Mesh, spec: str = "") -> tuple[Mesh, str]:
+  """(mesh, layout) of the rollout copy: `spec` '' -> the training mesh and layout "auto"
+  (replicated); else `make_mesh(spec)` over the training mesh's devices and layout "tensor"
+  (weights split over its tensor axis only, rows over data x fsdp). The tensor size must divide
+  the heads, the kv heads (each device keeps whole kv heads of the cache), the MLP width and the
+  vocabulary."""
+  if not spec:
+    return train_mesh, "auto"
+  mesh = make_mesh(spec, devices=list(train_mesh.devices.flat))
+  t = mesh.shape["tensor"]
+  sizes = {"heads": config.num_heads, "kv heads": config.num_kv_heads,
+           "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size}
+  bad = [f"{k}={v}" for k, v in sizes.items() if v % t]
+  if bad:
+    raise ValueError(f"rollout mesh {spec!r}: tensor={t} does not divide the model's "
+                     f"{', '.join(bad)}.")
+  return mesh, "tensor"
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))

@@ -618,6 +618,11 @@ class RunConfig:
                                  "bubblewrap is unusable (default: refuse; see README, code verifier).", runtime=True)
   system_prompt: str = _f("", "Optional system message for plain-text datasets.")
   mesh: str = _f("data:1,fsdp:1,tensor:1", "Device mesh, e.g. data:2,fsdp:4,tensor:1.", runtime=True)
+  rollout_mesh: str = _f("", "The sampler's mesh over the same devices (e.g. data:2,fsdp:1,tensor:4): the "
+                        "rollout copy of the policy is tensor-parallel over its tensor axis (heads, MLP "
+                        "units, vocabulary split; rows over data x fsdp) instead of replicated on --mesh, "
+                        "so each device holds and reads 1/tensor of the decode weights. Its tensor size "
+                        "must divide the kv heads. '' = --mesh, replicated copy.", runtime=True)
   steps: int = _f(10, "RL steps in total (a resumed run continues up to this).", lo=1, runtime=True)
   seed: int = _f(0, "Seed of data order, sampling and shuffles.", lo=0)
   logdir: str = _f("", "Where metrics.jsonl / TensorBoard events / eval reports go ('' = none).", runtime=True)

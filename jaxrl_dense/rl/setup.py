@@ -391,6 +391,11 @@ def check_mesh(cfg: RunConfig, num_devices: Optional[int] = None) -> None:
     sharding.parse_mesh_spec(cfg.mesh, num_devices or len(jax.devices()))
   except Exception as e:  # noqa: BLE001 - re-raised naming the flag
     raise ConfigError("mesh", cfg.mesh, str(e)) from None
+  if cfg.rollout_mesh:  # the sampler's mesh: the same devices as --mesh
+    try:
+      sharding.parse_mesh_spec(cfg.rollout_mesh, num_devices or mesh_devices(cfg))
+    except Exception as e:  # noqa: BLE001 - re-raised naming the flag
+      raise ConfigError("rollout_mesh", cfg.rollout_mesh, f"{e} (it spans --mesh={cfg.mesh}'s devices)") from None
 
 
 def _plan_model_config(cfg: RunConfig, problems: list):
@@ -475,15 +480,17 @@ def plan(cfg: RunConfig):
     mb = max(p.policy.micro_batch_size // dp, 1)
     act = mb * T * mc.hidden_size * 4 * (mc.num_layers + 8)  # remat: one layer input per layer + work
     head = 2 * min(1024, mb * T) * mc.vocab_size * 4
-    kv = (max(r.sampled_rows // dp, 1) * T * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim
-          * (2 if cfg.dtype == "bfloat16" else 4))
+    # one sampler call (--generate_batch_size prompts x n) on the sampler's mesh (--rollout_mesh)
+    rs = sharding.parse_mesh_spec(cfg.rollout_mesh, ndev) if cfg.rollout_mesh else sizes
+    kv = (max(r.generate_prompts * r.n // (rs["data"] * rs["fsdp"]), 1) * T * mc.num_layers * 2
+          * max(mc.num_kv_heads // rs["tensor"], 1) * mc.head_dim * (2 if cfg.dtype == "bfloat16" else 4))
     per_dev = state / shard + act + head
     lines.append(f"  model ({source}): {n_params / 1e6:.1f}M params, {mc.num_layers} layers, "
                  f"d={mc.hidden_size}, vocab {mc.vocab_size}")
     lines.append(f"  memory per device (estimate): states {state / shard / 2**30:.2f} GiB ({n_models} models, "
                  f"{n_trained} trained, sharded over fsdp*tensor={shard}) + activations {act / 2**30:.2f} GiB "
                  f"+ LM-head chunk {head / 2**30:.2f} GiB = {per_dev / 2**30:.2f} GiB; rollout KV cache "
-                 f"{kv / 2**30:.2f} GiB")
+                 f"{kv / 2**30:.2f} GiB per sampler call")
   else:
     problems.append("cannot build the model config (give a readable --model or --arch)")
   return "\n".join(lines), problems
@@ -588,6 +595,15 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   return update_fn, (state, batch, akey), mc, source
 
 
+# Settings that shape the programs `aot_plan` compiles (recorded in the plan as "flags", so a
+# recorded plan can be checked against the flag file it claims to be of).
+PLAN_FLAGS = ("arch", "dtype", "remat", "mesh", "rollout_mesh", "algo", "prime_variant", "prm_update",
+              "n", "prompts_per_step", "generate_batch_size", "max_prompt_length",
+              "max_response_length", "rollout_engine", "mini_batch_size", "micro_batch_size",
+              "prm_mini_batch_size", "prm_micro_batch_size", "score_micro_batch_size",
+              "recompute_old_logp", "moments_dtype", "lora_rank", "prm_lora_rank")
+
+
 def aot_plan(cfg: RunConfig, devices=None) -> dict:
   """The compiled memory plan of one RL step (--dry_run --aot; issue 12 item 5).
 
@@ -598,7 +614,8 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
                --generate_batch_size prompts x n samples, max_prompt_length + max_response_length
                tokens, the KV cache in --dtype) on the params exactly as `rl.rollout.collect`
                passes them: the rollout copy of the policy (`sharding.rollout_params`: the
-               compute dtype, the decode layout), made once per rollout;
+               compute dtype, the decode layout; on --rollout_mesh when set), made once per
+               rollout;
     update     `rl.prime.make_prime`'s ONE jitted update (scoring, PRM update, advantages, PPO
                update; donated state), exactly as the trainer builds it (LoRA included).
 
@@ -611,26 +628,30 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
   """
   from jaxrl_dense import sharding, sharding_plan
+  from jaxrl_dense.rl import config as config_lib
   p, r = cfg.prime, cfg.prime.rollout
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)
   update_fn, (state, batch, akey), mc, source = abstract_update(cfg, mesh)
   lora_any = p.policy_lora is not None or p.prm_lora is not None
   rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
+  try:  # = Trainer.rollout_params: the sampler's mesh (--rollout_mesh) and the copy's layout on it
+    rmesh, rlayout = sharding.rollout_mesh_layout(mc, mesh, cfg.rollout_mesh)
+  except ValueError as e:
+    raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
   gen = sharding_plan.rl_step_programs(
-      mc, mesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
-      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n, rollout_layout="inference",
-      rollout_dtype=None if mc.dtype == "float32" else mc.dtype)["generate"]  # = Trainer.rollout_params
-  programs = {"generate": gen}
-  out = {}
-  for name, prog in programs.items():
-    out[name] = sharding_plan.memory_stats(sharding_plan.compile_program(prog, mesh))
+      mc, rmesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
+      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n,
+      rollout_layout="inference" if rlayout == "auto" else rlayout,
+      rollout_dtype=None if mc.dtype == "float32" else mc.dtype)["generate"]
+  out = {"generate": sharding_plan.memory_stats(sharding_plan.compile_program(gen, rmesh))}
   with sharding.use_mesh(mesh):
     out["update"] = sharding_plan.memory_stats(update_fn.lower(state, batch, akey).compile())
   resident = sharding_plan.per_device_bytes(state)
   # generate's params argument is the rollout copy (sharding.rollout_params: compute dtype, decode
   # layout), held beside the resident training state while the rollout runs
   gen_total = out["generate"]["peak_bytes"] + resident
-  return {"mesh": dict(mesh.shape), "devices": int(mesh.size),
+  return {"mesh": dict(mesh.shape), "rollout_mesh": dict(rmesh.shape), "rollout_layout": rlayout,
+          "devices": int(mesh.size),
           "platform": mesh.devices.flat[0].platform, "param_dtype": "float32",
           "compute_dtype": mc.dtype, "model": source, "num_layers": mc.num_layers,
           "hidden_size": mc.hidden_size,
@@ -638,6 +659,7 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
                    "prm": dataclasses.asdict(p.prm_lora) if p.prm_lora else None} if lora_any else None,
           "rows": rows, "sampled_rows": r.sampled_rows, "generate_rows": r.generate_prompts * r.n,
           "prompt_len": P_, "response_len": R_,
+          "flags": {k: v for k, v in config_lib.flat(cfg).items() if k in PLAN_FLAGS},
           "programs": out, "resident_state_bytes": resident, "generate_with_state_bytes": gen_total,
           "peak_bytes_per_device": max(gen_total, out["update"]["peak_bytes"])}
 

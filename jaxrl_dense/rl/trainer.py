@@ -48,6 +48,17 @@ class Trainer:
     # Policy, frozen reference and PRM each start from their own checkpoint (PRIME: the same SFT
     # model), as separate device copies: the policy and PRM buffers are donated every step.
     self.model_config, policy_params, self.tokenizer = setup.load_model(cfg.model, cfg, seed=cfg.seed)
+    # --rollout_mesh: the sampler's mesh over the same devices and the rollout copy's layout on it.
+    try:
+      self.rollout_mesh, self._rollout_layout = sharding.rollout_mesh_layout(
+          self.model_config, self.mesh, cfg.rollout_mesh)
+    except ValueError as e:
+      raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
+    rdiv = sharding.batch_divisor(self.rollout_mesh)
+    if (r.generate_prompts * r.n) % rdiv:
+      raise ConfigError("generate_batch_size", r.generate_prompts * r.n,
+                        f"{r.generate_prompts * r.n} rows are not divisible by data*fsdp={rdiv} of "
+                        f"--rollout_mesh={cfg.rollout_mesh}")
     mc = self.model_config
 
     def place(params):
@@ -247,10 +258,11 @@ class Trainer:
   def rollout_params(self):
     """The sampler's copy of the policy, made once per rollout (`sharding.rollout_params`): cast to
     the compute dtype (--dtype=bfloat16: half the bytes of the float32 masters, the same values
-    every matmul reads) and resharded to the decode layout, so no decode step gathers master
-    weights. Dropped after the rollout; the training state is not touched."""
-    return sharding.rollout_params(self.policy_params(), self.model_config, self.mesh,
-                                   dtype=self.cfg.dtype)
+    every matmul reads) and resharded to the decode layout (--rollout_mesh: tensor-parallel on that
+    mesh), so no decode step gathers master weights. Dropped after the rollout; the training state
+    is not touched."""
+    return sharding.rollout_params(self.policy_params(), self.model_config, self.rollout_mesh,
+                                   dtype=self.cfg.dtype, layout=self._rollout_layout)
 
   def export(self, directory: str, which: str = "policy"):
     """Writes the trained policy (or "prm") as a Hugging Face directory (`save_pretrained`);
