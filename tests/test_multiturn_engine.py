@@ -25,6 +25,10 @@ CONFIG = ModelConfig(model_type="llama", vocab_size=104, hidden_size=32, interme
 # one decode width and prefill bucket, few table spans (few compiled programs)
 ENGINE = engine_lib.EngineConfig(page_size=4, max_slots=4, steps_per_call=4, prefill_chunk=16,
                                  min_prefill_bucket=16, min_decode_width=4, min_table_tokens=64)
+# The per-turn reference runs another schedule (the keys are per episode, not per slot or call):
+# one prefill bucket and decode width, so its many context lengths compile few programs.
+REF_ENGINE = engine_lib.EngineConfig(page_size=16, max_slots=8, steps_per_call=8, prefill_chunk=128,
+                                     min_prefill_bucket=128, min_decode_width=8, min_table_tokens=128)
 # Vowels stop a turn; "1" followed by a digit too, so a lone digit is a candidate that completes no
 # stop string (the row resumes its turn: a false stop).
 STOPS = list("aeiou") + ["1" + d for d in "0123456789"]
@@ -87,7 +91,7 @@ def _episodes(params, chars, pt, pm, key, *, paused, n=4, first="", max_turns=4,
 
   def generate_fn(ctx, cmask, k, num_samples, max_new, rows=None):
     out, _ = engine_lib.run(params, CONFIG, ctx, cmask, k, max_new_tokens=max_new, temperature=temperature,
-                            num_samples=num_samples, row_ids=rows, engine=ENGINE)
+                            num_samples=num_samples, row_ids=rows, engine=REF_ENGINE)
     return tuple(np.asarray(x) for x in (out.tokens, out.mask, out.logprobs))
   return multiturn.rollout_turns(generate_fn, chars, pt, pm, records, key, **kw), None
 
@@ -274,7 +278,7 @@ def test_three_turn_calculator_episode_token_by_token(chars, tool_model):
 
   def generate_fn(ctx, cmask, k, num_samples, max_new, rows=None):
     o, _ = engine_lib.run(params, cfg, ctx, cmask, k, max_new_tokens=max_new, temperature=0.0,
-                          num_samples=num_samples, row_ids=rows, engine=ENGINE)
+                          num_samples=num_samples, row_ids=rows, engine=REF_ENGINE)
     return tuple(np.asarray(x) for x in (o.tokens, o.mask, o.logprobs))
   ref = multiturn.rollout_turns(generate_fn, chars, pt, pm, [None], jax.random.PRNGKey(0), n=1,
                                 make_env=make_env, max_turns=4, max_response_length=R, eos_ids=(eos,))

@@ -18,6 +18,11 @@ untempered distribution), but schedules the work differently:
     reference the same prompt pages (refcounts) and copy only the partially filled last page
     (copy-on-write), Levanter's `clone` of a sequence.
 
+  * `run_episodes`: multi-turn rows. A row stops in the decode loop at a stop candidate (runtime
+    ids, like EOS), the host's step_fn decides (end / resume the turn / next turn), and the next
+    turn's observation is prefilled into the row's own pages at its current length: the context
+    is never prefilled again (`multiturn.rollout_turns_paused`).
+
 Random keys: the token of row r at step s is drawn with `fold_in(fold_in(rng, r), s)`, so the
 samples do not depend on the schedule (slots, K, page size, pool size). Greedy decoding
 (temperature 0) gives the static sampler's tokens (the same math, up to float reduction order).
