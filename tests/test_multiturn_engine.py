@@ -126,8 +126,8 @@ def opened(chars, params):  # environments that open with an observation
 
 @pytest.mark.parametrize("paths", ["plain", "opened"])
 def test_paused_rows_equal_per_turn_re_prefill(chars, paths, request):
-  """Several rows with different turn counts (stop strings, EOS, max_turns, the response budget
-  cutting an observation), 4 slots for 8 rows: the paused-row run gives the per-turn episodes
+  """Several rows with different turn counts (stop strings, EOS, max_turns, the response budget),
+  4 slots for 8 rows: the paused-row run gives the per-turn episodes
   token by token; it prefills the prompt once and then only observations; every page is freed;
   false candidates resumed their turns. `first`: environments that open with an observation
   (turn 0 is then keyed fold_in(key, 0) on each row's own context)."""
