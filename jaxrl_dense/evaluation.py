@@ -186,7 +186,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
     else:  # multi-turn episodes; the verifier reads the model's turns only
       from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
 
-      def gen(ctx, cmask, kk, ns, mx):
+      def gen(ctx, cmask, kk, ns, mx, rows=None):
         o = generate_fn(params, config, ctx, cmask, kk, max_new_tokens=mx, temperature=temperature,
                         top_p=top_p, eos_ids=eos_ids, num_samples=ns)
         return tuple(np.asarray(x) for x in jax.device_get((o.tokens, o.mask, o.logprobs)))

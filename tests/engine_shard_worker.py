@@ -18,7 +18,9 @@ JAX. It records, per mesh (fsdp:8 and data:2,fsdp:2,tensor:2):
   the Pallas decode kernel, interpreted, called with no shard_map: XLA gathers its operands).
   The test shows its checks fail on them;
 * the decode program with the per-shard Pallas kernel (interpreted) and, on
-  data:2,fsdp:2,tensor:2, an engine run with it against the single-device XLA engine.
+  data:2,fsdp:2,tensor:2, an engine run with it against the single-device XLA engine;
+* on data:2,fsdp:2,tensor:2, multi-turn episodes with paused rows (`run_episodes`) against one
+  device.
 
 `--qwen7b` instead compiles the decode program with Qwen2.5-7B's KV geometry (4 kv heads of
 128, pages of 16) for one 7B sampler call (64 prompts x 4 samples, 1024 + 3072 tokens) cut to
@@ -135,7 +137,8 @@ def compile_programs(mesh, params, config, num_pages, local_shape, *, page_size=
     progs = {}
     progs["decode"] = (eng._decode.lower(
         weights, params, pool, i32(w, table_pages), i32(w), i32(w), i32(w), np.zeros((w,), bool),
-        i32(w), np.ones((w,), np.int32), np.full((8,), -1, np.int32), jax.random.PRNGKey(0),
+        i32(w), np.full((w,), -1, np.int32), np.ones((w,), np.int32), np.full((8,), -1, np.int32),
+        jax.random.PRNGKey(0),
         jnp.float32(1.0), jnp.float32(1.0), config=config, steps=steps, greedy=True, top_k=0,
         use_top_p=False, pad_id=0, attention=attention).compile(), 2)
     if "prefill" in programs:
@@ -239,6 +242,27 @@ def engine_run(params, mesh=None, attention="xla", rerun=True):
       "widths": stats.widths}
 
 
+def episodes_run(mesh) -> dict:
+  """Paused-row multi-turn episodes (`run_episodes` through `multiturn.rollout_turns_paused`, the
+  scripted stop-character environment of tests/test_multiturn_engine.py) under `mesh` against one
+  device: the rows of a turn keep their shard's pages while the host steps the environment."""
+  import test_multiturn_engine as T  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.models import tokenizer as tok_lib  # pylint: disable=import-outside-toplevel
+  chars = tok_lib.char_chat_tokenizer()
+  params = init_params(T.CONFIG, jax.random.PRNGKey(1))
+  pt, pm = T._prompts(chars, ["What is 3+4?", "Hi", "Go 12", "abc"])
+  key = jax.random.PRNGKey(3)
+  ref, _ = T._episodes(params, chars, pt, pm, key, paused=True)
+  with sh.use_mesh(mesh):
+    out, st = T._episodes(params, chars, pt, pm, key, paused=True)
+  same = lambda f: bool(np.array_equal(getattr(out, f), getattr(ref, f)))
+  return {"same_tokens": same("tokens"), "same_mask": same("mask"),
+          "same_observation_mask": same("observation_mask"), "same_turn_ids": same("turn_ids"),
+          "max_logprob_diff": float(np.abs(out.logp - ref.logp).max()),
+          "num_turns": out.num_turns.tolist(), "shard_rows": list(st.shard_rows),
+          "resumed_turns": st.resumed_turns, "pages_in_use_at_end": st.pages_in_use_at_end}
+
+
 def main(out_path):
   assert jax.device_count() == 8
   params = jax.tree_util.tree_map(lambda x: x * 6.0 if x.ndim >= 2 else x,
@@ -277,6 +301,8 @@ def main(out_path):
                                                           np.asarray(base.tokens)))
         stats["pallas_max_logprob_diff"] = float(
             np.abs(np.asarray(out.logprobs) - np.asarray(base.logprobs)).max())
+    if spec == PALLAS_MESH:
+      result["episodes"] = episodes_run(mesh)
     result["programs"][spec] = progs
     result["runs"][spec] = stats
     print(spec, json.dumps({k: {n: (x["pool_device_bytes"], x["pool_whole_bytes"],

@@ -146,3 +146,16 @@ def test_compiles_bucketed_and_host_round_trips_bounded(summary):
     assert run["host_syncs"] == run["decode_calls"] + run["first_sample_calls"]
     if run["host_reads"] is not None:  # measured: 4 arrays per decode call, 3 per admission wave
       assert run["host_reads"] == 4 * run["decode_calls"] + 3 * run["first_sample_calls"], name
+
+
+@pytest.mark.slow
+def test_paused_episodes_on_a_mesh_equal_one_device(summary):
+  """Multi-turn episodes whose rows pause at stop strings, keep their pages on their row shard
+  while the host steps the environment, and resume in place (data:2,fsdp:2,tensor:2) give the
+  single-device episodes token by token."""
+  ep = summary["episodes"]
+  assert ep["same_tokens"] and ep["same_mask"] and ep["same_observation_mask"] and ep["same_turn_ids"]
+  assert ep["max_logprob_diff"] < 1e-4
+  assert max(ep["num_turns"]) >= 3 and ep["resumed_turns"] > 0
+  assert sum(1 for r in ep["shard_rows"] if r) == 4  # 4 prompts on the 4 row shards
+  assert ep["pages_in_use_at_end"] == 0

@@ -63,7 +63,7 @@ def test_scripted_three_turn_episode_token_by_token(chars):
   turns = ["x=<tool>calc: 3+4</tool>JUNK", "<tool>calc: 7*1</tool>", "The answer is 7."]
   calls = []
 
-  def generate_fn(ctx, cmask, key, num_samples, max_new):
+  def generate_fn(ctx, cmask, key, num_samples, max_new, rows=None):
     k = len(calls)
     calls.append((np.asarray(ctx), np.asarray(cmask), num_samples, max_new))
     ids = _ids(chars, turns[k]) + ([eos] if k == 2 else [])
@@ -118,7 +118,7 @@ def test_scripted_three_turn_episode_token_by_token(chars):
 
 def test_budget_cuts_observation_and_ends_the_episode(chars):
   """Observations count against --max_response_length; a row that fills it stops."""
-  def generate_fn(ctx, cmask, key, num_samples, max_new):
+  def generate_fn(ctx, cmask, key, num_samples, max_new, rows=None):
     ids = _ids(chars, "<tool>a</tool>")
     tok = np.zeros((ctx.shape[0] * num_samples, max_new), np.int32)
     msk = np.zeros_like(tok)
@@ -148,7 +148,7 @@ def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars, engine)
   every model token of every turn: the trained ids and their contexts are the sampled ones."""
   params = init_params(CONFIG, jax.random.PRNGKey(1))
 
-  def generate_fn(ctx, cmask, key, num_samples, max_new):
+  def generate_fn(ctx, cmask, key, num_samples, max_new, rows=None):
     gen = sampling.generate(params, CONFIG, ctx, cmask, key, max_new_tokens=max_new, temperature=1.0,
                             num_samples=num_samples, prompt_bucket=16, engine=engine)
     return tuple(np.asarray(x) for x in (gen.tokens, gen.mask, gen.logprobs))
@@ -204,7 +204,7 @@ def test_the_batch_keeps_sampled_ids_that_re_encoding_would_change(smollm2):
 
   turn = []
 
-  def generate_fn(ctx, cmask, key, num_samples, max_new):
+  def generate_fn(ctx, cmask, key, num_samples, max_new, rows=None):
     out = np.zeros((ctx.shape[0] * num_samples, max_new), np.int32)
     m = np.zeros_like(out)
     s = sampled if not turn else _ids(tok, "done") + [smollm2.config.eos_token_ids[0]]

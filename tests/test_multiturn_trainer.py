@@ -195,3 +195,24 @@ def test_the_planned_update_takes_multi_turn_batches():
     lowered = update_fn.lower(state, batch, key)
   flat = jax.tree.leaves(lowered.args_info)  # the turn arrays are arguments of the program
   assert sum(1 for a in flat if tuple(a.shape) == (rows, cfg.prime.rollout.max_turns)) == 1
+
+
+def test_continuous_engine_runs_episodes_with_paused_rows(monkeypatch, tmp_path):
+  """--rollout_engine=continuous --env: the trainer's rollout is the paused-row engine run (never
+  one sampler call per turn), on the real random model; its prefill and round-trip counts are logged."""
+  from jaxrl_dense.rl import multiturn
+  from jaxrl_dense.rl.trainer import Trainer
+
+  def per_turn(*a, **k):
+    raise AssertionError("the per-turn path ran")
+  monkeypatch.setattr(multiturn, "rollout_turns", per_turn)
+  run = Trainer(_config(advantage="matchtir", rollout_engine="continuous", sample_every=1, logdir=str(tmp_path)))
+  try:
+    m = run.train_step()
+    batch, _ = run.last_rollout
+  finally:
+    run.close()
+  assert m["env/host_syncs"] >= 1 and m["env/prefill_tokens"] > 0
+  assert m["env/prefill_tokens"] <= m["env/reprefill_tokens"]
+  assert not (np.asarray(batch.observation_mask) * np.asarray(batch.response_mask)).any()
+  assert math.isfinite(m["env/false_stops_per_row"])

@@ -20,6 +20,11 @@ untempered distribution), but schedules the work differently:
     reference the same prompt pages (refcounts) and copy only the partially filled last page
     (copy-on-write), Levanter's `clone` of a sequence.
 
+  * `run_episodes`: multi-turn rows. A row stops in the decode loop at a stop candidate (runtime
+    ids, like EOS), the host's step_fn decides (end / resume the turn / next turn), and the next
+    turn's observation is prefilled into the row's own pages at its current length: the context
+    is never prefilled again (`multiturn.rollout_turns_paused`).
+
 Random keys: the token of row r at step s is drawn with `fold_in(fold_in(rng, r), s)`, so the
 samples do not depend on the schedule (slots, K, page size, pool size). Greedy decoding
 (temperature 0) gives the static sampler's tokens (the same math, up to float reduction order).
@@ -32,7 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Optional, Sequence as Seq
+from typing import Callable, NamedTuple, Optional, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -158,8 +163,15 @@ class EngineStats:
   decode_row_steps: int = 0      # sum over decode calls of width * K (padded work)
   generated_tokens: int = 0
   page_copies: int = 0
-  first_sample_calls: int = 0    # admissions' first-token draws (each reads its tokens to host)
+  first_sample_calls: int = 0    # admissions' (and resumed turns') first-token draws (each reads to host)
   pages_in_use_at_end: int = -1  # 0 after every run (checked by `run` too)
+  prefill_real_tokens: int = 0   # prefilled tokens without padding: prompts once, episodes' observations
+  # `run_episodes` only: rows handed to the host's step_fn (a stop candidate, EOS or the turn's
+  # budget), candidates that completed no stop string (the row resumed its turn), and turns
+  # started by prefilling an observation into the row's own pages
+  pauses: int = 0
+  false_stops: int = 0
+  resumed_turns: int = 0
   widths: list = dataclasses.field(default_factory=list)
   # (width, table pages) of each decode call: one compiled decode program per distinct pair,
   # both powers of two (min_decode_width .. max_slots, min_table_tokens / P .. the longest row)
@@ -172,9 +184,9 @@ class EngineStats:
 
   @property
   def host_syncs(self) -> int:
-    """Device -> host round trips of the run: one per admission wave (its first tokens) and one
-    per decode call (every K decode steps), whatever the number of rows; prefill results stay on
-    the device."""
+    """Device -> host round trips of the run: one per admission wave (its first tokens), one per
+    wave of resumed episode turns (their first tokens) and one per decode call (every K decode
+    steps), whatever the number of rows; prefill results stay on the device."""
     return self.first_sample_calls + self.decode_calls
 
 
@@ -305,9 +317,13 @@ def _paged_layer(q, k, v, k_pages, v_pages, page_ids, offsets, block_table, posi
   return attn, k_pages, v_pages
 
 
-def _row_keys(rng, rows, steps):
-  """Key of (row, step): fold_in(fold_in(rng, row), step), [R] keys."""
-  return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(rng, r), s))(rows, steps)
+def _row_keys(rng, rows, steps, salt):
+  """Key of (row, step): fold_in(fold_in(rng_t, row), step), [R] keys, where rng_t = rng when
+  salt < 0 (every row of `run`) and fold_in(rng, salt) otherwise (an episode's turn, `run_episodes`)."""
+  def one(r, s, t):
+    base = lax.cond(t >= 0, lambda: jax.random.fold_in(rng, t), lambda: rng)
+    return jax.random.fold_in(jax.random.fold_in(base, r), s)
+  return jax.vmap(one)(rows, steps, salt)
 
 
 def _sample_rows(logits, keys, temperature, top_p, *, greedy, top_k, use_top_p):
@@ -358,10 +374,10 @@ def _prefill(weights, params, pool, tokens, start, n_valid, block_table, *, conf
 
 
 @functools.partial(jax.jit, static_argnames=("greedy", "top_k", "use_top_p"))
-def _sample_first(logits, rows, rng, temperature, top_p, *, greedy, top_k, use_top_p):
-  """Step-0 tokens of newly admitted rows from their prompts' logits [R, V]."""
+def _sample_first(logits, rows, salt, rng, temperature, top_p, *, greedy, top_k, use_top_p):
+  """Step-0 tokens of newly admitted (or resumed) rows from their contexts' logits [R, V]."""
   TRACE_COUNT["sample_first"] += 1
-  keys = _row_keys(rng, rows, jnp.zeros_like(rows))
+  keys = _row_keys(rng, rows, jnp.zeros_like(rows), salt)
   return _sample_rows(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
 
@@ -381,7 +397,7 @@ def _copy_pages(pool, src, dst, *, config):
 @functools.partial(jax.jit, static_argnames=(
     "config", "steps", "greedy", "top_k", "use_top_p", "pad_id", "attention"),
     donate_argnames=("pool",))
-def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max_new, eos, rng,
+def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, salt, max_new, eos, rng,
             temperature, top_p, *, config, steps, greedy, top_k, use_top_p, pad_id, attention):
   """K = `steps` decode steps of W rows.
 
@@ -389,8 +405,8 @@ def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max
   A row stops after an EOS id or its max_new-th token; stopped rows (and padding rows,
   live=False) write to the null page and emit nothing.
 
-  Args: block_table [W, pp]; tok, plen, step, rows, max_new int32 [W]; live bool [W];
-    eos int32 [E] the EOS ids (padded with -1).
+  Args: block_table [W, pp]; tok, plen, step, rows, salt, max_new int32 [W]; live bool [W];
+    eos int32 [E] the ids that stop a row: EOS, and an episode's stop candidates (padded with -1).
   Returns: (pool, tokens [W, K], logprobs [W, K], raw logprobs [W, K], emitted bool [W, K]).
   """
   TRACE_COUNT["decode"] += 1
@@ -408,7 +424,7 @@ def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max
                             off[:, None], block_table, attention)
     logits = transformer.logits_from_hidden(params, config, hidden[:, 0])  # [W, V]
     logits = sharding.with_logical_constraint(logits, ("batch", None))
-    new, lp, raw = _sample_rows(logits, _row_keys(rng, rows, step), temperature, top_p,
+    new, lp, raw = _sample_rows(logits, _row_keys(rng, rows, step, salt), temperature, top_p,
                                 greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     new = jnp.where(live, new, pad_id)
     upd = lambda a, x: lax.dynamic_update_slice(a, x[:, None].astype(a.dtype), (0, i))
@@ -426,6 +442,15 @@ def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, max
 # ----------------------------------------------------------------------------------------------
 # Host scheduler
 # ----------------------------------------------------------------------------------------------
+def _resume_tokens(turn_tokens, turn_start: int, keep: int, observation) -> tuple:
+  """What a paused row prefills to start its next turn, and where: its last kept token (sampled,
+  never fed) and the observation ids, at position turn_start + keep - 1 (turn_start: the
+  context length the turn was sampled after). Everything before stays in the row's pages."""
+  ids = np.concatenate([np.asarray(turn_tokens[keep - 1:keep], np.int32),
+                        np.asarray(observation, np.int32).reshape(-1)])
+  return ids, turn_start + keep - 1
+
+
 def _real_prompts(prompt_tokens, prompt_mask) -> list:
   """Left- (or any-) padded [B, Tp] prompts -> list of B int32 arrays of their real tokens."""
   t = sampling_step.host_value(prompt_tokens)
@@ -444,12 +469,15 @@ def _default_num_pages(cfg: EngineConfig, lens, n: int, max_new: int) -> int:
 def run(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
         max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
         eos_ids: Optional[Seq[int]] = None, num_samples: int = 1, pad_id: Optional[int] = None,
-        max_new_per_row=None, engine: Optional[EngineConfig] = None, mesh=None):
+        max_new_per_row=None, engine: Optional[EngineConfig] = None, mesh=None, row_ids=None):
   """Continuous-batching generation; returns (sampling.GenerationOutput, EngineStats).
 
   Args are those of `sampling.generate` (prompts [B, Tp] with a mask; any padding side works
   here), plus:
     max_new_per_row: optional int [B * n] per-row limits <= max_new_tokens (rows stop there).
+    row_ids: optional int [B * n] key ids of the rows (default 0 .. B * n - 1): row r draws token
+      s with fold_in(fold_in(rng, row_ids[r]), s), so a subset of a batch can be re-sampled with
+      the keys it had in the batch (`multiturn.rollout_turns` passes each episode's index).
     engine: EngineConfig (default EngineConfig()).
     mesh: device mesh (default: the mesh of `params`' shardings, if any). Rows are split over
       the S = data x fsdp row shards, each with its own block of the page pool (one host
@@ -462,13 +490,83 @@ def run(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array,
   if mesh is not None and mesh.size > 1:
     with sharding.use_mesh(mesh):
       return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
-                  top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine)
+                  top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine, row_ids=row_ids)
   return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
-              top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine)
+              top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine, row_ids=row_ids)
+
+
+RESUME = "resume"  # a step_fn's answer: the candidate completed no stop string; keep sampling the turn
+
+
+class NextTurn(NamedTuple):
+  """A step_fn's answer: the turn ends and the next one starts in the same row's pages.
+
+  keep: the turn's first `keep` sampled tokens stay (>= 1; the rest are dropped, as text after a
+    stop string is).
+  observation: ids prefilled after them (the environment's answer; may be empty).
+  max_new: the next turn's token budget (>= 1; within the row's reservation: its first turn's
+    prompt + max_new positions bound the whole episode).
+  salt: the next turn's key salt: its token s is drawn with fold_in(fold_in(fold_in(rng, salt),
+    row_id), s).
+  """
+  keep: int
+  observation: Seq[int]
+  max_new: int
+  salt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Episode:
+  step_fn: Callable
+  stop_token_ids: tuple
+  salt: int
+
+
+def run_episodes(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array, *,
+                 step_fn: Callable, stop_token_ids: Seq[int], max_new_tokens: int, salt: int = -1,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_ids: Optional[Seq[int]] = None, num_samples: int = 1, pad_id: Optional[int] = None,
+                 max_new_per_row=None, row_ids=None, engine: Optional[EngineConfig] = None,
+                 mesh=None) -> EngineStats:
+  """Multi-turn episodes on the engine: a row pauses at a stop candidate, keeps its KV pages
+  while the host acts, and resumes in place; returns the run's EngineStats.
+
+  Each row runs its first turn as `run` would (the same keys when salt < 0; `row_ids`,
+  `max_new_per_row` as there). A row stops sampling inside the jitted decode loop when it emits
+  EOS, an id of `stop_token_ids` (runtime data, e.g. every token whose text holds the last
+  character of a stop string: `multiturn.stop_candidates`) or its turn's budget; the host then
+  calls `step_fn(row, tokens, logprobs)` with the turn's sampled ids and log-probs so far
+  (numpy [k]) and gets back
+    * None: the episode is over; the row's pages are freed;
+    * RESUME: a candidate that completes no stop string; the row goes on sampling its turn, as if
+      it had never stopped (same keys, nothing lost);
+    * NextTurn(keep, observation, max_new, salt): the turn's first `keep` tokens stay; the last
+      kept token and the observation ids are prefilled at the row's current length into its own
+      pages (no re-prefill of the context: the prompt and earlier turns stay cached), and the
+      next turn is sampled from the resulting logits.
+  Pages: admission reserves prompt + max_new_per_row - 1 positions, as `run` does; every turn
+  must fit in them (a NextTurn beyond raises), so no row waits for a page.
+  Stats: `pauses`, `false_stops`, `resumed_turns`, `prefill_real_tokens`, `host_syncs`.
+  """
+  _check_config(config, params)
+  if not callable(step_fn):
+    raise TypeError(f"run_episodes: step_fn must be callable, got {type(step_fn).__name__}.")
+  stops = tuple(sorted({int(t) for t in stop_token_ids}))
+  if stops and (stops[0] < 0 or stops[-1] >= config.vocab_size):
+    raise ValueError(f"run_episodes: stop_token_ids must lie in [0, {config.vocab_size}), got "
+                     f"[{stops[0]}, {stops[-1]}].")
+  episode = _Episode(step_fn, stops, int(salt))
+  args = (params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature, top_p, top_k,
+          eos_ids, num_samples, pad_id, max_new_per_row, engine)
+  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  if mesh is not None and mesh.size > 1:
+    with sharding.use_mesh(mesh):
+      return _run(*args, row_ids=row_ids, episode=episode)[1]
+  return _run(*args, row_ids=row_ids, episode=episode)[1]
 
 
 def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature, top_p, top_k,
-         eos_ids, num_samples, pad_id, max_new_per_row, engine):
+         eos_ids, num_samples, pad_id, max_new_per_row, engine, *, row_ids=None, episode=None):
   if engine is not None and not isinstance(engine, EngineConfig):
     raise TypeError(f"engine must be an EngineConfig or None, got {type(engine).__name__}.")
   cfg = engine or EngineConfig()
@@ -502,6 +600,11 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     if limits.shape != (num_rows,) or limits.min() < 1 or limits.max() > max_new:
       raise ValueError(f"max_new_per_row must be [{num_rows}] ints in [1, {max_new}], got shape "
                        f"{limits.shape}, range [{limits.min()}, {limits.max()}].")
+  key_ids = np.arange(num_rows, dtype=np.int32)
+  if row_ids is not None:
+    key_ids = np.asarray(row_ids, np.int32).reshape(-1)
+    if key_ids.shape != (num_rows,):
+      raise ValueError(f"row_ids must be [{num_rows}] ints (one per row), got shape {key_ids.shape}.")
 
   p_size, k_steps = cfg.page_size, cfg.steps_per_call
   if cfg.max_slots is None:
@@ -530,8 +633,12 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   greedy = temperature == 0.0
   samp = dict(greedy=greedy, top_k=top_k, use_top_p=(top_p < 1.0) and not greedy)
   temp_arr, top_p_arr = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
-  eos_arr = np.full((_pow2(len(eos_ids), lo=8),), -1, np.int32)  # a runtime input: no recompiles
-  eos_arr[:len(eos_ids)] = eos_ids
+  # ids that stop a row in the decode loop: EOS, and an episode's stop candidates
+  stop_ids = eos_ids + (episode.stop_token_ids if episode is not None else ())
+  stop_set = set(stop_ids)
+  eos_arr = np.full((_pow2(len(stop_ids), lo=8),), -1, np.int32)  # a runtime input: no recompiles
+  eos_arr[:len(stop_ids)] = stop_ids
+  salt_of = np.full((num_rows,), -1 if episode is None else episode.salt, np.int32)  # per-row key salt
   weights = prepare_weights(params, config)
   pool = init_pool(config, num_pages, p_size)
 
@@ -547,41 +654,46 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   prompt_logits: dict = {}   # prompt -> device logits [V] after its last token
   live: list = []            # admitted, unfinished Sequences (<= max_slots)
 
-  def prefill(todo: list):
+  def prefill(jobs: list, min_pages: int = 1) -> list:
+    """jobs: (ids, start, block_table) each: writes the KV of ids at positions start + [0, len)
+    into the pages of block_table; returns each job's device logits [V] after its last id.
+    Block tables are cut to a power of two >= min_pages pages."""
     nonlocal pool
-    # Bucket each prompt: one chunk of pow2(len) tokens, or chunks of prefill_chunk tokens.
-    plan = {}
-    for p in todo:
-      c = min(_pow2(lens[p], cfg.min_prefill_bucket), cfg.prefill_chunk)
-      plan.setdefault(c, []).append(p)
+    # Bucket each job: one chunk of pow2(len) tokens, or chunks of prefill_chunk tokens.
+    plan, out = {}, [None] * len(jobs)
+    for q, (ids, *_) in enumerate(jobs):
+      c = min(_pow2(len(ids), cfg.min_prefill_bucket), cfg.prefill_chunk)
+      plan.setdefault(c, []).append(q)
     for c, group in plan.items():
-      n_chunks = max(pages_for(lens[p], c) for p in group)
+      n_chunks = max(pages_for(len(jobs[q][0]), c) for q in group)
       for j in range(n_chunks):
-        # Shard-major rows: shard s's prompts in [s * bl, (s + 1) * bl).
-        by_shard = [[p for p in group if lens[p] > j * c and prompt_shard[p] == s]
+        # Shard-major rows: shard s's jobs in [s * bl, (s + 1) * bl).
+        by_shard = [[q for q in group if len(jobs[q][0]) > j * c and jobs[q][3] == s]
                     for s in range(n_shards)]
         bl = _pow2(max(map(len, by_shard)))
-        slot = {p: s * bl + i for s, ps in enumerate(by_shard) for i, p in enumerate(ps)}
+        slot = {q: s * bl + i for s, qs in enumerate(by_shard) for i, q in enumerate(qs)}
         bp = n_shards * bl
-        pp = _pow2(pages_for((j + 1) * c, p_size))
+        pp = _pow2(max(pages_for(jobs[q][1] + (j + 1) * c, p_size) for q in slot), lo=min_pages)
         toks = np.zeros((bp, c), np.int32)
         table = np.zeros((bp, pp), np.int32)
-        start = np.full((bp,), j * c, np.int32)
+        start = np.zeros((bp,), np.int32)
         n_valid = np.zeros((bp,), np.int32)
-        for p, i in slot.items():
-          seg = prompts[p][j * c:(j + 1) * c]
+        for q, i in slot.items():
+          ids, s0, pages, _ = jobs[q]
+          seg = ids[j * c:(j + 1) * c]
           toks[i, :len(seg)] = seg
-          n_valid[i] = len(seg)
-          ids = prompt_pages[p][:pp]
-          table[i, :len(ids)] = ids
+          n_valid[i], start[i] = len(seg), s0 + j * c
+          table[i, :min(len(pages), pp)] = pages[:pp]
         pool, logits = _prefill(weights, params, pool, toks, start, n_valid, table, config=config,
                                 attention=cfg.attention)
         stats.prefill_calls += 1
         stats.prefill_tokens += bp * c
         stats.prefill_shapes.append((bp, c, pp))
-        for p, i in slot.items():
-          if lens[p] <= (j + 1) * c:
-            prompt_logits[p] = logits[i]
+        stats.prefill_real_tokens += int(n_valid.sum())
+        for q, i in slot.items():
+          if len(jobs[q][0]) <= (j + 1) * c:
+            out[q] = logits[i]
+    return out
 
   def admit():
     """Admits waiting rows while slots and pages allow; samples their first token.
@@ -631,7 +743,9 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     for p in new_prompts:
       prompt_pages[p] = pools[prompt_shard[p]].alloc(pages_for(lens[p], p_size))
     if new_prompts:
-      prefill(new_prompts)
+      jobs = [(prompts[p], 0, prompt_pages[p], prompt_shard[p]) for p in new_prompts]
+      for p, lg in zip(new_prompts, prefill(jobs)):
+        prompt_logits[p] = lg
     copies = [[] for _ in range(n_shards)]
     seqs = []
     for r in admitted:
@@ -665,22 +779,87 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
       pool = _copy_pages(pool, src, dst, config=config)
       stats.page_copies += sum(map(len, copies))
     # Step 0 of every admitted row, from its prompt's logits.
+    first_tokens(seqs, [prompt_logits[s.prompt] for s in seqs])
+    for p in [p for p in prompt_logits if pending_of[p] == 0]:
+      del prompt_logits[p]
+    drain()
+
+  def first_tokens(seqs: list, logits: list):
+    """Step 0 of rows starting a turn, from the logits [V] after their contexts (one host sync)."""
     m = _pow2(len(seqs))
-    logits = jnp.stack([prompt_logits[s.prompt] for s in seqs] +
-                       [prompt_logits[seqs[0].prompt]] * (m - len(seqs)))
-    rows = np.zeros((m,), np.int32)
-    rows[:len(seqs)] = [s.row for s in seqs]
-    tok, lp, raw = (np.asarray(a) for a in _sample_first(logits, rows, rng, temp_arr, top_p_arr, **samp))
+    logits = jnp.stack(logits + [logits[0]] * (m - len(seqs)))
+    rows, salt = np.zeros((m,), np.int32), np.full((m,), -1, np.int32)
+    rows[:len(seqs)] = [key_ids[s.row] for s in seqs]
+    salt[:len(seqs)] = [salt_of[s.row] for s in seqs]
+    tok, lp, raw = (np.asarray(a) for a in _sample_first(logits, rows, salt, rng, temp_arr, top_p_arr,
+                                                         **samp))
     stats.first_sample_calls += 1
     for i, s in enumerate(seqs):
       out_tok[s.row, 0], out_lp[s.row, 0], out_raw[s.row, 0], out_mask[s.row, 0] = tok[i], lp[i], raw[i], 1
       s.step, s.last_token = 1, int(tok[i])
-      if int(tok[i]) in eos_ids or s.max_new == 1:
-        s.release(pools[s.shard])
+      if int(tok[i]) in stop_set or s.max_new == 1:
+        settle(s)
       else:
         live.append(s)
-    for p in [p for p in prompt_logits if pending_of[p] == 0]:
-      del prompt_logits[p]
+
+  resumed: list = []      # episode rows going on with their turn after a false stop
+  next_turns: list = []   # (Sequence, NextTurn): episode rows whose observation is to be prefilled
+
+  def settle(s):
+    """A row stopped sampling (EOS, a stop candidate or its budget): `run` frees it; an episode
+    asks its step_fn whether it ends, resumes its turn, or starts the next one in place."""
+    if episode is None:
+      s.release(pools[s.shard])
+      return
+    stats.pauses += 1
+    act = episode.step_fn(s.row, out_tok[s.row, :s.step].copy(), out_lp[s.row, :s.step].copy())
+    if act is None:
+      stats.generated_tokens += s.step
+      s.release(pools[s.shard])
+    elif isinstance(act, str) and act == RESUME:
+      if s.step >= s.max_new or s.last_token in eos_ids:
+        raise RuntimeError(f"run_episodes: step_fn resumed row {s.row} after "
+                           f"{'its budget' if s.step >= s.max_new else 'EOS'}; nothing is left to sample.")
+      stats.false_stops += 1
+      resumed.append(s)
+    elif isinstance(act, NextTurn):
+      if not 1 <= int(act.keep) <= s.step or int(act.max_new) < 1:
+        raise ValueError(f"run_episodes: step_fn's NextTurn(keep={act.keep}, max_new={act.max_new}) "
+                         f"for row {s.row}: keep must be in [1, {s.step}] and max_new >= 1.")
+      stats.generated_tokens += int(act.keep)
+      next_turns.append((s, act))
+    else:
+      raise TypeError(f"run_episodes: step_fn must return None, RESUME or a NextTurn, got {act!r}.")
+
+  def start_turns(items: list):
+    """Prefills each row's last kept token and observation at its current length into its own
+    pages (more pages from its reservation as needed), then samples the next turns' first tokens."""
+    jobs = []
+    for s, act in items:
+      ids, start = _resume_tokens(out_tok[s.row], s.prompt_len, int(act.keep), act.observation)
+      s.prompt_len, s.max_new, s.step = start + len(ids), int(act.max_new), 0
+      if pages_for(s.prompt_len + s.max_new - 1, p_size) > len(s.block_table) + s.reserved:
+        raise ValueError(f"run_episodes: row {s.row}'s next turn (context {s.prompt_len} tokens, "
+                         f"max_new {s.max_new}) exceeds the pages reserved at admission (prompt + "
+                         f"max_new_per_row - 1 positions).")
+      grow = pages_for(start + len(ids), p_size) - len(s.block_table)
+      if grow > 0:
+        s.block_table += pools[s.shard].alloc(grow, from_reserved=True)
+        s.reserved -= grow
+      salt_of[s.row] = int(act.salt)
+      jobs.append((ids, start, s.block_table, s.shard))
+    stats.resumed_turns += len(items)
+    first_tokens([s for s, _ in items], prefill(jobs, pages_for(cfg.min_table_tokens, p_size)))
+
+  def drain():
+    """Puts paused episode rows back: false stops at once, next turns after their prefill."""
+    while resumed or next_turns:
+      live.extend(resumed)
+      resumed.clear()
+      if next_turns:
+        items = list(next_turns)
+        next_turns.clear()
+        start_turns(items)
 
   def decode():
     nonlocal pool
@@ -704,9 +883,12 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     for i, s in order:
       table[i, :len(s.block_table)] = s.block_table
       tok[i], plen[i], step[i], rows[i], max_n[i], alive[i] = (
-          s.last_token, s.prompt_len, s.step, s.row, s.max_new, True)
+          s.last_token, s.prompt_len, s.step, key_ids[s.row], s.max_new, True)
+    salt = np.full((w,), -1, np.int32)
+    for i, s in order:
+      salt[i] = salt_of[s.row]
     pool, t, lp, raw, emitted = _decode(
-        weights, params, pool, table, tok, plen, step, alive, rows, max_n, eos_arr, rng, temp_arr,
+        weights, params, pool, table, tok, plen, step, alive, rows, salt, max_n, eos_arr, rng, temp_arr,
         top_p_arr, config=config, steps=k_steps, pad_id=pad_id, attention=cfg.attention, **samp)
     t, lp, raw, emitted = (np.asarray(a) for a in (t, lp, raw, emitted))
     stats.decode_calls += 1
@@ -723,12 +905,13 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
       s.step += k
       if k:
         s.last_token = int(t[i, k - 1])
-      finished = s.step >= s.max_new or (k and int(t[i, k - 1]) in eos_ids) or k < k_steps
+      finished = s.step >= s.max_new or (k and int(t[i, k - 1]) in stop_set) or k < k_steps
       if finished:
-        s.release(pools[s.shard])
+        settle(s)
       else:
         still.append(s)
     live[:] = still
+    drain()
 
   while pending or live:
     admit()
@@ -742,7 +925,8 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   for pl in pools:
     pl.check_all_free()
   stats.peak_pages_in_use = sum(pl.peak_in_use for pl in pools)
-  stats.generated_tokens = int(out_mask.sum())
+  if episode is None:  # (episodes count the kept tokens of each turn)
+    stats.generated_tokens = int(out_mask.sum())
   lengths = out_mask.sum(-1).astype(np.int32)
   out = sampling_step.GenerationOutput(jnp.asarray(out_tok), jnp.asarray(out_lp), jnp.asarray(out_mask),
                                   jnp.asarray(out_raw), jnp.asarray(lengths))

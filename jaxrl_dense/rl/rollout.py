@@ -167,32 +167,50 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
 
 def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config_lib.PrimeConfig,
                   verify_fn: VerifyFn, t0: float) -> dict:
-  """`_sample_round` for --env: n multi-turn episodes per record (`multiturn.rollout_turns`); the
-  verifier scores the model's turns only. Adds observation_mask / turn_ids [G·n, R], the turn
-  texts, and the tool statistics."""
+  """`_sample_round` for --env: n multi-turn episodes per record; the verifier scores the model's
+  turns only. --rollout_engine=continuous runs them with paused rows (`multiturn.rollout_turns_paused`:
+  observations prefilled into each row's live KV pages), static one sampler call per turn
+  (`multiturn.rollout_turns`). Adds observation_mask / turn_ids [G·n, R], the turn texts, and the
+  tool and prefill statistics."""
   from jaxrl_dense import envs  # pylint: disable=import-outside-toplevel
   from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
   r = cfg.rollout
   n = r.n
   eos = tuple(model_config.eos_token_ids)
   pad = model_config.pad_token_id if model_config.pad_token_id is not None else (eos[0] if eos else 0)
+  paused = r.rollout_engine == "continuous"
 
-  def generate_fn(ctx, cmask, k, num_samples, max_new):
+  def generate_fn(ctx, cmask, k, num_samples, max_new, rows=None):
     gen = sampling.generate(params, model_config, ctx, cmask, k, max_new_tokens=max_new,
                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             num_samples=num_samples, prompt_bucket=r.length_bucket or 16,
                             engine=r.rollout_engine)
     return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
 
+  def run_fn(ctx, cmask, k, **kw):
+    from jaxrl_dense import engine as engine_lib  # pylint: disable=import-outside-toplevel
+    return engine_lib.run_episodes(params, model_config, ctx, cmask, k, max_new_tokens=r.max_response_length,
+                                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_ids=eos,
+                                   pad_id=pad, **kw)
+
   g = r.generate_prompts
   make_env = envs.make_env(r.env, max_turns=r.max_turns)
-  outs = []
+  outs, prefilled, reprefill, syncs, false_stops = [], 0, 0, 0, 0
   for i in range(0, len(records), g):  # --generate_batch_size prompts per call, as single-turn
-    outs.append(multiturn.rollout_turns(
-        generate_fn, tokenizer, np.asarray(pb.tokens[i:i + g]), np.asarray(pb.mask[i:i + g]),
-        records[i:i + g], key if g == len(records) else jax.random.fold_in(key, i // g), n=n,
-        make_env=make_env, max_turns=r.max_turns, max_response_length=r.max_response_length,
-        eos_ids=eos, pad_id=pad))
+    args = (tokenizer, np.asarray(pb.tokens[i:i + g]), np.asarray(pb.mask[i:i + g]), records[i:i + g],
+            key if g == len(records) else jax.random.fold_in(key, i // g))
+    kw = dict(n=n, make_env=make_env, max_turns=r.max_turns, max_response_length=r.max_response_length,
+              eos_ids=eos, pad_id=pad)
+    if paused:
+      out, st = multiturn.rollout_turns_paused(run_fn, *args, **kw)
+      if st is not None:
+        prefilled, syncs, false_stops = (prefilled + st.prefill_real_tokens, syncs + st.host_syncs,
+                                         false_stops + st.false_stops)
+    else:
+      out = multiturn.rollout_turns(generate_fn, *args, **kw)
+    plens = np.asarray(pb.mask[i:i + g]).sum(axis=1)
+    reprefill += multiturn.reprefill_tokens(out, plens, n)
+    outs.append(out)
   cat = lambda f: np.concatenate([getattr(o, f) for o in outs], axis=0)
   turn_texts = [t for o in outs for t in o.turn_texts]
   infos = [x for o in outs for x in o.infos]
@@ -208,7 +226,13 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
            "env/tool_calls_per_row": len(calls) / max(len(infos), 1),
            "env/tool_error_frac": len(errors) / max(len(calls), 1),
            "env/tool_timeouts": float(sum(i.get("error") == "timeout" for i in calls)),
-           "env/observation_tokens_mean": float(obs.sum(axis=1).mean())}
+           "env/observation_tokens_mean": float(obs.sum(axis=1).mean()),
+           # context tokens prefilled per episode, and what one sampler call per turn prefills
+           # (the prompt and every earlier turn again at each turn); equal on the static path
+           "env/prefill_tokens": (prefilled if paused else reprefill) / max(len(infos), 1),
+           "env/reprefill_tokens": reprefill / max(len(infos), 1)}
+  if paused:  # device -> host round trips of the engine runs, and candidates that were no stop
+    stats.update({"env/host_syncs": float(syncs), "env/false_stops_per_row": false_stops / max(len(infos), 1)})
   return {"records": list(records), "prompts": pb, "tokens": cat("tokens"), "mask": mask, "logp": cat("logp"),
           "observation_mask": obs, "turn_ids": cat("turn_ids"), "turn_texts": turn_texts,
           "acc": acc, "lengths": (mask + obs).sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1,
