@@ -330,6 +330,14 @@ def test_sampler_kv_cache_is_an_eighth_per_device_on_both_meshes(worker):
   out = worker
   assert kv_cache_problems(out, "replicated", 8, 1) == []     # fsdp:8: rows / 8, kv heads whole
   assert kv_cache_problems(out, "rollout_mesh", 2, 4) == []   # data:2 x tensor:4: rows / 2, heads / 4
+  # The prompt pass fills a cache of the prompts' rows at their 32 slots only (16 prompts over
+  # data:2); each sample's full-length rows are made from it, no prompt row exists at full length.
+  s, m = out["sizes"], out["model"]
+  prompt_rows = s["batch_size"] // s["num_samples"] // 2
+  dims = [tuple(d) for _, d in out["rollout_mesh"]["shapes"]]
+  assert any(d[-4:] == (prompt_rows, 1, s["prompt_len"], m["head_dim"]) for d in dims)
+  full = s["prompt_len"] + s["response_len"]
+  assert not any(d[-4:] == (prompt_rows, 1, full, m["head_dim"]) for d in dims)
   # Control: the same compile with the cache's rows left whole (kv heads still over tensor).
   bad = kv_cache_problems(out, "control_cache", 2, 4)
   assert any("holds 64 of 256" in b for b in bad), bad
