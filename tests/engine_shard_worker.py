@@ -20,7 +20,10 @@ JAX. It records, per mesh (fsdp:8 and data:2,fsdp:2,tensor:2):
 * the decode program with the per-shard Pallas kernel (interpreted) and, on
   data:2,fsdp:2,tensor:2, an engine run with it against the single-device XLA engine;
 * on data:2,fsdp:2,tensor:2, multi-turn episodes with paused rows (`run_episodes`) against one
-  device.
+  device;
+* rollout_copy: the engine on the trainer's --rollout_mesh copy (`sharding.rollout_params` of
+  the fsdp:8 params onto data:4,fsdp:1,tensor:2, tensor-parallel) against the single-device
+  engine, with its weights' and its compiled decode program's pool bytes per device.
 
 `--qwen7b` instead compiles the decode program with Qwen2.5-7B's KV geometry (4 kv heads of
 128, pages of 16) for one 7B sampler call (64 prompts x 4 samples, 1024 + 3072 tokens) cut to
@@ -55,6 +58,7 @@ ENGINE = EngineConfig(page_size=4, max_slots=16, steps_per_call=4, prefill_chunk
 LENGTHS = (21, 3, 9, 16, 5, 12, 7, 18)   # 8 prompts x n=2: 16 rows
 LIMITS = (24, 3, 2, 5, 4, 24, 6, 2, 3, 5, 2, 4, 24, 3, 6, 2)  # heavy tail: 3 rows of 24
 PALLAS_MESH = "data:2,fsdp:2,tensor:2"  # the Pallas control (and an engine run) on this mesh
+ROLLOUT_MESH = "data:4,fsdp:1,tensor:2"  # --rollout_mesh: the tensor-parallel rollout copy's mesh
 PAGES_PER_SHARD = 256  # compiled programs: a pool larger than any weight or activation here
 
 
@@ -263,6 +267,35 @@ def episodes_run(mesh) -> dict:
           "resumed_turns": st.resumed_turns, "pages_in_use_at_end": st.pages_in_use_at_end}
 
 
+def rollout_copy_run(params, base):
+  """The engine on the trainer's rollout copy with --rollout_mesh (sharding.rollout_mesh_layout /
+  rollout_params, as Trainer.rollout_params makes it): tensor-parallel weights on data:4 x
+  tensor:2 over the same devices as the fsdp:8 training mesh, the pool split by rows and kv
+  heads on that mesh."""
+  train = sh.make_mesh("fsdp:8")
+  rmesh, layout = sh.rollout_mesh_layout(CFG, train, ROLLOUT_MESH)
+  copy = sh.rollout_params(sh.shard_params(params, CFG, train), CFG, rmesh, layout=layout)
+  out, stats = engine_run(copy, rmesh, rerun=False)
+  leaf = copy["layers"]["mlp"]["up_proj"]["kernel"]
+  s = eng.row_shards(rmesh)
+  with sh.use_mesh(rmesh):
+    spec_ = eng.pool_spec(rmesh, CFG)
+  local = list(jax.sharding.NamedSharding(rmesh, spec_).shard_shape(
+      (CFG.num_kv_heads, s * PAGES_PER_SHARD, ENGINE.page_size, CFG.head_dim)))
+  prog = compile_programs(rmesh, copy, CFG, s * PAGES_PER_SHARD, local, programs=("decode",))
+  res = {
+      "layout": layout, "mesh": dict(rmesh.shape), "row_shards": stats["row_shards"],
+      "weight_spec": str(leaf.sharding.spec),
+      "weight_device_bytes": int(max(sh.addressable_bytes(copy).values())),
+      "weight_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(copy))),
+      "same_tokens": bool(np.array_equal(np.asarray(out.tokens), np.asarray(base.tokens))),
+      "same_mask": bool(np.array_equal(np.asarray(out.mask), np.asarray(base.mask))),
+      "max_logprob_diff": float(np.abs(np.asarray(out.logprobs) - np.asarray(base.logprobs)).max()),
+      "pages_in_use_at_end": stats["pages_in_use_at_end"], "decode": prog["decode"]}
+  print("rollout copy", json.dumps({k: v for k, v in res.items() if k != "decode"}), flush=True)
+  return res
+
+
 def main(out_path):
   assert jax.device_count() == 8
   params = jax.tree_util.tree_map(lambda x: x * 6.0 if x.ndim >= 2 else x,
@@ -310,6 +343,7 @@ def main(out_path):
                                     max([c["elements"] for c in x["collectives"]] or [0]))
                                 for n, x in v.items() if n != "row_shards"}
                             for k, v in progs.items()}), flush=True)
+  result["rollout_copy"] = rollout_copy_run(params, base)
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)
 

@@ -7,8 +7,9 @@ shard-local page ids, and page writes, paged attention and copy-on-write run per
 `jax.shard_map`. tests/engine_shard_worker.py runs the engine on fsdp:8 and
 data:2,fsdp:2,tensor:2 against one device and compiles its decode / prefill / copy programs
 with the row-sharded layout and with two control layouts (the previous replicated pool; pages
-split by rows with the Pallas decode kernel, interpreted, outside any shard_map). Each check
-below is shown to fail on a control.
+split by rows with the Pallas decode kernel, interpreted, outside any shard_map), and runs it
+on the trainer's tensor-parallel rollout copy (--rollout_mesh=data:4,fsdp:1,tensor:2). Each
+pool check below is shown to fail on a control.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
@@ -53,6 +55,28 @@ def test_pool_spec_splits_pages_over_row_axes_and_kv_heads_over_tensor():
   assert eng.pool_spec(AbstractMesh((1, 8, 1), sh.AXES), CFG) == P(None, "fsdp", None, None)
   # 2 kv heads cannot split 4 ways: heads stay whole, pages still split by rows.
   assert eng.pool_spec(AbstractMesh((2, 1, 4), sh.AXES), CFG) == P(None, "data", None, None)
+
+
+def test_7b_call_pool_per_device_figures():
+  """The README's 7B figures (one --generate_batch_size=64 call: 64 prompts x 4 samples of
+  1024 + 3072 tokens, pages of 16, Qwen2.5-Math-7B's 4 kv heads of 128, 28 layers, bf16): the
+  engine's default pool per row shard on fsdp:8 is 59.7 GiB in all and 7.5 GiB per device under
+  `pool_spec` (the compiled programs' 1/8 is checked above on the tiny model; the replicated
+  layout, the control, kept the whole pool on each device)."""
+  from jaxrl_dense.engine import EngineConfig
+  from jaxrl_dense.rl import setup
+  mc = ModelConfig.from_hf_dict(setup.ARCH_PRESETS["qwen2.5-math-7b"])
+  assert (mc.num_kv_heads, mc.head_dim, mc.num_layers) == (4, 128, 28)
+  prompts, n, plen, new, s = 64, 4, 1024, 3072, 8
+  per_shard = eng._default_num_pages(EngineConfig(page_size=16, max_slots=prompts * n // s),
+                                     [plen] * (prompts // s), n, new)
+  shape = (mc.num_kv_heads, s * per_shard, 16, mc.head_dim)
+  mesh = AbstractMesh((1, 8, 1), sh.AXES)
+  local = jax.sharding.NamedSharding(mesh, eng.pool_spec(mesh, mc)).shard_shape(shape)
+  layer = 2 * 2   # k and v, bfloat16
+  whole, device = (layer * mc.num_layers * math.prod(x) / 2**30 for x in (shape, local))
+  assert round(whole, 1) == 59.7 and round(device, 1) == 7.5, (whole, device)
+  assert device * 8 == whole
 
 
 def _pool_check(prog, k):
@@ -108,6 +132,20 @@ def test_pool_is_one_kth_per_device_with_no_pool_collectives(summary):
   assert any(c["op"] in ("all-gather", "all-to-all") for c in _pool_sized_collectives(ctl))
   run = summary["runs"]["data:2,fsdp:2,tensor:2"]   # and the engine with it equals one device
   assert run["pallas_same_tokens"] and run["pallas_max_logprob_diff"] < 1e-4, run
+
+
+@pytest.mark.slow
+def test_engine_on_the_tensor_parallel_rollout_copy_equals_one_device(summary):
+  """--rollout_mesh=data:4,fsdp:1,tensor:2 over fsdp:8's devices: the engine on the trainer's
+  rollout copy (tensor-parallel weights, pool split by rows and kv heads on that mesh) gives the
+  single-device engine's greedy tokens, with 1/2 of the weights and 1/8 of the pool per device."""
+  r = summary["rollout_copy"]
+  assert r["layout"] == "tensor" and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert r["weight_spec"].endswith("(None, None, 'tensor')"), r["weight_spec"]   # MLP units split
+  assert r["weight_device_bytes"] < 0.55 * r["weight_bytes"], r
+  assert r["row_shards"] == 4 and r["pages_in_use_at_end"] == 0
+  assert r["same_tokens"] and r["same_mask"] and r["max_logprob_diff"] < 1e-4, r
+  assert _pool_check(r["decode"], 8) and not _pool_sized_collectives(r["decode"]), r["decode"]
 
 
 def _pow2_range(lo, hi):

@@ -170,6 +170,14 @@ def test_fsdp_gathers_weights_per_layer_and_never_all_reduces_activations(layout
         f"{name}: one layer's MLP weight is not all-gathered inside the layer scan"
     stacked = [c for c in gathers for _, s in c.shapes if plan_lib.has_dims(s, (d["L"], d["D"], d["I"]))]
     assert not stacked, f"{name}: all layers' weights gathered at once: {stacked}"
+    if name != "scoring":   # the updates reduce each layer's weight gradient inside the backward scan
+      reds = plan_lib.collectives(text, ("all-reduce", "reduce-scatter"))
+      grads = [c for c in reds if any(tuple(x for x in s if x != 1) in ((d["D"], d["I"]), (d["I"], d["D"]))
+                                      for _, s in c.shapes)]
+      assert grads and all(c.computation in bodies for c in grads), \
+          f"{name}: one layer's MLP weight gradient is not reduced inside the layer scan"
+      stacked = [c for c in reds for _, s in c.shapes if plan_lib.has_dims(s, (d["L"], d["D"], d["I"]))]
+      assert not stacked, f"{name}: all layers' weight gradients reduced at once: {stacked}"
   # Control: the same scoring program traced without the mesh context (no activation
   # constraints) is what issue 12 found: GSPMD follows the weights' fsdp split of the width and
   # all-reduces [rows, T, D] activations in every layer. The check above catches exactly that.

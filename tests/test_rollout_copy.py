@@ -60,7 +60,14 @@ def test_trainer_samples_from_the_bf16_copy_and_gets_the_masters_samples():
     np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
     # same values in every matmul; XLA may fuse the casts differently (1 float32 ulp seen)
     np.testing.assert_allclose(a.sampler_logp, b.sampler_logp, rtol=1e-6, atol=1e-6)
-    run.train_step()
+    made = []   # the copy is made once per rollout (one train step here)
+    real_copy = sharding.rollout_params
+    sharding.rollout_params = lambda *a, **k: made.append(1) or real_copy(*a, **k)
+    try:
+      run.train_step()
+    finally:
+      sharding.rollout_params = real_copy
+    assert len(made) == 1, len(made)
     assert {x.dtype for x in jax.tree.leaves(seen["args"][0]) if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
   finally:
     rollout.collect = real

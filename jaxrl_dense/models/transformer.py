@@ -486,9 +486,21 @@ def lm_head_weight(params: Params, config: ModelConfig) -> jax.Array:
 
 
 def logits_from_hidden(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.Array:
-  """float32 logits [..., V] = hidden [..., D] @ W_out [D, V] (compute dtype in, f32 accumulate)."""
+  """float32 logits [..., V] = hidden [..., D] @ W_out [D, V] (compute dtype in, f32 accumulate).
+
+  Under a mesh the logits are constrained vocabulary-parallel (rows over data x fsdp, V over
+  tensor, like the [D, V] weight of the tensor-parallel rollout copy): each device computes its
+  V / tensor columns from its own weight shard, and a caller that needs whole rows gathers the
+  [rows, V] logits. Without it GSPMD met the sampler's whole-vocabulary constraint by
+  all-gathering the [D, V] weight instead (hoisted out of the decode loop: the whole LM head on
+  every device; tests/test_plan_flags.py).
+  """
   w = lm_head_weight(params, config).astype(compute_dtype(config))
-  return jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  if logits.ndim >= 2:
+    logits = _sharding.with_logical_constraint(
+        logits, ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",))
+  return logits
 
 
 def _check_inputs(config: ModelConfig, tokens, attention_mask):
