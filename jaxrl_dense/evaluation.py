@@ -109,7 +109,8 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
              seed: int = 0, verify_fn: Optional[VerifyFn] = None,
              encoder: Optional[batching.PromptEncoder] = None,
              generate_fn: Optional[Callable] = None, eos_ids: Optional[Sequence[int]] = None,
-             progress: bool = False, env: Optional[Callable] = None, max_turns: int = 1) -> EvalResult:
+             progress: bool = False, env: Optional[Callable] = None, max_turns: int = 1,
+             paused: bool = False) -> EvalResult:
   """Generates, verifies and scores `records`; see the module docstring.
 
   Args:
@@ -133,6 +134,9 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
       each response is an episode of `rl.multiturn.rollout_turns` (the tool's results appended as
       observation tokens, `max_new_tokens` = the whole response region), scored on the model's
       turns only; each problem also lists its turns and observations.
+    paused: with `env`, run the episodes on the continuous engine with paused rows
+      (`rl.multiturn.rollout_turns_paused`: observations prefilled into each row's live KV pages)
+      instead of one `generate_fn` call per turn. The same episodes either way (same keys).
   """
   if not records:
     raise ValueError("evaluate: no records")
@@ -193,9 +197,19 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
 
       recs = list(chunk) + [chunk[0]] * (pb.tokens.shape[0] - len(chunk))
       pad = config.pad_token_id if config.pad_token_id is not None else min(eos, default=0)
-      ep = multiturn.rollout_turns(gen, tokenizer, np.asarray(pb.tokens), np.asarray(pb.mask), recs, key, n=k,
-                                   make_env=env, max_turns=max_turns, max_response_length=max_new_tokens,
-                                   eos_ids=tuple(eos), pad_id=pad)
+      args = (tokenizer, np.asarray(pb.tokens), np.asarray(pb.mask), recs, key)
+      kw = dict(n=k, make_env=env, max_turns=max_turns, max_response_length=max_new_tokens,
+                eos_ids=tuple(eos), pad_id=pad)
+      if paused:
+        from jaxrl_dense import engine as engine_lib  # pylint: disable=import-outside-toplevel
+
+        def run_fn(ctx, cmask, kk, **a):
+          return engine_lib.run_episodes(params, config, ctx, cmask, kk, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, eos_ids=tuple(eos),
+                                         pad_id=pad, **a)
+        ep, _ = multiturn.rollout_turns_paused(run_fn, *args, **kw)
+      else:
+        ep = multiturn.rollout_turns(gen, *args, **kw)
       tokens, lengths = ep.tokens, (ep.mask + ep.observation_mask).sum(axis=1).astype(np.int32)
       all_texts += [multiturn.model_text(t) for t in ep.turn_texts[:n_real]]
       all_turns += [{"turns": t, "observations": o} for t, o in zip(ep.turn_texts[:n_real], ep.observations[:n_real])]

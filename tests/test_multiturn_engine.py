@@ -283,3 +283,31 @@ def test_three_turn_calculator_episode_token_by_token(chars, tool_model):
   ref = multiturn.rollout_turns(generate_fn, chars, pt, pm, [None], jax.random.PRNGKey(0), n=1,
                                 make_env=make_env, max_turns=4, max_response_length=R, eos_ids=(eos,))
   _assert_same(out, ref)
+
+
+def test_eval_with_paused_rows_gives_the_per_turn_episodes(chars, params):
+  """`evaluation.evaluate(env=..., paused=True)` (the trainer's eval under
+  --rollout_engine=continuous) scores the episodes that one engine call per turn gives on the
+  same encoded prompts and key (sampled: the keys are per episode and turn, not per call)."""
+  from jaxrl_dense import evaluation
+  from jaxrl_dense.data import batching
+  from jaxrl_dense.data.records import PromptRecord
+  recs = [PromptRecord(prompt_messages=({"role": "user", "content": q},), gold="x", data_source="t",
+                       uid=f"t:{i}") for i, q in enumerate(["What is 3+4?", "Hi", "Go 12"])]
+  verify = lambda texts, golds, sources: [float(len(t) % 2) for t in texts]
+  res = evaluation.evaluate(params, CONFIG, chars, recs, max_new_tokens=48, batch_size=3,
+                            verify_fn=verify, env=lambda: ScriptedEnv(), max_turns=4, eos_ids=(2,),
+                            temperature=1.0, num_samples=4, paused=True)
+  enc = batching.PromptEncoder(chars, max_prompt_length=1024)
+  width = batching.bucket_length(max(len(enc.encode(r.prompt_messages)) for r in recs),
+                                 enc.bucket_multiple, enc.max_prompt_length)
+  pb = enc.batch(recs, pad_to=width, num_rows=3)
+  key = jax.random.fold_in(jax.random.key(0), 0)  # evaluate's key of batch 0 (seed 0)
+  ref, _ = _episodes(params, chars, np.asarray(pb.tokens), np.asarray(pb.mask), key, paused=False,
+                     n=4, R=48, temperature=1.0)
+  got = [e for p in res.problems for e in p["episodes"]]
+  assert [e["turns"] for e in got] == ref.turn_texts
+  assert [e["observations"] for e in got] == ref.observations
+  assert max(len(e["turns"]) for e in got) >= 3  # a multi-turn eval
+  texts = [multiturn.model_text(t) for t in ref.turn_texts]
+  assert [x for p in res.problems for x in p["scores"]] == verify(texts, None, None)

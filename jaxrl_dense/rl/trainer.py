@@ -228,12 +228,14 @@ class Trainer:
     return report
 
   def _eval_env(self) -> dict:
-    """--env: the eval runs the same multi-turn episodes as the rollout (greedy)."""
+    """--env: the eval runs the same multi-turn episodes as the rollout (greedy), with paused rows
+    on the continuous engine."""
     r = self.cfg.prime.rollout
     if not r.env:
       return {}
     from jaxrl_dense import envs
-    return {"env": envs.make_env(r.env, max_turns=r.max_turns), "max_turns": r.max_turns}
+    return {"env": envs.make_env(r.env, max_turns=r.max_turns), "max_turns": r.max_turns,
+            "paused": r.rollout_engine == "continuous"}
 
   def prm_is_reference(self) -> bool:
     """True while the PRM computes the reference's log-probs exactly: its weights equal the
