@@ -164,16 +164,16 @@ def test_fsdp_gathers_weights_per_layer_and_never_all_reduces_activations(layout
     text = hlo("fsdp:8", name)
     bodies = plan_lib.while_bodies(text)
     gathers = plan_lib.collectives(text, ("all-gather",))
-    mlp = [c for c in gathers if any(tuple(x for x in s if x != 1) in ((d["D"], d["I"]), (d["I"], d["D"]))
-                                     for _, s in c.shapes)]
+    mlp_sized = lambda colls: [c for c in colls if any(
+        tuple(x for x in s if x != 1) in ((d["D"], d["I"]), (d["I"], d["D"])) for _, s in c.shapes)]
+    mlp = mlp_sized(gathers)
     assert mlp and all(c.computation in bodies for c in mlp), \
         f"{name}: one layer's MLP weight is not all-gathered inside the layer scan"
     stacked = [c for c in gathers for _, s in c.shapes if plan_lib.has_dims(s, (d["L"], d["D"], d["I"]))]
     assert not stacked, f"{name}: all layers' weights gathered at once: {stacked}"
     if name != "scoring":   # the updates reduce each layer's weight gradient inside the backward scan
       reds = plan_lib.collectives(text, ("all-reduce", "reduce-scatter"))
-      grads = [c for c in reds if any(tuple(x for x in s if x != 1) in ((d["D"], d["I"]), (d["I"], d["D"]))
-                                      for _, s in c.shapes)]
+      grads = mlp_sized(reds)
       assert grads and all(c.computation in bodies for c in grads), \
           f"{name}: one layer's MLP weight gradient is not reduced inside the layer scan"
       stacked = [c for c in reds for _, s in c.shapes if plan_lib.has_dims(s, (d["L"], d["D"], d["I"]))]

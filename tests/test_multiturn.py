@@ -25,13 +25,14 @@ class ScriptedEnv:
   """Answers every turn that ends in `stop` with a fixed observation; ends the episode on a turn
   without it (the tool-env contract of jaxrl_dense.envs)."""
 
-  def __init__(self, stop="</tool>", observation="\n<result>7</result>\n"):
+  def __init__(self, stop="</tool>", observation="\n<result>7</result>\n", first=""):
     self.stop_strings = tuple(stop) if isinstance(stop, (list, tuple)) else (stop,)
     self.observation = observation
+    self.first = first  # the observation the episode opens with ('' for none)
     self.actions = []
 
   def reset(self, record):
-    return ""
+    return self.first
 
   def step(self, action):
     self.actions.append(action)

@@ -4,12 +4,11 @@ host steps the environment, the observation is prefilled into the same row, and 
 The episodes are exactly the per-turn path's (`rollout_turns` with one engine call per turn, each
 re-prefilling the context): same ids, masks, turn ids and keys, log-probs within float rounding."""
 import dataclasses
-from typing import NamedTuple
-
 import jax
 import numpy as np
 import optax
 import pytest
+import test_multiturn
 
 from jaxrl_dense import engine as engine_lib
 from jaxrl_dense import envs
@@ -34,28 +33,10 @@ REF_ENGINE = engine_lib.EngineConfig(page_size=16, max_slots=8, steps_per_call=8
 STOPS = list("aeiou") + ["1" + d for d in "0123456789"]
 
 
-class _Step(NamedTuple):
-  observation: str
-  reward: float
-  done: bool
-  info: dict
-
-
-class ScriptedEnv:
-  """Answers a turn that holds a stop string with a fixed observation; a turn without one ends the
-  episode."""
-
-  def __init__(self, first=""):
-    self.stop_strings = tuple(STOPS)
-    self.first = first
-
-  def reset(self, record):
-    return self.first
-
-  def step(self, action):
-    if any(x in action for x in self.stop_strings):
-      return _Step("<r>ok</r>", 0.0, False, {"tool": "calc", "error": None})
-    return _Step("", 0.0, True, {})
+def ScriptedEnv(first=""):  # pylint: disable=invalid-name
+  """tests/test_multiturn.py's scripted tool env stopping at STOPS: answers a turn that holds a stop
+  string with a fixed observation; a turn without one ends the episode."""
+  return test_multiturn.ScriptedEnv(stop=STOPS, observation="<r>ok</r>", first=first)
 
 
 @pytest.fixture(scope="module")
