@@ -5,7 +5,7 @@
     state, metrics = update_fn(state, batch, key)      # batch: RolloutBatch of B = G·n rows
 
 `update_fn` is ONE jitted program (explicit in/out shardings on a mesh, the state donated), the
-whole of PRIME spec §4-§7 for one rollout batch:
+whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
 
   1. scoring (no grad): old policy log-probs π_old (at the rollout temperature) and entropy,
      unless bypass (`--recompute_old_logp=false`: π_old := μ, the sampler's `batch.sampler_logp`);
@@ -19,7 +19,7 @@ whole of PRIME spec §4-§7 for one rollout batch:
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
      GRPO on the filtered batch).
   4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
-     r_t = β (log π_prm − log π_ref) batch-normalised (spec §4), then the estimator
+     r_t = β (log π_prm − log π_ref) batch-normalised (veRL's PRIME recipe), then the estimator
      `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
   5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
   With --filter_mode=mask|resample the out-of-band rows carry weight 0 in steps 2-6 (the fixed
@@ -27,6 +27,9 @@ whole of PRIME spec §4-§7 for one rollout batch:
   RLOO and GRPO with one PRM and one PPO mini-batch per step).
   6. metrics: KL(old ‖ ref) on the response tokens, entropy, PRM accuracy, advantage statistics.
 
+The stages pass one `RolloutBatch` along and fill it in with `_replace` (old_logp, ref_logp,
+prm_logp, keep, advantages / returns, weights, rollout_is_weights / rollout_rs_keep), as
+purejaxrl's `Transition` goes from the environment step to the loss.
 Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
 so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
 The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
@@ -175,7 +178,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   (`cfg.masks_filler`) the out-of-band rows are a `row_mask` of 0 for the batch-norm max, the
   leave-one-out, the whitening and the logged means (their advantages and returns are 0); with
   fill and --process_on_filler=false only their process rewards are 0 (and out of the batch-norm).
-  The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics (issue 23):
+  The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics:
   filter/filler_adv_share = Σ|A| on out-of-band rows / Σ|A|; adv/process_length_corr =
   corr(L_i, mean_t of row i's process-only return) over the trained rows (0 without variance);
   prm/implicit_reward_pos{1..4} = mean β·q by quarter of the response.
@@ -278,7 +281,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
 
 
 def optimizers(cfg: config_lib.PrimeConfig):
-  """(policy optimizer, PRM optimizer or None): AdamW + global-norm clip (spec §11)."""
+  """(policy optimizer, PRM optimizer or None): AdamW + global-norm clip."""
   p, q = cfg.policy, cfg.prm
   mu = jnp.bfloat16 if cfg.moments_dtype == "bfloat16" else None
   pol = make_optimizer(p.lr, weight_decay=p.weight_decay, grad_clip=p.grad_clip, mu_dtype=mu)
@@ -446,7 +449,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       else:
         st_sh = jax.tree.map(lambda x: x.sharding, state)
         bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
-        # traced under the mesh: the model's activation constraints apply (issue 12)
+        # traced under the mesh: the model's activation constraints apply
         jitted["fn"] = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
                                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     return jitted["fn"]

@@ -54,7 +54,7 @@ def _split(n: int, size: int, what: str) -> int:
 def _chunk(tree, num_chunks: int):
   """[B, ...] leaves -> [num_chunks, B // num_chunks, ...] (chunk c = rows c*B/nc .. (c+1)*B/nc - 1).
 
-  Sharding (issue 12): under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
+  Sharding: under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
   chunked arrays are constrained to P(None, ("data", "fsdp")), i.e. the batch sharding stays on
   the ROW axis and every chunk (micro-batch) is split over all data x fsdp devices. Without it
   GSPMD puts the sharded batch on the chunk axis (each micro-batch on one device) and the
@@ -158,7 +158,7 @@ def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   # Traced under the mesh, so the model's activation constraints (FSDP: rows over data x fsdp)
-  # and the gradient constraints below apply (issue 12).
+  # and the gradient constraints below apply.
   return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
 
@@ -319,8 +319,8 @@ def make_prm_update(
   With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
 
     loss_fn = the name of a loss of `rewards.PRM_LOSSES`:
-      "ce" (PRIME, spec §5.1): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
-      "dpo" / "bon_acc" / "bon_rm" (veRL detached DPO, spec §5.2): these compare each response
+      "ce" (PRIME's cross-entropy, Cui et al., arXiv 2502.01456): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
+      "dpo" / "bon_acc" / "bon_rm" (veRL's PRIME recipe, detached DPO): these compare each response
       with the others of its group: `q_bc` / `acc_bc` [b, n] are the detached Σ_t m q and labels of
       its group (from a no-grad pass at the start of each mini-batch, which must hold whole groups
       of `num_samples` = n rows). `loss_fn` names an entry of `rewards.PRM_LOSSES`: a loss
