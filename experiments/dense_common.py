@@ -52,7 +52,8 @@ def load_model(path: str = "", remat: bool = False):
 
 def arithmetic_records(split: str, num: int, ops: Sequence[str] = ("+",), max_digits: int = 2,
                        seed: int = 0, offset: int = 0):
-  task = arithmetic.ArithmeticTask(ops=tuple(ops), max_digits=max_digits, num_eval=200, seed=seed)
+  task = config_lib.ArithmeticConfig(arith_ops=",".join(ops), arith_max_digits=max_digits,
+                                     arith_num_eval=200).task(seed=seed)
   train, ev = arithmetic.make_splits(task)
   pool = train if split == "train" else ev
   rng = np.random.default_rng(seed + (0 if split == "train" else 1))
