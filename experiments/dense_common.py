@@ -1,8 +1,9 @@
 """Shared host-side plumbing for the tier-1 method experiments (implicit_prm, best_of_n,
 fine_grained_rlhf): load SmolLM2, build arithmetic prompts, sample n responses per prompt, verify,
-and score response tokens under a model. Composition only: the math lives in jaxrl_dense.
+and score response tokens under a model. Composition only: the rollout is the library's
+`rl.rollout.collect` (a `RolloutBatch`), the log-probs `rl.steps.response_logprobs`.
 
-Batch layout (as in jaxrl_dense.rl.steps): `tokens [B, P + R]` = left-padded prompt followed by
+Batch layout (`RolloutBatch.sequences()`): `tokens [B, P + R]` = left-padded prompt followed by
 the right-padded response, `attention_mask [B, P + R]`, `response_mask [B, R]`.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrl_dense import sampling  # noqa: E402
 from jaxrl_dense.data import arithmetic, batching  # noqa: E402
-from jaxrl_dense.models import loading, logprobs, transformer  # noqa: E402
+from jaxrl_dense.models import loading  # noqa: E402
+from jaxrl_dense.rl import config as config_lib, rollout, steps  # noqa: E402
+from jaxrl_dense.rl.batch import RolloutBatch  # noqa: E402
 from jaxrl_dense.verifiers import extract_answer as verifier_extract_answer  # noqa: E402
 from jaxrl_dense.verifiers import verify_batch  # noqa: E402
 from absl import flags  # noqa: E402
@@ -50,7 +52,8 @@ def load_model(path: str = "", remat: bool = False):
 
 def arithmetic_records(split: str, num: int, ops: Sequence[str] = ("+",), max_digits: int = 2,
                        seed: int = 0, offset: int = 0):
-  task = arithmetic.ArithmeticTask(ops=tuple(ops), max_digits=max_digits, num_eval=200, seed=seed)
+  task = config_lib.ArithmeticConfig(arith_ops=",".join(ops), arith_max_digits=max_digits,
+                                     arith_num_eval=200).task(seed=seed)
   train, ev = arithmetic.make_splits(task)
   pool = train if split == "train" else ev
   rng = np.random.default_rng(seed + (0 if split == "train" else 1))
@@ -60,51 +63,65 @@ def arithmetic_records(split: str, num: int, ops: Sequence[str] = ("+",), max_di
 
 @dataclasses.dataclass
 class Rollout:
-  tokens: np.ndarray          # [B, P + R] int32
-  attention_mask: np.ndarray  # [B, P + R] int32
-  response_mask: np.ndarray   # [B, R] float32
-  response_tokens: np.ndarray  # [B, R] int32
-  old_logp: np.ndarray        # [B, R] sampler log-probs
+  """One sampled batch: the library's `RolloutBatch` (numpy), its decoded texts and gold answers."""
+  batch: RolloutBatch
   texts: list
   golds: list
-  acc: np.ndarray             # [B] float32
   n: int
+
+  @property
+  def tokens(self) -> np.ndarray:  # [B, P + R] int32
+    return np.concatenate([self.batch.prompt_tokens, self.batch.response_tokens], axis=1)
+
+  @property
+  def attention_mask(self) -> np.ndarray:  # [B, P + R] int32
+    return np.concatenate([self.batch.prompt_mask, self.batch.response_mask.astype(np.int32)], axis=1)
+
+  @property
+  def response_mask(self) -> np.ndarray:  # [B, R] float32
+    return self.batch.response_mask
+
+  @property
+  def response_tokens(self) -> np.ndarray:  # [B, R] int32
+    return self.batch.response_tokens
+
+  @property
+  def old_logp(self) -> np.ndarray:  # [B, R] the sampler's log-probs (0 on padding)
+    return self.batch.sampler_logp * self.batch.response_mask
+
+  @property
+  def acc(self) -> np.ndarray:  # [B] float32 verifier labels
+    return self.batch.acc
 
   @property
   def response_len(self) -> int:
     return self.response_mask.shape[1]
 
 
+def _verify(texts, golds, sources):
+  del sources  # arithmetic: every row is a math answer
+  return verify_batch(texts, golds, kind="math", workers=1)
+
+
 def sample(lm, records, *, n: int, max_new_tokens: int, temperature: float, key,
            max_prompt_length: int = 320) -> Rollout:
-  """n responses per record (prompt-major rows), decoded and verified (0/1)."""
-  pb = batching.encode_batch(lm.tokenizer, records, max_prompt_length=max_prompt_length,
-                             bucket_multiple=32)
-  out = sampling.generate(lm.params, lm.config, jnp.asarray(pb.tokens), jnp.asarray(pb.mask), key,
-                          max_new_tokens=max_new_tokens, temperature=temperature, num_samples=n)
-  resp = np.asarray(out.tokens).astype(np.int32)  # [B, R]
-  rmask = np.asarray(out.mask).astype(np.float32)  # [B, R]
-  ptoks = np.repeat(pb.tokens, n, axis=0)  # [B, Tp]
-  pmask = np.repeat(pb.mask, n, axis=0)
-  # generate() may left-pad prompts to its own bucket; our scoring uses the encoder's padding.
-  tokens = np.concatenate([ptoks, resp], axis=1).astype(np.int32)
-  attn = np.concatenate([pmask, rmask.astype(np.int32)], axis=1).astype(np.int32)
-  texts = [lm.tokenizer.decode(resp[i][rmask[i] > 0].tolist(), skip_special_tokens=True)
-           for i in range(resp.shape[0])]
-  golds = [r.gold for r in records for _ in range(n)]
-  acc = np.asarray(verify_batch(texts, golds, kind="math", workers=1), np.float32)
-  return Rollout(tokens, attn, rmask, resp, np.asarray(out.logprobs, np.float32) * rmask, texts,
-                 golds, acc, n)
+  """n responses per record (prompt-major rows), decoded and verified (0/1): one
+  `rl.rollout.collect` round with every group kept (--filter=none)."""
+  cfg = config_lib.build(config_lib.PrimeConfig, dict(
+      algo="grpo", n=n, prompts_per_step=len(records), oversample=1, filter="none",
+      max_prompt_length=max_prompt_length, max_response_length=max_new_tokens,
+      temperature=temperature, micro_batch_size=n, score_micro_batch_size=n))
+  encoder = batching.PromptEncoder(lm.tokenizer, max_prompt_length=max_prompt_length, bucket_multiple=32)
+  batch, _ = rollout.collect(lm.params, lm.config, lm.tokenizer, encoder, list(records), key, cfg, _verify)
+  texts = rollout.decode_responses(lm.tokenizer, batch.response_tokens, batch.response_mask)
+  return Rollout(batch, texts, [r.gold for r in records for _ in range(n)], n)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "response_len"))
 def response_logprobs(params, config, tokens, attention_mask, response_len: int):
-  """log p(response token t | prefix) under `params`: `[B, R]` (0 on padding), differentiable."""
-  hidden = transformer.hidden_states(params, config, tokens, attention_mask)  # [B, P+R, D]
-  w = transformer.lm_head_weight(params, config).astype(transformer.compute_dtype(config))
-  cut = tokens.shape[1] - response_len - 1
-  lp = logprobs.logprobs_from_hidden(hidden[:, cut:], w, tokens[:, cut:], attention_mask[:, cut:])
-  return lp[:, 1:]  # [B, R]
+  """log p(response token t | prefix) under `params`: `[B, R]` (0 on padding), differentiable
+  (`rl.steps.response_logprobs`, jitted)."""
+  return steps.response_logprobs(params, config, tokens, attention_mask, response_len, False)[0]
 
 
 def response_logprobs_batched(params, config, tokens, attention_mask, response_len: int,

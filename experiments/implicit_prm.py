@@ -58,9 +58,8 @@ def train_prm(lm, ro: dc.Rollout, ref_logp: np.ndarray, *, objective: str, steps
   opt = optax.adam(lr)
   update = steps_lib.make_prm_update(lm.config, opt, beta=beta, mini_batch_size=rows,
                                      micro_batch_size=micro, loss_fn=objective, num_samples=ro.n)
-  batch = {"tokens": jnp.asarray(ro.tokens), "attention_mask": jnp.asarray(ro.attention_mask),
-           "response_mask": jnp.asarray(ro.response_mask, jnp.float32),
-           "acc": jnp.asarray(ro.acc, jnp.float32), "ref_logp": jnp.asarray(ref_logp, jnp.float32)}
+  # Every row trains (in_band=None: the unweighted mini-batch loss).
+  batch = ro.batch._replace(ref_logp=np.asarray(ref_logp, np.float32), in_band=None)
   state = state_lib.init_train_state(jax.tree.map(jnp.copy, lm.params), opt)  # the update donates it
   losses = []
   for step in range(steps):

@@ -24,6 +24,7 @@ from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import rollout
 from jaxrl_dense.rl import state as state_lib
 from jaxrl_dense.rl import steps
+from jaxrl_dense.rl.batch import RolloutBatch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "prime_math.py"
@@ -647,3 +648,42 @@ def test_resume_without_a_complete_checkpoint_starts_fresh_once(tmp_path):
   rows = [json.loads(l) for l in open(logs / "metrics.jsonl") if l.strip()]
   assert [row["step"] for row in rows if "eval/pass@1" in row] == [0, 1], rows
   assert sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [1]
+
+
+def test_passes_take_one_typed_batch_and_keep_the_mapping_form():
+  """Each pass on a RolloutBatch (filled in by `_replace`) equals the deprecated Mapping form."""
+  params, ref = _params(0), _params(1)
+  d = _batch()
+  d["ref_logp"], d["old_logp"] = _resp_logp(ref, d), _resp_logp(params, d)
+  d["weight"] = jnp.asarray([1, 1, 1, 1, 0, 0, 1, 1], jnp.float32)
+  rb = RolloutBatch(d["tokens"][:, :P], d["attention_mask"][:, :P], d["tokens"][:, P:], d["response_mask"],
+                    d["acc"], ref_logp=d["ref_logp"], old_logp=d["old_logp"], advantages=d["advantages"],
+                    in_band=d["weight"])
+  lp, ent = steps.make_logprobs(TINY, micro_batch_size=4, with_entropy=True)(params, rb)
+  np.testing.assert_allclose(lp, _resp_logp(params, d), atol=1e-5)
+  assert ent.shape == (8, R)
+  np.testing.assert_allclose(steps.make_logprobs(TINY, micro_batch_size=2)(ref, rb), d["ref_logp"], atol=1e-5)
+  opt = optax.sgd(0.1)
+  prm = steps.make_prm_update(TINY, opt, beta=0.5, mini_batch_size=4, micro_batch_size=2)
+  init = lambda: state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt)
+  st_t, out, m_t = prm(init(), rb)
+  st_d, lp_d, m_d = prm(init(), d)
+  assert isinstance(out, RolloutBatch)
+  np.testing.assert_array_equal(out.acc, rb.acc)
+  np.testing.assert_allclose(out.prm_logp, lp_d, atol=1e-6)
+  np.testing.assert_allclose(m_t["prm/loss"], m_d["prm/loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), st_t.params, st_d.params)
+  # The policy loss covers response_mask x keep x weights x rollout_rs_keep.
+  keep = jnp.asarray([1, 0, 1, 1, 1, 1, 0, 1], bool)
+  rs = jnp.asarray(np.random.default_rng(1).integers(0, 2, (8, R)), jnp.float32)
+  typed = rb._replace(keep=keep, weights=d["weight"], rollout_rs_keep=rs)
+  pm = d["response_mask"] * keep[:, None] * d["weight"][:, None] * rs
+  np.testing.assert_array_equal(typed.policy_mask(), pm)
+  pol = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=8,
+                                 micro_batch_size=4, shuffle=False)
+  st_t, m_t = pol(init(), typed, jax.random.PRNGKey(0))
+  st_d, m_d = pol(init(), dict(d, response_mask=pm), jax.random.PRNGKey(0))
+  np.testing.assert_allclose(m_t["actor/loss"], m_d["actor/loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), st_t.params, st_d.params)
+  with pytest.raises(ValueError, match="advantages"):
+    pol(init(), rb._replace(advantages=None), jax.random.PRNGKey(0))

@@ -13,6 +13,7 @@ from jaxrl_dense.filters import prof as prof_lib
 from jaxrl_dense.rewards import sar as sar_lib
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import prime, rollout
+from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.config import ConfigError
 
 
@@ -23,10 +24,13 @@ def _cfg(**kw):
   return config_lib.build(config_lib.PrimeConfig, base)
 
 
-def _adv(cfg, acc, mask, prm_logp, ref_logp, old_logp=None, **kw):
-  """prime.make_advantage_fn with the old call shape (old_logp defaults to prm_logp)."""
-  return prime.make_advantage_fn(cfg)(acc, mask, prm_logp, ref_logp,
-                                      prm_logp if old_logp is None else old_logp, **kw)
+def _adv(cfg, acc, mask, prm_logp, ref_logp, old_logp=None, extra=None, keep=None):
+  """prime.make_advantage_fn on a RolloutBatch of these arrays -> (advantages, returns, stats)
+  (old_logp defaults to prm_logp)."""
+  batch = RolloutBatch(None, None, None, mask, acc, ref_logp=ref_logp, prm_logp=prm_logp, keep=keep,
+                       old_logp=prm_logp if old_logp is None else old_logp)
+  out, stats = prime.make_advantage_fn(cfg)(batch, extra=extra)
+  return out.advantages, out.returns, stats
 
 
 # ---- --filter: the former boolean forms keep working ------------------------------------------

@@ -32,7 +32,9 @@ def test_prof_dropped_rows_leave_the_leave_one_out():
   mask = jnp.asarray((np.arange(6)[None] < np.array([3, 6, 2, 4, 5, 1, 6, 6])[:, None]), jnp.float32)
   logp = -jnp.ones((8, 6))
   keep = jnp.array([True, False, True, False, False, True, True, False])
-  adv, ret, _ = prime.make_advantage_fn(cfg)(acc, mask, logp, logp, logp, keep=keep)
+  out, _ = prime.make_advantage_fn(cfg)(
+      RolloutBatch(None, None, None, mask, acc, old_logp=logp, ref_logp=logp, prm_logp=logp, keep=keep))
+  adv, ret = out.advantages, out.returns
   ret, adv, m = np.asarray(ret), np.asarray(adv), np.asarray(mask, bool)
   np.testing.assert_allclose(ret[0][m[0]], 5.0, atol=1e-5)
   np.testing.assert_allclose(ret[2][m[2]], -5.0, atol=1e-5)

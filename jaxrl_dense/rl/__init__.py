@@ -4,8 +4,9 @@
              absl flags generated from the fields; `fingerprint`; `ConfigError` names the field.
   `batch`    RolloutBatch: the typed pytree of one step's rows (contiguous groups of n).
   `rollout`  collect(): sample a group batch, decode, verify, select groups (accuracy band).
-  `steps`    make_scoring, make_prm_update (any PRM loss), make_policy_update (PPO-clip over epochs
-             x mini-batches x micro-batches, global token-count normaliser); response_logprobs.
+  `steps`    make_logprobs, make_prm_update (any PRM loss), make_policy_update (PPO-clip over epochs
+             x mini-batches x micro-batches, global token-count normaliser), each on a
+             RolloutBatch; response_logprobs; make_scoring (deprecated).
   `prime`    make_prime(model_config, cfg, mesh) -> (init_fn, update_fn): ONE jitted update
              (scoring, PRM update, implicit rewards, advantages, PPO, KL / entropy metrics).
   `trainer`  Trainer: models + data + verifier of a run; train_step, evaluate, checkpoint/restore.
@@ -13,7 +14,9 @@
 """
 from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState, init_train_state, make_optimizer
-from jaxrl_dense.rl.steps import make_policy_update, make_prm_update, make_scoring, response_logprobs
+from jaxrl_dense.rl.steps import (make_logprobs, make_policy_update, make_prm_update, make_scoring,
+                                  response_logprobs)
 
 __all__ = ["RolloutBatch", "TrainState", "init_train_state", "make_optimizer",
-           "make_policy_update", "make_prm_update", "make_scoring", "response_logprobs"]
+           "make_logprobs", "make_policy_update", "make_prm_update", "make_scoring",
+           "response_logprobs"]

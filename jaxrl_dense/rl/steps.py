@@ -1,27 +1,34 @@
-"""Jittable step builders for RL of language models: scoring, implicit-PRM update, PPO update.
+"""Jittable pass builders for RL of language models: log-probs, implicit-PRM update, PPO update.
 
-Each `make_*` returns ONE jitted function whose shapes are fixed by the (bucketed) batch, or with
-`jit=False` the pure function, which `rl.prime.make_prime` composes into one jitted PRIME update:
+Every pass takes the one typed batch, `rl.batch.RolloutBatch` (purejaxrl's `Transition`, Tunix's
+`TrainExample`), and the update fills its fields in with `_replace`. `rl.prime.make_prime` composes
+the pure passes into one jitted PRIME update:
 
-  scoring(policy, ref, prm, batch)         -> old/ref/PRM log-probs of the response tokens
-  prm_update(prm_state, batch)             -> implicit-PRM update with any loss of
-                                              rewards.PRM_LOSSES (PRIME spec §5)
-  policy_update(policy_state, batch, rng)  -> PPO-clip over epochs x mini-batches x micro-batches
-                                              (spec §7), normalised by the GLOBAL token count
-                                              (or the references' forms, `loss_norm`)
+  logprobs(params, batch)                  -> log-probs [B, R] (and entropies) of the response
+                                              tokens (`make_logprobs`; one model per pass)
+  prm_update(prm_state, batch)             -> (prm_state, batch with prm_logp, metrics): the
+                                              implicit-PRM update with any loss of
+                                              rewards.PRM_LOSSES (PRIME, arXiv 2502.01456 §3)
+  policy_update(policy_state, batch, rng)  -> PPO-clip over epochs x mini-batches x micro-batches,
+                                              normalised by the GLOBAL token count (or the
+                                              references' forms, `loss_norm`)
 
-Batch layout (architecture.md conventions; spec §1), B rows, prompt length P, response length R:
+A pass reads the token layout from `RolloutBatch.sequences()`, B rows, prompt length P, response
+length R:
   tokens          int32   [B, P + R]   left-padded prompt followed by the right-padded response
   attention_mask  int32   [B, P + R]   1 on real prompt tokens and on response tokens incl. EOS
   response_mask   float32 [B, R]       1 on generated tokens up to and including the first EOS
-  acc             float32 [B]          verifier label
-  ref_logp, old_logp, advantages  float32 [B, R]
-The prompt length P is static: P = tokens.shape[1] - response_mask.shape[1].
+and the row fields (acc, ref_logp, old_logp, advantages, ...) from the batch itself.
+
+Deprecated (one release): the passes still accept the former `Mapping[str, Array]` batch
+(`{"tokens", "attention_mask", "response_mask", ...}`; converted by `as_rollout_batch`), and
+`make_scoring` builds the former multi-model scorer (use `make_logprobs`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+import warnings
+from typing import Any, Callable, Mapping, Optional, Union
 
 import chex
 import jax
@@ -31,9 +38,10 @@ import optax
 from jaxrl_dense.models import logprobs, transformer
 from jaxrl_dense import losses, ops, rewards, sharding
 from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState
 
-Batch = Mapping[str, jax.Array]
+Batch = Union[RolloutBatch, Mapping[str, jax.Array]]  # deprecated: the Mapping form
 LOSS_NORMS = ("mini_batch", "micro_batch", "device_micro_batch")
 
 
@@ -46,7 +54,7 @@ def _split(n: int, size: int, what: str) -> int:
 def _chunk(tree, num_chunks: int):
   """[B, ...] leaves -> [num_chunks, B // num_chunks, ...] (chunk c = rows c*B/nc .. (c+1)*B/nc - 1).
 
-  Sharding (issue 12): under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
+  Sharding: under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
   chunked arrays are constrained to P(None, ("data", "fsdp")), i.e. the batch sharding stays on
   the ROW axis and every chunk (micro-batch) is split over all data x fsdp devices. Without it
   GSPMD puts the sharded batch on the chunk axis (each micro-batch on one device) and the
@@ -150,9 +158,71 @@ def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   # Traced under the mesh, so the model's activation constraints (FSDP: rows over data x fsdp)
-  # and the gradient constraints below apply (issue 12).
+  # and the gradient constraints below apply.
   return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
+
+
+_DICT_FIELDS = {"acc": "acc", "ref_logp": "ref_logp", "prm_logp": "prm_logp", "old_logp": "old_logp",
+                "advantages": "advantages", "weight": "in_band", "is_weight": "rollout_is_weights"}
+
+
+def as_rollout_batch(batch: Batch) -> RolloutBatch:
+  """The batch as a `RolloutBatch`. Deprecated input (one release): the former `Mapping` batch
+  {"tokens" [B, P+R], "attention_mask" [B, P+R], "response_mask" [B, R], "acc", "ref_logp",
+  "old_logp", "advantages", "weight" (-> in_band), "is_weight" (-> rollout_is_weights)}, split at
+  P = tokens.shape[1] - R; response tokens attended beyond the response mask become the
+  observation mask, so `sequences()` gives back the same tokens and attention mask."""
+  if isinstance(batch, RolloutBatch):
+    return batch
+  warnings.warn("rl.steps: Mapping batches are deprecated; pass an rl.batch.RolloutBatch",
+                DeprecationWarning, stacklevel=3)
+  tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
+  p = tokens.shape[1] - rmask.shape[1]
+  resp_attn = attn[:, p:].astype(jnp.float32)  # [B, R]
+  fields = {new: batch[old] for old, new in _DICT_FIELDS.items() if batch.get(old) is not None}
+  fields.setdefault("acc", jnp.zeros(rmask.shape[:1], jnp.float32))
+  return RolloutBatch(prompt_tokens=tokens[:, :p], prompt_mask=attn[:, :p], response_tokens=tokens[:, p:],
+                      response_mask=rmask,
+                      observation_mask=resp_attn * (rmask.astype(jnp.float32) == 0), **fields)
+
+
+def _score_chunks(tokens, attn, response_len: int, micro_batch_size: int, one: Callable) -> dict:
+  """{name: float32 [B, R]}: `one(tok [b, P+R], am [b, P+R]) -> {name: [b, R]}` over micro-batches
+  of `micro_batch_size` rows (lax.map: one compilation), without gradient."""
+  B, R = tokens.shape[0], response_len
+  nm = _split(B, micro_batch_size, "scoring micro_batch_size")
+  out = jax.lax.map(lambda chunk: one(*chunk), _chunk((tokens, attn), nm))
+  return jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((B, R))), out)  # [B, R] each
+
+
+def make_logprobs(config, *, micro_batch_size: int, group_size: int = 1, temperature: float = 1.0,
+                  with_entropy: bool = False) -> Callable:
+  """Builds the pure `logprobs(params, batch: RolloutBatch) -> logp [B, R]` (or `(logp, entropy)`
+  with `with_entropy`): one model's no-grad log-probs of the response tokens, float32.
+
+  log π(y_t | x, y_<t) under softmax(logits / `temperature`) (the rollout's temperature for the
+  old policy, as veRL scores it; 1 for the reference and the PRM), over micro-batches of
+  `micro_batch_size` rows (lax.map, one compilation). `group_size` = n > 1: rows come in groups
+  of n sharing a prompt, which then runs once per group (`response_logprobs`). The update fills
+  the result in with `batch._replace(old_logp=...)` (or ref_logp / prm_logp).
+  """
+  _check_group_size(group_size, micro_batch_size=micro_batch_size)
+
+  def logprobs_fn(params, batch: RolloutBatch):
+    seq = as_rollout_batch(batch).sequences()
+    tokens, attn, rmask = seq["tokens"], seq["attention_mask"], seq["response_mask"]
+    chex.assert_rank([tokens, attn, rmask], [2, 2, 2])
+    R = rmask.shape[1]
+
+    def one(tok, am):
+      logp, ent = response_logprobs(params, config, tok, am, R, with_entropy, group_size, temperature)
+      return {"logp": logp, "entropy": ent} if with_entropy else {"logp": logp}
+
+    out = _score_chunks(tokens, attn, R, micro_batch_size, one)
+    return (out["logp"], out["entropy"]) if with_entropy else out["logp"]
+
+  return logprobs_fn
 
 
 def make_scoring(
@@ -172,7 +242,8 @@ def make_scoring(
     policy_temperature: float = 1.0,
     jit: bool = True,
 ) -> Callable:
-  """Builds `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
+  """Deprecated (one release; use `make_logprobs`, one model per pass): builds
+  `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
 
   Runs up to three no-grad forwards over micro-batches of `micro_batch_size` rows (lax.map, so a
   single compilation) and returns float32 [B, R] arrays: "old_logp" (policy; with "entropy" if
@@ -180,21 +251,23 @@ def make_scoring(
   Models that are switched off may be passed as None. `group_size` = n > 1: rows come in groups
   of n sharing a prompt, which is then run once per group (see `response_logprobs`).
   `policy_temperature`: the policy's log-probs (and entropy) are taken at this temperature (the
-  reference and PRM passes at 1). `jit=False` returns the pure function.
+  reference and PRM passes at 1). `jit=False` returns the pure function. `batch`: the former
+  {"tokens", "attention_mask", "response_mask"} mapping, or a `RolloutBatch`.
   """
+  warnings.warn("rl.steps.make_scoring is deprecated; use make_logprobs (one model per pass)",
+                DeprecationWarning, stacklevel=2)
   _check_group_size(group_size, micro_batch_size=micro_batch_size)
   prm_config = prm_config or config
   ref_config = ref_config or config
 
   def scoring(policy_params, ref_params, prm_params, batch):
+    if isinstance(batch, RolloutBatch):
+      batch = batch.sequences()
     tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
     chex.assert_rank([tokens, attn, rmask], [2, 2, 2])
-    B, R = rmask.shape
-    nm = _split(B, micro_batch_size, "scoring micro_batch_size")
-    chunks = _chunk((tokens, attn), nm)
+    R = rmask.shape[1]
 
-    def one(chunk):
-      tok, am = chunk  # [b, P+R]
+    def one(tok, am):
       out = {}
       if with_policy:
         lp, ent = response_logprobs(policy_params, config, tok, am, R, with_entropy, group_size,
@@ -208,8 +281,7 @@ def make_scoring(
         out["prm_logp"], _ = response_logprobs(prm_params, prm_config, tok, am, R, False, group_size)
       return out
 
-    out = jax.lax.map(one, chunks)
-    return jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((B, R))), out)  # [B, R] each
+    return _score_chunks(tokens, attn, R, micro_batch_size, one)
 
   in_sh = out_sh = None
   if mesh is not None:
@@ -234,9 +306,12 @@ def make_prm_update(
     group_size: int = 1,
     lora_config=None,
     base_sharding=None,
+    train_on_filler: bool = False,
     jit: bool = True,
 ) -> Callable:
-  """Builds `prm_update(prm_state, batch) -> (prm_state, prm_logp [B, R], metrics)` (PRIME spec §5).
+  """Builds `prm_update(prm_state, batch) -> (prm_state, batch, metrics)`: the implicit-PRM update
+  (PRIME, arXiv 2502.01456 §3.2); the returned batch carries `prm_logp` [B, R] (given the
+  deprecated Mapping batch, the pass returns `prm_logp` itself in its place, as before).
 
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
   order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
@@ -244,16 +319,16 @@ def make_prm_update(
   With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
 
     loss_fn = the name of a loss of `rewards.PRM_LOSSES`:
-      "ce" (PRIME, spec §5.1): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
-      "dpo" / "bon_acc" / "bon_rm" (veRL detached DPO, spec §5.2): these compare each response
+      "ce" (PRIME's cross-entropy, Cui et al., arXiv 2502.01456): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
+      "dpo" / "bon_acc" / "bon_rm" (veRL's PRIME recipe, detached DPO): these compare each response
       with the others of its group: `q_bc` / `acc_bc` [b, n] are the detached Σ_t m q and labels of
       its group (from a no-grad pass at the start of each mini-batch, which must hold whole groups
       of `num_samples` = n rows). `loss_fn` names an entry of `rewards.PRM_LOSSES`: a loss
       takes `(q, mask, acc, *, beta)` or, registered with grouped=True,
       `(q, mask, acc, q_bc, acc_bc, *, beta)`.
 
-  Optional batch key `weight` [B] (1 = train on the row, 0 = not; PRIME trains its PRM on the
-  in-band groups only): the mini-batch loss becomes the weighted mean of the per-row losses,
+  Row weights `batch.in_band` [B] (1 = train on the row, 0 = not; PRIME trains its PRM on the
+  in-band groups only; ignored with `train_on_filler`, None = every row): the mini-batch loss becomes the weighted mean of the per-row losses,
   Σ_i w_i ℓ_i / Σ_i w_i over the mini-batch (each loss evaluated on single rows; for the
   summing best-of-N losses × micro_batch_size, their scale above), so with every weight 1 it is
   the loss above, and it equals the loss of the weighted rows alone for any micro-batch size. A
@@ -261,8 +336,8 @@ def make_prm_update(
 
   Gradient clipping and AdamW live in `optimizer`. `prm_logp` holds the log-probs computed inside
   the update loop: mini-batch k is scored by the PRM after k optimizer steps of this call, i.e.
-  PRIME-RL's "single forward" (`update: after`) scores. Required batch keys: tokens,
-  attention_mask, response_mask, acc, ref_logp. `group_size` = n > 1: rows come in groups of n
+  PRIME-RL's "single forward" (`update: after`) scores. Required batch fields: the tokens, acc,
+  ref_logp. `group_size` = n > 1: rows come in groups of n
   sharing a prompt, run once per group (same loss and gradient). `jit=False`: the pure function.
   `lora_config` (a `models.lora.LoraConfig`): `prm_state.params` are LoRA adapters and the
   function takes the frozen base as a third argument, `prm_update(prm_state, batch, base)`; the
@@ -284,18 +359,25 @@ def make_prm_update(
 
   def prm_update(state: TrainState, batch: Batch, base=None):
     model = _model_params(lora_config, base)
-    tokens, attn, rmask = batch["tokens"], batch["attention_mask"], batch["response_mask"]
-    acc, ref_logp = batch["acc"], batch["ref_logp"]
-    chex.assert_rank([tokens, rmask, acc, ref_logp], [2, 2, 1, 2])
+    legacy = not isinstance(batch, RolloutBatch)  # deprecated Mapping batch: returns prm_logp itself
+    batch = as_rollout_batch(batch)
+    if batch.ref_logp is None:
+      raise ValueError("prm_update: RolloutBatch.ref_logp is None (score the reference first)")
+    seq = batch.sequences()
+    rmask = seq["response_mask"]  # [B, R]
+    chex.assert_rank([seq["tokens"], rmask, batch.acc, batch.ref_logp], [2, 2, 1, 2])
     B, R = rmask.shape
     n_mini = _split(B, mini_batch_size, "PRM mini_batch_size")
     n_micro = _split(mini_batch_size, micro_batch_size, "PRM micro_batch_size")
     scale = micro_batch_size / mini_batch_size
-    weighted = batch.get("weight") is not None
-    rows = dict(tokens=tokens, attn=attn, rmask=rmask, acc=acc, ref_logp=ref_logp)
+    weights = None if train_on_filler else batch.in_band
+    weighted = weights is not None
+    # The pass's rows, chunked into mini- and micro-batches (the batch's own names).
+    rows = dict(tokens=seq["tokens"], attention_mask=seq["attention_mask"], response_mask=rmask,
+                acc=batch.acc, ref_logp=batch.ref_logp)
     if weighted:
-      chex.assert_shape(batch["weight"], (B,))
-      rows["weight"] = batch["weight"].astype(jnp.float32)
+      chex.assert_shape(weights, (B,))
+      rows["weights"] = weights.astype(jnp.float32)
     minis = _chunk(rows, n_mini)
 
     def row_losses(q, mb):
@@ -303,20 +385,21 @@ def make_prm_update(
       one = lambda x: x[None]
       if grouped:
         f = lambda q1, m1, a1, qb, ab: loss_fn(one(q1), one(m1), one(a1), one(qb), one(ab), beta=beta)
-        return jax.vmap(f)(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"])
+        return jax.vmap(f)(q, mb["response_mask"], mb["acc"], mb["q_bc"], mb["acc_bc"])
       return jax.vmap(lambda q1, m1, a1: loss_fn(one(q1), one(m1), one(a1), beta=beta))(
-          q, mb["rmask"], mb["acc"])
+          q, mb["response_mask"], mb["acc"])
 
     def micro_loss(params, mb, wsum):
-      logp, _ = response_logprobs(model(params), config, mb["tokens"], mb["attn"], R, False, group_size)
-      q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"])  # [b, R]
+      logp, _ = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, False,
+                                  group_size)
+      q = implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["response_mask"])  # [b, R]
       if weighted:  # weighted mean over the mini-batch (global weight count)
-        loss = jnp.sum(mb["weight"] * row_losses(q, mb)) / jnp.maximum(wsum, 1e-8)
+        loss = jnp.sum(mb["weights"] * row_losses(q, mb)) / jnp.maximum(wsum, 1e-8)
         return loss * (micro_batch_size if sums_rows else 1.0), logp
       if grouped:
-        loss = loss_fn(q, mb["rmask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
+        loss = loss_fn(q, mb["response_mask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
       else:
-        loss = loss_fn(q, mb["rmask"], mb["acc"], beta=beta)
+        loss = loss_fn(q, mb["response_mask"], mb["acc"], beta=beta)
       return loss * scale, logp
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -324,16 +407,16 @@ def make_prm_update(
     def mini_step(st: TrainState, mini):
       if grouped:  # detached group matrices of Σ_t m q and acc, from the params of this step
         def seq_q(_, mb):
-          logp, _ = response_logprobs(model(st.params), config, mb["tokens"], mb["attn"], R, False,
-                                      group_size)
-          return None, ops.masked_sum(implicit_prm.token_log_ratio(logp, mb["ref_logp"], mb["rmask"]),
-                                      mb["rmask"], axis=1)  # [b]
+          logp, _ = response_logprobs(model(st.params), config, mb["tokens"], mb["attention_mask"], R,
+                                      False, group_size)
+          m = mb["response_mask"]
+          return None, ops.masked_sum(implicit_prm.token_log_ratio(logp, mb["ref_logp"], m), m, axis=1)  # [b]
         _, qs = jax.lax.scan(seq_q, None, _chunk(mini, n_micro))
         qs = jax.lax.stop_gradient(qs.reshape((mini_batch_size,)))  # [mini]
         mini = dict(mini, q_bc=implicit_prm.group_matrix(qs, n),  # [mini, n]
                     acc_bc=implicit_prm.group_matrix(mini["acc"], n))
       micros = _chunk(mini, n_micro)
-      wsum = jnp.sum(mini["weight"]) if weighted else jnp.float32(mini_batch_size)
+      wsum = jnp.sum(mini["weights"]) if weighted else jnp.float32(mini_batch_size)
 
       def acc_step(carry, mb):
         gsum, lsum = carry
@@ -354,7 +437,7 @@ def make_prm_update(
     state, (logps, losses_, gnorms) = jax.lax.scan(mini_step, state, minis)
     prm_logp = jax.lax.stop_gradient(logps.reshape((B, R)))  # [B, R]
     metrics = {"prm/loss": jnp.mean(losses_), "prm/grad_norm": jnp.mean(gnorms)}
-    return state, prm_logp, metrics
+    return state, (prm_logp if legacy else batch._replace(prm_logp=prm_logp)), metrics
 
   in_sh = out_sh = None
   if mesh is not None:
@@ -386,7 +469,8 @@ def make_policy_update(
     base_sharding=None,
     jit: bool = True,
 ) -> Callable:
-  """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)` (PPO, spec §7).
+  """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)`: PPO-clip
+  (Schulman et al., arXiv 1707.06347) on a `RolloutBatch` carrying old_logp and advantages.
 
   For each of `epochs` epochs the B rows are (optionally) shuffled with `rng` and cut into
   B / mini_batch_size mini-batches; each mini-batch is one optimizer step. Its gradient is
@@ -408,9 +492,10 @@ def make_policy_update(
   `policy.rollout_rs` rejects tokens on sg(π_θ)/μ inside each micro-batch's loss (veRL
   compute_policy_loss_bypass_mode; rejected tokens add 0 and stay in the count).
 
-  Required batch keys: tokens, attention_mask, response_mask, old_logp, advantages (and ref_logp
-  when kl_coef > 0); optional "is_weight" [B, R]: rollout-correction weights multiplying each
-  token's loss (`losses.rollout_correction`). The token loss is `policy.policy_loss` from
+  Required batch fields: the tokens, old_logp, advantages (and ref_logp when kl_coef > 0); the
+  loss covers `batch.policy_mask()` (response_mask × keep × weights × rollout_rs_keep); optional
+  `rollout_is_weights` [B, R]: rollout-correction weights multiplying each token's loss
+  (`losses.rollout_correction`). The token loss is `policy.policy_loss` from
   `losses.POLICY_LOSSES` (one signature for ppo, gspo, gspo_token, cispo). Rows whose response_mask is all 0 (rows masked out by the caller) add
   nothing to the loss or its count; a mini-batch of such rows only takes no optimizer step. `group_size` = n > 1: rows come in groups of n sharing a prompt, which is run
   once per group (same loss and gradient). The shuffle permutes blocks of `shuffle_group_size`
@@ -444,16 +529,23 @@ def make_policy_update(
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)
-    rmask = batch["response_mask"]
+    batch = as_rollout_batch(batch)
+    for name in ("old_logp", "advantages") + (("ref_logp",) if policy.kl_coef > 0 else ()):
+      if getattr(batch, name) is None:
+        raise ValueError(f"policy_update: RolloutBatch.{name} is None"
+                         + (" (--kl_coef > 0 needs the reference's log-probs)" if name == "ref_logp" else ""))
+    seq = batch.sequences()
+    rmask = batch.policy_mask()  # [B, R] the loss's tokens
     B, R = rmask.shape
     n_mini = _split(B, mini_batch_size, "policy mini_batch_size")
     n_micro = _split(mini_batch_size, micro_batch_size, "policy micro_batch_size")
-    keys = ["tokens", "attention_mask", "response_mask", "old_logp", "advantages"]
-    if "is_weight" in batch:
-      keys.append("is_weight")
+    # The pass's rows, shuffled and chunked into mini- and micro-batches (the batch's own names).
+    rows = {"tokens": seq["tokens"], "attention_mask": seq["attention_mask"], "response_mask": rmask,
+            "old_logp": batch.old_logp, "advantages": batch.advantages}
+    if batch.rollout_is_weights is not None:
+      rows["rollout_is_weights"] = batch.rollout_is_weights
     if policy.kl_coef > 0:
-      keys.append("ref_logp")
-    rows = {k: batch[k] for k in keys}
+      rows["ref_logp"] = batch.ref_logp
 
     def micro_terms(params, mb, count):
       logp, ent = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, need_entropy,
@@ -462,8 +554,8 @@ def make_policy_update(
       terms = loss_terms(logp, mb["old_logp"], mb["advantages"], m, clip_ratio_low=clip_low,
                          clip_ratio_high=clip_high, clip_ratio_c=policy.clip_c)
       token_loss = terms.token_loss
-      if "is_weight" in mb:  # decoupled rollout correction: min(pi_old / mu, C) (no gradient)
-        token_loss = token_loss * mb["is_weight"]
+      if "rollout_is_weights" in mb:  # decoupled rollout correction: min(pi_old / mu, C) (no gradient)
+        token_loss = token_loss * mb["rollout_is_weights"]
       if bypass_rs != "none":  # bypass: reject on sg(pi_theta) / mu (old_logp = mu)
         keep = losses.rejection_mask(jax.lax.stop_gradient(logp) - mb["old_logp"], m,
                                      level=bypass_rs, low=policy.rollout_rs_low,
