@@ -4,7 +4,7 @@
   python benchmarks/device.py --smoke --json /tmp/device.json         # CPU, tiny shapes, < 60 s
 
 Sections (random weights of the named shapes: nothing is downloaded), each figure printed next
-to its goal (issue 13):
+to its goal:
   (a) rollout tokens/s, the trainer's rollout (float32 masters -> the bf16 rollout copy,
       `sharding.rollout_params` as `Trainer.rollout_params` makes it, timed -> `sampling.generate`)
       vs transformers `generate` (bf16; SmolLM2-135M and Qwen2-0.5B shapes; batch 64 and 256;

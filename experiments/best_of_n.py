@@ -1,4 +1,4 @@
-r"""Best-of-N reranking with an implicit PRM (arXiv 2412.01981; methods.md §1.2).
+r"""Best-of-N reranking with an implicit PRM (Yuan et al., arXiv 2412.01981).
 
     python experiments/best_of_n.py --objective=ce --num_candidates=4 --num_eval_prompts=16
 

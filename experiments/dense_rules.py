@@ -1,4 +1,4 @@
-"""Host-side helpers of the tier-1 method experiments (no flags, no model): contrastive pairs for
+"""Host-side helpers of the dense-reward method experiments (no flags, no model): contrastive pairs for
 the implicit PRM, best-of-N reranking metrics, and the rule-based reward functions of the
 Fine-Grained RLHF experiment. Kept flag-free so tests can import them next to other experiments.
 """

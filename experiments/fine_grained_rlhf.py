@@ -1,4 +1,4 @@
-r"""Fine-Grained RLHF (arXiv 2306.01693; methods.md §1.3) on the arithmetic task, with rule-based
+r"""Fine-Grained RLHF (Wu et al., arXiv 2306.01693) on the arithmetic task, with rule-based
 reward functions so it runs without learned reward models.
 
     python experiments/fine_grained_rlhf.py --steps=2 --num_prompts=8 --n=4

@@ -1,5 +1,5 @@
 r"""Implicit PRM from outcome labels only ("Free Process Rewards without Process Labels",
-arXiv 2412.01981; methods.md §1.2).
+Yuan et al., arXiv 2412.01981).
 
     python experiments/implicit_prm.py --objective=ce --num_prompts=16 --n=4 --steps=3
 

@@ -8,8 +8,9 @@ lists them), the run's state and its two operations live in `jaxrl_dense.rl.trai
 and one RL step is: `rl.rollout.collect` (sample prompts x oversample -> n responses each ->
 decode -> verify -> accuracy-band filter) then `rl.prime.make_prime`'s single jitted
 `update_fn` (scoring, implicit-PRM update `--prm_update=before|after`, implicit rewards,
-advantages, PPO-clip update, KL / entropy metrics). Tier-1 methods by flag (methods.md):
-`--filter=prof` (§1.4), `--advantage=prl` (§1.6), `--extra_reward=sar:0.2` (§1.9).
+advantages, PPO-clip update, KL / entropy metrics). Other dense-reward methods by flag:
+`--filter=prof` (PROF, arXiv 2509.03403), `--advantage=prl` (PRL, arXiv 2601.10201),
+`--extra_reward=sar:0.2` (SAR, arXiv 2509.05489).
 
 Every flag is checked before any work (ranges of every float, model directories holding weights,
 every row of the data files, output directories, --top_k / --arith_num_eval / --verify_workers
@@ -18,9 +19,9 @@ typed on the command line with an --algo that has no implicit PRM exits 2 naming
 same settings in a --flagfile are ignored with a note: one flag file serves every --algo). Steps after the first never
 recompile: prompts are left-padded to `--max_prompt_length`, responses right-padded to
 `--max_response_length`, and every step has the same number of rows. Multi-host: start the same
-command in every process (`sharding.initialize_distributed`, docs/scaling.md §3); each process
-samples the same seeded prompts, verifies the whole batch and runs the same program; process 0
-writes the logs, all processes write the checkpoints.
+command in every process (`sharding.initialize_distributed`; docs/scaling.md, "Multi-process: one
+process per host"); each process samples the same seeded prompts, verifies the whole batch and
+runs the same program; process 0 writes the logs, all processes write the checkpoints.
 
 Outputs under `--logdir`: metrics.jsonl and TensorBoard events (`metrics.MetricsWriter`; one row
 per step: outcome accuracy, filter pass rate, PRM loss / accuracy, advantage statistics, KL to

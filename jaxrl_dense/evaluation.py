@@ -268,8 +268,8 @@ def write_report(result: EvalResult, path: str | os.PathLike, **extra: Any) -> p
 
 
 # ============================================================================================
-# Estimators over k sampled responses per problem (issue 17): unbiased pass@k, mean@k, majority
-# vote, best-of-N and PRM-weighted vote with an implicit PRM's sequence reward.
+# Estimators over k sampled responses per problem: unbiased pass@k (arXiv 2107.03374), mean@k,
+# majority vote, best-of-N and PRM-weighted vote with an implicit PRM's sequence reward.
 # ============================================================================================
 def _pass_at_k_scalar(n: int, c: int, k: int) -> float:
   if n - c < k:
@@ -402,7 +402,7 @@ def best_of_n(scores: Any, rewards: Any, *, ties: str = "expected") -> np.ndarra
 
   out[i] = s[i, argmax_j r[i, j]]; ties: "expected" = mean score of the tied responses,
   "first" = the first of them. With r the implicit PRM's sequence reward
-  (`implicit_prm_sequence_reward`) this is PRM best-of-N (PRIME, arXiv 2502.01456 §5.2;
+  (`implicit_prm_sequence_reward`) this is PRM best-of-N (PRIME, arXiv 2502.01456 Sec. 5.2;
   Yuan et al. 2024, arXiv 2412.01981).
 
   Args:

@@ -1,4 +1,4 @@
-"""Shared masked primitives (methods.md §0.2); every estimator in jaxrl_dense is built from these.
+"""Shared masked primitives; every estimator in jaxrl_dense is built from these.
 
 Conventions (enforced in every public function of ``rewards``, ``advantages``, ``losses``, ``filters``):
 
@@ -121,7 +121,7 @@ def place_at_last_token(v: ArrayLike, mask: ArrayLike) -> Array:
   """``out[b, t] = v[b]`` at the last valid token of row b, 0 elsewhere (all 0 if L_b = 0).
 
   Shapes: v [B], mask [B, T] -> [B, T]. For right-padded masks the position is L_b − 1, where
-  PRIME and veRL put the outcome reward (prime.md §1).
+  PRIME and veRL put the outcome reward (veRL reward managers: index ``valid_response_length - 1``).
   """
   chex.assert_rank(mask, 2, custom_message="`mask` must be [B, T]")
   check_row_arrays(jnp.shape(mask)[0], v=v)
@@ -142,7 +142,8 @@ def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> Array:
 def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None, *, eps: float = 0.0) -> Array:
   """``Σ x·m / (Σ m + eps)``; with ``eps = 0`` an empty mask gives 0 instead of NaN.
 
-  veRL core uses ``eps = 1e-8`` (prime.md §6.4); PRIME-RL/PRIME uses none.
+  veRL core uses ``eps = 1e-8`` (``verl/utils/torch_functional.py`` ``masked_mean``); PRIME-RL/PRIME
+  uses none.
   """
   m = as_bool_mask(mask)
   s = masked_sum(x, m, axis=axis)
@@ -156,7 +157,8 @@ def masked_var(x: ArrayLike, mask: ArrayLike, *, unbiased: bool = True, eps: flo
   """Masked variance over all entries (batch-global).
 
   ``μ = masked_mean(x)``, ``var = masked_mean((x − μ)²) · N/(N − 1)`` (Bessel when ``unbiased``),
-  ``N = Σ m``; ``eps`` goes into the means' denominators as in veRL core (prime.md §6.4).
+  ``N = Σ m``; ``eps`` goes into the means' denominators as in veRL core
+  (``verl/utils/torch_functional.py`` ``masked_var``).
   Raises ValueError for N = 0, or N = 1 when unbiased (when inputs are concrete).
   """
   m = as_bool_mask(mask)
@@ -227,8 +229,8 @@ def group_mean_std(v: ArrayLike, group_ids: ArrayLike, num_groups: int, *,
                    unbiased: bool = True) -> Tuple[Array, Array]:
   """Per-sample group mean and std, ``([B], [B])``.
 
-  veRL GRPO convention (prime.md §9): std is the unbiased sample std; a singleton group gets
-  mean 0 and std 1.
+  veRL GRPO convention (``verl/trainer/ppo/core_algos.py`` ``compute_grpo_outcome_advantage``):
+  std is the unbiased sample std; a singleton group gets mean 0 and std 1.
   """
   _check_groups(v, group_ids, num_groups)
   v = _float(v)
@@ -245,7 +247,7 @@ def group_mean_std(v: ArrayLike, group_ids: ArrayLike, num_groups: int, *,
 
 def grpo_normalize(v: ArrayLike, group_ids: ArrayLike, num_groups: int, *, eps: float = 1e-6,
                    scale: bool = True) -> Array:
-  """``(v − μ_g)/(σ_g + eps)`` if ``scale`` else ``v − μ_g`` (GRPO, arXiv 2402.03300; prime.md §9)."""
+  """``(v − μ_g)/(σ_g + eps)`` if ``scale`` else ``v − μ_g`` (GRPO, arXiv 2402.03300)."""
   mean, std = group_mean_std(v, group_ids, num_groups)
   out = _float(v) - mean
   return out / (std + eps) if scale else out

@@ -1,8 +1,8 @@
-"""PRM health: is the implicit process reward still tracking the outcome? (issue #16 item 3).
+"""PRM health: is the implicit process reward still tracking the outcome?
 
 A learned process reward model (PRM) can drift away from the verifier it is trained on, and the
 policy can learn to please the PRM instead of solving the task (reward hacking; the motivation of
-PRIME's online PRM update, Cui et al., arXiv 2502.01456 §3.2). These metrics say, every step,
+PRIME's online PRM update, Cui et al., arXiv 2502.01456 Sec. 3.2). These metrics say, every step,
 how well the PRM's rewards agree with the verifier labels of the same batch, and
 :class:`RewardHackingMonitor` raises an alarm when the two trend apart.
 
@@ -29,8 +29,8 @@ Pure metrics (jit-safe: no Python control flow on values; NaN where undefined)
     prm_health/last_step_share    see ``last_step_share`` (only when ``step_ids`` is given)
     prm_health/implicit_reward_mean  mean_i r_i (what the alarm tracks by default)
 
-Step credit (does the PRM locate the first wrong step? ProcessBench-style; issue #23 item 5)
-------------------------------------------------------------------------------------------
+Step credit (does the PRM locate the first wrong step? ProcessBench-style, arXiv 2412.06559)
+-------------------------------------------------------------------------------------------
 Solutions whose steps carry labels (e.g. ``data.chain_arith.step_credit_solutions``: the first
 wrong step ``k_i``, −1 when none) are scored with the PRM's token rewards ``β q_t``; each step's
 score is the sum (or min) over its tokens, and the metrics say whether low step scores fall on the
@@ -281,7 +281,7 @@ def first_error_metrics(scores: ArrayLike, first_error: ArrayLike, *, threshold:
   * ``error_acc = mean_{i: k_i ≥ 0} [p_i = k_i]`` (exactly the first wrong step found),
   * ``correct_acc = mean_{i: k_i = −1} [p_i = −1]`` (no step of a right solution flagged),
   * ``f1 = 2·error_acc·correct_acc / (error_acc + correct_acc)`` (ProcessBench's F1, Zheng et al.
-    arXiv 2412.06559 §3: the harmonic mean of the accuracies on erroneous and correct samples),
+    arXiv 2412.06559 Sec. 3: the harmonic mean of the accuracies on erroneous and correct samples),
   * ``argmin_acc = mean_{i: k_i ≥ 0} [argmin_s scores[i, s] = k_i]`` (threshold-free),
   * ``step_auroc``: AUROC of step scores with the steps before the first error (every step of a
     right solution) positive and the first wrong step negative; later steps left out. 0.5 is

@@ -1,4 +1,4 @@
-"""Token-level views of dense rewards: a self-contained HTML page and a static PNG (issue #16 item 1).
+"""Token-level views of dense rewards: a self-contained HTML page and a static PNG.
 
 Dense rewards live on tokens; this module shows them there. For a few prompt groups (the n samples
 of a prompt, side by side) every response token is coloured by one per-token series, and a

@@ -1,4 +1,4 @@
-"""Optional Weights & Biases logging beside JSONL and TensorBoard (issue #16 item 4).
+"""Optional Weights & Biases logging beside JSONL and TensorBoard.
 
 ``WandbSink`` is a ``jaxrl_dense.metrics.MetricsWriter`` sink: pass it as
 ``MetricsWriter(logdir, sinks=[WandbSink(project=...)])`` and every ``write(step, metrics)``

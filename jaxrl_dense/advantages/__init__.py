@@ -46,7 +46,8 @@ __all__ = [
     "reinforce_pp_baseline_advantages", "gae_advantages", "UnknownNameError",
 ]
 
-# Tier-1 dense-reward methods (methods.md §1.6–§1.8); same (advantages, returns) contract.
+# Dense-reward advantages of PRL (arXiv 2601.10201), MatchTIR (arXiv 2601.10712) and IGPO
+# (arXiv 2510.14967); same (advantages, returns) contract.
 from jaxrl_dense.advantages.dual_level import dual_level_advantages  # noqa: E402
 from jaxrl_dense.advantages.prl import prl_advantages  # noqa: E402
 from jaxrl_dense.advantages.turn_level import igpo_advantages  # noqa: E402

@@ -1,4 +1,4 @@
-"""MatchTIR dual-level advantage (arXiv 2601.10712, methods.md §1.7).
+"""MatchTIR dual-level advantage (arXiv 2601.10712).
 
 Fuses a trajectory-level GRPO advantage with a turn-level advantage computed from discounted turn
 returns normalised across the samples of the same prompt that reach the same turn index:

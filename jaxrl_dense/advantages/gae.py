@@ -1,4 +1,7 @@
-"""GAE with a value model (Schulman et al., arXiv 1506.02438; prime.md §9).
+"""GAE with a value model (Schulman et al., arXiv 1506.02438).
+
+Reference: veRL ``verl/trainer/ppo/core_algos.py`` ``compute_gae_advantage_return`` (variant "verl");
+PRIME-RL/PRIME ``training/verl/trainer/ppo/core_algos.py`` (variant "original").
 
 Token density: ``token_rewards [B, T]`` (e.g. outcome on the last token plus per-token penalties).
 """

@@ -1,4 +1,4 @@
-"""Outcome-reward advantage estimators of veRL core (prime.md §9): GRPO, Dr.GRPO, RLOO,
+"""Outcome-reward advantage estimators of veRL core (``core_algos.py``): GRPO, Dr.GRPO, RLOO,
 REINFORCE++, REINFORCE++-baseline.
 
 Reward density is part of each signature: ``scores [B]`` = one scalar per response (sequence

@@ -1,6 +1,6 @@
-"""PRIME advantage: RLOO per reward source, then returns and whitening (prime.md §6).
+"""PRIME advantage: RLOO per reward source, then returns and whitening.
 
-PRIME (Cui et al., arXiv 2502.01456, §3.3 Eq. 5) combines the token-level implicit process reward
+PRIME (Cui et al., arXiv 2502.01456, Sec. 3.3 Eq. 5) combines the token-level implicit process reward
 (density ``[B, T]``) and the outcome label (density ``[B]``) with separate leave-one-out baselines.
 References: veRL recipe ``prime/prime_core_algos.py::compute_rloo_advantage_return`` ("verl") and
 PRIME-RL/PRIME ``core_algos.py::compute_rloo_returns`` ("original"); "paper" is Eq. 5 as printed.
@@ -41,7 +41,7 @@ def _check_rows_nonempty(mask, fn):
 
 
 def leave_one_out_token_rewards(rewards: ArrayLike, reward_mask: ArrayLike, *, n: int) -> Array:
-  """PRIME's leave-one-out transform of one reward source (prime.md §6.1; both references).
+  """PRIME's leave-one-out transform of one reward source (in both references below).
 
   For each group G of n contiguous rows, with ``μ_i = mean_{t∈M_i} r[i, t]`` and
   ``b_G = Σ_{j∈G} μ_j / (n − 1)``:  ``r'[i, t] = r[i, t]·n/(n−1) − b_G`` on M, 0 outside.

@@ -1,4 +1,4 @@
-"""PRL: Process Reward Learning advantage (arXiv 2601.10201, methods.md §1.6).
+"""PRL: Process Reward Learning advantage (arXiv 2601.10201).
 
 From the KL-regularised objective E[r] - (1/eta) KL(pi || pi_0), the optimum satisfies
 r - (1/eta) log pi*/pi_0 = const; decomposed along the sequence, the outcome reward becomes per-step

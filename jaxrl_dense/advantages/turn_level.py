@@ -1,4 +1,4 @@
-"""IGPO turn-level advantages (arXiv 2510.14967, methods.md §1.8).
+"""IGPO turn-level advantages (arXiv 2510.14967).
 
 Turn rewards `r [B, K]` (information gain p_{k+1} - p_k on non-final turns, alpha * F1 on the final
 turn: `jaxrl_dense.rewards.information_gain_turn_rewards`) become token advantages:
@@ -8,7 +8,8 @@ turn: `jaxrl_dense.rewards.information_gain_turn_rewards`) become token advantag
                     cumulative sum of z over turns, on the turn's tokens.
 
 Turns follow `jaxrl_dense.ops` (`turn_ids [B, T]`, `turn_mask [B, K]`).
-The code variant follows the official code's `compute_grpo_outcome_advantage`.
+The code variant follows the official code, GuoqingWang1/IGPO `verl/trainer/ppo/core_algos.py`
+`compute_grpo_outcome_advantage`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,6 @@ from jaxrl_dense.filters.accuracy_band import FilterOutput, accuracy_band_filter
 
 __all__ = ["accuracy_band_filter", "prompt_pass_flags", "FilterOutput"]
 
-# PROF process-consistency filter (methods.md §1.4); returns keep [B] (bool), not FilterOutput.
+# PROF process-consistency filter (arXiv 2509.03403); returns keep [B] (bool), not FilterOutput.
 from jaxrl_dense.filters.prof import prof_blend_rewards, prof_consistency, prof_filter  # noqa: E402
 __all__ += ["prof_consistency", "prof_filter", "prof_blend_rewards"]

@@ -1,13 +1,15 @@
-"""PRIME's accuracy-band prompt filter (prime.md §8), as pure index/mask functions.
+"""PRIME's accuracy-band prompt filter (arXiv 2502.01456), as pure index/mask functions.
 
 A prompt (group of n contiguous responses) passes when ``low ≤ mean acc ≤ high`` (inclusive) and,
 optionally, none of its responses hit the length limit. Two reference behaviours:
 
-* ``variant="original"`` (PRIME-RL/PRIME ``RayPRIMETrainer.filter``): hard removal — a keep mask;
-  truncation means ``L ≥ max_response_length``.
-* ``variant="verl"`` (veRL recipe ``filter_and_downsample``): soft — prompts are stably reordered
-  passing-first and the first ``⌊B / oversample_factor⌋`` rows are kept (failing prompts fill the
-  batch when too few pass); truncation means ``L ≥ max_response_length − 1``.
+* ``variant="original"`` (PRIME-RL/PRIME ``training/verl/trainer/ppo/ray_trainer.py``
+  ``RayPRIMETrainer.filter``): hard removal — a keep mask; truncation means
+  ``L ≥ max_response_length``.
+* ``variant="verl"`` (veRL recipe ``prime/prime_ray_trainer.py`` ``filter_and_downsample``): soft —
+  prompts are stably reordered passing-first and the first ``⌊B / oversample_factor⌋`` rows are
+  kept (failing prompts fill the batch when too few pass); truncation means
+  ``L ≥ max_response_length − 1``.
 
 Everything is jit-safe (static n, B and oversample_factor) and works on numpy inputs on the host.
 """
@@ -67,7 +69,7 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
                          max_response_length: Optional[int] = None,
                          filter_truncated: bool = False,
                          oversample_factor: float = 1.0) -> FilterOutput:
-  """PRIME accuracy-band filter over B = P·n responses (prime.md §8).
+  """PRIME accuracy-band filter over B = P·n responses (the two variants of the module docstring).
 
   Args:
     acc: ``[B]`` outcome labels; lengths: ``[B]`` valid response lengths (needed with

@@ -1,4 +1,4 @@
-"""PROF: process consistency filter (arXiv 2509.03403, methods.md §1.4).
+"""PROF: process consistency filter (arXiv 2509.03403).
 
 PRM scores are not added to the reward (that gets hacked). Inside each group, correct responses are
 ranked by how strongly the PRM supports them and incorrect ones by how weakly it supports them; the

@@ -100,7 +100,7 @@ __all__ = [
     "rollout_correction", "CorrectionOutput", "is_weights", "rejection_mask", "mismatch_metrics",
 ]
 
-# Pairwise preference losses on token log-probs (methods.md §1.5): TGDPO and plain DPO.
+# Pairwise preference losses on token log-probs: TGDPO (arXiv 2506.14574) and plain DPO.
 from jaxrl_dense.losses.tgdpo import dpo_loss_from_token_logps, tgdpo_loss  # noqa: E402
 
 __all__ += ["tgdpo_loss", "dpo_loss_from_token_logps"]

@@ -1,4 +1,4 @@
-"""Loss aggregation modes (veRL core ``agg_loss``; prime.md §7.2) as ``(sum, count)`` pairs.
+"""Loss aggregation modes (veRL ``verl/trainer/ppo/core_algos.py`` ``agg_loss``) as ``(sum, count)`` pairs.
 
 A train step sums the ``sum`` and ``count`` of every micro-batch (and ``psum``s them over devices)
 and divides once, so the loss does not depend on micro-batching or the data-parallel degree

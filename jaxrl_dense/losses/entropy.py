@@ -1,4 +1,4 @@
-"""Token entropy from logits (prime.md §7.3; veRL ``entropy_from_logits``)."""
+"""Token entropy from logits (veRL ``verl/utils/torch_functional.py`` ``entropy_from_logits``)."""
 from __future__ import annotations
 
 import chex

@@ -1,4 +1,4 @@
-"""KL estimators between the policy and the reference (prime.md §7.4; veRL ``kl_penalty``).
+"""KL estimators between the policy and the reference (veRL ``core_algos.py`` ``kl_penalty``).
 
 With ``d = ℓ − ℓ_ref`` (per-token log-probs of the sampled token), Schulman's estimators
 (http://joschu.net/blog/kl-approx.html):

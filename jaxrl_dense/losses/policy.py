@@ -29,7 +29,7 @@ do not use ``clip_ratio_c`` (the dual clip) ignore it. ``policy_loss`` does the 
   gradient is dropped. TRL's ``clamp(ρ, max=ε_max)`` is ``ε_h = ε_max − 1`` with ``ε_l ≥ 1``.
 
 Anchor defaults (``DEFAULT_CLIPS``, used when the flags are left at "loss default"): ppo
-0.2 / 0.2 (veRL); gspo and gspo_token 3e-4 / 4e-4 (the GSPO paper §5.1, veRL's GSPO scripts);
+0.2 / 0.2 (veRL); gspo and gspo_token 3e-4 / 4e-4 (GSPO, arXiv 2507.18071 Sec. 5.1; veRL's GSPO scripts);
 cispo ε_l = 10 (no lower bound) / ε_h = 0.2 (veRL's CISPO example; TRL/ScaleRL use ε_max = 5).
 ``DEFAULT_AGG``: seq-mean-token-mean for the GSPO pair (veRL forces it), token-mean otherwise.
 """

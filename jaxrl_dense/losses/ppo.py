@@ -1,4 +1,4 @@
-"""PPO clipped policy losses (Schulman et al., arXiv 1707.06347; prime.md §7.1).
+"""PPO clipped policy losses (Schulman et al., arXiv 1707.06347).
 
 veRL core ``compute_policy_loss_vanilla`` (used by the veRL PRIME recipe): log-ratio clamp,
 asymmetric clip-higher (DAPO, arXiv 2503.14476), dual clip (Ye et al., arXiv 1912.09729).
@@ -106,7 +106,8 @@ def loss_output(terms: PPOTokenTerms, token_loss: ArrayLike, mask: ArrayLike, lo
 
 def prime_policy_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
                       mask: ArrayLike, *, cliprange: float = 0.2) -> PolicyLossOutput:
-  """PRIME-RL/PRIME's original policy loss (``core_algos.compute_policy_loss``; prime.md §7.1).
+  """PRIME-RL/PRIME's original policy loss (``training/verl/trainer/ppo/core_algos.py``
+  ``compute_policy_loss``).
 
   ``ρ = e^(ℓ − o)`` (no clamp), token loss ``max(−Aρ, −A clip(ρ, 1−ε, 1+ε))``, no dual clip,
   token mean (masked mean without epsilon). Metrics: ``pg_clipfrac``, ``ppo_kl`` (= mean_m(o − ℓ)).

@@ -1,4 +1,4 @@
-"""TGDPO: token-level reward guidance for DPO (arXiv 2506.14574, methods.md §1.5), with plain DPO.
+"""TGDPO: token-level reward guidance for DPO (arXiv 2506.14574), with plain DPO.
 
 Each token's policy/reference log-ratio inside the DPO objective is re-weighted by a token reward
 taken from a previously trained (DPO) model rm:

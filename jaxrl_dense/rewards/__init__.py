@@ -52,7 +52,8 @@ from jaxrl_dense.rewards.implicit_prm_objectives import (
 
 # PRM losses: `loss(q, mask, acc, *, beta)` or, registered with grouped=True, `loss(q, mask, acc,
 # q_bc, acc_bc, *, beta)` where q_bc / acc_bc are the row's group from a no-grad pass. `sums_rows`:
-# the loss SUMS its per-row terms (best-of-N forms, spec §5.2) instead of averaging them.
+# the loss SUMS its per-row terms (best-of-N forms of the veRL recipe `compute_detach_dpo_loss_rm`)
+# instead of averaging them.
 # `rl.steps.make_prm_update` dispatches on these entries (register a new loss here to train it).
 PRM_LOSSES = Registry("PRM loss")
 PRM_LOSSES.register("ce", prm_ce_loss, grouped=False, sums_rows=False)
@@ -73,7 +74,8 @@ __all__ = [
     "implicit_step_rewards", "aggregate_step_scores", "PRM_LOSSES", "get_prm_loss",
 ]
 
-# Tier-1 fine-grained reward methods (methods.md §1.3, §1.7–§1.9).
+# Fine-grained rewards: Fine-Grained RLHF (arXiv 2306.01693), MatchTIR (arXiv 2601.10712), IGPO
+# (arXiv 2510.14967), SAR (arXiv 2509.05489).
 from jaxrl_dense.rewards.fine_grained import (  # noqa: E402
     fine_grained_advantages,
     fine_grained_token_rewards,

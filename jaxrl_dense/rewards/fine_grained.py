@@ -10,7 +10,7 @@ Conventions: responses `[B, T]` right-padded with `mask` `[B, T]` (1 on generate
 Segments: `seg_end [B, J]` int32 token index of each segment's last token (clamped to `L_b - 1`,
 so segments cut by the length limit still land on the response), `seg_valid [B, J]`.
 Rewards are stop-gradient. Official code: allenai/FineGrainedRLHF (fgrlhf/reward.py, fgrlhf/ppo.py,
-fgrlhf/utils.py, tasks/qa_feedback/training/reward.py); spec: methods.md §1.3.
+fgrlhf/utils.py, tasks/qa_feedback/training/reward.py).
 """
 
 from __future__ import annotations

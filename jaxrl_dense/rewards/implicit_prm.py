@@ -2,10 +2,12 @@
 
 The implicit PRM (Yuan et al., arXiv 2412.01981) is a causal LM π_φ; with a frozen reference π_ref
 the per-token log-ratio ``q_t = log π_φ(y_t|·) − log π_ref(y_t|·)`` times β is a process reward
-(paper Eq. 3) and its prefix sums are implicit Q-values. Spec: ``prime.md`` §4 (token scores,
-batch-norm) and §5 (CE loss, detached DPO / best-of-N losses, metrics).
+(paper Eq. 3) and its prefix sums are implicit Q-values. References: veRL recipe
+``prime/prime_dp_rm.py`` (token scores, batch-norm) and ``prime/prime_core_algos.py`` (CE, detached
+DPO / best-of-N losses, metrics); PRIME-RL/PRIME ``training/verl/workers/actor/dp_prime.py`` and
+``training/verl/trainer/ppo/core_algos.py``.
 
-Variants (prime.md §10): ``"verl"`` = the maintained veRL recipe (β·q, last valid token forced to 0),
+Variants: ``"verl"`` = the maintained veRL recipe (β·q, last valid token forced to 0),
 ``"original"`` = PRIME-RL/PRIME (raw q without β on every valid token), ``"paper"`` = Eq. 3 as
 written (β·q on every valid token).
 """
@@ -56,7 +58,7 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
                            beta: float = 0.05, variant: str = "verl", granularity: str = "token",
                            lam: float = 0.0, acc: ArrayLike | None = None,
                            use_gt: bool = False) -> ImplicitRewards:
-  """Token-level implicit process rewards (PRIME, arXiv 2502.01456 Eq. 3; prime.md §4.1–4.2).
+  """Token-level implicit process rewards (PRIME, arXiv 2502.01456 Eq. 3).
 
   ``q = (logp_prm − logp_ref)·m``, then with L_i the valid length:
 
@@ -142,7 +144,8 @@ def _row_keep(row_mask, b: int, fn: str):
 
 
 def prime_batch_norm(scores: ArrayLike, *, eps: float = 1e-6, row_mask: ArrayLike | None = None) -> Array:
-  """PRIME ``prime_norm="batch_norm"`` (prime.md §4.3; veRL recipe ``prime_norm``, PRIME-RL inline).
+  """PRIME ``prime_norm="batch_norm"`` (veRL recipe ``prime_dp_rm.py`` ``prime_norm``; PRIME-RL/PRIME
+  inline in ``dp_prime.py`` ``update_policy``).
 
   ``C[i, t] = Σ_{s≥t} scores[i, s]`` (over the full row), ``Z = max_{i,t} |C[i, t]|``,
   ``scores / (Z + eps)``: the largest absolute process return of the batch becomes ≈ 1.
@@ -221,7 +224,10 @@ def prm_ce_loss_terms(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, beta: fl
 
 
 def prm_ce_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, beta: float = 0.05) -> Array:
-  """Implicit-PRM cross-entropy loss (PRIME §3.2 / App. C.2; prime.md §5.1; ``loss_type: ce``).
+  """Implicit-PRM cross-entropy loss (PRIME, arXiv 2502.01456 Sec. 3.2 / App. C.2; ``loss_type: ce``).
+
+  Reference: ``compute_ce_dpo_loss_rm`` (veRL recipe ``prime/prime_core_algos.py``; PRIME-RL/PRIME
+  ``training/verl/trainer/ppo/core_algos.py``).
 
   ``z_i = β Σ_t m[i,t] q[i,t]``, ``p_i = σ(z_i)``,
   ``ℓ = −(1/B) Σ_i [acc_i log p_i + (1 − acc_i) log(1 − p_i)]`` (each log clamped at −100 as in
@@ -252,7 +258,8 @@ def group_matrix(v: ArrayLike, n: int) -> Array:
 def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, q_bc: ArrayLike,
                           acc_bc: ArrayLike, *, beta: float = 0.05, bon_mode: str = "none",
                           tie_atol: float = 1e-6) -> Array:
-  """veRL recipe detached-DPO / best-of-N PRM loss (``compute_detach_dpo_loss_rm``; prime.md §5.2).
+  """veRL recipe detached-DPO / best-of-N PRM loss (``prime/prime_core_algos.py``
+  ``compute_detach_dpo_loss_rm``).
 
   ``Q_i = β Σ_t m q[i, t]``; the "other side" of i is
   ``C_i = {Q_bc[i,k] : acc_bc[i,k] < acc_i}`` if ``acc_i > 0`` else ``{Q_bc[i,k] : acc_bc[i,k] > acc_i}``,
@@ -303,7 +310,7 @@ def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, q_bc: A
 
 
 def prm_pairwise_accuracy(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, n: int) -> Array:
-  """PRM pairwise accuracy (``compute_dpo_accuracy``, both references; prime.md §5.4).
+  """PRM pairwise accuracy (``compute_dpo_accuracy``, both references).
 
   Per group of n contiguous responses with ``S_i = Σ_t m s[i, t]``, over pairs i < j with
   ``Δa = acc_i − acc_j``, ``ΔS = S_i − S_j``:
@@ -335,6 +342,6 @@ def prm_sign_accuracy(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike) 
 
 
 def prm_metrics(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, n: int) -> dict:
-  """``{"prm/dpo_acc": ..., "prm/dpo_abs_acc": ...}`` (prime.md §5.4)."""
+  """``{"prm/dpo_acc": ..., "prm/dpo_abs_acc": ...}`` (the metrics the veRL recipe logs)."""
   return {"prm/dpo_acc": prm_pairwise_accuracy(token_scores, mask, acc, n=n),
           "prm/dpo_abs_acc": prm_sign_accuracy(token_scores, mask, acc)}

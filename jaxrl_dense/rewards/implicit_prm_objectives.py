@@ -1,4 +1,4 @@
-"""Implicit-PRM training objectives and step rewards (methods.md §1.2).
+"""Implicit-PRM training objectives and step rewards.
 
 "Free Process Rewards without Process Labels" (Yuan et al., arXiv 2412.01981): parameterise an
 outcome reward as ``r_θ(y) = β log π_θ(y)/π_ref(y)``; then the partial sums of token log-ratios are

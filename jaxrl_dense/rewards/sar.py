@@ -13,8 +13,8 @@ Options (as in the official `compute_ppl_qa_log`): `use_log` uses nll instead of
 Training reward: `R = R_verifiable + factor * s(t) * R_SA` with factor 0.2 and s(t) = 1 (constant).
 
 Official code: amazon-science/Self-Aligned-Reward-Towards_Effective_and_Efficient_Reasoners
-(verl/utils/reward_score/efficiency_reward.py, verl/utils/reward_score/__init__.py). Spec:
-methods.md §1.9. Use the behaviour (rollout) log-probs for both terms.
+(verl/utils/reward_score/efficiency_reward.py `compute_ppl_qa_log`, verl/utils/reward_score/__init__.py).
+Use the behaviour (rollout) log-probs for both terms.
 """
 
 from __future__ import annotations

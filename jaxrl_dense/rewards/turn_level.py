@@ -5,7 +5,7 @@ environment outputs (mask = 0). A turn is a maximal run of `mask = 1`; `turn_ids
 token's 0-based turn index (-1 on masked tokens) with a static maximum `K = num_turns`, and
 `turn_mask [B, K]` marks the turns that exist.
 
-MatchTIR (arXiv 2601.10712, methods.md §1.7): predicted tool calls are matched to ground-truth calls;
+MatchTIR (arXiv 2601.10712): predicted tool calls are matched to ground-truth calls;
 each call is rewarded by the similarity of its match, a turn by the mean of its calls (the answer turn
 by token-set F1 of the answer). Matching modes:
   * "greedy"    - the official code's `hungarian_assignment` (it is greedy: pairs sorted by
@@ -16,10 +16,14 @@ by token-set F1 of the answer). Matching modes:
   * "sinkhorn"  - entropic optimal transport with uniform marginals (1/P, 1/G), cost -S, reg 0.1;
                   call reward sum_g T[p, g] S[p, g]. Pure JAX (log domain).
 
-IGPO (arXiv 2510.14967, methods.md §1.8): information-gain turn rewards
+IGPO (arXiv 2510.14967): information-gain turn rewards
   p_k = exp(mean_j log pi(a_j | q, turns < k, a_<j)),  r_k = p_{k+1} - p_k (non-final turns),
   final turn r = alpha * F1(pred, gold); its advantages are `jaxrl_dense.advantages.igpo_advantages`
   (`advantages/turn_level.py`; code and paper variants).
+
+Official code: quchangle1/MatchTIR `Code/verl/utils/reward_score/tool.py` (`hungarian_assignment`,
+`compute_process_KM`, `compute_process_ot`); GuoqingWang1/IGPO `scrl/llm_agent/generation.py`
+(per-turn gold-answer probability), `verl/utils/reward_score/info_gain.py` (reward placement).
 """
 
 from __future__ import annotations

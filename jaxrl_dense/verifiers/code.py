@@ -1,6 +1,6 @@
 """Code outcome verifier: run the response's last ```python block against tests in a sandbox.
 
-PRIME's code label (Cui et al., 2025, §3 of our spec; APPS harness, `prime_code` in veRL):
+PRIME's code label (Cui et al., arXiv 2502.01456; APPS harness, veRL `verl/utils/reward_score/prime_code`):
 
     r_o(y, tests) = 1.0                                   if all tests pass,
                     (# of the first min(10, n) tests passed) / min(10, n)   otherwise.

@@ -1,8 +1,8 @@
 """Which verifier scores a record: routing by `data_source`, as veRL's PRIME reward manager does.
 
-veRL (`verl/utils/reward_score/__init__.py`, `default_compute_score`, PRIME spec §3) sends the
-code sources of Eurus-2-RL-Data (`codecontests`, `apps`, `codeforces`, `taco`) to `prime_code`
-(fraction of the first <= 10 tests passed) and the math sources (`numina_*`, `lighteval/MATH`,
+veRL (`verl/utils/reward_score/__init__.py`, `default_compute_score`) sends the code sources of
+Eurus-2-RL-Data (`codecontests`, `apps`, `codeforces`, `taco`) to `prime_code` (fraction of the
+first <= 10 tests passed) and the math sources (`numina_*`, `lighteval/MATH`,
 `openai/gsm8k`, ...) to `prime_math`. We route the same names the same way, by exact name only
 (never by substring: `unicode_math` is math), and everything else to math. A row chooses its
 verifier explicitly with a `verifier` field ("code" / "math"; `PromptRecord.verifier_source`

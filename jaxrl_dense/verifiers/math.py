@@ -1,4 +1,4 @@
-"""Math outcome verifier: answer extraction + equivalence (PRIME §3, Eurus-2 / prime_math).
+"""Math outcome verifier: answer extraction + equivalence (PRIME, arXiv 2502.01456; Eurus-2 / prime_math).
 
 The outcome label of a math rollout is
 
