@@ -16,19 +16,9 @@ SCANNED = ("jaxrl_dense", "experiments", "benchmarks")
 # Internal spec files (not docs/...), "spec §", any "§N", issue tags.
 PATTERN = re.compile(r"(?<![\w/])(?:methods|prime)\.md|spec §|§ ?[0-9]|[Ii]ssue ?#?[0-9]+")
 
-# Files still carrying such references: being rewritten on another branch. Shrink this list as
+# Files allowed to keep such references while being rewritten on a branch (none now). Shrink it as
 # they are cleaned; `test_allow_list_is_not_stale` fails for an entry that no longer matches.
-ALLOWED = frozenset({
-    "jaxrl_dense/rl/batch.py",
-    "jaxrl_dense/rl/config.py",
-    "jaxrl_dense/rl/external_reward.py",
-    "jaxrl_dense/rl/multiturn.py",
-    "jaxrl_dense/rl/prime.py",
-    "jaxrl_dense/rl/rollout.py",
-    "jaxrl_dense/rl/setup.py",
-    "jaxrl_dense/rl/state.py",
-    "jaxrl_dense/rl/steps.py",
-})
+ALLOWED = frozenset()
 
 
 def find_refs(text: str) -> list:

@@ -32,7 +32,7 @@ class RolloutBatch(NamedTuple):
   ref_logp, prm_logp: float32 [B, R] precomputed reference / PRM log-probs, or None (the update
     scores them).
   query_free_prompt_tokens, query_free_prompt_mask: int32 [B, P] the prompts with the user's last
-    message emptied (Self-Aligned Reward's answer-only context, methods.md §1.9), or None.
+    message emptied (Self-Aligned Reward's answer-only context, arXiv 2509.05489), or None.
   in_band: float32 [B] 1 on the rows of groups that passed the accuracy band (every group without
     the band filter), 0 on out-of-band (filler) groups; None = all 1. Constant within a group. The
     PRM trains on in-band rows only; with --filter_mode=mask|resample the advantage and the policy

@@ -93,7 +93,7 @@ FILTER_MODES = ("", "fill", "mask", "resample")
 # --advantage overrides for the outcome-only algos (registry names of `advantages.ESTIMATORS`).
 ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "matchtir", "igpo")
 EXTRA_REWARDS = ("sar",)
-SAR_DEFAULT_WEIGHT = 0.2  # methods.md §1.9
+SAR_DEFAULT_WEIGHT = 0.2  # SAR (arXiv 2509.05489)
 KL_TYPES = losses.KL_ESTIMATORS.names()  # choices from the registries the update dispatches on
 # ppo_original is --policy_loss=ppo with --prime_variant=original (rl.steps.make_policy_update)
 POLICY_LOSS_NAMES = tuple(n for n in losses.POLICY_LOSSES.names() if n != "ppo_original")
@@ -101,7 +101,7 @@ POLICY_LOSS_NAMES = tuple(n for n in losses.POLICY_LOSSES.names() if n != "ppo_o
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """Sampling a step's group batch (PRIME spec §1-§3)."""
+  """Sampling a step's group batch (PRIME, arXiv 2502.01456; veRL recipe prime_ray_trainer.py)."""
   n: int = _f(4, "Responses per prompt.", lo=1)
   prompts_per_step: int = _f(64, "Prompts kept per step (after the filter).", lo=1)
   oversample: int = _f(4, "Prompts sampled per step = prompts_per_step * oversample.", lo=1)
@@ -162,9 +162,9 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-  """Which groups / responses are trained on (spec §8; PROF, methods.md §1.4)."""
-  filter: str = _f("band", "Prompt / sample filter: 'band' = accuracy band (spec §8); 'prof' = PROF "
-                   "process-consistency filter (methods.md §1.4) on the implicit PRM's step scores: "
+  """Which groups / responses are trained on (PRIME-RL's accuracy filter; PROF, arXiv 2509.03403)."""
+  filter: str = _f("band", "Prompt / sample filter: 'band' = accuracy band (PRIME-RL's filter); 'prof' = PROF "
+                   "process-consistency filter (arXiv 2509.03403) on the implicit PRM's step scores: "
                    "--prof_remove responses per group are dropped and the advantages are computed "
                    "over the survivors (needs --algo=prime); 'none'. --filter / --nofilter (the "
                    "former boolean) mean band / none.", choices=FILTERS)
@@ -191,7 +191,7 @@ class FilterConfig:
                                "whitening still shifts them (-mean/std). Mask / resample never train "
                                "on filler.")
   prm_on_filler: bool = _f(False, "Train the implicit PRM on out-of-band (filler) groups too (the "
-                           "veRL recipe, and this library before issue 23). False (default): the "
+                           "veRL recipe, and this library's earlier default). False (default): the "
                            "PRM trains only on in-band groups, as PRIME-RL does, in every filter mode.")
 
   def __post_init__(self):
@@ -215,7 +215,7 @@ def _check_lora_targets(name: str, spec: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PRMConfig:
-  """Implicit PRM (PRIME spec §5): r = beta log pi_prm / pi_ref, trained on outcome labels."""
+  """Implicit PRM (PRIME, arXiv 2502.01456): r = beta log pi_prm / pi_ref, trained on outcome labels."""
   beta: float = _f(0.05, "Implicit PRM beta (beta_train).", lo=0.0, lo_open=True, hi=1e3)
   prm_loss: str = _f("ce", "PRM loss (rewards.PRM_LOSSES): ce (PRIME), dpo (veRL detached DPO), "
                      "bon_acc, bon_rm.", choices=PRM_LOSSES.names())
@@ -248,7 +248,7 @@ class PRMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
-  """PPO-clip policy update (spec §7) and its AdamW optimizer."""
+  """PPO-clip policy update (veRL core_algos.py `compute_policy_loss`) and its AdamW optimizer."""
   lr: float = _f(5e-7, "Policy AdamW learning rate.", lo=0.0)
   weight_decay: float = _f(0.01, "Policy AdamW weight decay.", lo=0.0, hi=1.0)
   grad_clip: float = _f(1.0, "Policy gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
@@ -351,7 +351,7 @@ class PrimeConfig:
   """The algorithm: PRIME or an outcome-only baseline, with its nested stage configs."""
   algo: str = _f("prime", "Algorithm: prime (implicit PRM + RLOO) or an outcome-only baseline.",
                  choices=ALGOS)
-  prime_variant: str = _f("verl", "PRIME reference to follow (spec §10); every --algo reads it "
+  prime_variant: str = _f("verl", "PRIME reference (PRIME-RL's code or the veRL port); every --algo reads it "
                           "(policy-loss clipping, accuracy-band truncation, oversampling).",
                           choices=("verl", "original"))
   process_coef: float = _f(5.0, "PRIME verl: coefficient of the process (implicit) reward.", lo=0.0, hi=1e3)
@@ -373,9 +373,9 @@ class PrimeConfig:
   prl_eta: float = _f(200.0, "--advantage=prl: inverse KL strength eta (0 = plain GRPO).", lo=0.0, hi=1e9)
   step_len: int = _f(256, "Fixed step length in tokens for --advantage=prl and --filter=prof.", lo=1)
   extra_reward: str = _f("", "Extra reward added to the outcome reward, 'NAME[:WEIGHT]': 'sar:0.2' = "
-                         f"Self-Aligned Reward x 0.2 (methods.md §1.9; default weight "
+                         f"Self-Aligned Reward x 0.2 (arXiv 2509.05489; default weight "
                          f"{SAR_DEFAULT_WEIGHT}). '' = none.")
-  process_reward: str = _f("", "External process reward (issue 27): '' = none (--algo=prime has its "
+  process_reward: str = _f("", "External process reward: '' = none (--algo=prime has its "
                            "own implicit PRM); 'http://host:port/path' = a served step-scoring PRM "
                            "(protocol in rewards/service.py; experiments/serve_prm.py serves one); "
                            "'prm:DIR' = a discriminative PRM (e.g. Qwen2.5-Math-PRM) loaded from an "
@@ -817,7 +817,7 @@ def build(cls, values: dict):
 def fingerprint(cfg) -> dict:
   """The settings a checkpoint must agree with: the flat config minus `RUNTIME_ONLY`. A LoRA
   group whose rank is 0 (off), --generate_batch_size=0 and the filter-protocol settings at their
-  defaults (issue 23; --resample_max_rounds unless the protocol is resample) are left out, so
+  defaults (--resample_max_rounds unless the protocol is resample) are left out, so
   checkpoints written before those flags existed still resume. (A checkpoint written before issue
   23 then resumes with the PRM trained on in-band groups only, --prm_on_filler=false.)"""
   fp = {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}

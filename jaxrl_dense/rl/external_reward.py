@@ -1,4 +1,4 @@
-"""External process rewards for a rollout batch (--process_reward; issue 27).
+"""External process rewards for a rollout batch (--process_reward).
 
 `make_process_scorer(cfg, tokenizer)` returns the host-side stage that runs between sampling and
 the jitted update when a served step-scoring PRM is configured:

@@ -365,7 +365,7 @@ def turn_texts_of(tokenizer, tokens, turn_ids, num_turns: int) -> list:
 def matchtir_turn_rewards(turn_texts: Sequence[Sequence[str]], gold_calls: Sequence, outcome, *,
                           num_turns: int, parse_calls: Callable[[str], list], mode: str = "greedy",
                           unmatched_penalty: float = 0.0) -> np.ndarray:
-  """MatchTIR turn rewards [N, K] (arXiv 2601.10712, methods.md §1.7; host side).
+  """MatchTIR turn rewards [N, K] (arXiv 2601.10712; host side).
 
   The predicted calls of each row (every call of every turn, `parse_calls(turn text)`) are
   matched to the row's gold calls (`rewards.turn_level.assignment_call_rewards`, greedy = the
@@ -440,7 +440,7 @@ def answer_probe_batch(prompt_tokens, prompt_mask, tokens, turn_ids, answer_ids:
 
 def igpo_turn_rewards(score_fn: Callable, prompt_tokens, prompt_mask, tokens, turn_ids, answer_ids, outcome, *,
                       num_turns: int, pad_id: int = 0, bucket: int = 64) -> tuple:
-  """IGPO turn rewards [B, K] (arXiv 2510.14967, methods.md §1.8) and the likelihoods p [B, K].
+  """IGPO turn rewards [B, K] (arXiv 2510.14967) and the likelihoods p [B, K].
 
   p[b, k] = exp(mean_j log π(a_j | q, turns < k, a_<j)): the policy's (`score_fn(context,
   context_mask, answer, answer_mask) -> logp [M, A]`, a teacher-forced pass) probability of the

@@ -12,10 +12,10 @@ whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
      reference log-probs. Decoupled (three policies μ, π_old, π_θ): the rollout correction
      between μ and π_old (`losses.rollout_correction`: truncated IS weights on each token's loss,
      a rejection mask on the loss and its count; `rollout_corr/*` metrics whenever μ is given).
-  2. implicit-PRM update (PRIME §5; loss `cfg.prm.prm_loss`) on the in-band groups
+  2. implicit-PRM update (PRIME, arXiv 2502.01456; loss `cfg.prm.prm_loss`) on the in-band groups
      (`batch.in_band`; all rows with --prm_on_filler), then with `prm_update="before"`
      a re-scoring with the updated PRM (double forward), else the in-loop scores (single forward).
-  3. PROF (`filter="prof"`, methods.md §1.4): keep mask from the PRM's step scores; the dropped
+  3. PROF (`filter="prof"`, arXiv 2509.03403): keep mask from the PRM's step scores; the dropped
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
      GRPO on the filtered batch).
   4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
@@ -99,7 +99,7 @@ def _is_adapters(params) -> bool:
 
 
 def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
-  """PROF keep mask [B] (methods.md §1.4) on the implicit PRM's step scores.
+  """PROF keep mask [B] (arXiv 2509.03403) on the implicit PRM's step scores.
 
   v_h = σ(β Σ_{s ≤ e(h)} (log π_prm − log π_ref)_s): the PRM's probability that the prefix ending
   at step h's last token (fixed `step_len` steps) leads to a correct answer; then
@@ -166,7 +166,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   process term in place of the implicit PRM's (no batch norm: the PRM's own scale, e.g. p1 - p0
   in [-1, 1]).
 
-  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, methods.md §1.9;
+  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, arXiv 2509.05489;
   + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
   PRIME: process rewards = prime_batch_norm(zero_float_noise(implicit_token_rewards(prm_logp,
   ref_logp))): exactly 0 while every implicit log-ratio suffix sum is below --prm_noise_tol (the

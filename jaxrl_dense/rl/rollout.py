@@ -6,7 +6,7 @@
 `collect` samples n responses for each of the G = prompts_per_step · oversample records with the
 jitted KV-cache sampler (`sampling.generate`), decodes and verifies them (`verify_fn(texts, golds,
 sources) -> [G·n]`, e.g. a `Verifier`), keeps prompts_per_step groups with
-`filters.accuracy_band_filter` (spec §8; `select_groups`) and returns the kept rows as a
+`filters.accuracy_band_filter` (PRIME-RL's accuracy filter; `select_groups`) and returns the kept rows as a
 `RolloutBatch` plus host statistics (accuracy, pass / fill fractions, lengths, stage seconds).
 With --filter_mode=resample it samples further rounds of G prompts until prompts_per_step groups
 are in band (PRIME-RL's protocol; surplus in-band prompts go to a `PromptBuffer`). Every process
@@ -68,13 +68,13 @@ def decode_responses(tokenizer, tokens, mask) -> list:
 
 
 def empty_query(record):
-  """The record with its last (user) message emptied: SAR's answer-only context (methods.md §1.9)."""
+  """The record with its last (user) message emptied: SAR's answer-only context (arXiv 2509.05489)."""
   msgs = tuple(record.prompt_messages)
   return dataclasses.replace(record, prompt_messages=msgs[:-1] + ({**msgs[-1], "content": ""},))
 
 
 def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
-  """Kept rows [prompts_per_step · n] and per-group pass flags [G] (spec §8, host numpy).
+  """Kept rows [prompts_per_step · n] and per-group pass flags [G] (PRIME-RL's accuracy filter, host numpy).
 
   `filter="band"`: `filters.accuracy_band_filter` with the run's variant — verl: groups with
   acc_low <= mean acc <= acc_high (and, with filter_truncated, longest response L < R − 1) are
@@ -251,7 +251,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
   `extra_reward` is SAR.
 
   --filter_mode (`cfg.filter_protocol`) fill / mask: one round, `select_groups`. resample
-  (PRIME-RL's `fit` loop, spec §2 [O]): while fewer than prompts_per_step groups are in band and
+  (PRIME-RL's `fit` loop, training/verl/trainer/ppo/ray_trainer.py): while fewer than prompts_per_step groups are in band and
   fewer than --resample_max_rounds rounds are drawn, sample another prompts_per_step · oversample
   prompts from `next_records(k)` (the data iterator) with a fresh key (round j > 0:
   fold_in(fold_in(key, salt), j)); the batch holds the first prompts_per_step in-band groups in
@@ -383,7 +383,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
     proc, scorer_stats = process_scorer([x for x in picked for _ in range(n)], batch.response_tokens,
                                         batch.response_mask)
     batch = batch._replace(process_rewards=proc)
-  if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed (issue 13)
+  if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed
     batch = trim_batch(batch, r.length_bucket)
   acc_all = np.concatenate([x["acc"] for x in rounds])
   lengths = np.concatenate([x["lengths"] for x in rounds])

@@ -603,7 +603,7 @@ PLAN_FLAGS = ("arch", "dtype", "remat", "mesh", "rollout_mesh", "algo", "prime_v
 
 
 def aot_plan(cfg: RunConfig, devices=None) -> dict:
-  """The compiled memory plan of one RL step (--dry_run --aot; issue 12 item 5).
+  """The compiled memory plan of one RL step (--dry_run --aot).
 
   Lowers and compiles, from abstract inputs (`jax.ShapeDtypeStruct`s with their shardings; no
   weights are read), the two programs a training step runs on `cfg.mesh`:

@@ -35,7 +35,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     mu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
-  """AdamW with global-norm gradient clipping (veRL's actor / PRM optimizer, spec §11).
+  """AdamW with global-norm gradient clipping (veRL's actor / PRM optimizer settings).
 
   `grad_clip` None or <= 0 disables clipping; `warmup_steps` > 0 ramps the learning rate linearly
   from 0 (the PRIME scripts use a constant schedule, i.e. 0). `mu_dtype` (e.g. jnp.bfloat16) stores

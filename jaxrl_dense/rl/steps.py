@@ -8,7 +8,7 @@ the pure passes into one jitted PRIME update:
                                               tokens (`make_logprobs`; one model per pass)
   prm_update(prm_state, batch)             -> (prm_state, batch with prm_logp, metrics): the
                                               implicit-PRM update with any loss of
-                                              rewards.PRM_LOSSES (PRIME, arXiv 2502.01456 §3)
+                                              rewards.PRM_LOSSES (PRIME, arXiv 2502.01456 Sec. 3)
   policy_update(policy_state, batch, rng)  -> PPO-clip over epochs x mini-batches x micro-batches,
                                               normalised by the GLOBAL token count (or the
                                               references' forms, `loss_norm`)
@@ -310,7 +310,7 @@ def make_prm_update(
     jit: bool = True,
 ) -> Callable:
   """Builds `prm_update(prm_state, batch) -> (prm_state, batch, metrics)`: the implicit-PRM update
-  (PRIME, arXiv 2502.01456 §3.2); the returned batch carries `prm_logp` [B, R] (given the
+  (PRIME, arXiv 2502.01456 Sec. 3.2); the returned batch carries `prm_logp` [B, R] (given the
   deprecated Mapping batch, the pass returns `prm_logp` itself in its place, as before).
 
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
