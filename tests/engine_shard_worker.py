@@ -187,7 +187,7 @@ class ControlLayout:
   GSPMD programs: the layout before the pool was split by rows.
   "gspmd": pages split by rows, but the page writes, attention and copies traced as plain
   GSPMD ops (no shard_map): with attention="pallas" the kernel is called on the row-sharded
-  pool with no partitioning rule (issue 25 finding 1).
+  pool with no partitioning rule.
   """
 
   def __init__(self, kind):

@@ -89,7 +89,7 @@ def build_fns(config, grad_shardings=None):
     return lp[:, -R_LEN:]  # [B, R]
 
   def prm_loss(prm_params, ref_params, batch):
-    """CE on sigmoid(beta * sum_t m_t (log pi_prm - log pi_ref)) (PRIME spec §5.1)."""
+    """CE on sigmoid(beta * sum_t m_t (log pi_prm - log pi_ref)) (veRL recipe `compute_ce_dpo_loss_rm`)."""
     m = batch["response_mask"]
     q = response_logp(prm_params, batch) - jax.lax.stop_gradient(response_logp(ref_params, batch))
     z = BETA * jnp.sum(q * m, axis=-1)  # [B]

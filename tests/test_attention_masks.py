@@ -1,4 +1,4 @@
-"""Attention without dense masks (issue 25 item 5) and the compile-time kernel fallback.
+"""Attention without dense masks and the compile-time kernel fallback.
 
 (a) `attention.native_mask` (compaction + lengths + causal + window) reproduces the dense allowed
     mask exactly: the dense mask is rebuilt from the native arguments by a numpy reference of

@@ -1,5 +1,5 @@
 """The sample page in a real browser: headless Chromium renders it, switches the series, and the page
-makes no network request (issue #16 item 6).
+makes no network request.
 
 Chromium comes from the Debian package (`apt-get install -y chromium`); without it the tests skip.
 `$JAXRL_DENSE_CHROMIUM` names another binary. `$JAXRL_DENSE_BROWSER_PAGE` points the tests at an

@@ -194,7 +194,7 @@ def test_async_save_roundtrip(tmp_path):
   assert meta == {"step": 2}
 
 
-# ------------------------------------------------ damaged steps (issue 22 item 5, review rows 33-34)
+# ------------------------------------------------ damaged steps
 def _data_files(step_dir):
   return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 

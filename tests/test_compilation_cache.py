@@ -1,4 +1,4 @@
-"""The persistent compilation cache (issue 25 item 7): --compilation_cache_dir (default
+"""The persistent compilation cache: --compilation_cache_dir (default
 <logdir>/jax_cache), set by experiments/prime_math.py through setup.configure_compilation_cache,
 is filled by a run, and a second process with the same programs loads them from it instead of
 compiling (JAX's /jax/compilation_cache/cache_hits event); prime_math writes into it."""

@@ -192,7 +192,7 @@ def _assert_close_f32(got, want, n_summed: int):
 
   Padding changes where XLA splits a reduction, so results may differ by the rounding of
   a length-n sum: about n * eps32 relative to the largest term (Higham, "Accuracy and Stability of
-  Numerical Algorithms", §4.2). Whitening and cumulative sums then carry that absolute error to
+  Numerical Algorithms", Sec. 4.2). Whitening and cumulative sums then carry that absolute error to
   elements near zero, so the tolerance is absolute at the scale of the output, plus relative.
   """
   tol = 4 * n_summed * float(jnp.finfo(jnp.float32).eps)  # 72 terms -> 3.4e-5

@@ -1,4 +1,4 @@
-"""The engine's page pool is split by rows and kv heads (issue 25 items 4 and 8), on 8 CPU devices.
+"""The engine's page pool is split by rows and kv heads, on 8 CPU devices.
 
 Under a mesh with S = data x fsdp row shards the continuous engine keeps one host PagePool per
 shard and one block of the device pool per shard ([Hkv, S * N, P, hd], pages over data x fsdp,

@@ -1,4 +1,4 @@
-"""A served step-scoring PRM driving training (issue 27 items 4 and 6): --process_reward=URL with
+"""A served step-scoring PRM driving training: --process_reward=URL with
 --algo=rloo in prime_math on chained arithmetic, the PRM a loopback reference server; the step
 scores reach the batch and the advantage; 3 steps straight == 2 steps + resume + 1; a dead URL
 exits 2 naming the flag before any model loads."""

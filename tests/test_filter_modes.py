@@ -1,4 +1,4 @@
-"""PRIME's filter protocol (issue 23): --filter_mode=fill|mask|resample, the PRM trained on in-band
+"""PRIME's filter protocol: --filter_mode=fill|mask|resample, the PRM trained on in-band
 groups only, the float-noise guard of the batch-norm, and the per-step filter diagnostics.
 
 The key checks: the mask-mode update equals the update on the in-band groups alone (PRIME, RLOO,

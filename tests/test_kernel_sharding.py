@@ -1,4 +1,4 @@
-"""The Pallas kernels run per shard on a mesh (issue 25 item 1), on 8 simulated CPU devices.
+"""The Pallas kernels run per shard on a mesh, on 8 simulated CPU devices.
 
 A `pallas_call` has no partitioning rule: called on sharded operands, XLA gathers them whole
 onto every device (for the decode kernel: every layer's KV cache, every step). The kernels are

@@ -179,7 +179,7 @@ def test_fsdp_gathers_weights_per_layer_and_never_all_reduces_activations(layout
       stacked = [c for c in reds for _, s in c.shapes if plan_lib.has_dims(s, (d["L"], d["D"], d["I"]))]
       assert not stacked, f"{name}: all layers' weight gradients reduced at once: {stacked}"
   # Control: the same scoring program traced without the mesh context (no activation
-  # constraints) is what issue 12 found: GSPMD follows the weights' fsdp split of the width and
+  # constraints) is what a review found: GSPMD follows the weights' fsdp split of the width and
   # all-reduces [rows, T, D] activations in every layer. The check above catches exactly that.
   control = plan_lib.activation_all_reduces(hlo("fsdp:8", "scoring_unconstrained"),
                                             seq_lens=(d["T"], d["R1"]), widths=d["widths"])

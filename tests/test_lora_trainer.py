@@ -1,4 +1,4 @@
-"""LoRA in the trainer (issue 15 items 2-3): `--lora_rank` / `--prm_lora_rank` train adapters only,
+"""LoRA in the trainer: `--lora_rank` / `--prm_lora_rank` train adapters only,
 one frozen base serves as the reference and as every adapted model's base, a LoRA run resumes
 exactly, and `--export_dir` writes the merged policy as an HF directory."""
 import json

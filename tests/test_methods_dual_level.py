@@ -1,4 +1,4 @@
-"""MatchTIR dual-level advantage (methods.md §1.7): hand-computed on 2 prompts x 3 samples x 6 tokens."""
+"""MatchTIR dual-level advantage (arXiv 2601.10712): hand-computed on 2 prompts x 3 samples x 6 tokens."""
 import functools
 import math
 

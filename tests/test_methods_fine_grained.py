@@ -1,4 +1,4 @@
-"""Fine-Grained RLHF (methods.md §1.3): hand-computed values on 2 prompts x 3 samples x 5 tokens."""
+"""Fine-Grained RLHF (arXiv 2306.01693): hand-computed values on 2 prompts x 3 samples x 5 tokens."""
 import functools
 import math
 
@@ -106,7 +106,7 @@ def test_no_segments_gives_only_kl():
 
 
 def test_scale_rewards_keep_mean_std_vs_variance_quirk():
-  """§4 item 4: the repo divides by sqrt(std) (std passed as a variance); we default to 1/std."""
+  """Paper vs code: the repo divides by sqrt(std) (std passed as a variance); we default to 1/std."""
   r = np.array([[1.0, 3.0, 99.0]])
   m = np.array([[1.0, 1.0, 0.0]])
   # mu = 2, unbiased var = 2, std = sqrt(2)

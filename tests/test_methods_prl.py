@@ -1,4 +1,4 @@
-"""PRL process-reward advantage (methods.md §1.6): hand-computed values and the spec's properties."""
+"""PRL process-reward advantage (arXiv 2601.10201): hand-computed values and the spec's properties."""
 import functools
 
 import jax
@@ -69,7 +69,7 @@ def test_prl_one_step_uses_last_token_log_ratio():
 
 
 def test_prl_nonzero_fill_quirk():
-  """§4 item 9: the code's "next non-zero" broadcast skips a step whose end value is exactly 0."""
+  """Paper vs code: the code's "next non-zero" broadcast skips a step whose end value is exactly 0."""
   # Every token is a step (step_len 1). Row 3: d = [.5, .5, -1.5, 1, .5] -> D = [1, .5, 0, 1.5, .5]
   # (binary-exact values, so D_2 is exactly 0).
   d = D.copy()

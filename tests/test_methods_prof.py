@@ -1,4 +1,4 @@
-"""PROF consistency filter (methods.md §1.4): hand-computed scores and hand-made groups."""
+"""PROF consistency filter (arXiv 2509.03403): hand-computed scores and hand-made groups."""
 import functools
 
 import jax
@@ -33,7 +33,7 @@ def test_consistency_code_hand(jit):
 
 
 def test_consistency_code_vs_paper():
-  """§4 item 3: code centres on the batch mean, doubles, penalises outside the sign flip, uses
+  """Paper vs code: code centres on the batch mean, doubles, penalises outside the sign flip, uses
   H < 2 / H > H_max; the paper has no centring, penalty inside the sign, H = 1 / H >= H_max."""
   code = np.asarray(prof.prof_consistency(V, SM, O, batch_mean=0.5, max_steps=3))
   paper = np.asarray(prof.prof_consistency(V, SM, O, max_steps=3, variant="paper"))

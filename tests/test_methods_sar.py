@@ -1,4 +1,4 @@
-"""SAR self-aligned reward (methods.md §1.9): hand-computed values."""
+"""SAR self-aligned reward (arXiv 2509.05489): hand-computed values."""
 import functools
 import math
 

@@ -1,4 +1,4 @@
-"""TGDPO (methods.md §1.5) next to plain DPO: hand-computed values, gradients, masking."""
+"""TGDPO (arXiv 2506.14574) next to plain DPO: hand-computed values, gradients, masking."""
 import functools
 import math
 
@@ -56,7 +56,7 @@ def test_alpha_zero_is_dpo(jit):
 
 
 def test_unclipped_weights_can_go_negative():
-  """§4 item 10: the official weights 1 ± alpha beta rhat are not clipped."""
+  """Paper vs code: the official weights 1 ± alpha beta rhat are not clipped."""
   ref = np.array([[-1.0, -1.0]]); m = np.ones((1, 2))
   rm_w = ref + [[-30.0, 0.0]]   # chosen token the guide dislikes strongly: 1 + .05 * -30 = -0.5
   w = tgdpo.tgdpo_token_weights(rm_w, ref, m, 0.1, 0.5, chosen=True)

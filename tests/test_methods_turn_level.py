@@ -1,4 +1,4 @@
-"""MatchTIR turn rewards (methods.md §1.7) and IGPO information gain (§1.8): hand-computed values."""
+"""MatchTIR turn rewards (arXiv 2601.10712) and IGPO information gain (arXiv 2510.14967): hand-computed values."""
 import functools
 import math
 
@@ -69,7 +69,7 @@ GV = np.ones((2, 2), np.float32)
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_greedy_vs_optimal_assignment(jit):
-  """§4 item 6: the official "hungarian" matcher is greedy; the optimal one differs."""
+  """Paper vs code: the official "hungarian" matcher is greedy; the optimal one differs."""
   greedy = _maybe_jit(tl.assignment_call_rewards, jit, mode="greedy", unmatched_penalty=-0.5)
   hung = _maybe_jit(tl.assignment_call_rewards, jit, mode="hungarian", unmatched_penalty=-0.5)
   # greedy takes (0,0)=0.9 first; prediction 1 is then left with s=0 -> unmatched.
@@ -176,7 +176,7 @@ def test_igpo_code_advantages_hand(jit):
 
 
 def test_igpo_code_vs_paper_variant():
-  """§4 item 5: the code subtracts the position-wise group mean and never divides by the std."""
+  """Paper vs code: the code subtracts the position-wise group mean and never divides by the std."""
   ids = tl.turn_ids_from_mask(IG_MASK, 3)
   tm = tl.turn_mask_from_ids(ids, 3)
   code = lambda *a: igpo_advantages(*a, num_groups=3, variant="code")[0]

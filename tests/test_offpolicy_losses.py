@@ -1,5 +1,5 @@
 """The policy-loss menu (GSPO, GSPO-token, CISPO beside PPO), rollout correction between the
-sampler (mu), pi_old and pi_theta, and DAPO's overlong shaping (issue 26): properties beyond the
+sampler (mu), pi_old and pi_theta, and DAPO's overlong shaping: properties beyond the
 golden parity cases (tests/test_golden.py): identity, masking and padding, micro-batch
 invariance, the three-policy update in the one jitted program, and a bf16 trainer run."""
 import jax
@@ -48,7 +48,7 @@ def test_padding_holds_junk_without_effect(name):
 
 
 def test_gspo_token_equals_gspo_with_sequence_advantages():
-  """GSPO-token with an advantage constant along each row is GSPO (2507.18071 §4.3): loss and
+  """GSPO-token with an advantage constant along each row is GSPO (arXiv 2507.18071 Sec. 4.3): loss and
   gradient; with token-varying advantages they differ (only GSPO-token sees the token values)."""
   lp, old, _, m = _arrays(scale=1e-3)
   adv = jnp.broadcast_to(jnp.asarray(np.random.default_rng(1).normal(size=(6, 1)), jnp.float32), m.shape)

@@ -1,4 +1,4 @@
-"""The 7B flag file's memory settings against its compiled plan (issue 25 item 6).
+"""The 7B flag file's memory settings against its compiled plan.
 
 `experiments/configs/eurus2_7b_prime.flags` sets --plan_target=h100 and the --memory_fraction it
 runs with; `docs/results/plan_eurus2_7b.json` is its `--dry_run --aot` plan (compiled on 8
@@ -9,7 +9,7 @@ needs (`rl.setup.target_fit`) and leave the stated reserve; a control shows the 
 
 The sampler the plan counts (--rollout_mesh: the bf16 rollout copy tensor-parallel on
 data:2 x tensor:4), and the replicated copy on the training mesh fsdp:8, are compiled at the 7B
-widths cut to 2 layers on 8 simulated devices (issue 25 item 8): a device holds 1/4 (1/1) of the
+widths cut to 2 layers on 8 simulated devices: a device holds 1/4 (1/1) of the
 weights, the weights never move (every collective is on an allowed list: tensor-axis all-reduces
 of [rows, D] activations, the vocabulary-parallel logits' all-gather, the loop's scalar), and
 each device's KV cache is 1/8 of the whole. Controls: the replicated copy for the 1/4, the LM

@@ -159,7 +159,8 @@ def test_policy_update_minibatches_and_epochs_count_optimizer_steps():
 
 
 def test_prm_update_ce_gradient_and_scores():
-  """PRM step = SGD on the mini-batch-mean CE (spec §5.1); returned scores use pre-step params."""
+  """PRM step = SGD on the mini-batch-mean CE (veRL recipe `compute_ce_dpo_loss_rm`); returned
+  scores use pre-step params."""
   prm, ref = _params(0), _params(1)
   batch = _batch()
   batch["ref_logp"] = _resp_logp(ref, batch)
@@ -241,7 +242,7 @@ def test_smoke_end_to_end_and_exact_resume(tmp_path):
   """Smoke config: 4 steps straight == 2 steps + a fresh process resuming + 2 steps."""
   from jaxrl_dense import checkpoint as ckpt_lib
   # --hacking_window=3: the reward-hacking monitor's t values are finite from step 3 and must be
-  # rebuilt from the checkpointed history on resume (issue 16).
+  # rebuilt from the checkpointed history on resume.
   common = [f"--flagfile={SMOKE}", "--eval_data=", "--checkpoint_every=1", "--checkpoint_keep=2",
             "--hacking_window=3"]
   a = [*common, "--steps=4", f"--logdir={tmp_path}/a", f"--checkpoint_dir={tmp_path}/a/ck"]
@@ -292,7 +293,7 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   from jaxrl_dense import prm_health
   # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls.
   # --prm_on_filler: the smoke model solves nothing, so no group is in band and the PRM (trained on
-  # in-band groups only by default, issue 23) would not move.
+  # in-band groups only by default) would not move.
   run = Trainer(_smoke_config(steps=1, sample_every=1, logdir=str(tmp_path), generate_batch_size=4,
                               prm_on_filler=True))
   try:
@@ -539,7 +540,7 @@ def test_prm_is_reference_detects_an_untrained_prm():
       run.close()
 
 
-# ------------------------------------------- inputs checked before work (issue 22 item 5)
+# ------------------------------------------- inputs checked before work
 def _prompt_rows(path, contents):
   path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": c}],
                                       "reward_model": {"ground_truth": "2"}}) + "\n" for c in contents))

@@ -1,5 +1,5 @@
 """Tier-1 method flags of experiments/prime_math.py (rl.config fields): --filter=band|prof|none,
---advantage=, --extra_reward=NAME[:WEIGHT] (methods.md §1.4, §1.6, §1.9).
+--advantage=, --extra_reward=NAME[:WEIGHT] (arXiv 2509.03403, 2601.10201, 2509.05489).
 
 Fast: flag parsing / validation and the pure pieces of the library (advantage function, PROF keep
 mask, SAR reward, the empty-query record) on tiny numpy inputs; no model, no training loop.

@@ -1,4 +1,4 @@
-"""Step credit of the implicit PRM (issue #23 item 5): exact token-to-step mapping on real and toy
+"""Step credit of the implicit PRM: exact token-to-step mapping on real and toy
 tokenizers, `evaluation.implicit_prm_step_rewards`, and experiments/prm_step_credit.py on a tiny
 random model (the initial PRM = reference, and a checkpointed PRM that differs from it)."""
 import json

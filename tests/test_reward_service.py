@@ -1,4 +1,4 @@
-"""The served PRM (issue 27 item 4): the HTTP client against the reference server on loopback:
+"""The served PRM: the HTTP client against the reference server on loopback:
 batching, retries, a hung server timing out within the limit, a down server, malformed answers,
 and served step scores driving RLOO (PRIME's process term), GRPO and GAE."""
 import re

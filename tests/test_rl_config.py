@@ -1,5 +1,5 @@
 """rl.config: frozen validated configs, the flags generated from them, the fingerprint, and the
-input checks that run before any model loads (issue #11 item 1, defects 5c / 5h)."""
+input checks that run before any model loads."""
 import json
 import math
 import os
@@ -161,7 +161,7 @@ def test_malformed_inputs_exit_2_naming_the_flag_before_any_model_loads(tmp_path
 
 
 def test_flag_parse_errors_prm_only_flags_and_output_files_exit_2(tmp_path):
-  """Issue 22 item 5: absl's parse errors exit 2 (not absl's 1) with absl's message; a PRM-only
+  """absl's parse errors exit 2 (not absl's 1) with absl's message; a PRM-only
   flag typed with an --algo without the PRM is refused; an output directory that is a file is
   refused before any model loads."""
   afile = tmp_path / "afile"

@@ -1,4 +1,4 @@
-"""Mixed precision (issue #12 item 1): float32 master parameters, gradients, accumulation and
+"""Mixed precision: float32 master parameters, gradients, accumulation and
 AdamW states, compute in bfloat16. At PRIME's lr 5e-7, ten AdamW steps must move >= 99% of the
 weights and track an all-float32 run; with bfloat16 parameters the same steps round away."""
 import jax

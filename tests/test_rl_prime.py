@@ -1,6 +1,6 @@
 """rl.prime: the one-program PRIME update, its advantage stage (PROF survivors, defect 5a), the
 estimator calling convention, --share_prompt as a speed-only setting (5f), sampler / scorer
-log-prob parity (5d) and the architecture snippet (issue #11 item 4)."""
+log-prob parity (5d) and the architecture snippet."""
 import pathlib
 import re
 
@@ -105,7 +105,7 @@ def test_architecture_snippet_runs():
   for k in ("prm/loss", "actor/pg_loss", "actor/loss", "kl_ref", "entropy", "adv/std"):
     assert np.isfinite(float(m[k])), k
   for k in ("prm_health/auroc", "prm_health/return_outcome_corr", "prm_health/implicit_reward_mean"):
-    assert k in m, k  # PRM health rides along in the one jitted update (issue 16)
+    assert k in m, k  # PRM health rides along in the one jitted update
   assert int(env["state"].policy.step) == 1 and int(env["state"].prm.step) == 1
 
 
@@ -185,7 +185,7 @@ def test_rollout_batch_checks_name_the_field():
   np.testing.assert_array_equal(seq["attention_mask"][:, 5:], b.response_mask)
 
 
-# ------------------------------------------------ no padding waste: trimmed batches (issue 13)
+# ------------------------------------------------ no padding waste: trimmed batches
 def _pad(batch, extra_p, extra_r):
   """The same rows with `extra_p` more left-padding prompt columns and `extra_r` more right-padding
   response columns (what a batch padded to the flag file's maxima looks like)."""

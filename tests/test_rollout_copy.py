@@ -1,5 +1,5 @@
-"""The rollout samples from a compute-dtype copy of the policy in the decode layout (issue 25
-item 2): the trainer hands `rollout.collect` the copy made by `sharding.rollout_params` (bf16
+"""The rollout samples from a compute-dtype copy of the policy in the decode layout:
+the trainer hands `rollout.collect` the copy made by `sharding.rollout_params` (bf16
 matrices with --dtype=bfloat16, not the float32 masters), the samples are the ones the masters
 give, and the memory plan compiles the sampler on the same copy."""
 import pathlib

@@ -1,4 +1,4 @@
-"""Step rewards from a process reward model (issue 27 items 1, 2, 5): segmentation on fixed
+"""Step rewards from a process reward model: segmentation on fixed
 strings, token offsets from the sampled ids, placement across two tokenizers (SmolLM2's BPE and
 the character tokenizer), and credit (summed, PURE min-form) through the estimators. PURE's own
 code is checked in tests/golden/pure_credit.json."""

@@ -1,4 +1,4 @@
-"""Where the trainer's real update sends data on 8 devices, at 7B widths (issue 25 items 3 and 8).
+"""Where the trainer's real update sends data on 8 devices, at 7B widths.
 
 tests/update_layout_worker.py compiles the one jitted update (`rl.setup.abstract_update`, as the
 trainer builds it) from the shipped 7B flag file (Qwen2.5-Math-7B: D=3584, V=152064, 28 heads,
@@ -12,7 +12,7 @@ writes the partitioned HLO. Every collective of the shipped mesh (fsdp:8) is cla
   refused  anything else: an operand with a sequence length and a model width (D, I, V, the q /
            kv widths): activations or logits crossing devices.
 
-Controls (the same compile with the layout issue 25 removed): the shared prompt pass forced on
+Controls (the same compile with the earlier layouts): the shared prompt pass forced on
 with 2 prompts per micro-batch (replicated over 8 devices: activation all-gathers/all-reduces per
 layer) and the LM head flattened into 1024-token chunks (f32 [1024, V] logits all-reduced).
 Each check is shown failing on its control.

@@ -261,7 +261,7 @@ def clean_python(tmp_path_factory):
   """The python of a fresh virtual environment made here: its start-up imports nothing extra.
 
   The machines' base interpreter carries a site `.pth` file that imports `threading` at start-up,
-  which hid a sandbox bug (issue #18); a new user's venv has no such file, and neither has this one.
+  which hid a sandbox bug; a new user's venv has no such file, and neither has this one.
   """
   import subprocess
   import sys

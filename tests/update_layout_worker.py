@@ -7,9 +7,9 @@ exactly as the trainer does (`rl.setup.abstract_update`), compiles it from abstr
 writes the partitioned HLO to OUTDIR/<mesh>.hlo, plus:
 
   control_prompts_<mesh>.hlo  the same update with the shared-prompt pass forced on (the
-                              layout before issue 25: 2 prompts per micro-batch replicated over
+                              earlier layout: 2 prompts per micro-batch replicated over
                               8 devices);
-  control_head_<mesh>.hlo     the same update with the LM head chunked as before issue 25 (rows
+  control_head_<mesh>.hlo     the same update with the LM head chunked as before (rows
                               and positions flattened into 1024-token chunks);
 so the test shows that each of its checks catches the layout it guards against.
 
@@ -89,7 +89,7 @@ def main(outdir, *meshes):
   with open(os.path.join(outdir, f"control_prompts_{meshes[0]}.hlo"), "w") as f:
     f.write(compiled.as_text())
   steps._prompts_split_like_rows = split
-  # Control 2: the LM head as it was before issue 25 (rows and positions flattened, then cut
+  # Control 2: the LM head as it was before (rows and positions flattened, then cut
   # into chunks of 1024 tokens), which GSPMD computed D-split with the f32 logits all-reduced.
   steps.logprobs.logprobs_from_hidden = _flattened_head
   _, _, compiled = compile_update(meshes[0])
