@@ -140,14 +140,14 @@ def _param_count(cfg: ModelConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 def _mesh():
   """The one-device mesh the benchmark's trainer paths run on (`Trainer.mesh` of --mesh=data:1)."""
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   return sharding.make_mesh("data:1", devices=jax.devices()[:1])
 
 
 def rollout(args, shape: str, batch: int, peaks) -> dict:
   """The trainer's rollout: float32 master weights -> the rollout copy (`sharding.rollout_params`,
   bf16, decode layout; as `Trainer.rollout_params`, timed) -> `sampling.generate` on it."""
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   cfg = _config(shape, param_dtype="float32", dtype="bfloat16", eos_token_ids=(), pad_token_id=0)
   masters = init_params(cfg, jax.random.PRNGKey(0))
   mesh = _mesh()
@@ -288,7 +288,7 @@ def train(args, peaks, measured_tflops=None) -> dict:
 # (c) the whole RL step: rollout copy + sampling + the one jitted update, PRIME vs GRPO
 # ------------------------------------------------------------------------------------------------
 def full_step(args) -> dict:
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   from jaxrl_dense.rl import RolloutBatch
   from jaxrl_dense.rl import config as rl_config
   from jaxrl_dense.rl import prime as prime_lib

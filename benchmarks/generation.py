@@ -14,7 +14,7 @@ are the steadier figure). Our compile time is reported separately and excluded f
 
   python benchmarks/generation.py --engine_workloads --json /tmp/engine.json   # engine vs static
 
-`--engine_workloads`: the continuous-batching engine (`jaxrl_dense.engine`) against the static
+`--engine_workloads`: the continuous-batching engine (`jaxrl_dense.sampling.engine`) against the static
 sampler, both through `sampling.generate(engine=...)`, at temperature 1 on `--batch` rows
 (default 64) of two workloads: heavy-tailed (90% of rows stop after 8..`--short_max`=64
 tokens, 10% run to `--long_len`=1024) and uniform (every row `--uniform_len`=256 tokens).
@@ -133,7 +133,7 @@ def workloads(batch: int, long_len: int, short_max: int, uniform_len: int, seed:
 
 def engine_vs_static(args) -> dict:
   """tokens/s of sampling.generate(engine="static") and (engine=EngineConfig) per workload."""
-  from jaxrl_dense.engine import EngineConfig
+  from jaxrl_dense.sampling.engine import EngineConfig
   config, params = planted_successor_model(args.vocab, args.hidden, args.layers)
   eng = EngineConfig(page_size=args.page_size, max_slots=args.batch, steps_per_call=args.steps_per_call)
   rows = []

@@ -77,7 +77,7 @@ def child(args):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from jaxrl_dense import sharding as sh
+  from jaxrl_dense.parallel import sharding as sh
   from jaxrl_dense.models.logprobs import token_logprobs
   from jaxrl_dense.models.transformer import forward, init_params
 
@@ -381,8 +381,8 @@ PLAN_MESHES = ("data:1", "data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
 def plan_child(args):
   """In a process with 8 simulated devices: memory_plan of every program on every mesh."""
   import jax
-  from jaxrl_dense import sharding as sh
-  from jaxrl_dense import sharding_plan as plan_lib
+  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import plan as plan_lib
   from jaxrl_dense.models.config import ModelConfig
   cfg_kwargs, sizes = PLAN_SHAPES[args.plan_shape]
   cfg = ModelConfig(**cfg_kwargs)

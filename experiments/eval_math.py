@@ -30,7 +30,7 @@ answers, not on the <answer> tags), a shipped set (jaxrl_dense.data.prompts
 .SHIPPED_DATASETS: gsm8k_test, math500, aime24, amc23, minerva_math, olympiadbench,
 aimo_validation_aime, aimo_validation_amc, ...) or a .jsonl / .parquet prompt file (veRL
 columns or {problem|question, answer}). The library function behind it is
-`jaxrl_dense.evaluation.evaluate`, which the training loop also calls as its eval hook.
+`jaxrl_dense.eval.loop.evaluate`, which the training loop also calls as its eval hook.
 """
 from __future__ import annotations
 
@@ -167,10 +167,10 @@ def load_records(f: EvalConfig):
 
 def add_sampled_estimators(result, lm, records, encoder, f: EvalConfig) -> None:
   """Adds unbiased pass@k, mean@k, maj@k and (with --prm_model) PRM best-of-N / PRM-weighted
-  vote to `result.summary` (see `jaxrl_dense.evaluation.sampled_summary`)."""
+  vote to `result.summary` (see `jaxrl_dense.eval.loop.sampled_summary`)."""
   import jax.numpy as jnp
   import numpy as np
-  from jaxrl_dense import evaluation
+  from jaxrl_dense.eval import loop as evaluation
   from jaxrl_dense.models import loading
   scores = np.array([p["scores"] for p in result.problems], np.float64)  # [N, k]
   answers = [evaluation.extract_answers(p["responses"]) for p in result.problems]
@@ -207,7 +207,7 @@ def main(argv):
     return 2
 
   import jax.numpy as jnp
-  from jaxrl_dense import evaluation
+  from jaxrl_dense.eval import loop as evaluation
   from jaxrl_dense.data import batching
   from jaxrl_dense.models import loading
 

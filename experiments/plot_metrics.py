@@ -10,7 +10,7 @@ Each metric gets one panel (x = step); each log one line (label = --labels, else
 folder name). Rows missing a metric are skipped (e.g. eval metrics logged every k steps), NaNs
 are dropped. `--smooth=W` overlays a trailing moving average of W points on the raw curve.
 Without --keys, the panels are the DEFAULT_KEYS present in the logs, else every numeric metric
-except time/*. Reading uses `jaxrl_dense.metrics.read_jsonl` (a bad line names file and line).
+except time/*. Reading uses `jaxrl_dense.observe.metrics.read_jsonl` (a bad line names file and line).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def plot(paths: list, output: str, *, labels=None, keys=None, smooth: int = 1, c
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from jaxrl_dense.metrics import read_jsonl
+  from jaxrl_dense.observe.metrics import read_jsonl
 
   if not paths:
     raise ValueError("no --jsonl files given")

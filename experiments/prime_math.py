@@ -92,7 +92,7 @@ def open_checkpointer(cfg: config_lib.RunConfig):
 def train(cfg: config_lib.RunConfig) -> list:
   """Runs (or resumes) training; returns the per-step metrics history."""
   import jax
-  from jaxrl_dense import metrics as metrics_lib
+  from jaxrl_dense.observe import metrics as metrics_lib
   from jaxrl_dense.rl.trainer import Trainer
 
   ckpt = open_checkpointer(cfg)
@@ -116,7 +116,7 @@ def train(cfg: config_lib.RunConfig) -> list:
   log = wandb = None
   if cfg.logdir and lead:
     if cfg.wandb_project:
-      from jaxrl_dense.wandb_sink import WandbSink
+      from jaxrl_dense.observe.wandb_sink import WandbSink
       wandb = WandbSink(cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.logdir)),
                         config=config_lib.flat(cfg), dir=cfg.logdir, mode=cfg.wandb_mode)
     # Nothing restored: the rows of an earlier attempt (its step-0 eval) are not this run's.
@@ -127,7 +127,7 @@ def train(cfg: config_lib.RunConfig) -> list:
   # the logged history, so a resumed run rebuilds its window from the checkpointed history.
   monitor = None
   if cfg.prime.uses_prm:
-    from jaxrl_dense import prm_health
+    from jaxrl_dense.observe import prm_health
     monitor = prm_health.RewardHackingMonitor(cfg.hacking_window, cfg.hacking_t)
     for old in history:
       monitor.update(old["step"], old.get("prm_health/implicit_reward_mean", math.nan),
@@ -265,7 +265,7 @@ def main(argv):
   if FLAGS.memory_fraction > 0:  # before JAX starts: the GPU pool's size
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{FLAGS.memory_fraction:g}"
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   from jaxrl_dense.rl import setup
   # Multi-controller start-up before any other JAX call (a no-op for a single process).
   try:

@@ -32,7 +32,8 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   """{"auroc", "step", "num", "positives", "report"} for the run's latest checkpoint."""
   import numpy as np
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense import evaluation, prm_health
+  from jaxrl_dense.eval import loop as evaluation
+  from jaxrl_dense.observe import prm_health
   from jaxrl_dense.rl import prime
   from jaxrl_dense.rl.trainer import Trainer
   if not cfg.prime.uses_prm:

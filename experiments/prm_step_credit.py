@@ -71,7 +71,7 @@ def _solutions(task_problems, start: int, count: int, seed: int) -> list:
 def _score(trainer, task, sols) -> tuple:
   """(sequence rewards [M], token step ids [M, R], token rewards [M, R]) of the M solutions,
   problem-major (a problem's solutions share its prompt)."""
-  from jaxrl_dense import evaluation
+  from jaxrl_dense.eval import loop as evaluation
   from jaxrl_dense.data import chain_arith
   from jaxrl_dense.rl import prime
   cfg = trainer.cfg
@@ -91,7 +91,7 @@ def step_credit(cfg: config_lib.RunConfig, *, step_data: str = "", num_problems:
   cfg.checkpoint_dir is set, else the initial PRM)."""
   import numpy as np
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense import prm_health
+  from jaxrl_dense.observe import prm_health
   from jaxrl_dense.data import chain_arith
   from jaxrl_dense.rl.trainer import Trainer
   p = cfg.prime

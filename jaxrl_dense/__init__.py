@@ -1,9 +1,15 @@
 """jaxrl_dense: JAX-native RL for language models with dense, fine-grained rewards.
 
 The package reads as the pipeline a rollout travels:
-`models` (LMs, checkpoint IO) -> `sampling` -> `verifiers` -> `rewards` -> `advantages`
--> `losses` -> `filters`, with `sharding`, `checkpoint`, `data`, `metrics` around them.
-Submodules are imported explicitly, e.g. `from jaxrl_dense import rewards, advantages`.
+`models` (LMs, checkpoint IO) -> `sampling` (static sampler, engine) -> `verifiers` -> `rewards`
+-> `advantages` -> `losses` -> `filters` -> `rl` (the update and the trainer), with `parallel`
+(mesh, layout, compiled plans), `data`, `checkpoint`, `observe` (metrics, sinks, sample pages,
+PRM health) and `eval` around them. Submodules are imported explicitly, e.g.
+`from jaxrl_dense import rewards, advantages` or `from jaxrl_dense.parallel import sharding`.
 """
 
 __version__ = "0.1.0"
+
+from jaxrl_dense import _moved  # old paths of moved modules: deprecated aliases for one release
+
+_moved.install()

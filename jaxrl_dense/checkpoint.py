@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrl_dense import sharding
+from jaxrl_dense.parallel import sharding
 
 _ITEMS = ("state", "meta", "fingerprint")
 _KEY_PATHS = "__prng_key_leaves__"

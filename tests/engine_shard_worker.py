@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense import sharding as sh
-from jaxrl_dense.engine import EngineConfig
-from jaxrl_dense.engine import engine as eng
-from jaxrl_dense.engine import paged_attention as pa
+from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.sampling.engine import EngineConfig
+from jaxrl_dense.sampling.engine import engine as eng
+from jaxrl_dense.sampling.engine import paged_attention as pa
 from jaxrl_dense.models import ModelConfig, init_params
 
 MESHES = ("fsdp:8", "data:2,fsdp:2,tensor:2")
@@ -350,7 +350,7 @@ def main(out_path):
 
 def qwen7b(out_path):
   """Decode program with Qwen2.5-7B's KV geometry, 2 layers, one 7B sampler call's pool."""
-  from jaxrl_dense.engine.engine import _default_num_pages
+  from jaxrl_dense.sampling.engine.engine import _default_num_pages
   cfg = ModelConfig(model_type="qwen2", vocab_size=1024, hidden_size=3584, intermediate_size=256,
                     num_layers=2, num_heads=28, num_kv_heads=4, head_dim=128, attention_bias=True,
                     tie_word_embeddings=False, eos_token_ids=(), pad_token_id=0, dtype="bfloat16")

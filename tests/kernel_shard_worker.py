@@ -26,8 +26,8 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_dense import sharding as sh
-from jaxrl_dense.engine import paged_attention as pa
+from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.sampling.engine import paged_attention as pa
 from jaxrl_dense.models import attention as attn
 
 MESHES = ["data:2,fsdp:2,tensor:2", "fsdp:8", "data:4,tensor:2", "fsdp:2,tensor:4"]

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrl_dense import sharding as sh  # noqa: E402
-from jaxrl_dense import sharding_plan as plan_lib  # noqa: E402
+from jaxrl_dense.parallel import sharding as sh  # noqa: E402
+from jaxrl_dense.parallel import plan as plan_lib  # noqa: E402
 from jaxrl_dense.models.config import ModelConfig  # noqa: E402
 from jaxrl_dense.models.transformer import init_params  # noqa: E402
 

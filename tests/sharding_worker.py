@@ -72,7 +72,7 @@ def host_data():
 def build_fns(config, grad_shardings=None):
   """Jittable pure functions of the workload; `grad_shardings` pins gradients to the params' layout."""
   import jax
-  from jaxrl_dense import sharding as sh
+  from jaxrl_dense.parallel import sharding as sh
   import jax.numpy as jnp
   import optax
   from jaxrl_dense.models.transformer import forward
@@ -129,7 +129,7 @@ def run_workload(mesh, config, params_host, prm_host, data, *, with_generate=Tru
   """
   import jax
   import jax.numpy as jnp
-  from jaxrl_dense import sharding as sh
+  from jaxrl_dense.parallel import sharding as sh
 
   ps = sh.param_shardings(params_host, config, mesh)
   optimizer, forward, token_logprobs, prm_step, policy_step = build_fns(config, ps)
@@ -202,7 +202,7 @@ def init_host(config):
 
 def mode_equivalence(args):
   import jax
-  from jaxrl_dense import sharding as sh
+  from jaxrl_dense.parallel import sharding as sh
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config()
   params, prm = init_host(config)
@@ -245,7 +245,7 @@ def mode_equivalence(args):
 
 def mode_single_or_multi(args):
   import jax
-  from jaxrl_dense import sharding as sh
+  from jaxrl_dense.parallel import sharding as sh
   if args.mode == "multi":
     # Through the environment, as a launcher would set it (sharding.initialize_distributed).
     os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",

@@ -3,7 +3,7 @@ makes no network request.
 
 Chromium comes from the Debian package (`apt-get install -y chromium`); without it the tests skip.
 `$JAXRL_DENSE_CHROMIUM` names another binary. `$JAXRL_DENSE_BROWSER_PAGE` points the tests at an
-existing page written by `jaxrl_dense.viz` (e.g. a smoke run's `<logdir>/samples/step_00001.html`);
+existing page written by `jaxrl_dense.observe.viz` (e.g. a smoke run's `<logdir>/samples/step_00001.html`);
 by default they build a tiny deterministic page.
 
 How the checks work:
@@ -27,7 +27,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from jaxrl_dense import viz
+from jaxrl_dense.observe import viz
 
 
 CHROMIUM = viz.find_chromium()

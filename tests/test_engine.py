@@ -1,4 +1,4 @@
-"""The continuous-batching engine (jaxrl_dense.engine) against the static sampler and by hand.
+"""The continuous-batching engine (jaxrl_dense.sampling.engine) against the static sampler and by hand.
 
 One engine configuration (ENGINE) is shared by most tests so the jitted programs compile once:
 pages of 4 tokens, 4 slots for 10 rows (rows wait and are admitted as others finish), 3 decode
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_dense import engine as engine_lib
+from jaxrl_dense.sampling import engine as engine_lib
 from jaxrl_dense import sampling
-from jaxrl_dense.engine import EngineConfig, PagePool, paged_attention as pa
+from jaxrl_dense.sampling.engine import EngineConfig, PagePool, paged_attention as pa
 from jaxrl_dense.models import ModelConfig, forward, init_params, token_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,8 +289,8 @@ def test_per_row_limits_and_bad_inputs(params, free_running):
 _WORKER = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from jaxrl_dense import sharding
-    from jaxrl_dense.engine import EngineConfig, run
+    from jaxrl_dense.parallel import sharding
+    from jaxrl_dense.sampling.engine import EngineConfig, run
     from jaxrl_dense.models import ModelConfig, init_params
     assert jax.device_count() == 8
     cfg = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64,
@@ -408,7 +408,7 @@ def test_prime_math_runs_on_the_continuous_engine(tmp_path):
 def test_compiles_are_bucketed_and_host_syncs_bounded():
   """One decode program per distinct (width, table span) bucket, both powers of two, counted by
   the trace counter; one host round trip per admission wave and per K decode steps."""
-  from jaxrl_dense.engine import engine as engine_mod
+  from jaxrl_dense.sampling.engine import engine as engine_mod
   cfg = ModelConfig(model_type="qwen2", vocab_size=89, hidden_size=32, intermediate_size=48,
                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
                     tie_word_embeddings=False, eos_token_ids=(), pad_token_id=0)  # fresh shapes

@@ -23,9 +23,9 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense import sharding as sh
-from jaxrl_dense.engine import engine as eng
-from jaxrl_dense.engine.page_table import pages_for
+from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.sampling.engine import engine as eng
+from jaxrl_dense.sampling.engine.page_table import pages_for
 from jaxrl_dense.models import ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +63,7 @@ def test_7b_call_pool_per_device_figures():
   engine's default pool per row shard on fsdp:8 is 59.7 GiB in all and 7.5 GiB per device under
   `pool_spec` (the compiled programs' 1/8 is checked above on the tiny model; the replicated
   layout, the control, kept the whole pool on each device)."""
-  from jaxrl_dense.engine import EngineConfig
+  from jaxrl_dense.sampling.engine import EngineConfig
   from jaxrl_dense.rl import setup
   mc = ModelConfig.from_hf_dict(setup.ARCH_PRESETS["qwen2.5-math-7b"])
   assert (mc.num_kv_heads, mc.head_dim, mc.num_layers) == (4, 128, 28)

@@ -1,11 +1,12 @@
-"""Tests for jaxrl_dense.evaluation on a tiny random model with a tiny chat tokenizer."""
+"""Tests for jaxrl_dense.eval.loop on a tiny random model with a tiny chat tokenizer."""
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from jaxrl_dense import evaluation, sampling
+from jaxrl_dense import sampling
+from jaxrl_dense.eval import loop as evaluation
 from jaxrl_dense.data import arithmetic, batching
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig

@@ -19,7 +19,7 @@ import sys
 import pytest
 from jax.sharding import AbstractMesh
 
-from jaxrl_dense import sharding as sh
+from jaxrl_dense.parallel import sharding as sh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense import sharding as sh
-from jaxrl_dense import sharding_plan as plan_lib
+from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import plan as plan_lib
 from jaxrl_dense.models.config import ModelConfig
 from jaxrl_dense.models.transformer import init_params
 

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrl_dense import sampling, sharding
+from jaxrl_dense import sampling
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.models import ModelConfig, init_params, lora, token_logprobs, transformer
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,

@@ -108,7 +108,7 @@ def test_lora_update_on_a_mesh_keeps_the_adapter_layout():
   devices when the host is loaded (two concurrent all-gathers each wait for the other device;
   the rendezvous aborts the process after 40 s). Values on a mesh are covered by the sharded ==
   unsharded tests in test_sharding.py; this test is about layout."""
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   if len(jax.devices()) < 2:  # re-run this test in a process with 2 simulated CPU devices
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")

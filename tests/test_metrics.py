@@ -1,4 +1,4 @@
-"""Tests for jaxrl_dense.metrics: JSONL + TensorBoard writer, StageTimer, ProgressBar."""
+"""Tests for jaxrl_dense.observe.metrics: JSONL + TensorBoard writer, StageTimer, ProgressBar."""
 import math
 import time
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_dense import metrics
+from jaxrl_dense.observe import metrics
 
 
 def _tb_scalars(logdir):

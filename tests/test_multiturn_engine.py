@@ -10,7 +10,7 @@ import optax
 import pytest
 import test_multiturn
 
-from jaxrl_dense import engine as engine_lib
+from jaxrl_dense.sampling import engine as engine_lib
 from jaxrl_dense import envs
 from jaxrl_dense.models import ModelConfig, forward, init_params
 from jaxrl_dense.models import tokenizer as tok_lib
@@ -270,7 +270,7 @@ def test_eval_with_paused_rows_gives_the_per_turn_episodes(chars, params):
   """`evaluation.evaluate(env=..., paused=True)` (the trainer's eval under
   --rollout_engine=continuous) scores the episodes that one engine call per turn gives on the
   same encoded prompts and key (sampled: the keys are per episode and turn, not per call)."""
-  from jaxrl_dense import evaluation
+  from jaxrl_dense.eval import loop as evaluation
   from jaxrl_dense.data import batching
   from jaxrl_dense.data.records import PromptRecord
   recs = [PromptRecord(prompt_messages=({"role": "user", "content": q},), gold="x", data_source="t",

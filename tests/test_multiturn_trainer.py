@@ -183,7 +183,7 @@ def test_eval_runs_the_same_episodes_and_scores_model_turns_only(monkeypatch, tm
 def test_the_planned_update_takes_multi_turn_batches():
   """--aot / the memory plan lower the update an --env run runs: its abstract batch carries the
   observation mask, the turn ids and (MatchTIR / IGPO) the turn rewards."""
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   from jaxrl_dense.rl import setup
   cfg = _config(advantage="igpo")
   mesh = sharding.make_mesh(cfg.mesh)

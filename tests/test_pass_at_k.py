@@ -1,4 +1,4 @@
-"""Sampling estimators of jaxrl_dense.evaluation: unbiased pass@k (Chen et al. 2021) against
+"""Sampling estimators of jaxrl_dense.eval.loop: unbiased pass@k (Chen et al. 2021) against
 brute-force enumeration of k-subsets, mean@k, majority vote (ties), best-of-N, PRM-weighted vote."""
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxrl_dense import evaluation as ev
+from jaxrl_dense.eval import loop as ev
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -104,7 +104,9 @@ _WORKER = textwrap.dedent("""
     import dataclasses, functools, json, os, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.extend import core as jex_core
-    from jaxrl_dense import sampling, sharding, sharding_plan as sp
+    from jaxrl_dense import sampling
+    from jaxrl_dense.parallel import sharding
+    from jaxrl_dense.parallel import plan as sp
     from jaxrl_dense.models import ModelConfig, attention, init_params, transformer
     from jaxrl_dense.rl import config as config_lib, setup
     cfg = config_lib.from_args(["--flagfile=" + sys.argv[1]])

@@ -290,7 +290,7 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   """--sample_every writes the token heatmap of a step's trained groups (from the jitted update's
   token series); the update reports PRM health; the eval scores its responses with the PRM."""
   from jaxrl_dense.rl.trainer import Trainer
-  from jaxrl_dense import prm_health
+  from jaxrl_dense.observe import prm_health
   # --generate_batch_size=4: the 8 sampled prompts go through the sampler in two calls.
   # --prm_on_filler: the smoke model solves nothing, so no group is in band and the PRM (trained on
   # in-band groups only by default) would not move.
@@ -323,7 +323,7 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   finally:
     run.close()
   # the eval's token rewards sum to its sequence rewards (the AUROC's scores)
-  from jaxrl_dense import evaluation
+  from jaxrl_dense.eval import loop as evaluation
   run = Trainer(_smoke_config(steps=1))
   try:
     recs = run.eval_records[:3]

@@ -281,7 +281,7 @@ def test_refuses_missing_trunk_tensor_and_missing_path(tmp_path):
 _SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from jaxrl_dense import sharding as sh
+    from jaxrl_dense.parallel import sharding as sh
     from jaxrl_dense.models import prm_head
     prm = prm_head.load_discriminative_prm(sys.argv[1], require_tokenizer=False)
     tokens = np.array(json.loads(sys.argv[2]), np.int32); mask = (tokens > 0).astype(np.int32)

@@ -1,4 +1,4 @@
-"""PRM health metrics and the reward-hacking alarm (jaxrl_dense.prm_health) against hand-computed values."""
+"""PRM health metrics and the reward-hacking alarm (jaxrl_dense.observe.prm_health) against hand-computed values."""
 import functools
 import logging
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_dense import prm_health
+from jaxrl_dense.observe import prm_health
 from jaxrl_dense.rewards import prm_pairwise_accuracy
 
 
@@ -156,7 +156,7 @@ def test_alarm_fires_when_process_up_and_outcome_down(caplog):
   p[15:] += 0.05 * np.arange(15)  # process reward climbs from step 15 ...
   a[15:] -= 0.02 * np.arange(15)  # ... while accuracy falls
   alarms = []
-  with caplog.at_level(logging.WARNING, logger="jaxrl_dense.prm_health"):
+  with caplog.at_level(logging.WARNING, logger="jaxrl_dense.observe.prm_health"):
     for step in range(30):
       out = mon.update(step, p[step], a[step])
       alarms.append(out["prm_health/hacking_alarm"])

@@ -10,7 +10,8 @@ import sys
 import jax
 import numpy as np
 
-from jaxrl_dense import evaluation, prm_health
+from jaxrl_dense.eval import loop as evaluation
+from jaxrl_dense.observe import prm_health
 from jaxrl_dense.data import chain_arith as ca
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import setup

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense import sharding
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.models import config as mc_lib
 from jaxrl_dense.models import transformer
 from jaxrl_dense.rl import config as config_lib

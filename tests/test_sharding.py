@@ -1,4 +1,4 @@
-"""Tests of jaxrl_dense.sharding.
+"""Tests of jaxrl_dense.parallel.sharding.
 
 In-process tests check mesh parsing, the partition rules on real model trees (built with
 `jax.eval_shape`, nothing allocated) and the error messages. The sharded == unsharded checks need
@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense import sharding as sh
+from jaxrl_dense.parallel import sharding as sh
 from jaxrl_dense.models.config import ModelConfig
 from jaxrl_dense.models.transformer import init_params
 

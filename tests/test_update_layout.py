@@ -27,7 +27,7 @@ import sys
 
 import pytest
 
-from jaxrl_dense import sharding_plan as sp
+from jaxrl_dense.parallel import plan as sp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -1,4 +1,4 @@
-"""jaxrl_dense.viz: step boundaries, token texts, group picking, the self-contained page, the PNG."""
+"""jaxrl_dense.observe.viz: step boundaries, token texts, group picking, the self-contained page, the PNG."""
 import html as html_lib
 import json
 import re
@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxrl_dense import viz
+from jaxrl_dense.observe import viz
 
 
 def _byte_tokenizer():

@@ -1,4 +1,4 @@
-"""jaxrl_dense.wandb_sink in W&B offline mode (no network): scalars via MetricsWriter, the sample
+"""jaxrl_dense.observe.wandb_sink in W&B offline mode (no network): scalars via MetricsWriter, the sample
 page as wandb.Html, the samples table. The W&B tests skip when `wandb` is not installed.
 
 The scalars are read back from the offline run file (`run-*.wandb`: W&B's LevelDB-style log of
@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxrl_dense import viz
-from jaxrl_dense.metrics import MetricsWriter
-from jaxrl_dense.wandb_sink import WandbSink, samples_table_rows
+from jaxrl_dense.observe import viz
+from jaxrl_dense.observe.metrics import MetricsWriter
+from jaxrl_dense.observe.wandb_sink import WandbSink, samples_table_rows
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                  reason="wandb not installed (pip install wandb)")

@@ -24,7 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxrl_dense import sharding  # noqa: E402
+from jaxrl_dense.parallel import sharding  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 from jaxrl_dense.rl import setup  # noqa: E402
 from jaxrl_dense.rl import steps  # noqa: E402

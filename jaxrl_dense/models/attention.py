@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sharding as _sharding
+from jaxrl_dense.parallel import sharding as _sharding
 
 MASK_VALUE = float(np.finfo(np.float32).min)
 # Escape hatches for kernels not yet run on a given machine: JAXRL_ATTENTION / JAXRL_DECODE_ATTENTION

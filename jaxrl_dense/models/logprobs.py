@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrl_dense import sharding as _sharding
+from jaxrl_dense.parallel import sharding as _sharding
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 

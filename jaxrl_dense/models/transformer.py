@@ -58,7 +58,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrl_dense import sharding as _sharding
+from jaxrl_dense.parallel import sharding as _sharding
 from jaxrl_dense.models import attention as _attention
 from jaxrl_dense.models.config import ModelConfig
 

@@ -114,7 +114,7 @@ class RolloutConfig:
   verify_timeout: float = _f(10.0, "Hard wall-clock limit per verified response (s).", lo=0.0,
                              lo_open=True, hi=86400.0)
   rollout_engine: str = _f("static", "Rollout sampler: 'static' (one batch until every row stops) or "
-                           "'continuous' (jaxrl_dense.engine: paged KV cache, finished rows free "
+                           "'continuous' (jaxrl_dense.sampling.engine: paged KV cache, finished rows free "
                            "their slots; Llama / Qwen2 models). They draw different random keys.",
                            choices=("static", "continuous"))
   length_bucket: int = _f(0, "Trim each step's trained batch to its longest prompt and response, "

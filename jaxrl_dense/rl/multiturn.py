@@ -295,7 +295,7 @@ def rollout_turns_paused(run_fn: RunEpisodesFn, tokenizer, prompt_tokens, prompt
   prompt and every earlier turn. Returns (TurnRollout, EngineStats)."""
   pt, pm = np.asarray(prompt_tokens), np.asarray(prompt_mask)
   _check_args(pt, records, max_turns, "rollout_turns_paused")
-  from jaxrl_dense.engine import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.sampling.engine import engine as engine_lib  # pylint: disable=import-outside-toplevel
   g, R = pt.shape[0], int(max_response_length)
   N = g * n
   eps = _Episodes(tokenizer, records, n, make_env, max_turns, R, eos_ids)

@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import advantages as adv_lib
-from jaxrl_dense import losses, ops, prm_health, sharding
+from jaxrl_dense import losses, ops
+from jaxrl_dense.observe import prm_health
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.rewards import overlong as overlong_lib
 from jaxrl_dense.filters import prof as prof_lib
 from jaxrl_dense.rewards import implicit_prm

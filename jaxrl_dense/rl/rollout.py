@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxrl_dense import sampling, sharding
+from jaxrl_dense import sampling
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.filters import accuracy_band_filter
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl.batch import RolloutBatch, trim_batch
@@ -188,7 +189,7 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
     return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
 
   def run_fn(ctx, cmask, k, **kw):
-    from jaxrl_dense import engine as engine_lib  # pylint: disable=import-outside-toplevel
+    from jaxrl_dense.sampling import engine as engine_lib  # pylint: disable=import-outside-toplevel
     return engine_lib.run_episodes(params, model_config, ctx, cmask, k, max_new_tokens=r.max_response_length,
                                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, eos_ids=eos,
                                    pad_id=pad, **kw)

@@ -383,7 +383,7 @@ def mesh_devices(cfg: RunConfig) -> int:
 
 
 def check_mesh(cfg: RunConfig, num_devices: Optional[int] = None) -> None:
-  from jaxrl_dense import sharding
+  from jaxrl_dense.parallel import sharding
   import jax
   try:
     sharding.parse_mesh_spec(cfg.mesh, num_devices or len(jax.devices()))
@@ -428,7 +428,8 @@ def plan(cfg: RunConfig):
   problem (for --dry_run; nothing is loaded)."""
   import jax
   import numpy as np
-  from jaxrl_dense import models, sharding
+  from jaxrl_dense import models
+  from jaxrl_dense.parallel import sharding
   problems = []
   for name in ("model", "ref_model", "prm_model"):
     try:
@@ -544,7 +545,8 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   """
   import jax
   import jax.numpy as jnp
-  from jaxrl_dense import sharding, sharding_plan
+  from jaxrl_dense.parallel import plan as sharding_plan
+  from jaxrl_dense.parallel import sharding
   from jaxrl_dense.models import lora
   from jaxrl_dense.rl import prime
   from jaxrl_dense.rl.batch import RolloutBatch
@@ -625,7 +627,8 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   Returns {"mesh", "param_dtype", "compute_dtype", "model", "programs": {name: bytes dict},
   "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
   """
-  from jaxrl_dense import sharding, sharding_plan
+  from jaxrl_dense.parallel import plan as sharding_plan
+  from jaxrl_dense.parallel import sharding
   from jaxrl_dense.rl import config as config_lib
   p, r = cfg.prime, cfg.prime.rollout
   mesh = sharding.make_mesh(cfg.mesh, devices=devices)

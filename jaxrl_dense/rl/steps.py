@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_dense.models import logprobs, transformer
-from jaxrl_dense import losses, ops, rewards, sharding
+from jaxrl_dense import losses, ops, rewards
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState
@@ -62,7 +63,7 @@ def _chunk(tree, num_chunks: int):
   constraint costs one all-to-all of the (small, token-sized) batch arrays where the chunks are
   made; chunk contents and order are unchanged (groups stay whole, same optimizer steps).
   """
-  from jaxrl_dense import sharding  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.parallel import sharding  # pylint: disable=import-outside-toplevel
 
   def chunk(x):
     x = x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])  # [nc, B/nc, ...]

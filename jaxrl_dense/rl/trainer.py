@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense import evaluation, sampling, sharding
+from jaxrl_dense import sampling
+from jaxrl_dense.eval import loop as evaluation
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.rl import external_reward, prime, rollout, setup
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
@@ -200,7 +202,7 @@ class Trainer:
     # float rounding between the two forward passes (~1e-5 per response in float32), no signal.
     # (--env: skipped; the held-out re-scoring reads each response as one model turn)
     if cfg.eval_prm and p.uses_prm and p.needs_ref and not p.rollout.env and not self.prm_is_reference():
-      from jaxrl_dense import prm_health
+      from jaxrl_dense.observe import prm_health
       t = time.perf_counter()
       max_new = cfg.eval_max_response_length or p.rollout.max_response_length
       truncated = np.array([[ln >= max_new for ln in pr["lengths"]] for pr in res.problems])
@@ -213,7 +215,7 @@ class Trainer:
       report["eval/prm_auroc"] = float(prm_health.auroc(r.reshape(-1), scores.reshape(-1) > 0.5))
       report["time/eval_prm"] = time.perf_counter() - t
       if cfg.sample_every and cfg.logdir and jax.process_index() == 0:  # the eval's heatmap page
-        from jaxrl_dense import viz
+        from jaxrl_dense.observe import viz
         k = scores.shape[1]
         prompts = [pr["question"] for pr in res.problems]
         viz.write_sample_page(os.path.join(cfg.logdir, "samples"), self.step, prompts=prompts,
@@ -282,7 +284,7 @@ class Trainer:
     """`viz.write_sample_page` of the last step's trained groups (needs --sample_every > 0):
     `<out_dir>/step_NNNNN.html` with the per-token series of `make_prime(token_series=True)`; the
     best, the worst and the group where the PRM's return and the outcome disagree most."""
-    from jaxrl_dense import viz
+    from jaxrl_dense.observe import viz
     if self.last_rollout is None:
       raise RuntimeError("write_samples: no step has run with token series (--sample_every > 0)")
     batch, series = self.last_rollout

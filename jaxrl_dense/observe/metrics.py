@@ -14,7 +14,7 @@ Public API
     the checkpoint we resume from, by the run that crashed) from the JSONL and `history`.
     `flush()`, `close()`; a context manager.
     `sinks=[...]`: extra sinks, each with `write(step, scalars: dict)`, `flush()`, `close()`,
-    called after the JSONL/TensorBoard write (e.g. `jaxrl_dense.wandb_sink.WandbSink`).
+    called after the JSONL/TensorBoard write (e.g. `jaxrl_dense.observe.wandb_sink.WandbSink`).
 `TensorBoardWriter(logdir)`: `write(scalars, step)`, `flush()`, `close()` (what MetricsWriter
     uses; for loops that keep their own JSONL).
 `read_jsonl(path) -> list[dict]`: the rows of a metrics JSONL (for plotting / tests).

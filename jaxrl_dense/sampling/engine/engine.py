@@ -44,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sampling_step, sharding
-from jaxrl_dense.engine import paged_attention as pa
-from jaxrl_dense.engine.page_table import NULL_PAGE, PagePool, Sequence, pages_for
+from jaxrl_dense.parallel import sharding
+from jaxrl_dense.sampling import step as sampling_step
+from jaxrl_dense.sampling.engine import paged_attention as pa
+from jaxrl_dense.sampling.engine.page_table import NULL_PAGE, PagePool, Sequence, pages_for
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 

@@ -201,7 +201,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
       kw = dict(n=k, make_env=env, max_turns=max_turns, max_response_length=max_new_tokens,
                 eos_ids=tuple(eos), pad_id=pad)
       if paused:
-        from jaxrl_dense import engine as engine_lib  # pylint: disable=import-outside-toplevel
+        from jaxrl_dense.sampling import engine as engine_lib  # pylint: disable=import-outside-toplevel
 
         def run_fn(ctx, cmask, kk, **a):
           return engine_lib.run_episodes(params, config, ctx, cmask, kk, max_new_tokens=max_new_tokens,
@@ -565,7 +565,7 @@ def implicit_prm_step_rewards(prm_params: Any, ref_params: Any, config: Any, tok
   rows problem-major: sequence rewards r = beta * sum_t (log pi_prm - log pi_ref), the step ids and
   the token rewards beta * (log pi_prm - log pi_ref) (0 on padding).
   """
-  from jaxrl_dense import prm_health
+  from jaxrl_dense.observe import prm_health
   if len(step_spans) != len(responses) or any(len(a) != len(b) for a, b in zip(step_spans, responses)):
     raise ValueError("implicit_prm_step_rewards: `step_spans` must hold one span list per response")
   r, tokens, mask, q = implicit_prm_rewards(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sharding as _sharding
+from jaxrl_dense.parallel import sharding as _sharding
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 

@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sharding
+from jaxrl_dense.parallel import sharding
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
-# Shared with the continuous engine (`jaxrl_dense.engine`), which imports that module, not this one.
-from jaxrl_dense.sampling_step import GenerationOutput, filter_logits  # noqa: F401  (re-exported)
-from jaxrl_dense.sampling_step import host_value as _host_value
-from jaxrl_dense.sampling_step import sample_step as _sample_step
+# Shared with the continuous engine (`jaxrl_dense.sampling.engine`), which imports that module, not this one.
+from jaxrl_dense.sampling.step import GenerationOutput, filter_logits  # noqa: F401  (re-exported)
+from jaxrl_dense.sampling.step import host_value as _host_value
+from jaxrl_dense.sampling.step import sample_step as _sample_step
 
 # Number of times the jitted sampler has been traced (tests use it to detect recompiles).
 TRACE_COUNT = {"generate": 0}
@@ -138,7 +138,7 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
       Pass params in the rollout layout (`sharding.inference_params`, once per rollout) so the
       decode loop moves no weights.
     engine: "static" (this module's one-batch `while_loop`), "continuous" (the paged-KV
-      continuous-batching engine, `jaxrl_dense.engine`, default `EngineConfig`) or an
+      continuous-batching engine, `jaxrl_dense.sampling.engine`, default `EngineConfig`) or an
       `engine.EngineConfig`. Same outputs; greedy tokens are identical, sampled rows use per-row
       keys (`fold_in(fold_in(rng, row), step)`) so they differ from the static ones.
 
@@ -178,7 +178,7 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
       raise ValueError(f"prompt_tokens must lie in [0, {config.vocab_size}); got [{t.min()}, {t.max()}].")
 
   if not (isinstance(engine, str) and engine == "static"):
-    from jaxrl_dense import engine as engine_lib  # the engine imports this module
+    from jaxrl_dense.sampling import engine as engine_lib  # lazy: the engine is optional
     if isinstance(engine, str) and engine != "continuous":
       raise ValueError(f"engine must be 'static', 'continuous' or an EngineConfig, got {engine!r}.")
     return engine_lib.generate(

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrl_dense import sharding
+from jaxrl_dense.parallel import sharding
 
 PyTree = Any
 

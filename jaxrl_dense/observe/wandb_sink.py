@@ -1,6 +1,6 @@
 """Optional Weights & Biases logging beside JSONL and TensorBoard.
 
-``WandbSink`` is a ``jaxrl_dense.metrics.MetricsWriter`` sink: pass it as
+``WandbSink`` is a ``jaxrl_dense.observe.metrics.MetricsWriter`` sink: pass it as
 ``MetricsWriter(logdir, sinks=[WandbSink(project=...)])`` and every ``write(step, metrics)``
 also goes to W&B as scalars. Sample pages and tables are logged explicitly:
 
@@ -116,7 +116,7 @@ class WandbSink:
     """Logs an HTML page (its text, or the path of a ``.html`` file) as ``wandb.Html``.
 
     ``inject=False``: W&B would otherwise add a stylesheet link to app.wandb.ai, and the page
-    written by ``jaxrl_dense.viz`` is meant to make no network request.
+    written by ``jaxrl_dense.observe.viz`` is meant to make no network request.
     """
     text = str(page)
     if isinstance(page, os.PathLike) or (len(text) < 4096 and text.endswith(".html")

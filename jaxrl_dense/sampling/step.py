@@ -1,6 +1,6 @@
 """What the two samplers share: the output type, the logit filters, the per-token sampling step and
 the host-side view of an input. The static sampler (`jaxrl_dense.sampling`) and the continuous
-engine (`jaxrl_dense.engine`) both import this module; neither imports the other for it.
+engine (`jaxrl_dense.sampling.engine`) both import this module; neither imports the other for it.
 
 At step s, for every row (`sample_step`):
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import sharding
+from jaxrl_dense.parallel import sharding
 
 __all__ = ["GenerationOutput", "filter_logits", "sample_step", "host_value"]
 
