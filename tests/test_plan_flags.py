@@ -105,6 +105,7 @@ _WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.extend import core as jex_core
     from jaxrl_dense import sampling
+    from jaxrl_dense.sampling import static as sampling_static
     from jaxrl_dense.parallel import sharding
     from jaxrl_dense.parallel import plan as sp
     from jaxrl_dense.models import ModelConfig, attention, init_params, transformer
@@ -194,7 +195,7 @@ _WORKER = textwrap.dedent("""
       return acc
 
     calls = []
-    real_gen = sampling._generate_jit
+    real_gen = sampling_static._generate_jit
     def spy(*a, **k):
       calls.append((a, k))
       return real_gen(*a, **k)
@@ -203,7 +204,7 @@ _WORKER = textwrap.dedent("""
     copy = sharding.rollout_params(masters, tiny, mesh, layout=layout)
     os.environ["JAXRL_DECODE_ATTENTION"] = "pallas"
     jax.clear_caches()
-    sampling._generate_jit = spy
+    sampling_static._generate_jit = spy  # the static sampler looks it up in its own module
     try:
       g = sampling.generate(copy, tiny, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=16,
                             temperature=1.0, num_samples=2)
@@ -218,7 +219,7 @@ _WORKER = textwrap.dedent("""
         finally:
           sharding.shard_kernel = real_shard
     finally:
-      sampling._generate_jit = real_gen
+      sampling_static._generate_jit = real_gen
       del os.environ["JAXRL_DECODE_ATTENTION"]
     jax.clear_caches()
     xt, xl = res["tensor"]   # the XLA decode path on the same copy, same key (above)
