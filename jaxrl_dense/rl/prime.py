@@ -30,7 +30,11 @@ whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
 The stages pass one `RolloutBatch` along and fill it in with `_replace` (old_logp, ref_logp,
 prm_logp, keep, advantages / returns, weights, rollout_is_weights / rollout_rs_keep), as
 purejaxrl's `Transition` goes from the environment step to the loss.
-Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
+The update is the composition of named pure stages, `score -> update_prm -> advantages ->
+update_policy -> step_metrics`; the PRM and policy passes share one shape,
+`(state, batch, key) -> (state, batch, metrics)`. The state's layout on a mesh is decided at build
+time from abstract shapes (`abstract_state`, `state_shardings`) and the update jitted once with it.
+Inside, `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update")
 so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
 The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
 builder: no PRM state, no PRM stages.
