@@ -682,7 +682,9 @@ def test_passes_take_one_typed_batch_and_keep_the_mapping_form():
   np.testing.assert_array_equal(typed.policy_mask(), pm)
   pol = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=8,
                                  micro_batch_size=4, shuffle=False)
-  st_t, m_t = pol(init(), typed, jax.random.PRNGKey(0))
+  st_t, out_t, m_t = pol(init(), typed, jax.random.PRNGKey(0))
+  assert isinstance(out_t, RolloutBatch)  # the policy pass returns its batch, as the PRM pass does
+  np.testing.assert_array_equal(out_t.advantages, typed.advantages)
   st_d, m_d = pol(init(), dict(d, response_mask=pm), jax.random.PRNGKey(0))
   np.testing.assert_allclose(m_t["actor/loss"], m_d["actor/loss"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), st_t.params, st_d.params)

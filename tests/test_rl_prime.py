@@ -220,3 +220,38 @@ def test_trimmed_batch_gives_the_padded_batch_update(algo):
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
   for k in ma:
     np.testing.assert_allclose(ma[k], mb[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+# ------------------------------------------------------------ the update's layout at build time
+def test_layout_is_decided_at_build_time_and_the_state_is_placed_into_it():
+  """make_prime decides the state's shardings from abstract shapes (no params seen), init_fn
+  places unplaced params into them, and the ONE jitted update keeps that layout; a params tree of
+  another structure is named. The PRM and policy passes share one shape."""
+  from jaxrl_dense.parallel import sharding  # pylint: disable=import-outside-toplevel
+  mc = models.ModelConfig(**TINY)
+  cfg = _cfg(mini_batch_size=8)
+  mesh = sharding.make_mesh("data:1,fsdp:1,tensor:1")
+  built = prime.make_prime(mc, cfg, mesh=mesh)
+  init_fn, update_fn = built  # unpacks as the pair
+  lay = built.state_shardings
+  shapes = prime.abstract_state(mc, cfg)
+  assert jax.tree.structure(shapes) == jax.tree.structure(lay, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  p = lambda: models.init_params(mc, jax.random.PRNGKey(0))
+  state = init_fn(p(), p(), p())
+  placed = jax.tree.map(lambda x: x.sharding, state)
+  assert jax.tree.leaves(placed) == jax.tree.leaves(lay, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  new, metrics = update_fn(state, sharding.shard_batch(_batch(), mesh), jax.random.PRNGKey(3))
+  assert jax.tree.map(lambda x: x.sharding, new) == placed
+  assert int(new.policy.step) == 1 and np.isfinite(float(metrics["actor/loss"]))
+  bad = p()
+  bad.pop(next(iter(bad)))
+  with pytest.raises(ValueError, match="policy_params do not have the structure"):
+    init_fn(bad, p(), p())
+  # One pass shape: (state, batch, key) -> (state, batch, metrics).
+  opt = prime.optimizers(cfg)[0]
+  st = lambda: prime.init_train_state(p(), opt)
+  b = _batch()._replace(ref_logp=jnp.zeros((8, 6)), old_logp=jnp.zeros((8, 6)), advantages=jnp.ones((8, 6)))
+  for pass_ in (steps.make_prm_update(mc, opt, beta=0.05, mini_batch_size=8, micro_batch_size=4),
+                steps.make_policy_update(mc, opt, cfg.policy, mini_batch_size=8, micro_batch_size=4)):
+    s2, b2, m2 = pass_(st(), b, jax.random.PRNGKey(0))
+    assert isinstance(b2, RolloutBatch) and int(s2.step) == 1 and m2

@@ -39,8 +39,8 @@ instead of GSPMD splitting the activations' width like the weights' and all-redu
 Typical use:
 
   mesh = make_mesh("data:2,fsdp:2,tensor:2")
-  params = shard_params(params, config, mesh)           # or sharded_init(...)
-  opt_state = shard_opt_state(optimizer.init(params), params, mesh)
+  params = shard_params(params, config, mesh)
+  opt_state = sharded_opt_init(optimizer, params, mesh)  # moments laid out like their params
   batch = shard_batch(batch, mesh)                       # leading dim over (data, fsdp)
   step = jax.jit(with_mesh(train_step, mesh))            # activation constraints + GSPMD
   rollout_params = inference_params(params, config, mesh, max_bytes=...)  # once per rollout
@@ -779,12 +779,20 @@ def shard_params(params: PyTree, config: Any, mesh: Mesh,
   return jax.tree.map(_put, params, shardings)
 
 
+def _deprecated(name: str, instead: str) -> None:
+  import warnings  # pylint: disable=import-outside-toplevel
+  warnings.warn(f"jaxrl_dense.sharding.{name} is deprecated (no caller in the library) and goes in "
+                f"the next release; use {instead}", DeprecationWarning, stacklevel=3)
+
+
 def sharded_init(init_fn: Callable[..., PyTree], *args, config: Any, mesh: Mesh,
                  rules: Optional[Mapping[str, Any]] = None) -> PyTree:
-  """Runs `init_fn(*args)` directly into sharded params (no full copy on any device).
-
-  `init_fn(*args)` must return the params dict; shapes come from `jax.eval_shape`.
+  """Deprecated (no caller; one release): `jax.jit(init_fn, out_shardings=param_shardings(
+  jax.eval_shape(init_fn, *args), config, mesh))(*args)`. The RL state is built by
+  `rl.prime.make_prime`'s init_fn into the layout `rl.prime.state_shardings` decides.
   """
+  _deprecated("sharded_init", "jax.jit(init_fn, out_shardings=param_shardings(...)) or "
+              "rl.prime.make_prime's init_fn")
   shapes = jax.eval_shape(init_fn, *args)
   shardings = param_shardings(shapes, config, mesh, rules)
   return jax.jit(init_fn, out_shardings=shardings)(*args)
@@ -835,7 +843,9 @@ def opt_state_shardings(opt_state: PyTree, params: PyTree, mesh: Mesh,
 
 
 def shard_opt_state(opt_state: PyTree, params: PyTree, mesh: Mesh, config: Any = None) -> PyTree:
-  """Places an optax state with `opt_state_shardings` (moments sharded like their params)."""
+  """Deprecated (no caller; one release): use `sharded_opt_init` (initialises straight into the
+  layout) or `rl.state.init_train_state(params, optimizer, shardings)`."""
+  _deprecated("shard_opt_state", "sharded_opt_init or rl.state.init_train_state(..., shardings)")
   shardings = opt_state_shardings(opt_state, params, mesh, config=config)
   return jax.tree.map(_put, opt_state, shardings)
 

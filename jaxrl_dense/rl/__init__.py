@@ -8,9 +8,11 @@
              x mini-batches x micro-batches, global token-count normaliser), each on a
              RolloutBatch; response_logprobs; make_scoring (deprecated).
   `prime`    make_prime(model_config, cfg, mesh) -> (init_fn, update_fn): ONE jitted update
-             (scoring, PRM update, implicit rewards, advantages, PPO, KL / entropy metrics).
+             (scoring, PRM update, implicit rewards, advantages, PPO, KL / entropy metrics), its
+             state layout decided at build time (`.state_shardings`).
   `trainer`  Trainer: models + data + verifier of a run; train_step, evaluate, checkpoint/restore.
-  `state`    TrainState (params, opt_state, step) pytree; make_optimizer (AdamW + grad clip).
+  `state`    TrainState (params, opt_state, step) pytree; init_train_state (its one constructor);
+             make_optimizer (AdamW + grad clip).
 """
 from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState, init_train_state, make_optimizer

@@ -30,7 +30,11 @@ whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
 The stages pass one `RolloutBatch` along and fill it in with `_replace` (old_logp, ref_logp,
 prm_logp, keep, advantages / returns, weights, rollout_is_weights / rollout_rs_keep), as
 purejaxrl's `Transition` goes from the environment step to the loss.
-Stages are `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update"),
+The update is the composition of named pure stages, `score -> update_prm -> advantages ->
+update_policy -> step_metrics`; the PRM and policy passes share one shape,
+`(state, batch, key) -> (state, batch, metrics)`. The state's layout on a mesh is decided at build
+time from abstract shapes (`abstract_state`, `state_shardings`) and the update jitted once with it.
+Inside, `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update")
 so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
 The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
 builder: no PRM state, no PRM stages.
@@ -53,7 +57,7 @@ from jaxrl_dense.rewards import sar as sar_lib
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import steps
 from jaxrl_dense.rl.batch import RolloutBatch
-from jaxrl_dense.rl.state import TrainState, make_optimizer
+from jaxrl_dense.rl.state import TrainState, init_train_state, make_optimizer
 
 
 class PrimeState(NamedTuple):
@@ -292,18 +296,80 @@ def optimizers(cfg: config_lib.PrimeConfig):
   return pol, prm
 
 
-def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_series: bool = False):
+def abstract_state(model_config, cfg: config_lib.PrimeConfig) -> PrimeState:
+  """The PrimeState `make_prime`'s init_fn builds, as `jax.ShapeDtypeStruct`s (nothing allocated):
+  policy (and PRM) params of `model_config` (LoRA: the adapters) with their AdamW states and step
+  counters, and the frozen reference / LoRA base in the compute dtype when the config keeps one.
+  Its structure and shapes decide the layout (`state_shardings`); a loaded checkpoint has the same."""
+  from jaxrl_dense.models import lora, transformer  # pylint: disable=import-outside-toplevel
+  pol_opt, prm_opt = optimizers(cfg)
+
+  def train_state(opt, lc, key):
+    params = transformer.init_params(model_config, key) if lc is None else lora.init_adapters(model_config, lc, key)
+    return TrainState(params, opt.init(params), jnp.zeros((), jnp.int32))
+
+  def init(key):
+    ref = lora.freeze_base(transformer.init_params(model_config, key), model_config)[0] if cfg.keeps_base else None
+    return PrimeState(train_state(pol_opt, cfg.policy_lora, key),
+                      train_state(prm_opt, cfg.prm_lora, key) if cfg.uses_prm else None, ref)
+
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def state_shardings(model_config, cfg: config_lib.PrimeConfig, mesh) -> PrimeState:
+  """The layout of the state on `mesh`, decided from abstract shapes (MaxText's
+  `get_functional_train_with_signature`): params by `sharding.param_shardings` (FSDP + tensor
+  rules of sharding.py), AdamW moments like their params (`sharding.opt_state_shardings`),
+  step counters replicated. A PrimeState of `NamedSharding`s (None where the state holds None)."""
+  shapes = abstract_state(model_config, cfg)
+  rep = sharding.replicated(mesh)
+
+  def train_state(ts):
+    ps = sharding.param_shardings(ts.params, model_config, mesh)
+    return TrainState(ps, sharding.opt_state_shardings(ts.opt_state, ts.params, mesh, param_sharding_tree=ps), rep)
+
+  ref = shapes.ref_params
+  return PrimeState(train_state(shapes.policy), train_state(shapes.prm) if shapes.prm is not None else None,
+                    sharding.param_shardings(ref, model_config, mesh) if ref is not None else None)
+
+
+class Prime(tuple):
+  """What `make_prime` builds; unpacks as `init_fn, update_fn = make_prime(...)`.
+
+  init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState;
+  update_fn(state, batch, key) -> (state, metrics): the ONE jitted program
+    (`update_fn.lower(*abstract_args).compile()` gives its compiled plan);
+  state_shardings: the state's layout, a PrimeState of NamedShardings (`state_shardings(...)`;
+    None without a mesh); batch_sharding: the batch's (every [B, ...] leaf along (data, fsdp)).
+  """
+
+  def __new__(cls, init_fn, update_fn, state_shardings=None, batch_sharding=None):
+    self = super().__new__(cls, (init_fn, update_fn))
+    self.init_fn, self.update_fn = init_fn, update_fn
+    self.state_shardings, self.batch_sharding = state_shardings, batch_sharding
+    return self
+
+
+def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_series: bool = False) -> Prime:
   """Builds `(init_fn, update_fn)` for PRIME or an outcome-only baseline (see the module docstring).
+
+  As MaxText's `get_functional_train_with_signature` and purejaxrl's `make_train`: the layout is
+  decided here, from abstract shapes (`state_shardings`), and the update is jitted here, once,
+  with explicit in / out shardings and the state donated. The update is the composition of named
+  pure stages, each `(…, batch, …) -> (…, batch, metrics)`: score -> update_prm -> advantages ->
+  update_policy -> step_metrics.
 
   Args:
     model_config: the policy's ModelConfig (the PRM and the reference share its architecture).
     cfg: a validated PrimeConfig.
-    mesh: a `jax.sharding.Mesh` (params / optimizer states sharded by `sharding.tree_shardings`,
+    mesh: a `jax.sharding.Mesh` (params / optimizer states sharded by `state_shardings`,
       batches along (data, fsdp)), or None (single device, plain jit).
   Returns:
-    init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: optimizer states
-      initialised (sharded like their params on a mesh). The params are used as given: place them
-      first (`sharding.device_put`), and pass separate copies, since the state is donated.
+    Prime(init_fn, update_fn) (unpacks as a pair; `.state_shardings`, `.batch_sharding`).
+    init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: the one state
+      constructor; the params are placed into `state_shardings` on a mesh (no copy where already
+      placed) and the optimizer states initialised straight into theirs. Pass separate copies,
+      since the state is donated.
     update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars). With
       `token_series=True` the metrics also hold `"token_series"`: {name: [B, R] float32} of the
       batch's per-token "advantage", "return", "log_ratio_ref" (log pi_old - log pi_ref, when a
@@ -321,15 +387,15 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   score_ref = score_prm = logprobs()  # the reference / the PRM at T = 1
   p = cfg.policy
   bypass = not p.recompute_old_logp
-  policy_update = steps.make_policy_update(
+  policy_pass = steps.make_policy_update(
       model_config, pol_opt, p, variant=cfg.prime_variant, bypass=bypass,
       loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
       lora_config=cfg.policy_lora, jit=False)
-  prm_update = None
+  prm_pass = None
   if cfg.uses_prm:
-    prm_update = steps.make_prm_update(
+    prm_pass = steps.make_prm_update(
         model_config, prm_opt, beta=cfg.prm.beta, mini_batch_size=cfg.prm_mini,
         micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
         group_size=group, lora_config=cfg.prm_lora, train_on_filler=cfg.filter.prm_on_filler, jit=False)
@@ -340,43 +406,45 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   pol_base = lambda state: state.ref_params if pol_lora is not None else None
   prm_base = lambda state: state.ref_params if prm_lora is not None else None
 
-  def update(state: PrimeState, batch: RolloutBatch, key):
-    # One typed batch through every stage: each fills its fields in with `_replace`.
-    batch = batch.check(n)
+  def score(state: PrimeState, batch: RolloutBatch):
+    """Stage 1 (no grad): pi_old (recomputed, or mu in bypass) and its entropy [B, R], the
+    reference's log-probs, SAR's R_SA [B] (or None). -> (batch, entropy, extra)."""
     pol_params = model_params(state, "policy", cfg)
-    m = batch.response_mask.astype(jnp.float32)  # [B, R]
-    metrics = {}
-    mu = batch.sampler_logp  # [B, R] the sampler's log-probs (behaviour policy), or None
-    if mu is None and (bypass or p.corrects_rollout):
-      raise ValueError("RolloutBatch.sampler_logp is None, but --recompute_old_logp=false (bypass) "
-                       "and --rollout_is/--rollout_rs read the sampler's log-probs")
     with jax.named_scope("score"):
       entropy = None
       if not bypass:  # decoupled: pi_old recomputed by the trainer
         old_logp, entropy = score_old(pol_params, batch)  # [B, R] each
       else:  # bypass: pi_old := mu (equal to the scorer's in f32, T = 1, no top-p/k; else --rollout_rs)
-        old_logp = mu
+        old_logp = batch.sampler_logp
       batch = batch._replace(old_logp=old_logp)
       if batch.ref_logp is None and cfg.needs_ref:
         batch = batch._replace(ref_logp=score_ref(state.ref_params, batch))
     extra = None
     if sar:  # R_SA from the behaviour policy's answer log-probs with and without the query
       logp_a = score_sar(pol_params, batch.query_free())
-      extra = sar_lib.self_aligned_reward(batch.old_logp, logp_a, m)  # [B]
+      extra = sar_lib.self_aligned_reward(batch.old_logp, logp_a, batch.response_mask.astype(jnp.float32))  # [B]
+    return batch, entropy, extra
+
+  def update_prm(state: PrimeState, batch: RolloutBatch, key):
+    """Stage 2: the implicit-PRM pass on the in-band groups (all rows with --prm_on_filler), then
+    with --prm_update=before the re-scoring with the updated PRM. -> (prm state, batch, metrics)."""
+    if not cfg.uses_prm:
+      return state.prm, batch, {}
+    with jax.named_scope("prm_update"):
+      prm_state, batch, metrics = prm_pass(state.prm, batch, key, prm_base(state))
+    if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
+      with jax.named_scope("prm_score"):
+        batch = batch._replace(prm_logp=score_prm(
+            model_params(state._replace(prm=prm_state), "prm", cfg), batch))
+    return prm_state, batch, metrics
+
+  def advantages(batch: RolloutBatch, extra):
+    """Stage 3: PROF's keep mask (filter=prof), the advantage estimator, and the row weights of
+    --filter_mode=mask|resample (out-of-band rows leave the PPO loss). -> (batch, metrics)."""
+    metrics = {}
+    m = batch.response_mask.astype(jnp.float32)  # [B, R]
     in_band = batch.in_band  # [B] or None (all in band)
-    # Rows of the advantage, the policy update and the logged means: all, or with
-    # --filter_mode=mask|resample the in-band ones (the others get weight 0).
     w = in_band.astype(jnp.float32) if (cfg.masks_filler and in_band is not None) else None
-    prm_state = state.prm
-    if cfg.uses_prm:
-      # The PRM trains on the in-band groups only (PRIME-RL), unless --prm_on_filler.
-      with jax.named_scope("prm_update"):
-        prm_state, batch, prm_m = prm_update(state.prm, batch, prm_base(state))
-        metrics.update(prm_m)
-      if cfg.prm.prm_update == "before":  # double forward: re-score with the updated PRM
-        with jax.named_scope("prm_score"):
-          batch = batch._replace(prm_logp=score_prm(
-              model_params(state._replace(prm=prm_state), "prm", cfg), batch))
     if cfg.filter.filter == "prof":
       keep = prof_keep(batch.acc, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
                        step_len=cfg.step_len)  # [B]
@@ -385,10 +453,20 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     with jax.named_scope("advantage"):
       batch, adv_stats = advantage_fn(batch, extra=extra)
       metrics.update(adv_stats)
-    batch = batch._replace(weights=w)  # masked rows: out of the PPO loss and its token count
-    mw = m if w is None else m * w[:, None]  # [B, R] the trained tokens (the logged means below)
+    return batch._replace(weights=w), metrics  # masked rows: out of the PPO loss and its token count
+
+  def trained_tokens(batch: RolloutBatch):
+    """[B, R] the response tokens of the rows the policy trains on (the logged means)."""
+    m = batch.response_mask.astype(jnp.float32)
+    return m if batch.weights is None else m * batch.weights[:, None]
+
+  def update_policy(state: PrimeState, batch: RolloutBatch, key):
+    """Stage 4: the rollout correction between mu and pi_old (three policies), then the PPO pass.
+    -> (policy state, batch, metrics)."""
+    metrics = {}
+    mu = batch.sampler_logp
     if mu is not None and not bypass:  # three policies: correct the sampler -> trainer mismatch
-      corr = losses.rollout_correction(batch.old_logp, mu, mw, is_level=p.rollout_is,
+      corr = losses.rollout_correction(batch.old_logp, mu, trained_tokens(batch), is_level=p.rollout_is,
                                        is_threshold=p.rollout_is_threshold, rs_level=p.rollout_rs,
                                        rs_low=p.rollout_rs_low, rs_high=p.rollout_rs_high,
                                        rs_k3_max=p.rollout_rs_k3_max)
@@ -398,15 +476,23 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       if p.rollout_is != "none":
         batch = batch._replace(rollout_is_weights=corr.weights)
     with jax.named_scope("policy_update"):
-      policy, pol_m = policy_update(state.policy, batch, key, pol_base(state))
+      policy, batch, pol_m = policy_pass(state.policy, batch, key, pol_base(state))
       metrics.update(pol_m)
+    return policy, batch, metrics
+
+  def step_metrics(batch: RolloutBatch, entropy, metrics):
+    """Stage 5: KL(old ‖ ref) and entropy on the trained tokens, the token count, and (with
+    token_series) the per-token series. -> metrics."""
+    m = batch.response_mask.astype(jnp.float32)
+    mw = trained_tokens(batch)
     old_logp, ref_logp = batch.old_logp, batch.ref_logp
     ntok = jnp.maximum(jnp.sum(mw), 1.0)
-    metrics["entropy"] = (jnp.sum(entropy * mw) / ntok if entropy is not None
-                          else metrics["actor/entropy"])  # the update's (first mini-batch) entropy
-    metrics["kl_ref"] = (jnp.sum((old_logp - ref_logp) * mw) / ntok if ref_logp is not None
-                         else jnp.float32(jnp.nan))  # NaN: no reference scored
-    metrics["response/tokens"] = jnp.sum(m)  # every row the update ran (throughput)
+    out = {}
+    out["entropy"] = (jnp.sum(entropy * mw) / ntok if entropy is not None
+                      else metrics["actor/entropy"])  # the update's (first mini-batch) entropy
+    out["kl_ref"] = (jnp.sum((old_logp - ref_logp) * mw) / ntok if ref_logp is not None
+                     else jnp.float32(jnp.nan))  # NaN: no reference scored
+    out["response/tokens"] = jnp.sum(m)  # every row the update ran (throughput)
     if token_series:
       series = {"advantage": batch.advantages, "return": batch.returns}
       if ref_logp is not None:
@@ -416,8 +502,33 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
             batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
       if entropy is not None:
         series["entropy"] = entropy * m
-      metrics["token_series"] = series
+      out["token_series"] = series
+    return out
+
+  def update(state: PrimeState, batch: RolloutBatch, key):
+    # One typed batch through every stage: each fills its fields in with `_replace`.
+    batch = batch.check(n)
+    if batch.sampler_logp is None and (bypass or p.corrects_rollout):
+      raise ValueError("RolloutBatch.sampler_logp is None, but --recompute_old_logp=false (bypass) "
+                       "and --rollout_is/--rollout_rs read the sampler's log-probs")
+    batch, entropy, extra = score(state, batch)
+    prm_state, batch, metrics = update_prm(state, batch, key)
+    batch, adv_m = advantages(batch, extra)
+    policy, batch, pol_m = update_policy(state, batch, key)
+    metrics = {**metrics, **adv_m, **pol_m}
+    metrics.update(step_metrics(batch, entropy, metrics))
     return PrimeState(policy, prm_state, state.ref_params), metrics
+
+  st_sh = bsh = None
+  if mesh is None:
+    update_fn = jax.jit(update, donate_argnums=(0,))
+  else:
+    st_sh = state_shardings(model_config, cfg, mesh)
+    bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
+    rep = sharding.replicated(mesh)
+    # traced under the mesh: the model's activation constraints apply
+    update_fn = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, rep),
+                        out_shardings=(st_sh, rep), donate_argnums=(0,))
 
   def init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState:
     if cfg.uses_prm and prm_params is None:
@@ -428,38 +539,30 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     if cfg.needs_ref and ref_params is None:
       raise ValueError(f"make_prime: this config scores a frozen reference (algo={cfg.algo!r}, "
                        f"kl_coef={cfg.policy.kl_coef}, advantage={cfg.advantage!r}); pass ref_params")
+    sh = st_sh or PrimeState(None, None, None)
+    ref = ref_params if cfg.keeps_base else None
+    if ref is not None and sh.ref_params is not None:
+      ref = place(ref, sh.ref_params, "ref_params")
+    return PrimeState(init_train_state(place_params(policy_params, sh.policy, "policy_params"), pol_opt, sh.policy),
+                      init_train_state(place_params(prm_params, sh.prm, "prm_params"), prm_opt, sh.prm)
+                      if cfg.uses_prm else None, ref)
 
-    def train_state(params, opt):
-      if mesh is None:
-        opt_state = jax.jit(opt.init)(params)
-        step = jnp.zeros((), jnp.int32)
-      else:
-        opt_state = sharding.sharded_opt_init(opt, params, mesh)
-        step = sharding.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-      return TrainState(params, opt_state, step)
+  def place_params(params, shardings, what):
+    return params if shardings is None else place(params, shardings.params, what)
 
-    return PrimeState(train_state(policy_params, pol_opt),
-                      train_state(prm_params, prm_opt) if cfg.uses_prm else None,
-                      ref_params if cfg.keeps_base else None)
+  return Prime(init_fn, update_fn, st_sh, bsh)
 
-  jitted = {}
 
-  def get_jit(state):
-    if "fn" not in jitted:
-      if mesh is None:
-        jitted["fn"] = jax.jit(update, donate_argnums=(0,))
-      else:
-        st_sh = jax.tree.map(lambda x: x.sharding, state)
-        bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
-        # traced under the mesh: the model's activation constraints apply
-        jitted["fn"] = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, sharding.replicated(mesh)),
-                               out_shardings=(st_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-    return jitted["fn"]
+def place(params, shardings, what: str = "params"):
+  """`params` placed into `shardings` (a tree of the same structure; leaves already there stay,
+  uncopied); a structure that differs from the layout's names the argument."""
+  if jax.tree.structure(params) != jax.tree.structure(shardings, is_leaf=_is_sharding):
+    raise ValueError(f"make_prime: {what} do not have the structure of the model config's params "
+                     f"(the layout decided at build time): {jax.tree.structure(params)} vs "
+                     f"{jax.tree.structure(shardings, is_leaf=_is_sharding)}")
+  return jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s else sharding.device_put(x, s),
+                      params, shardings)
 
-  def update_fn(state: PrimeState, batch: RolloutBatch, key):
-    return get_jit(state)(state, batch, key)
 
-  # Ahead-of-time: `update_fn.lower(abstract_state, abstract_batch, key).compile()` (the compiled
-  # memory plan of `rl.setup.aot_plan`; ShapeDtypeStructs carrying their shardings work).
-  update_fn.lower = lambda state, batch, key: get_jit(state).lower(state, batch, key)
-  return init_fn, update_fn
+def _is_sharding(x) -> bool:
+  return isinstance(x, jax.sharding.Sharding)

@@ -547,35 +547,19 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   import jax.numpy as jnp
   from jaxrl_dense.parallel import plan as sharding_plan
   from jaxrl_dense.parallel import sharding
-  from jaxrl_dense.models import lora
   from jaxrl_dense.rl import prime
   from jaxrl_dense.rl.batch import RolloutBatch
-  from jaxrl_dense.rl.state import TrainState
   problems: list = []
   mc, source = _plan_model_config(cfg, problems)
   if mc is None:
     raise ConfigError("model", cfg.model, "cannot build the model config for --aot "
                       "(give a readable --model or an --arch preset)")
   p, r = cfg.prime, cfg.prime.rollout
-  pol_opt, prm_opt = prime.optimizers(p)
   key = jax.random.PRNGKey(0)
-
-  def train_state(opt, lc):
-    if lc is None:
-      return sharding_plan.abstract_train_state(mc, opt, mesh)
-
-    def init(k):
-      a = lora.init_adapters(mc, lc, k)
-      return TrainState(params=a, opt_state=opt.init(a), step=jnp.zeros((), jnp.int32))
-
-    shapes = jax.eval_shape(init, key)
-    return sharding_plan.abstract(shapes, sharding.tree_shardings(shapes, mc, mesh))
-
-  policy = train_state(pol_opt, p.policy_lora)
-  prm = train_state(prm_opt, p.prm_lora) if p.uses_prm else None
-  # The trainer keeps the frozen reference / LoRA base in the compute dtype.
-  ref = sharding_plan.abstract_params(mc, mesh, dtype=mc.dtype) if p.keeps_base else None
-  state = prime.PrimeState(policy, prm, ref)
+  # The production build (as `Trainer` builds it): its state layout, decided from abstract shapes,
+  # is the one the abstract state carries.
+  built = prime.make_prime(mc, p, mesh=mesh)
+  state = sharding_plan.abstract(prime.abstract_state(mc, p), built.state_shardings)
   rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
   ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
   b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
@@ -591,8 +575,7 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   batch = RolloutBatch(**b)
   rep = sharding.replicated(mesh)
   akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-  _, update_fn = prime.make_prime(mc, p, mesh=mesh)
-  return update_fn, (state, batch, akey), mc, source
+  return built.update_fn, (state, batch, akey), mc, source
 
 
 # Settings that shape the programs `aot_plan` compiles (recorded in the plan as "flags", so a

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxrl_dense.parallel import sharding
+
 
 class TrainState(NamedTuple):
   """Parameters, optimizer state and optimizer-step counter of one trained model.
@@ -56,7 +58,18 @@ def make_optimizer(
   return optax.chain(*chain)
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-  """Builds a TrainState; jitted so the optimizer state inherits the params' shardings."""
-  opt_state = jax.jit(optimizer.init)(params)
-  return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+def init_train_state(params: Any, optimizer: optax.GradientTransformation,
+                     shardings: Optional[TrainState] = None) -> TrainState:
+  """The TrainState constructor (`rl.prime.make_prime`'s init_fn builds its states with it).
+
+  `shardings` None: the optimizer state is jitted from the params (so it inherits their
+  placement). `shardings` a TrainState of `NamedSharding`s (`rl.prime.state_shardings(...).policy`):
+  the optimizer state is initialised straight into `shardings.opt_state` (no full copy on any
+  device) and the step counter placed in `shardings.step`; `params` must already be placed.
+  """
+  if shardings is None:
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  step = sharding.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  return TrainState(params=params, opt_state=opt_state, step=step)

@@ -310,9 +310,11 @@ def make_prm_update(
     train_on_filler: bool = False,
     jit: bool = True,
 ) -> Callable:
-  """Builds `prm_update(prm_state, batch) -> (prm_state, batch, metrics)`: the implicit-PRM update
+  """Builds `prm_update(prm_state, batch, key=None) -> (prm_state, batch, metrics)`: the implicit-PRM update
   (PRIME, arXiv 2502.01456 Sec. 3.2); the returned batch carries `prm_logp` [B, R] (given the
-  deprecated Mapping batch, the pass returns `prm_logp` itself in its place, as before).
+  deprecated Mapping batch, the pass returns `prm_logp` itself in its place, as before). The
+  shape `(state, batch, key) -> (state, batch, metrics)` is the policy pass's, so `rl.prime`
+  chains them; the PRM pass draws no randomness (`key` is unused).
 
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
   order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
@@ -341,7 +343,7 @@ def make_prm_update(
   ref_logp. `group_size` = n > 1: rows come in groups of n
   sharing a prompt, run once per group (same loss and gradient). `jit=False`: the pure function.
   `lora_config` (a `models.lora.LoraConfig`): `prm_state.params` are LoRA adapters and the
-  function takes the frozen base as a third argument, `prm_update(prm_state, batch, base)`; the
+  function takes the frozen base as a fourth argument, `prm_update(prm_state, batch, key, base)`; the
   model is `lora.attach(base, adapters)`, so gradients and AdamW states exist for the adapters only.
   """
   _check_group_size(group_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size)
@@ -358,7 +360,8 @@ def make_prm_update(
       raise ValueError(f"a group-wise PRM loss needs num_samples=n >= 2 dividing mini_batch_size="
                        f"{mini_batch_size}, got n={n}")
 
-  def prm_update(state: TrainState, batch: Batch, base=None):
+  def prm_update(state: TrainState, batch: Batch, key: Optional[jax.Array] = None, base=None):
+    del key  # the pass shape (state, batch, key) shared with the policy pass; no sampling here
     model = _model_params(lora_config, base)
     legacy = not isinstance(batch, RolloutBatch)  # deprecated Mapping batch: returns prm_logp itself
     batch = as_rollout_batch(batch)
@@ -442,7 +445,7 @@ def make_prm_update(
 
   in_sh = out_sh = None
   if mesh is not None:
-    in_sh = (state_sharding, batch_sharding) + ((base_sharding,) if lora_config is not None else ())
+    in_sh = (state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ())
     out_sh = (state_sharding, batch_sharding, None)
   return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
               jit=jit)
@@ -470,8 +473,10 @@ def make_policy_update(
     base_sharding=None,
     jit: bool = True,
 ) -> Callable:
-  """Builds `policy_update(policy_state, batch, rng) -> (policy_state, metrics)`: PPO-clip
-  (Schulman et al., arXiv 1707.06347) on a `RolloutBatch` carrying old_logp and advantages.
+  """Builds `policy_update(policy_state, batch, rng) -> (policy_state, batch, metrics)`: PPO-clip
+  (Schulman et al., arXiv 1707.06347) on a `RolloutBatch` carrying old_logp and advantages; the
+  batch comes back as given (the PRM pass's shape, so `rl.prime` chains the two). Given the
+  deprecated Mapping batch it returns `(policy_state, metrics)`, as before.
 
   For each of `epochs` epochs the B rows are (optionally) shuffled with `rng` and cut into
   B / mini_batch_size mini-batches; each mini-batch is one optimizer step. Its gradient is
@@ -530,6 +535,8 @@ def make_policy_update(
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)
+    legacy = not isinstance(batch, RolloutBatch)  # deprecated Mapping batch: (state, metrics) as before
+    given = batch
     batch = as_rollout_batch(batch)
     for name in ("old_logp", "advantages") + (("ref_logp",) if policy.kl_coef > 0 else ()):
       if getattr(batch, name) is None:
@@ -636,11 +643,11 @@ def make_policy_update(
     state, stats = jax.lax.scan(epoch_step, state, jax.random.split(rng, epochs))
     metrics = {"actor/" + k: jnp.mean(v) for k, v in stats.items()}
     metrics["actor/loss_finite"] = jnp.all(jnp.isfinite(stats["loss"]))
-    return state, metrics
+    return (state, metrics) if legacy else (state, given, metrics)
 
   in_sh = out_sh = None
   if mesh is not None:
     in_sh = (state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ())
-    out_sh = (state_sharding, None)
+    out_sh = None  # (state, metrics) or (state, batch, metrics): the state's layout is its input's
   return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
               jit=jit)

@@ -63,39 +63,46 @@ class Trainer:
                         f"--rollout_mesh={cfg.rollout_mesh}")
     mc = self.model_config
 
-    def place(params):
-      return sharding.shard_params(jax.tree.map(lambda x: jnp.array(x, copy=True), params), mc, self.mesh)
+    # The update, built first: it decides the state's layout from abstract shapes, and every
+    # model below is placed into it (`prime.place`; the state is donated, so each is a copy).
+    built = prime.make_prime(mc, p, mesh=self.mesh, token_series=cfg.sample_every > 0)
+    self.init_fn, self.update_fn = built
+    layout = built.state_shardings
+    full = layout.ref_params if layout.ref_params is not None else layout.policy.params
 
-    def load_other(name):
+    def place(params, shardings):
+      return prime.place(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
+
+    def load_other(name, shardings):
       spec = getattr(cfg, name)
       if not spec or spec == cfg.model:
-        return place(policy_params)
+        return place(policy_params, shardings)
       other, params, _ = setup.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
       if other.replace(eos_token_ids=mc.eos_token_ids) != mc:
         raise ConfigError(name, spec, "has a different architecture from --model")
-      return place(params)
+      return place(params, shardings)
 
     from jaxrl_dense.models import lora
     if p.policy_lora is None and p.prm_lora is None:
       # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway);
       # the cast keeps the placement.
-      ref = lora.freeze_base(load_other("ref_model"), mc)[0] if p.needs_ref else None
-      prm = load_other("prm_model") if p.uses_prm else None
-      policy = place(policy_params)
+      ref = lora.freeze_base(load_other("ref_model", full), mc)[0] if p.needs_ref else None
+      prm = load_other("prm_model", layout.prm.params) if p.uses_prm else None
+      policy = place(policy_params, layout.policy.params)
     else:  # LoRA: ONE frozen base (compute dtype) is the reference and every adapted model's base
       base, _ = lora.freeze_base(policy_params, mc)
-      ref = place(base)
+      ref = place(base, layout.ref_params)
       key = jax.random.PRNGKey(cfg.seed)
 
-      def adapters(lc, i):
-        return sharding.shard_params(lora.init_adapters(mc, lc, jax.random.fold_in(key, i)), mc, self.mesh)
+      def adapters(lc, i, shardings):
+        return prime.place(lora.init_adapters(mc, lc, jax.random.fold_in(key, i)), shardings)
 
-      policy = place(policy_params) if p.policy_lora is None else adapters(p.policy_lora, 0)
+      policy = (place(policy_params, layout.policy.params) if p.policy_lora is None
+                else adapters(p.policy_lora, 0, layout.policy.params))
       prm = None
       if p.uses_prm:
-        prm = place(policy_params) if p.prm_lora is None else adapters(p.prm_lora, 1)
-    self.init_fn, self.update_fn = prime.make_prime(mc, p, mesh=self.mesh,
-                                                    token_series=cfg.sample_every > 0)
+        prm = (place(policy_params, layout.prm.params) if p.prm_lora is None
+               else adapters(p.prm_lora, 1, layout.prm.params))
     self.last_rollout = None  # (RolloutBatch, {series: [B, R]}) of the last step, with --sample_every
     self.state = self.init_fn(policy, prm, ref)
     if p.share_prompt and p.prompt_group == 1 and r.n > 1 and jax.process_index() == 0:
