@@ -117,11 +117,12 @@ def summarize(out: str, arms, seeds) -> dict:
   return res
 
 
-def _ci(c: dict, pct: bool = True) -> str:
+def _ci(c: dict, pct: bool = True, signed: bool = False) -> str:
   if c["mean"] is None:
     return "–"
-  f = (lambda x: f"{100 * x:+.1f}") if pct else (lambda x: f"{x:+.3f}")
-  g = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+  sign = "+" if signed else ""
+  g = (lambda x: f"{100 * x:{sign}.1f}") if pct else (lambda x: f"{x:{sign}.3f}")
+  f = g
   if c["lo"] is None:
     return g(c["mean"])
   return f"{g(c['mean'])} [{f(c['lo'])}, {f(c['hi'])}]"
@@ -132,7 +133,7 @@ def to_markdown(res: dict) -> str:
            "train acc (sampled) step 1 -> last 3 | train tool calls/row step 1 -> last 3 |",
            "|---|---|---|---|---|---|---|---|"]
   for a, v in res["arms"].items():
-    lines.append(f"| {a} | {len(v['seeds'])} | {_ci(v['pass_start'])} | {_ci(v['pass_end'])} | {_ci(v['gain'])} | "
+    lines.append(f"| {a} | {len(v['seeds'])} | {_ci(v['pass_start'])} | {_ci(v['pass_end'])} | {_ci(v['gain'], signed=True)} | "
                  f"{_ci(v['tool_start'])} -> {_ci(v['tool_end'])} | {_ci(v['train_acc_first'])} -> "
                  f"{_ci(v['train_acc_last'])} | {_ci(v['train_tool_first'], False)} -> "
                  f"{_ci(v['train_tool_last'], False)} |")
@@ -140,7 +141,7 @@ def to_markdown(res: dict) -> str:
     lines += ["", "| arm - grpo (paired by seed) | seeds | final pass@1 [95% t CI] | final eval tool rate |",
               "|---|---|---|---|"]
     for a, v in res["paired_vs_grpo"].items():
-      lines.append(f"| {a} | {len(v['seeds'])} | {_ci(v['pass_end'])} | {_ci(v['tool_end'])} |")
+      lines.append(f"| {a} | {len(v['seeds'])} | {_ci(v['pass_end'], signed=True)} | {_ci(v['tool_end'], signed=True)} |")
   lines += ["", "Training rollouts per step (mean over seeds; sampled accuracy / tool calls per row):", ""]
   for a, v in res["arms"].items():
     lines.append(f"- {a}: acc " + " ".join(f"{x:.2f}" for x in v["curve_acc"]) + "; calls "

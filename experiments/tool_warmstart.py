@@ -2,9 +2,8 @@ r"""Warm start for the tool-learning check (issue 28 item 3): a tiny character-l
 by supervised learning on a MIXED policy over one-step 3-digit arithmetic, saved as an HF
 directory that `experiments/prime_math.py --model=DIR` loads.
 
-    python experiments/tool_warmstart.py --out=/tmp/tool_calc_tiny
-    python experiments/prime_math.py --flagfile=experiments/configs/tool_calc_tiny.flags \
-        --model=/tmp/tool_calc_tiny --advantage=matchtir --logdir=...
+    python experiments/tool_warmstart.py --out=runs/tool_calc_tiny/warmstart   # the flag file's --model
+    python experiments/tool_learning.py --out=runs/tool_calc_tiny --seeds=1,2,3  # grpo, matchtir, igpo
 
 Task: `chain_arith` at depth 1 ("What is 347 + 589?", "What is 850 * 52?"; operands of "+" in
 [1, 999], of "*" in [2, 99]), the generated source the flag file trains and evaluates on (train
@@ -13,14 +12,23 @@ calculator call MatchTIR matches). The prompt is exactly the trainer's: the reco
 the tool environment's instruction appended as the system message, through the chat template.
 
 Demonstrations (the response region of a multi-turn row, as `rl.multiturn.rollout_turns` builds it):
-  * with probability --p_tool: turn 0 `<tool>calculator: 347 + 589</tool>`, the environment's own
-    observation (`\n<result>936</result>\n`, from `ToolEnv.step`, not trained), turn 1
-    `The answer is 936.<|im_end|>`;
-  * otherwise a direct answer `The answer is N.<|im_end|>` with N the gold answer whose last two
-    digits are redrawn (uniform, never the gold: a plausible but wrong number).
-The loss is the mean next-token NLL over model tokens only (observations and the prompt are context).
-So the start policy calls the tool at rate ~p_tool under sampling and answers right about that
-often; RL should raise both.
+  * tool episodes (a fraction --tool_demo_frac, 0.8): turn 0 `<tool>calculator: 347 + 589</tool>`,
+    the environment's own observation (`\n<result>936</result>\n`, from `ToolEnv.step`, not
+    trained), turn 1 `The answer is 936.<|im_end|>`;
+  * direct answers: `The answer is N.<|im_end|>` with N the gold answer whose last two digits are
+    redrawn (uniform, never the gold: a plausible but wrong number).
+The loss is the mean next-token NLL over model tokens only (observations and the prompt are
+context). The first response token (call or not) keeps its loss on every direct answer and on a
+fraction w = p (1 - f) / (f (1 - p)) of the tool episodes, so the model is trained to call with
+probability p = --p_tool (0.3) while 80% of the rows teach the copying a call needs (with 30% tool
+rows a 2-layer model had not learned to copy the operands or the result after 400 steps: digit
+losses stayed at log 10). So the start policy samples the call ~30% of the time, then copies the
+operands and the result; greedy decoding never calls (p < 0.5) and scores ~0.
+
+Two phases: --steps on the end of each prompt (the last --window tokens: the question and the chat
+markers; RoPE attention is relative, so the copy it learns does not depend on what comes before),
+4x cheaper, then --full_steps on the full prompts (the tool instruction as system message), which
+the trainer sends (the first full step's loss is 2.1, back to 0.05 within 50 steps).
 
 Outputs under --out: the model directory (`models.save_pretrained`: config.json, model.safetensors,
 the character tokenizer) and warmstart.json (settings, loss curve, time).
