@@ -1,5 +1,5 @@
 r"""Do the turn-level estimators learn to use a tool? MatchTIR / IGPO / outcome-only GRPO from one
-warm start, several seeds, through `experiments/prime_math.py` (issue 28 item 3).
+warm start, several seeds, through `experiments/prime_math.py`.
 
     python experiments/tool_warmstart.py --out=runs/tool_calc_tiny/warmstart
     python experiments/tool_learning.py --out=runs/tool_calc_tiny --seeds=1,2,3 \

@@ -1,4 +1,4 @@
-r"""Warm start for the tool-learning check (issue 28 item 3): a tiny character-level model trained
+r"""Warm start for the tool-learning check: a tiny character-level model trained
 by supervised learning on a MIXED policy over one-step 3-digit arithmetic, saved as an HF
 directory that `experiments/prime_math.py --model=DIR` loads.
 
