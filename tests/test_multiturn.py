@@ -41,6 +41,21 @@ class ScriptedEnv:
     return _Step("", 0.0, True, {})
 
 
+def assert_scoring_equals_sampler(config, params, pt, pm, out, n=4):
+  """The update's scoring pass over the episodes' RolloutBatch gives the sampler's log-probs on
+  every model token (observations attended, not scored). Returns (score fn, batch)."""
+  rows = out.tokens.shape[0]
+  batch = RolloutBatch(prompt_tokens=np.repeat(pt, n, 0), prompt_mask=np.repeat(pm, n, 0),
+                       response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(rows, np.float32),
+                       sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)
+  batch.check(n)
+  score = steps.make_scoring(config, micro_batch_size=rows, with_policy=True, with_ref=False,
+                             with_prm=False, with_entropy=False)
+  old = np.asarray(score(params, None, None, batch.sequences())["old_logp"])
+  np.testing.assert_allclose(old * out.mask, out.logp, atol=2e-5)
+  return score, batch
+
+
 @pytest.fixture(scope="module")
 def chars():
   return tok_lib.char_chat_tokenizer()
@@ -175,14 +190,7 @@ def test_trainer_logprobs_of_the_assembled_rows_equal_the_sampler(chars, engine)
     for j, run in enumerate(runs):
       got = chars.decode(run.tolist())
       assert got == "<r>ok</r>" or (j == len(runs) - 1 and "<r>ok</r>".startswith(got)), got
-  batch = RolloutBatch(prompt_tokens=np.repeat(pt, 4, 0), prompt_mask=np.repeat(pm, 4, 0),
-                       response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(8, np.float32),
-                       sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)
-  batch.check(4)
-  score = steps.make_scoring(CONFIG, micro_batch_size=8, with_policy=True, with_ref=False, with_prm=False,
-                             with_entropy=False)
-  old = np.asarray(score(params, None, None, batch.sequences())["old_logp"])
-  np.testing.assert_allclose(old * out.mask, out.logp, atol=2e-5)
+  score, batch = assert_scoring_equals_sampler(CONFIG, params, pt, pm, out)
   # control: without the observations in the attention mask the log-probs of later turns differ
   seq = batch._replace(observation_mask=None).sequences()
   wrong = np.asarray(score(params, None, None, seq)["old_logp"])

@@ -14,8 +14,7 @@ from jaxrl_dense.sampling import engine as engine_lib
 from jaxrl_dense import envs
 from jaxrl_dense.models import ModelConfig, forward, init_params
 from jaxrl_dense.models import tokenizer as tok_lib
-from jaxrl_dense.rl import multiturn, steps
-from jaxrl_dense.rl.batch import RolloutBatch
+from jaxrl_dense.rl import multiturn
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=104, hidden_size=32, intermediate_size=64,
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -137,14 +136,7 @@ def test_trainer_scores_the_paused_batch_as_the_engine_sampled(params, paths, re
   assert out.num_turns.max() >= 3
   if first:  # the first observation is part of the response region, before turn 0
     assert (out.observation_mask[:, :3] == 1).all()
-  batch = RolloutBatch(prompt_tokens=np.repeat(pt, 4, 0), prompt_mask=np.repeat(pm, 4, 0),
-                       response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(8, np.float32),
-                       sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)
-  batch.check(4)
-  score = steps.make_scoring(CONFIG, micro_batch_size=8, with_policy=True, with_ref=False, with_prm=False,
-                             with_entropy=False)
-  old = np.asarray(score(params, None, None, batch.sequences())["old_logp"])
-  np.testing.assert_allclose(old * out.mask, out.logp, atol=2e-5)
+  test_multiturn.assert_scoring_equals_sampler(CONFIG, params, pt, pm, out)
 
 
 def test_control_observation_prefilled_at_the_wrong_start_is_caught(chars, params, plain, monkeypatch):

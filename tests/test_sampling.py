@@ -176,3 +176,24 @@ def test_bad_inputs_raise(params):
     generate(params, CONFIG, prompt, pmask, jax.random.PRNGKey(0), max_new_tokens=N, top_p=0.0)
   with pytest.raises(ValueError, match="prompt_tokens"):
     generate(params, CONFIG, prompt + 200, pmask, jax.random.PRNGKey(0), max_new_tokens=N)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"), (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=10**6), "top_k must be in"),
+    (dict(num_samples=0), "num_samples must be >= 1")])
+def test_both_samplers_validate_through_one_sampling_params(bad, msg):
+  """The static sampler and the engine refuse the same bad settings with the same message
+  (`sampling.SamplingParams.of`), before any work."""
+  from jaxrl_dense.sampling import engine as engine_lib
+  cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+                    num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, eos_token_ids=(2,))
+  kw = dict(max_new_tokens=4) | bad
+  with pytest.raises(ValueError, match=msg):
+    sampling.SamplingParams.of(cfg, **kw)
+  tokens, mask = np.ones((1, 4), np.int32), np.ones((1, 4), np.int32)
+  for gen in (sampling.generate, engine_lib.generate):
+    with pytest.raises(ValueError, match=msg):
+      gen(None, cfg, tokens, mask, jax.random.PRNGKey(0), **kw)
+  sp = sampling.SamplingParams.of(cfg, max_new_tokens=4, temperature=0.0)
+  assert sp.greedy and sp.eos_ids == (2,) and sp.pad_id == 2  # pad: the first EOS without a pad id

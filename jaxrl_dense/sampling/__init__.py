@@ -13,8 +13,8 @@ Modules:
 """
 from jaxrl_dense.sampling.static import TRACE_COUNT, generate
 from jaxrl_dense.sampling.static import _bucket, _generate_jit  # noqa: F401  (the former module's privates)
-from jaxrl_dense.sampling.step import GenerationOutput, filter_logits, host_value, sample_step
+from jaxrl_dense.sampling.step import GenerationOutput, SamplingParams, filter_logits, host_value, sample_step
 from jaxrl_dense.sampling.step import host_value as _host_value  # noqa: F401  (former private names)
 from jaxrl_dense.sampling.step import sample_step as _sample_step  # noqa: F401
 
-__all__ = ["generate", "GenerationOutput", "filter_logits", "sample_step", "host_value", "TRACE_COUNT"]
+__all__ = ["generate", "GenerationOutput", "SamplingParams", "filter_logits", "sample_step", "host_value", "TRACE_COUNT"]

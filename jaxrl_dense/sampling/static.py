@@ -29,6 +29,7 @@ from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 # Shared with the continuous engine (`jaxrl_dense.sampling.engine`), which imports that module, not this one.
 from jaxrl_dense.sampling.step import GenerationOutput, filter_logits  # noqa: F401  (re-exported)
+from jaxrl_dense.sampling.step import SamplingParams
 from jaxrl_dense.sampling.step import host_value as _host_value
 from jaxrl_dense.sampling.step import sample_step as _sample_step
 
@@ -145,23 +146,10 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
   Returns:
     GenerationOutput (see its docstring).
   """
-  max_new_tokens = int(max_new_tokens)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  temperature = float(temperature)
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}.")
-  top_p = float(top_p)
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-  top_k = int(top_k)
-  if top_k < 0 or top_k > config.vocab_size:
-    raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}.")
-  if int(num_samples) < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  eos_ids = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
-  if pad_id is None:
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+  sp = SamplingParams.of(config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, num_samples=num_samples, eos_ids=eos_ids, pad_id=pad_id)
+  max_new_tokens, temperature, top_p, top_k = sp.max_new_tokens, sp.temperature, sp.top_p, sp.top_k
+  eos_ids, pad_id = sp.eos_ids, sp.pad_id
 
   if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
     raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "

@@ -12,7 +12,8 @@ top-p follows Holtzman et al. 2020 (arXiv 1904.09751) with Hugging Face's tie an
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,50 @@ from jax import lax
 
 from jaxrl_dense.parallel import sharding
 
-__all__ = ["GenerationOutput", "filter_logits", "sample_step", "host_value"]
+__all__ = ["GenerationOutput", "SamplingParams", "filter_logits", "sample_step", "host_value"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """What a sampler is asked to sample, validated once for both samplers (`sampling.generate` and
+  the engine's `run` / `run_episodes`): bad values raise ValueError naming the argument before
+  any work. Build it with `SamplingParams.of(config, ...)`, which fills the stop ids and the pad
+  id from the model config (pad: the config's, else the first EOS, else 0).
+
+  Attributes: max_new_tokens >= 1; temperature >= 0 (0 = greedy); top_p in (0, 1]; top_k in
+  [0, vocab_size] (0 = off); num_samples >= 1 rows per prompt; eos_ids; pad_id.
+  """
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  num_samples: int = 1
+  eos_ids: tuple = ()
+  pad_id: int = 0
+
+  @classmethod
+  def of(cls, config, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+         top_k: int = 0, num_samples: int = 1, eos_ids: Optional[Sequence[int]] = None,
+         pad_id: Optional[int] = None) -> "SamplingParams":
+    if int(max_new_tokens) < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {int(max_new_tokens)}.")
+    if int(num_samples) < 1:
+      raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if float(temperature) < 0:
+      raise ValueError(f"temperature must be >= 0, got {float(temperature)}.")
+    if not 0.0 < float(top_p) <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {float(top_p)}.")
+    if int(top_k) < 0 or int(top_k) > config.vocab_size:
+      raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {int(top_k)}.")
+    eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+    if pad_id is None:
+      pad_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), int(num_samples),
+               eos, int(pad_id))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
 
 
 class GenerationOutput(NamedTuple):

@@ -571,24 +571,12 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
   if engine is not None and not isinstance(engine, EngineConfig):
     raise TypeError(f"engine must be an EngineConfig or None, got {type(engine).__name__}.")
   cfg = engine or EngineConfig()
-  max_new = int(max_new_tokens)
-  if max_new < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new}.")
-  n = int(num_samples)
-  if n < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  temperature = float(temperature)
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}.")
-  top_p, top_k = float(top_p), int(top_k)
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-  if top_k < 0 or top_k > config.vocab_size:
-    raise ValueError(f"top_k must be in [0, vocab_size={config.vocab_size}], got {top_k}.")
-  eos_ids = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
-  if pad_id is None:
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-  pad_id = int(pad_id)
+  sp = sampling_step.SamplingParams.of(config, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, top_k=top_k, num_samples=num_samples,
+                                      eos_ids=eos_ids, pad_id=pad_id)
+  max_new, n = sp.max_new_tokens, sp.num_samples
+  temperature, top_p, top_k = sp.temperature, sp.top_p, sp.top_k
+  eos_ids, pad_id = sp.eos_ids, sp.pad_id
   prompts = _real_prompts(prompt_tokens, prompt_mask)
   if any(len(p) == 0 for p in prompts):
     raise ValueError(f"prompt_mask rows {[i for i, p in enumerate(prompts) if not len(p)]} have no tokens.")
