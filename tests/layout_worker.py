@@ -121,7 +121,8 @@ def main():
     outs.update({"score_" + k: v for k, v in sc.items()})
     pargs = programs["prm_update"].args
     state = place(jax.tree.map(np.asarray, _train_state(params[2])), pargs[0])
-    st, prm_logp, m = compiled["prm_update"](state, place({k: batch[k] for k in pargs[1]}, pargs[1]))
+    st, prm_logp, m = compiled["prm_update"](state, place({k: batch[k] for k in pargs[1]}, pargs[1]),
+                                             place(jax.random.PRNGKey(0), pargs[2]))
     outs["prm_logp"], outs["prm_params"], outs["prm_loss"] = prm_logp, st.params, m["prm/loss"]
     qargs = programs["policy_update"].args
     state = place(jax.tree.map(np.asarray, _train_state(params[0])), qargs[0])

@@ -179,7 +179,7 @@ def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: in
   return {
       "generate": gen,
       "scoring": Program(scoring, (train_params, train_params, train_params, score_batch)),
-      "prm_update": Program(prm_update, (state, prm_batch)),
+      "prm_update": Program(prm_update, (state, prm_batch, key)),  # (the PRM pass draws no randomness)
       "policy_update": Program(policy_update, (state, pol_batch, key)),
   }
 
