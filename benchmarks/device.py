@@ -6,7 +6,7 @@
 Sections (random weights of the named shapes: nothing is downloaded), each figure printed next
 to its goal:
   (a) rollout tokens/s, the trainer's rollout (float32 masters -> the bf16 rollout copy,
-      `sharding.rollout_params` as `Trainer.rollout_params` makes it, timed -> `sampling.generate`)
+      `inference.rollout_params` as `Trainer.rollout_params` makes it, timed -> `sampling.generate`)
       vs transformers `generate` (bf16; SmolLM2-135M and Qwen2-0.5B shapes; batch 64 and 256;
       64-token prompts, 256 new tokens, EOS ignored). Goal: ours >= 20x transformers at batch 256.
   (b) train-step tokens/s and MFU, ours (f32 master weights, bf16 compute, AdamW, remat policy
@@ -14,7 +14,7 @@ to its goal:
       Qwen2-0.5B shape at sequence 1024. MFU = 6 N_matmul + 6 L T H hd (causal attention) FLOPs
       per token over the device's bf16 peak. Goal: ours >= 45% MFU.
   (c) the whole RL step, as the trainer runs it, for PRIME and GRPO (SmolLM2 shape, 16 prompts x
-      4 samples): float32 master weights -> the rollout copy (`sharding.rollout_params`, bf16,
+      4 samples): float32 master weights -> the rollout copy (`inference.rollout_params`, bf16,
       decode layout) -> n samples per prompt (`sampling.generate`) -> the one jitted update
       (`rl.prime.make_prime`: scoring, PRM update for PRIME, advantages, PPO). Reports each part,
       the full-step ratio (goal: PRIME / GRPO <= 1.25) and the updates' ratio alone (PRIME does
@@ -140,28 +140,28 @@ def _param_count(cfg: ModelConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 def _mesh():
   """The one-device mesh the benchmark's trainer paths run on (`Trainer.mesh` of --mesh=data:1)."""
-  from jaxrl_dense.parallel import sharding
-  return sharding.make_mesh("data:1", devices=jax.devices()[:1])
+  from jaxrl_dense.parallel import mesh as mesh_lib
+  return mesh_lib.make_mesh("data:1", devices=jax.devices()[:1])
 
 
 def rollout(args, shape: str, batch: int, peaks) -> dict:
-  """The trainer's rollout: float32 master weights -> the rollout copy (`sharding.rollout_params`,
+  """The trainer's rollout: float32 master weights -> the rollout copy (`inference.rollout_params`,
   bf16, decode layout; as `Trainer.rollout_params`, timed) -> `sampling.generate` on it."""
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import placement, inference
   cfg = _config(shape, param_dtype="float32", dtype="bfloat16", eos_token_ids=(), pad_token_id=0)
   masters = init_params(cfg, jax.random.PRNGKey(0))
   mesh = _mesh()
-  masters = jax.device_put(masters, sharding.replicated(mesh))
-  jax.block_until_ready(sharding.rollout_params(masters, cfg, mesh, dtype=cfg.dtype))  # compiles the cast
+  masters = jax.device_put(masters, placement.replicated(mesh))
+  jax.block_until_ready(inference.rollout_params(masters, cfg, mesh, dtype=cfg.dtype))  # compiles the cast
   t0 = time.perf_counter()
-  params = sharding.rollout_params(masters, cfg, mesh, dtype=cfg.dtype)
+  params = inference.rollout_params(masters, cfg, mesh, dtype=cfg.dtype)
   jax.block_until_ready(params)
   copy_s = time.perf_counter() - t0
   del masters
   tokens, mask = _prompts(batch, args.prompt_len, cfg.vocab_size)
   new = args.new_tokens
   row = {"shape": shape, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": new,
-         "weights": "rollout copy of float32 masters (sharding.rollout_params, bfloat16)",
+         "weights": "rollout copy of float32 masters (inference.rollout_params, bfloat16)",
          "rollout_copy_s": copy_s}
 
   def ours():
@@ -288,14 +288,14 @@ def train(args, peaks, measured_tflops=None) -> dict:
 # (c) the whole RL step: rollout copy + sampling + the one jitted update, PRIME vs GRPO
 # ------------------------------------------------------------------------------------------------
 def full_step(args) -> dict:
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference
   from jaxrl_dense.rl import RolloutBatch
   from jaxrl_dense.rl import config as rl_config
   from jaxrl_dense.rl import prime as prime_lib
   shape, g, n, p_len, r_len = args.rl_shape, args.rl_prompts, args.rl_n, args.rl_prompt_len, args.rl_response_len
   cfg_m = _config(shape, param_dtype="float32", dtype=args.rl_dtype, remat=args.rl_remat,
                   eos_token_ids=(), pad_token_id=0)
-  mesh = sharding.make_mesh("data:1", devices=jax.devices()[:1])
+  mesh = mesh_lib.make_mesh("data:1", devices=jax.devices()[:1])
   rng = np.random.default_rng(0)
   ptok, pmask = _prompts(g, p_len, cfg_m.vocab_size)
   base = init_params(cfg_m, jax.random.PRNGKey(0))  # policy, PRM and reference start equal
@@ -314,11 +314,11 @@ def full_step(args) -> dict:
     fresh = lambda: jax.tree.map(jnp.copy, base)  # noqa: E731  (the state is donated)
     state = [init_fn(fresh(), fresh() if cfg.uses_prm else None, fresh() if cfg.needs_ref else None)]
     # On the rollout's (one-device) mesh, as the update's outputs will be: one compile.
-    state[0] = jax.device_put(state[0], sharding.replicated(mesh))
+    state[0] = jax.device_put(state[0], placement.replicated(mesh))
 
     def step(key):
       t0 = time.perf_counter()
-      copy = sharding.rollout_params(prime_lib.model_params(state[0], "policy", cfg), cfg_m, mesh,
+      copy = inference.rollout_params(prime_lib.model_params(state[0], "policy", cfg), cfg_m, mesh,
                                      dtype=cfg_m.dtype)
       jax.block_until_ready(copy)
       t1 = time.perf_counter()

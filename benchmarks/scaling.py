@@ -77,7 +77,7 @@ def child(args):
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inspect
   from jaxrl_dense.models.logprobs import token_logprobs
   from jaxrl_dense.models.transformer import forward, init_params
 
@@ -102,25 +102,25 @@ def child(args):
   def train_step(p, o, b, grad_shardings=None):
     old = jax.lax.stop_gradient(token_logprobs(p, config, b["tokens"], b["attention_mask"]))
     loss, g = jax.value_and_grad(loss_fn)(p, b, old)
-    g = sh.constrain(g, grad_shardings)  # reduce-scatter straight into the params' layout
+    g = placement.constrain(g, grad_shardings)  # reduce-scatter straight into the params' layout
     u, o = optimizer.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
   results = {"devices": n}
   for layout in ("data", "fsdp"):
-    mesh = sh.make_mesh(f"{layout}:{n}")
-    params = sh.shard_params(params_host, config, mesh)
-    opt = sh.sharded_opt_init(optimizer, params, mesh)
-    ps = sh.param_shardings(params_host, config, mesh)
-    osh = sh.opt_state_shardings(opt, params_host, mesh, param_sharding_tree=ps)
+    mesh = mesh_lib.make_mesh(f"{layout}:{n}")
+    params = placement.shard_params(params_host, config, mesh)
+    opt = placement.sharded_opt_init(optimizer, params, mesh)
+    ps = rules.param_shardings(params_host, config, mesh)
+    osh = placement.opt_state_shardings(opt, params_host, mesh, param_sharding_tree=ps)
     step = jax.jit(functools.partial(train_step, grad_shardings=ps),
-                   out_shardings=(ps, osh, sh.replicated(mesh)), donate_argnums=(0, 1))
-    batch = sh.shard_batch(host, mesh)
+                   out_shardings=(ps, osh, placement.replicated(mesh)), donate_argnums=(0, 1))
+    batch = placement.shard_batch(host, mesh)
     jax.block_until_ready(batch)
     put_ms = []
     for _ in range(5):
       t0 = time.perf_counter()
-      jax.block_until_ready(sh.shard_batch(host, mesh))
+      jax.block_until_ready(placement.shard_batch(host, mesh))
       put_ms.append((time.perf_counter() - t0) * 1e3)
     stages = {"shard_batch": {"median_ms": statistics.median(put_ms)}}
     for name, fn, args_fn in (("forward", fwd, lambda: (params, batch)),
@@ -147,7 +147,7 @@ def child(args):
                                "num_arrays": len(jax.tree.leaves((state["p"], state["o"], batch))),
                                "num_shards": sum(len(x.addressable_shards) for x in
                                                  jax.tree.leaves((state["p"], state["o"], batch)))}
-    per_dev = sh.addressable_bytes(state["p"])
+    per_dev = inspect.addressable_bytes(state["p"])
     stages["param_bytes_per_device"] = max(per_dev.values())
     results[layout] = stages
   print("RESULT " + json.dumps(results))
@@ -381,14 +381,14 @@ PLAN_MESHES = ("data:1", "data:8", "fsdp:8", "data:2,fsdp:2,tensor:2")
 def plan_child(args):
   """In a process with 8 simulated devices: memory_plan of every program on every mesh."""
   import jax
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import mesh as mesh_lib
   from jaxrl_dense.parallel import plan as plan_lib
   from jaxrl_dense.models.config import ModelConfig
   cfg_kwargs, sizes = PLAN_SHAPES[args.plan_shape]
   cfg = ModelConfig(**cfg_kwargs)
   out = {"shape": args.plan_shape, "config": cfg_kwargs, "sizes": sizes, "plans": {}}
   for spec in args.plan_meshes.split(";"):
-    mesh = sh.make_mesh(spec, devices=jax.devices()[:1] if spec == "data:1" else None)
+    mesh = mesh_lib.make_mesh(spec, devices=jax.devices()[:1] if spec == "data:1" else None)
     t0 = time.perf_counter()
     out["plans"][spec] = plan_lib.memory_plan(cfg, mesh, plan_lib.rl_step_programs(cfg, mesh, **sizes))
     out["plans"][spec]["compile_s"] = round(time.perf_counter() - t0, 1)

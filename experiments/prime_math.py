@@ -19,7 +19,7 @@ typed on the command line with an --algo that has no implicit PRM exits 2 naming
 same settings in a --flagfile are ignored with a note: one flag file serves every --algo). Steps after the first never
 recompile: prompts are left-padded to `--max_prompt_length`, responses right-padded to
 `--max_response_length`, and every step has the same number of rows. Multi-host: start the same
-command in every process (`sharding.initialize_distributed`; docs/scaling.md, "Multi-process: one
+command in every process (`mesh_lib.initialize_distributed`; docs/scaling.md, "Multi-process: one
 process per host"); each process samples the same seeded prompts, verifies the whole batch and
 runs the same program; process 0 writes the logs, all processes write the checkpoints.
 
@@ -265,11 +265,11 @@ def main(argv):
   if FLAGS.memory_fraction > 0:  # before JAX starts: the GPU pool's size
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{FLAGS.memory_fraction:g}"
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib
   from jaxrl_dense.rl import setup
   # Multi-controller start-up before any other JAX call (a no-op for a single process).
   try:
-    distributed = sharding.initialize_distributed()
+    distributed = mesh_lib.initialize_distributed()
   except ValueError as e:
     _fail(2, str(e))
   try:  # every flag, then the paths and data files, before any model loads

@@ -5,7 +5,7 @@ The package reads as the pipeline a rollout travels:
 -> `advantages` -> `losses` -> `filters` -> `rl` (the update and the trainer), with `parallel`
 (mesh, layout, compiled plans), `data`, `checkpoint`, `observe` (metrics, sinks, sample pages,
 PRM health) and `eval` around them. Submodules are imported explicitly, e.g.
-`from jaxrl_dense import rewards, advantages` or `from jaxrl_dense.parallel import sharding`.
+`from jaxrl_dense import rewards, advantages` or `from jaxrl_dense.parallel import mesh as mesh_lib, placement`.
 """
 
 __version__ = "0.1.0"

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import placement
 
 _ITEMS = ("state", "meta", "fingerprint")
 _KEY_PATHS = "__prng_key_leaves__"
@@ -197,10 +197,10 @@ def _first_nonfinite(state: Any) -> Optional[str]:
                   if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)]
   if not float_leaves:
     return None
-  # One jitted program over all leaves, read back with `sharding.to_host`. Not one small
+  # One jitted program over all leaves, read back with `placement.to_host`. Not one small
   # `jnp.all` dispatch per leaf: in a multi-process run (CPU, gloo; 2 processes x 4 devices)
   # that sequence of tiny SPMD programs deadlocked; one program is also one compile.
-  flags = sharding.to_host(_all_finite([x for _, x in float_leaves]))  # [num_float_leaves] bool
+  flags = placement.to_host(_all_finite([x for _, x in float_leaves]))  # [num_float_leaves] bool
   for (p, _), ok in zip(float_leaves, flags):
     if not bool(ok):
       return _path_str(p)

@@ -21,7 +21,7 @@ JAX. It records, per mesh (fsdp:8 and data:2,fsdp:2,tensor:2):
   data:2,fsdp:2,tensor:2, an engine run with it against the single-device XLA engine;
 * on data:2,fsdp:2,tensor:2, multi-turn episodes with paused rows (`run_episodes`) against one
   device;
-* rollout_copy: the engine on the trainer's --rollout_mesh copy (`sharding.rollout_params` of
+* rollout_copy: the engine on the trainer's --rollout_mesh copy (`inference.rollout_params` of
   the fsdp:8 params onto data:4,fsdp:1,tensor:2, tensor-parallel) against the single-device
   engine, with its weights' and its compiled decode program's pool bytes per device.
 
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference, inspect
 from jaxrl_dense.sampling.engine import EngineConfig
 from jaxrl_dense.sampling.engine import engine as eng
 from jaxrl_dense.sampling.engine import paged_attention as pa
@@ -124,7 +124,7 @@ def compile_programs(mesh, params, config, num_pages, local_shape, *, page_size=
   """Compiles the engine's decode, prefill and copy programs on `mesh` as `_run` calls them
   (`rows` decode rows, shard-major), with a pool of `num_pages` pages in all, and reads their
   pool layout and collectives (`local_shape`: the row-sharded layout's per-device pool shape)."""
-  with sh.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     s = eng.row_shards(mesh)
     if abstract:
       pool_sh = jax.sharding.NamedSharding(mesh, eng.pool_spec(mesh, config))
@@ -257,7 +257,7 @@ def episodes_run(mesh) -> dict:
   pt, pm = T._prompts(chars, ["What is 3+4?", "Hi", "Go 12", "abc"])
   key = jax.random.PRNGKey(3)
   ref, _ = T._episodes(params, chars, pt, pm, key, paused=True)
-  with sh.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     out, st = T._episodes(params, chars, pt, pm, key, paused=True)
   same = lambda f: bool(np.array_equal(getattr(out, f), getattr(ref, f)))
   return {"same_tokens": same("tokens"), "same_mask": same("mask"),
@@ -268,17 +268,17 @@ def episodes_run(mesh) -> dict:
 
 
 def rollout_copy_run(params, base):
-  """The engine on the trainer's rollout copy with --rollout_mesh (sharding.rollout_mesh_layout /
+  """The engine on the trainer's rollout copy with --rollout_mesh (inference.rollout_mesh_layout /
   rollout_params, as Trainer.rollout_params makes it): tensor-parallel weights on data:4 x
   tensor:2 over the same devices as the fsdp:8 training mesh, the pool split by rows and kv
   heads on that mesh."""
-  train = sh.make_mesh("fsdp:8")
-  rmesh, layout = sh.rollout_mesh_layout(CFG, train, ROLLOUT_MESH)
-  copy = sh.rollout_params(sh.shard_params(params, CFG, train), CFG, rmesh, layout=layout)
+  train = mesh_lib.make_mesh("fsdp:8")
+  rmesh, layout = inference.rollout_mesh_layout(CFG, train, ROLLOUT_MESH)
+  copy = inference.rollout_params(placement.shard_params(params, CFG, train), CFG, rmesh, layout=layout)
   out, stats = engine_run(copy, rmesh, rerun=False)
   leaf = copy["layers"]["mlp"]["up_proj"]["kernel"]
   s = eng.row_shards(rmesh)
-  with sh.use_mesh(rmesh):
+  with mesh_lib.use_mesh(rmesh):
     spec_ = eng.pool_spec(rmesh, CFG)
   local = list(jax.sharding.NamedSharding(rmesh, spec_).shard_shape(
       (CFG.num_kv_heads, s * PAGES_PER_SHARD, ENGINE.page_size, CFG.head_dim)))
@@ -286,7 +286,7 @@ def rollout_copy_run(params, base):
   res = {
       "layout": layout, "mesh": dict(rmesh.shape), "row_shards": stats["row_shards"],
       "weight_spec": str(leaf.sharding.spec),
-      "weight_device_bytes": int(max(sh.addressable_bytes(copy).values())),
+      "weight_device_bytes": int(max(inspect.addressable_bytes(copy).values())),
       "weight_bytes": int(sum(x.nbytes for x in jax.tree_util.tree_leaves(copy))),
       "same_tokens": bool(np.array_equal(np.asarray(out.tokens), np.asarray(base.tokens))),
       "same_mask": bool(np.array_equal(np.asarray(out.mask), np.asarray(base.mask))),
@@ -307,15 +307,15 @@ def main(out_path):
             "engine": {k: getattr(ENGINE, k) for k in ENGINE.__dataclass_fields__},
             "limits": list(LIMITS), "lengths": list(LENGTHS), "runs": {}, "programs": {}}
   for spec in MESHES:
-    mesh = sh.make_mesh(spec)
-    sp = sh.shard_params(params, CFG, mesh)
+    mesh = mesh_lib.make_mesh(spec)
+    sp = placement.shard_params(params, CFG, mesh)
     out, stats = engine_run(sp, mesh)
     stats["same_tokens"] = bool(np.array_equal(np.asarray(out.tokens), np.asarray(base.tokens)))
     stats["same_mask"] = bool(np.array_equal(np.asarray(out.mask), np.asarray(base.mask)))
     stats["max_logprob_diff"] = float(np.abs(np.asarray(out.logprobs) - np.asarray(base.logprobs)).max())
     s = eng.row_shards(mesh)
     total = s * PAGES_PER_SHARD
-    with sh.use_mesh(mesh):
+    with mesh_lib.use_mesh(mesh):
       spec_ = eng.pool_spec(mesh, CFG)
     local = list(jax.sharding.NamedSharding(mesh, spec_).shard_shape(
         (CFG.num_kv_heads, total, ENGINE.page_size, CFG.head_dim)))
@@ -354,16 +354,16 @@ def qwen7b(out_path):
   cfg = ModelConfig(model_type="qwen2", vocab_size=1024, hidden_size=3584, intermediate_size=256,
                     num_layers=2, num_heads=28, num_kv_heads=4, head_dim=128, attention_bias=True,
                     tie_word_embeddings=False, eos_token_ids=(), pad_token_id=0, dtype="bfloat16")
-  mesh = sh.make_mesh("fsdp:8")
+  mesh = mesh_lib.make_mesh("fsdp:8")
   prompts, n, plen, new = 64, 4, 1024, 3072
   engine = EngineConfig(page_size=16, max_slots=prompts * n // 8)  # one shard's slots
   per_shard = _default_num_pages(engine, [plen] * (prompts // 8), n, new)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-  shardings = sh.param_shardings(params, cfg, mesh)
+  shardings = rules.param_shardings(params, cfg, mesh)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,
                         shardings)
   total = 8 * per_shard
-  with sh.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     spec = eng.pool_spec(mesh, cfg)
   local = list(jax.sharding.NamedSharding(mesh, spec).shard_shape((4, total, 16, 128)))
   res = compile_programs(mesh, params, cfg, total, local, page_size=16, rows=256,

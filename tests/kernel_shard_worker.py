@@ -26,7 +26,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib, rules
 from jaxrl_dense.sampling.engine import paged_attention as pa
 from jaxrl_dense.models import attention as attn
 
@@ -67,7 +67,7 @@ def facts(mesh, fn, args):
       for a in ((entry,) if isinstance(entry, str) else (entry or ())):
         split *= sizes[a]
     expected += x.nbytes // split
-  with sh.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     closed = jax.make_jaxpr(fn)(*args)
     compiled = jitted.lower(*args).compile()
     out = jitted(*args)
@@ -102,9 +102,9 @@ def main(out_path):
   valid = np.asarray(seg, bool)[:, :, None, None]
 
   for spec in MESHES:
-    mesh = sh.make_mesh(spec)
+    mesh = mesh_lib.make_mesh(spec)
     res = {}
-    ax = sh.kernel_axes(mesh, batch=b, num_heads=h, num_kv_heads=hkv)
+    ax = rules.kernel_axes(mesh, batch=b, num_heads=h, num_kv_heads=hkv)
     res["axes"] = {k: v if not isinstance(v, tuple) else list(v) for k, v in ax.items()}
     # -- Pallas GPU decode (interpreter) --
     args = (place(mesh, q, ("batch", "heads", None), ax),

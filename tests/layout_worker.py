@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrl_dense.parallel import sharding as sh  # noqa: E402
+from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference  # noqa: E402
 from jaxrl_dense.parallel import plan as plan_lib  # noqa: E402
 from jaxrl_dense.models.config import ModelConfig  # noqa: E402
 from jaxrl_dense.models.transformer import init_params  # noqa: E402
@@ -68,7 +68,7 @@ def real_inputs(seed: int = 0):
 
 def place(value, abstract_value):
   """`value` (a pytree of numpy / jax arrays) placed like the abstract argument."""
-  return jax.tree.map(lambda v, a: sh.device_put(np.asarray(v), a.sharding), value, abstract_value)
+  return jax.tree.map(lambda v, a: placement.device_put(np.asarray(v), a.sharding), value, abstract_value)
 
 
 def main():
@@ -80,7 +80,7 @@ def main():
   for spec in specs:
     t0 = time.time()
     devices = jax.devices()[:1] if spec == "data:1" else None
-    mesh = sh.make_mesh(spec, devices=devices)
+    mesh = mesh_lib.make_mesh(spec, devices=devices)
     programs = plan_lib.rl_step_programs(CONFIG, mesh, optimizer=_optimizer(), **SIZES)
     compiled = {}
     plan = plan_lib.memory_plan(CONFIG, mesh, programs, compiled=compiled)
@@ -92,7 +92,7 @@ def main():
 
     if spec == "fsdp:8":   # control: scoring traced WITHOUT the mesh context (no activation constraints)
       with open(os.path.join(outdir, spec, "scoring_unconstrained.hlo"), "w") as f:
-        # The step builders trace under their mesh (`sharding.with_mesh`); unwrap to the raw
+        # The step builders trace under their mesh (`mesh.with_mesh`); unwrap to the raw
         # function and jit it without the context: GSPMD then follows the weights' layout alone.
         fn, args, kwargs = programs["scoring"]
         raw = fn.__wrapped__.__wrapped__
@@ -106,8 +106,8 @@ def main():
           part: {"per_device": plan_lib.per_device_bytes(tree), "global": plan_lib.global_bytes(tree)}
           for part, tree in (("weights", prog.args[:n_weights]), ("batch", batch_args))}
     gen_args = programs["generate"].args
-    # The rollout copy, once, as the trainer makes it (sharding.rollout_params): from the training layout.
-    rollout = sh.rollout_params(sh.shard_params(params[0], CONFIG, mesh), CONFIG, mesh, dtype=CONFIG.dtype)
+    # The rollout copy, once, as the trainer makes it (inference.rollout_params): from the training layout.
+    rollout = inference.rollout_params(placement.shard_params(params[0], CONFIG, mesh), CONFIG, mesh, dtype=CONFIG.dtype)
     assert all(x.sharding == a.sharding for x, a in zip(jax.tree.leaves(rollout),
                                                           jax.tree.leaves(gen_args[0])))
     key = jax.random.PRNGKey(7)
@@ -129,7 +129,7 @@ def main():
     st, m = compiled["policy_update"](state, place({k: batch[k] for k in qargs[1]}, qargs[1]),
                                       place(jax.random.PRNGKey(3), qargs[2]))
     outs["policy_params"], outs["policy_loss"] = st.params, m["actor/loss"]
-    host = {k: [np.asarray(sh.to_host(x), np.float64) for x in jax.tree.leaves(v)]
+    host = {k: [np.asarray(placement.to_host(x), np.float64) for x in jax.tree.leaves(v)]
             for k, v in outs.items()}
     if base is None:
       base = host

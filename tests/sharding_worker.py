@@ -72,7 +72,7 @@ def host_data():
 def build_fns(config, grad_shardings=None):
   """Jittable pure functions of the workload; `grad_shardings` pins gradients to the params' layout."""
   import jax
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import placement
   import jax.numpy as jnp
   import optax
   from jaxrl_dense.models.transformer import forward
@@ -107,14 +107,14 @@ def build_fns(config, grad_shardings=None):
 
   def prm_step(prm_params, opt_state, ref_params, batch):
     loss, grads = jax.value_and_grad(prm_loss)(prm_params, ref_params, batch)
-    grads = sh.constrain(grads, grad_shardings)
+    grads = placement.constrain(grads, grad_shardings)
     updates, opt_state = optimizer.update(grads, opt_state, prm_params)
     return optax.apply_updates(prm_params, updates), opt_state, loss, updates
 
   def policy_step(params, opt_state, batch):
     old_logp = jax.lax.stop_gradient(response_logp(params, batch)) + batch["logp_shift"]
     loss, grads = jax.value_and_grad(ppo_loss)(params, batch, old_logp)
-    grads = sh.constrain(grads, grad_shardings)
+    grads = placement.constrain(grads, grad_shardings)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, updates
 
@@ -129,17 +129,17 @@ def run_workload(mesh, config, params_host, prm_host, data, *, with_generate=Tru
   """
   import jax
   import jax.numpy as jnp
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import rules, placement, inspect
 
-  ps = sh.param_shardings(params_host, config, mesh)
+  ps = rules.param_shardings(params_host, config, mesh)
   optimizer, forward, token_logprobs, prm_step, policy_step = build_fns(config, ps)
-  params = sh.shard_params(params_host, config, mesh)
-  prm = sh.shard_params(prm_host, config, mesh)
-  batch = sh.shard_batch(data, mesh)
-  pol_opt = sh.sharded_opt_init(optimizer, params, mesh)
-  prm_opt = sh.sharded_opt_init(optimizer, prm, mesh)
-  opt_sh = sh.opt_state_shardings(prm_opt, params_host, mesh, param_sharding_tree=ps)
-  rep = sh.replicated(mesh)
+  params = placement.shard_params(params_host, config, mesh)
+  prm = placement.shard_params(prm_host, config, mesh)
+  batch = placement.shard_batch(data, mesh)
+  pol_opt = placement.sharded_opt_init(optimizer, params, mesh)
+  prm_opt = placement.sharded_opt_init(optimizer, prm, mesh)
+  opt_sh = placement.opt_state_shardings(prm_opt, params_host, mesh, param_sharding_tree=ps)
+  rep = placement.replicated(mesh)
   flat = lambda tree: jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
 
   def workload(params, pol_opt, prm, prm_opt, batch):
@@ -162,7 +162,7 @@ def run_workload(mesh, config, params_host, prm_host, data, *, with_generate=Tru
 
   if with_generate:
     from jaxrl_dense.sampling import generate
-    prompt = sh.shard_batch({"t": data["tokens"][:, :P_LEN], "m": data["attention_mask"][:, :P_LEN]}, mesh)
+    prompt = placement.shard_batch({"t": data["tokens"][:, :P_LEN], "m": data["attention_mask"][:, :P_LEN]}, mesh)
     gen = generate(params, config, prompt["t"], prompt["m"], jax.random.PRNGKey(0),
                    max_new_tokens=NEW_TOKENS, temperature=0.0, eos_ids=config.eos_token_ids)
     out["gen_tokens"] = np.asarray(gen.tokens)
@@ -174,9 +174,9 @@ def run_workload(mesh, config, params_host, prm_host, data, *, with_generate=Tru
       "params_keep_sharding": all(
           a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(new_params), jax.tree.leaves(ps))),
       "param_bytes_total": int(sum(x.nbytes for x in jax.tree.leaves(params_host))),
-      "param_bytes_per_device": {str(k): v for k, v in sh.addressable_bytes(params).items()},
+      "param_bytes_per_device": {str(k): v for k, v in inspect.addressable_bytes(params).items()},
       "opt_bytes_total": int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(prm_opt))),
-      "opt_bytes_per_device": {str(k): v for k, v in sh.addressable_bytes(new_prm_opt).items()},
+      "opt_bytes_per_device": {str(k): v for k, v in inspect.addressable_bytes(new_prm_opt).items()},
       # What the PartitionSpecs promise: each leaf's bytes / product of the mesh axes it uses.
       "expected_param_bytes_per_device": int(sum(
           x.nbytes // int(np.prod([mesh.shape[a] for e in s.spec if e is not None
@@ -202,7 +202,7 @@ def init_host(config):
 
 def mode_equivalence(args):
   import jax
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import mesh as mesh_lib, placement
   assert jax.device_count() == 8, jax.devices()
   config = tiny_config()
   params, prm = init_host(config)
@@ -214,7 +214,7 @@ def mode_equivalence(args):
     meshes = [MESHES[0]] + list(meshes)   # the 1x1x1 reference always comes first
   for spec in meshes:
     devices = jax.devices()[:1] if spec == MESHES[0] else None
-    mesh = sh.make_mesh(spec, devices=devices)
+    mesh = mesh_lib.make_mesh(spec, devices=devices)
     out, fact, _ = run_workload(mesh, config, params, prm, data)
     if base is None:
       base = out
@@ -224,10 +224,10 @@ def mode_equivalence(args):
     facts[spec] = fact
   # Error messages that need a real multi-device mesh.
   errors = {}
-  mesh = sh.make_mesh("data:2,fsdp:2,tensor:2")
-  for name, fn in [("batch", lambda: sh.shard_batch({"tokens": np.zeros((6, 4), np.int32)}, mesh)),
-                   ("mesh", lambda: sh.make_mesh("data:3,fsdp:1,tensor:1")),
-                   ("params", lambda: sh.shard_params(params, config, sh.make_mesh("tensor:8")))]:
+  mesh = mesh_lib.make_mesh("data:2,fsdp:2,tensor:2")
+  for name, fn in [("batch", lambda: placement.shard_batch({"tokens": np.zeros((6, 4), np.int32)}, mesh)),
+                   ("mesh", lambda: mesh_lib.make_mesh("data:3,fsdp:1,tensor:1")),
+                   ("params", lambda: placement.shard_params(params, config, mesh_lib.make_mesh("tensor:8")))]:
     try:
       fn()
       errors[name] = None
@@ -245,17 +245,17 @@ def mode_equivalence(args):
 
 def mode_single_or_multi(args):
   import jax
-  from jaxrl_dense.parallel import sharding as sh
+  from jaxrl_dense.parallel import mesh as mesh_lib, placement
   if args.mode == "multi":
-    # Through the environment, as a launcher would set it (sharding.initialize_distributed).
+    # Through the environment, as a launcher would set it (mesh.initialize_distributed).
     os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{args.port}",
                       JAX_NUM_PROCESSES=str(args.num_processes), JAX_PROCESS_ID=str(args.process_id))
-    assert sh.initialize_distributed()
+    assert mesh_lib.initialize_distributed()
   assert jax.device_count() == 8, (jax.device_count(), jax.local_device_count())
   config = tiny_config()
   params, prm = init_host(config)
   data = host_data()
-  mesh = sh.make_mesh(MULTI_MESH)
+  mesh = mesh_lib.make_mesh(MULTI_MESH)
   out, fact, (new_params, new_opt) = run_workload(mesh, config, params, prm, data, with_generate=False)
   summary = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
   summary["process_count"] = jax.process_count()
@@ -266,7 +266,7 @@ def mode_single_or_multi(args):
   from jaxrl_dense.sampling import generate
   bad_mask = data["attention_mask"][:, :P_LEN].copy()
   bad_mask[5] = 0
-  bad = sh.shard_batch({"t": data["tokens"][:, :P_LEN], "m": bad_mask}, mesh)
+  bad = placement.shard_batch({"t": data["tokens"][:, :P_LEN], "m": bad_mask}, mesh)
   try:
     generate(new_params, config, bad["t"], bad["m"], jax.random.PRNGKey(0), max_new_tokens=2)
     summary["sampler_bad_prompt_error"] = None
@@ -283,7 +283,7 @@ def mode_single_or_multi(args):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     restored = ckptr.restore(path, abstract)
     same = jax.tree.map(
-        lambda a, b: bool(jax.jit(lambda x, y: (x == y).all(), out_shardings=sh.replicated(mesh))(a, b)
+        lambda a, b: bool(jax.jit(lambda x, y: (x == y).all(), out_shardings=placement.replicated(mesh))(a, b)
                           .addressable_data(0)), state, restored)
     summary["ckpt_equal"] = all(jax.tree.leaves(same))
     summary["ckpt_sharding_kept"] = all(

@@ -289,7 +289,7 @@ def test_per_row_limits_and_bad_inputs(params, free_running):
 _WORKER = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from jaxrl_dense.parallel import sharding
+    from jaxrl_dense.parallel import mesh as mesh_lib, placement
     from jaxrl_dense.sampling.engine import EngineConfig, run
     from jaxrl_dense.models import ModelConfig, init_params
     assert jax.device_count() == 8
@@ -307,8 +307,8 @@ _WORKER = textwrap.dedent("""
     base, _ = run(p, cfg, tokens, mask, jax.random.PRNGKey(0), **kw)
     res = {}
     for spec in ("data:8,fsdp:1,tensor:1", "data:2,fsdp:2,tensor:2"):
-      mesh = sharding.make_mesh(spec)
-      out, stats = run(sharding.shard_params(p, cfg, mesh), cfg, tokens, mask, jax.random.PRNGKey(0),
+      mesh = mesh_lib.make_mesh(spec)
+      out, stats = run(placement.shard_params(p, cfg, mesh), cfg, tokens, mask, jax.random.PRNGKey(0),
                        mesh=mesh, **kw)
       res[spec] = dict(same=bool(np.array_equal(np.asarray(out.tokens), np.asarray(base.tokens))),
                        lp=float(np.abs(np.asarray(out.logprobs) - np.asarray(base.logprobs)).max()),

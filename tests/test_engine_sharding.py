@@ -23,7 +23,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib
 from jaxrl_dense.sampling.engine import engine as eng
 from jaxrl_dense.sampling.engine.page_table import pages_for
 from jaxrl_dense.models import ModelConfig
@@ -49,12 +49,12 @@ def summary(tmp_path_factory):
 
 
 def test_pool_spec_splits_pages_over_row_axes_and_kv_heads_over_tensor():
-  m = AbstractMesh((2, 2, 2), sh.AXES)
+  m = AbstractMesh((2, 2, 2), mesh_lib.AXES)
   assert eng.row_shards(m) == 4 and eng.row_shards(None) == 1
   assert eng.pool_spec(m, CFG) == P("tensor", ("data", "fsdp"), None, None)
-  assert eng.pool_spec(AbstractMesh((1, 8, 1), sh.AXES), CFG) == P(None, "fsdp", None, None)
+  assert eng.pool_spec(AbstractMesh((1, 8, 1), mesh_lib.AXES), CFG) == P(None, "fsdp", None, None)
   # 2 kv heads cannot split 4 ways: heads stay whole, pages still split by rows.
-  assert eng.pool_spec(AbstractMesh((2, 1, 4), sh.AXES), CFG) == P(None, "data", None, None)
+  assert eng.pool_spec(AbstractMesh((2, 1, 4), mesh_lib.AXES), CFG) == P(None, "data", None, None)
 
 
 def test_7b_call_pool_per_device_figures():
@@ -71,7 +71,7 @@ def test_7b_call_pool_per_device_figures():
   per_shard = eng._default_num_pages(EngineConfig(page_size=16, max_slots=prompts * n // s),
                                      [plen] * (prompts // s), n, new)
   shape = (mc.num_kv_heads, s * per_shard, 16, mc.head_dim)
-  mesh = AbstractMesh((1, 8, 1), sh.AXES)
+  mesh = AbstractMesh((1, 8, 1), mesh_lib.AXES)
   local = jax.sharding.NamedSharding(mesh, eng.pool_spec(mesh, mc)).shard_shape(shape)
   layer = 2 * 2   # k and v, bfloat16
   whole, device = (layer * mc.num_layers * math.prod(x) / 2**30 for x in (shape, local))
@@ -97,7 +97,7 @@ def test_sharded_engine_equals_one_device(summary):
   assert summary["devices"] == 8 and summary["distinct_rows"] > 4
   for spec in MESHES:
     run = summary["runs"][spec]
-    sizes = sh.parse_mesh_spec(spec, 8)
+    sizes = mesh_lib.parse_mesh_spec(spec, 8)
     s = sizes["data"] * sizes["fsdp"]
     assert run["same_tokens"] and run["same_mask"], spec   # greedy: exact tokens
     assert run["max_logprob_diff"] < 1e-4, (spec, run["max_logprob_diff"])

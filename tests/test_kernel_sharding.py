@@ -2,7 +2,7 @@
 
 A `pallas_call` has no partitioning rule: called on sharded operands, XLA gathers them whole
 onto every device (for the decode kernel: every layer's KV cache, every step). The kernels are
-therefore wrapped in `jax.shard_map` by `sharding.shard_kernel`. tests/kernel_shard_worker.py runs
+therefore wrapped in `jax.shard_map` by `rules.shard_kernel`. tests/kernel_shard_worker.py runs
 the Pallas GPU decode kernel, the engine's Pallas GPU paged attention and TPU splash attention
 (all three in the Pallas interpreter) under four meshes and reports values, where each
 pallas_call sits, the partitioned program's collectives and the arguments' per-device bytes.
@@ -19,7 +19,7 @@ import sys
 import pytest
 from jax.sharding import AbstractMesh
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib, rules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,19 +45,19 @@ def _split(axes, name, sizes):
 
 
 def test_kernel_axes_split_rows_and_whole_query_groups():
-  ax = sh.kernel_axes(AbstractMesh((2, 2, 2), sh.AXES), batch=8, num_heads=8, num_kv_heads=4)
+  ax = rules.kernel_axes(AbstractMesh((2, 2, 2), mesh_lib.AXES), batch=8, num_heads=8, num_kv_heads=4)
   assert ax == {"batch": ("data", "fsdp"), "heads": "tensor", "kv_heads": "tensor"}
   # 6 rows on data:2,fsdp:2 -> only data divides; kv heads 2 on tensor:4 -> heads stay whole
   # (splitting query heads alone would pair shard i's queries with another shard's keys).
-  ax = sh.kernel_axes(AbstractMesh((2, 2, 4), sh.AXES), batch=6, num_heads=8, num_kv_heads=2)
+  ax = rules.kernel_axes(AbstractMesh((2, 2, 4), mesh_lib.AXES), batch=6, num_heads=8, num_kv_heads=2)
   assert ax == {"batch": "data", "heads": None, "kv_heads": None}
-  ax = sh.kernel_axes(AbstractMesh((1, 8, 1), sh.AXES), batch=3, num_heads=8, num_kv_heads=8)
+  ax = rules.kernel_axes(AbstractMesh((1, 8, 1), mesh_lib.AXES), batch=3, num_heads=8, num_kv_heads=8)
   assert ax == {"batch": None, "heads": None, "kv_heads": None}
 
 
 def test_shard_kernel_is_the_function_itself_without_a_mesh():
   f = lambda x: x
-  assert sh.shard_kernel(f, (("batch",),), ("batch",), batch=2, num_heads=1, num_kv_heads=1) is f
+  assert rules.shard_kernel(f, (("batch",),), ("batch",), batch=2, num_heads=1, num_kv_heads=1) is f
 
 
 @pytest.mark.slow
@@ -69,7 +69,7 @@ def test_pallas_kernels_run_per_shard_on_8_devices(summary):
   assert set(summary["results"]) == {"data:2,fsdp:2,tensor:2", "fsdp:8", "data:4,tensor:2",
                                      "fsdp:2,tensor:4"}
   for spec, res in summary["results"].items():
-    sizes = sh.parse_mesh_spec(spec, 8)
+    sizes = mesh_lib.parse_mesh_spec(spec, 8)
     rows, heads = _split(res["axes"], "batch", sizes), _split(res["axes"], "heads", sizes)
     assert rows * heads == 8, (spec, res["axes"])  # every mesh here splits all 8 ways
     local = {"decode": [[b // rows, h // heads, hd], [b // rows, hkv // heads, 64, hd]],

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
 from jaxrl_dense.parallel import plan as plan_lib
 from jaxrl_dense.models.config import ModelConfig
 from jaxrl_dense.models.transformer import init_params
@@ -70,7 +70,7 @@ def dims(summary):
 
 
 def split(spec):
-  sizes = sh.parse_mesh_spec(spec, 8 if spec != BASE else 1)
+  sizes = mesh_lib.parse_mesh_spec(spec, 8 if spec != BASE else 1)
   return sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes
 
 
@@ -236,51 +236,51 @@ TINY = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=64, intermedi
 
 
 def test_logical_to_spec():
-  mesh = AbstractMesh((2, 2, 2), sh.AXES)
-  assert sh.logical_to_spec(("batch", "length", "act_embed"), (8, 5, 64), mesh) == P(("data", "fsdp"), None, None)
-  assert sh.logical_to_spec(("batch", "length", "heads", None), (2, 5, 4, 10), mesh) == P("data", None, "tensor", None)
-  assert sh.logical_to_spec(("batch", "kv_heads"), (3, 3), mesh) == P(None, None)   # indivisible: whole
-  fsdp = AbstractMesh((1, 8, 1), sh.AXES)
-  assert sh.logical_to_spec(("batch", "mlp"), (16, 96), fsdp) == P("fsdp", None)
-  assert sh.logical_to_spec(sh.KV_CACHE_AXES, (2, 16, 2, 18, 10), mesh) == \
+  mesh = AbstractMesh((2, 2, 2), mesh_lib.AXES)
+  assert rules.logical_to_spec(("batch", "length", "act_embed"), (8, 5, 64), mesh) == P(("data", "fsdp"), None, None)
+  assert rules.logical_to_spec(("batch", "length", "heads", None), (2, 5, 4, 10), mesh) == P("data", None, "tensor", None)
+  assert rules.logical_to_spec(("batch", "kv_heads"), (3, 3), mesh) == P(None, None)   # indivisible: whole
+  fsdp = AbstractMesh((1, 8, 1), mesh_lib.AXES)
+  assert rules.logical_to_spec(("batch", "mlp"), (16, 96), fsdp) == P("fsdp", None)
+  assert rules.logical_to_spec(rules.KV_CACHE_AXES, (2, 16, 2, 18, 10), mesh) == \
       P(None, ("data", "fsdp"), "tensor", None, None)
 
 
 def test_constraints_are_no_ops_without_a_mesh():
   x = np.ones((4, 3, 2), np.float32)
-  assert sh.current_mesh() is None
-  assert sh.with_logical_constraint(x, ("batch", "length", "act_embed")) is x
+  assert mesh_lib.current_mesh() is None
+  assert rules.with_logical_constraint(x, ("batch", "length", "act_embed")) is x
   with pytest.raises(ValueError, match="one name"):
-    sh.with_logical_constraint(x, ("batch",))
+    rules.with_logical_constraint(x, ("batch",))
   with pytest.raises(ValueError, match="expected \\[L, B, Hkv, S, hd\\]"):
-    sh.constrain_kv_cache(x)
+    rules.constrain_kv_cache(x)
 
 
 def test_inference_layouts():
   params = jax.eval_shape(lambda k: init_params(TINY, k), jax.random.PRNGKey(0))
-  mesh = AbstractMesh((2, 2, 2), sh.AXES)
+  mesh = AbstractMesh((2, 2, 2), mesh_lib.AXES)
   total = plan_lib.global_bytes(params)
-  shard, layout = sh.inference_shardings(params, TINY, mesh)
+  shard, layout = inference.inference_shardings(params, TINY, mesh)
   assert layout == "replicated" and all(s.spec == P() for s in jax.tree.leaves(shard))
-  _, layout = sh.inference_shardings(params, TINY, mesh, max_bytes=total // 2 + 4096)
+  _, layout = inference.inference_shardings(params, TINY, mesh, max_bytes=total // 2 + 4096)
   assert layout == "tensor"
-  tp, _ = sh.inference_shardings(params, TINY, mesh, layout="tensor")
+  tp, _ = inference.inference_shardings(params, TINY, mesh, layout="tensor")
   assert tp["layers"]["mlp"]["gate_proj"]["kernel"].spec == P(None, None, "tensor")   # width whole
   assert tp["layers"]["self_attn"]["o_proj"]["kernel"].spec == P(None, "tensor", None)
-  _, layout = sh.inference_shardings(params, TINY, mesh, max_bytes=total // 4 + 4096)
+  _, layout = inference.inference_shardings(params, TINY, mesh, max_bytes=total // 4 + 4096)
   assert layout == "train"
-  _, layout = sh.inference_shardings(params, TINY, mesh, max_bytes=total // 2 + 4096, dtype="bfloat16")
+  _, layout = inference.inference_shardings(params, TINY, mesh, max_bytes=total // 2 + 4096, dtype="bfloat16")
   assert layout == "replicated"   # bf16 halves the copy: now it fits whole
   with pytest.raises(ValueError, match="more than max_bytes=10"):
-    sh.inference_shardings(params, TINY, mesh, max_bytes=10)
+    inference.inference_shardings(params, TINY, mesh, max_bytes=10)
   with pytest.raises(ValueError, match="layout='fast'"):
-    sh.inference_shardings(params, TINY, mesh, layout="fast")
+    inference.inference_shardings(params, TINY, mesh, layout="fast")
 
 
 def test_inference_params_casts_once_on_one_device():
   params = init_params(TINY, jax.random.PRNGKey(0))
-  mesh = sh.make_mesh("data:1")
-  out = sh.inference_params(params, TINY, mesh, dtype="bfloat16")
+  mesh = mesh_lib.make_mesh("data:1")
+  out = inference.inference_params(params, TINY, mesh, dtype="bfloat16")
   leaf = out["layers"]["mlp"]["up_proj"]["kernel"]
   assert leaf.dtype == jax.numpy.bfloat16
   np.testing.assert_allclose(np.asarray(leaf, np.float32),
@@ -318,13 +318,13 @@ def test_hlo_collective_parser():
 def test_constrain_like_params():
   params = init_params(TINY, jax.random.PRNGKey(0))
   grads = jax.tree.map(lambda x: x * 0 + 1, params)
-  assert sh.constrain_like_params(grads, params, TINY) is grads    # no mesh: untouched
-  mesh = sh.make_mesh("data:1")
-  shardings = sh.param_shardings(params, TINY, mesh)
-  out = jax.jit(lambda g: sh.constrain_like_params(g, shardings))(grads)
+  assert placement.constrain_like_params(grads, params, TINY) is grads    # no mesh: untouched
+  mesh = mesh_lib.make_mesh("data:1")
+  shardings = rules.param_shardings(params, TINY, mesh)
+  out = jax.jit(lambda g: placement.constrain_like_params(g, shardings))(grads)
   assert all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), out,
                                           shardings)))
-  with sh.use_mesh(mesh):   # params + config: shardings from the context mesh
-    out2 = jax.jit(lambda g: sh.constrain_like_params(g, params, TINY))(grads)
+  with mesh_lib.use_mesh(mesh):   # params + config: shardings from the context mesh
+    out2 = jax.jit(lambda g: placement.constrain_like_params(g, params, TINY))(grads)
   for a, b in zip(jax.tree.leaves(out2), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from jaxrl_dense import sampling
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import rules
 from jaxrl_dense.models import ModelConfig, init_params, lora, token_logprobs, transformer
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
@@ -168,7 +168,7 @@ def test_sampler_uses_adapters_without_recompiling(base):
 def test_adapter_sharding_follows_the_base_matrix():
   mesh = jax.sharding.AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))
   ad = jax.eval_shape(lambda: lora.init_adapters(CONFIG, ALL, jax.random.PRNGKey(0)))
-  specs = sharding.param_specs(ad, CONFIG, mesh)
+  specs = rules.param_specs(ad, CONFIG, mesh)
   P = jax.sharding.PartitionSpec
   sa, mlp = specs["layers"]["self_attn"], specs["layers"]["mlp"]
   assert sa["q_proj"]["lora_a"] == P(None, "fsdp", None)  # [L, D, r]: D like the kernel's input
@@ -181,7 +181,7 @@ def test_adapter_sharding_follows_the_base_matrix():
   cfg64 = CONFIG.replace(vocab_size=64)  # the embedding needs a vocabulary tensor=2 divides
   attached = jax.eval_shape(lambda: lora.attach(init_params(cfg64, jax.random.PRNGKey(0)),
                                                 lora.init_adapters(cfg64, ALL, jax.random.PRNGKey(0)), ALL))
-  aspecs = sharding.param_specs(attached, cfg64, mesh)
+  aspecs = rules.param_specs(attached, cfg64, mesh)
   assert aspecs["lora"]["layers"]["self_attn"]["k_proj"]["lora_b"] == P(None, None, "tensor")
 
 

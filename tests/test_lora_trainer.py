@@ -101,14 +101,14 @@ def test_lora_step_trains_only_adapters_and_starts_at_the_full_model():
 
 def test_lora_update_on_a_mesh_keeps_the_adapter_layout():
   """The jitted update compiled on an fsdp mesh: adapters and their AdamW moments come out with the
-  sharding of `sharding.param_specs` (lora_a along the base kernel's input axis, lora_b along its
+  sharding of `rules.param_specs` (lora_a along the base kernel's input axis, lora_b along its
   output), read from the compiled program's output shardings.
 
   Compiled, not executed: XLA's CPU runtime can deadlock a multi-device program on simulated
   devices when the host is loaded (two concurrent all-gathers each wait for the other device;
   the rendezvous aborts the process after 40 s). Values on a mesh are covered by the sharded ==
   unsharded tests in test_sharding.py; this test is about layout."""
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
   if len(jax.devices()) < 2:  # re-run this test in a process with 2 simulated CPU devices
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
@@ -117,18 +117,18 @@ def test_lora_update_on_a_mesh_keeps_the_adapter_layout():
                        capture_output=True, text=True, timeout=900, cwd=str(REPO), env=env)
     assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     return
-  mesh = sharding.make_mesh(f"data:1,fsdp:2,tensor:1", devices=jax.devices()[:2])
+  mesh = mesh_lib.make_mesh(f"data:1,fsdp:2,tensor:1", devices=jax.devices()[:2])
   cfg = _cfg(lora_rank=4, prm_lora_rank=4)
   init_fn, update_fn = prime.make_prime(TINY, cfg, mesh=mesh)
-  base = sharding.shard_params(lora.freeze_base(_params(), TINY)[0], TINY, mesh)
-  ad = lambda i: sharding.shard_params(lora.init_adapters(TINY, cfg.policy_lora, jax.random.PRNGKey(i)),
+  base = placement.shard_params(lora.freeze_base(_params(), TINY)[0], TINY, mesh)
+  ad = lambda i: placement.shard_params(lora.init_adapters(TINY, cfg.policy_lora, jax.random.PRNGKey(i)),
                                        TINY, mesh)
   state = init_fn(ad(1), ad(2), base)
-  compiled = update_fn.lower(state, sharding.shard_batch(_batch(), mesh), jax.random.PRNGKey(3)).compile()
+  compiled = update_fn.lower(state, placement.shard_batch(_batch(), mesh), jax.random.PRNGKey(3)).compile()
   out_state = compiled.output_shardings[0]
   for which in ("policy", "prm"):
     got = getattr(out_state, which)
-    want = sharding.param_shardings(getattr(state, which).params, TINY, mesh)
+    want = rules.param_shardings(getattr(state, which).params, TINY, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(getattr(state, which).params)
     assert any("lora_a" in jax.tree_util.keystr(p) for p, _ in leaves)
     for (path, x), s, w in zip(leaves, jax.tree.leaves(got.params), jax.tree.leaves(want)):

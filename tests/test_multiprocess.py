@@ -108,7 +108,7 @@ PRIME_MESH = "data:2,fsdp:4"  # fsdp inside a process, data across the two proce
 def _start(name, args, tmp_path, *, num_processes=1, devices=8):
   """Starts prime_math.py: one process with `devices` devices, or `num_processes` processes
   (jax.distributed through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
-  sharding.initialize_distributed reads). Output goes to files (Orbax logs a lot to stderr)."""
+  mesh.initialize_distributed reads). Output goes to files (Orbax logs a lot to stderr)."""
   port = free_port()
   procs = []
   for pid in range(num_processes):

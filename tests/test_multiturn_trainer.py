@@ -183,15 +183,15 @@ def test_eval_runs_the_same_episodes_and_scores_model_turns_only(monkeypatch, tm
 def test_the_planned_update_takes_multi_turn_batches():
   """--aot / the memory plan lower the update an --env run runs: its abstract batch carries the
   observation mask, the turn ids and (MatchTIR / IGPO) the turn rewards."""
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib
   from jaxrl_dense.rl import setup
   cfg = _config(advantage="igpo")
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
   update_fn, (state, batch, key), _, _ = setup.abstract_update(cfg, mesh)
   rows, R = cfg.prime.rollout.rows, cfg.prime.rollout.max_response_length
   assert batch.observation_mask.shape == (rows, R) and batch.turn_ids.dtype == np.int32
   assert batch.turn_rewards.shape == (rows, cfg.prime.rollout.max_turns)
-  with sharding.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     lowered = update_fn.lower(state, batch, key)
   flat = jax.tree.leaves(lowered.args_info)  # the turn arrays are arguments of the program
   assert sum(1 for a in flat if tuple(a.shape) == (rows, cfg.prime.rollout.max_turns)) == 1

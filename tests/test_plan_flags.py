@@ -106,7 +106,7 @@ _WORKER = textwrap.dedent("""
     from jax.extend import core as jex_core
     from jaxrl_dense import sampling
     from jaxrl_dense.sampling import static as sampling_static
-    from jaxrl_dense.parallel import sharding
+    from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
     from jaxrl_dense.parallel import plan as sp
     from jaxrl_dense.models import ModelConfig, attention, init_params, transformer
     from jaxrl_dense.rl import config as config_lib, setup
@@ -125,14 +125,14 @@ _WORKER = textwrap.dedent("""
     # device, the KV cache's per-device shapes and every collective, on the training mesh
     # (replicated copy) and on the flag file's rollout mesh (tensor-parallel copy).
     mc = dataclasses.replace(setup._plan_model_config(cfg, [])[0], num_layers=2)
-    train = sharding.make_mesh(cfg.mesh)
+    train = mesh_lib.make_mesh(cfg.mesh)
     sizes = dict(batch_size=64, prompt_len=32, response_len=48, micro_batch_size=8, num_samples=4)
     out["sizes"] = sizes
     out["model"] = {k: getattr(mc, k) for k in ("hidden_size", "intermediate_size", "vocab_size",
                                                 "num_heads", "num_kv_heads", "head_dim")}
 
     def compile_gen(spec):
-      mesh, layout = sharding.rollout_mesh_layout(mc, train, spec)
+      mesh, layout = inference.rollout_mesh_layout(mc, train, spec)
       gen = sp.rl_step_programs(mc, mesh, rollout_layout="inference" if layout == "auto" else layout,
                                 rollout_dtype="bfloat16", **sizes)["generate"]
       jax.clear_caches()
@@ -142,13 +142,13 @@ _WORKER = textwrap.dedent("""
       out[name] = compile_gen(spec)
     # Controls, the same compile with one piece of the layout removed:
     # (a) the KV cache constrained with its rows whole (kv heads still over tensor);
-    real_cache = sharding.constrain_kv_cache
-    sharding.constrain_kv_cache = lambda x: sharding.with_logical_constraint(
+    real_cache = rules.constrain_kv_cache
+    rules.constrain_kv_cache = lambda x: rules.with_logical_constraint(
         x, (None, None, "kv_heads", None, None)[5 - x.ndim:])
     try:
       out["control_cache"] = compile_gen(cfg.rollout_mesh)
     finally:
-      sharding.constrain_kv_cache = real_cache
+      rules.constrain_kv_cache = real_cache
     # (b) the LM head's logits left unconstrained (before they were vocabulary-parallel).
     real_head = transformer.logits_from_hidden
     def whole_vocab_head(params, config, hidden):
@@ -166,14 +166,14 @@ _WORKER = textwrap.dedent("""
     # 2. A tiny model: the copy on data:4 x tensor:2 samples what the replicated copy samples.
     tiny = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
-    masters = sharding.shard_params(init_params(tiny, jax.random.PRNGKey(0)), tiny, train)
+    masters = placement.shard_params(init_params(tiny, jax.random.PRNGKey(0)), tiny, train)
     tokens = np.random.RandomState(0).randint(1, 96, (8, 6)).astype(np.int32)
     mask = np.ones_like(tokens)
     res = {}
     for name, spec in (("replicated", ""), ("tensor", "data:4,fsdp:1,tensor:2")):
-      mesh, layout = sharding.rollout_mesh_layout(tiny, train, spec)
-      copy = sharding.rollout_params(masters, tiny, mesh, layout=layout)
-      out[name + "_mesh"] = dict(sharding.mesh_of(copy).shape)
+      mesh, layout = inference.rollout_mesh_layout(tiny, train, spec)
+      copy = inference.rollout_params(masters, tiny, mesh, layout=layout)
+      out[name + "_mesh"] = dict(mesh_lib.mesh_of(copy).shape)
       g = sampling.generate(copy, tiny, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=16,
                             temperature=1.0, num_samples=2)
       res[name] = (np.asarray(g.tokens), np.asarray(g.logprobs))
@@ -200,8 +200,8 @@ _WORKER = textwrap.dedent("""
       calls.append((a, k))
       return real_gen(*a, **k)
 
-    mesh, layout = sharding.rollout_mesh_layout(tiny, train, "data:4,fsdp:1,tensor:2")
-    copy = sharding.rollout_params(masters, tiny, mesh, layout=layout)
+    mesh, layout = inference.rollout_mesh_layout(tiny, train, "data:4,fsdp:1,tensor:2")
+    copy = inference.rollout_params(masters, tiny, mesh, layout=layout)
     os.environ["JAXRL_DECODE_ATTENTION"] = "pallas"
     jax.clear_caches()
     sampling_static._generate_jit = spy  # the static sampler looks it up in its own module
@@ -209,15 +209,15 @@ _WORKER = textwrap.dedent("""
       g = sampling.generate(copy, tiny, tokens, mask, jax.random.PRNGKey(1), max_new_tokens=16,
                             temperature=1.0, num_samples=2)
       a, k = calls[-1]
-      with sharding.use_mesh(mesh):
+      with mesh_lib.use_mesh(mesh):
         psites = pallas_sites(jax.make_jaxpr(functools.partial(real_gen, **k))(*a).jaxpr)
-        real_shard = sharding.shard_kernel   # control: the bare kernel on the same operands
-        sharding.shard_kernel = lambda fn, *a_, **k_: fn
+        real_shard = rules.shard_kernel   # control: the bare kernel on the same operands
+        rules.shard_kernel = lambda fn, *a_, **k_: fn
         jax.clear_caches()
         try:
           bare_sites = pallas_sites(jax.make_jaxpr(functools.partial(real_gen, **k))(*a).jaxpr)
         finally:
-          sharding.shard_kernel = real_shard
+          rules.shard_kernel = real_shard
     finally:
       sampling_static._generate_jit = real_gen
       del os.environ["JAXRL_DECODE_ATTENTION"]
@@ -230,7 +230,7 @@ _WORKER = textwrap.dedent("""
                      "rows": int(tokens.shape[0] * 2), "heads": tiny.num_heads,
                      "kv_heads": tiny.num_kv_heads, "head_dim": tiny.head_dim}
     try:  # a tensor size that does not divide the kv heads is refused before any work
-      sharding.rollout_mesh_layout(tiny, train, "data:2,tensor:4")
+      inference.rollout_mesh_layout(tiny, train, "data:2,tensor:4")
     except ValueError as e:
       out["refused"] = str(e)
     print("RESULT " + json.dumps(out))

@@ -281,7 +281,7 @@ def test_refuses_missing_trunk_tensor_and_missing_path(tmp_path):
 _SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from jaxrl_dense.parallel import sharding as sh
+    from jaxrl_dense.parallel import mesh as mesh_lib, placement
     from jaxrl_dense.models import prm_head
     prm = prm_head.load_discriminative_prm(sys.argv[1], require_tokenizer=False)
     tokens = np.array(json.loads(sys.argv[2]), np.int32); mask = (tokens > 0).astype(np.int32)
@@ -289,10 +289,10 @@ _SHARD_SCRIPT = textwrap.dedent("""
     ref = np.asarray(prm_head.prm_step_rewards(prm, tokens, mask, pos))
     out = {}
     for spec in ("fsdp:2", "tensor:2"):
-      mesh = sh.make_mesh(spec)
-      params = sh.shard_params(prm.params, prm.config, mesh)
-      sharded = prm._replace(params=params, head=jax.device_put(prm.head, sh.replicated(mesh)))
-      with sh.use_mesh(mesh):
+      mesh = mesh_lib.make_mesh(spec)
+      params = placement.shard_params(prm.params, prm.config, mesh)
+      sharded = prm._replace(params=params, head=jax.device_put(prm.head, placement.replicated(mesh)))
+      with mesh_lib.use_mesh(mesh):
         got = np.asarray(prm_head.prm_step_rewards(sharded, tokens, mask, pos))
       out[spec] = [float(np.abs(got - ref).max()), len(params["layers"]["mlp"]["up_proj"]["kernel"]
                                                         .sharding.device_set)]

@@ -227,10 +227,10 @@ def test_layout_is_decided_at_build_time_and_the_state_is_placed_into_it():
   """make_prime decides the state's shardings from abstract shapes (no params seen), init_fn
   places unplaced params into them, and the ONE jitted update keeps that layout; a params tree of
   another structure is named. The PRM and policy passes share one shape."""
-  from jaxrl_dense.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.parallel import mesh as mesh_lib, placement  # pylint: disable=import-outside-toplevel
   mc = models.ModelConfig(**TINY)
   cfg = _cfg(mini_batch_size=8)
-  mesh = sharding.make_mesh("data:1,fsdp:1,tensor:1")
+  mesh = mesh_lib.make_mesh("data:1,fsdp:1,tensor:1")
   built = prime.make_prime(mc, cfg, mesh=mesh)
   init_fn, update_fn = built  # unpacks as the pair
   lay = built.state_shardings
@@ -240,7 +240,7 @@ def test_layout_is_decided_at_build_time_and_the_state_is_placed_into_it():
   state = init_fn(p(), p(), p())
   placed = jax.tree.map(lambda x: x.sharding, state)
   assert jax.tree.leaves(placed) == jax.tree.leaves(lay, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-  new, metrics = update_fn(state, sharding.shard_batch(_batch(), mesh), jax.random.PRNGKey(3))
+  new, metrics = update_fn(state, placement.shard_batch(_batch(), mesh), jax.random.PRNGKey(3))
   assert jax.tree.map(lambda x: x.sharding, new) == placed
   assert int(new.policy.step) == 1 and np.isfinite(float(metrics["actor/loss"]))
   bad = p()

@@ -1,5 +1,5 @@
 """The rollout samples from a compute-dtype copy of the policy in the decode layout:
-the trainer hands `rollout.collect` the copy made by `sharding.rollout_params` (bf16
+the trainer hands `rollout.collect` the copy made by `inference.rollout_params` (bf16
 matrices with --dtype=bfloat16, not the float32 masters), the samples are the ones the masters
 give, and the memory plan compiles the sampler on the same copy."""
 import pathlib
@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, inference
 from jaxrl_dense.models import config as mc_lib
 from jaxrl_dense.models import transformer
 from jaxrl_dense.rl import config as config_lib
@@ -20,14 +20,14 @@ def test_rollout_params_cast_matrices_only_and_place_them():
   mc = mc_lib.ModelConfig(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32,
                           num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
   params = transformer.init_params(mc, jax.random.PRNGKey(0))
-  mesh = sharding.make_mesh("data:1")
-  copy = sharding.rollout_params(params, mc, mesh, dtype="bfloat16")
+  mesh = mesh_lib.make_mesh("data:1")
+  copy = inference.rollout_params(params, mc, mesh, dtype="bfloat16")
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(copy)):
     assert y.dtype == (jnp.bfloat16 if x.ndim >= 2 else x.dtype)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x.astype(y.dtype), np.float32))
-  same = sharding.rollout_params(params, mc, mesh, dtype="float32")
+  same = inference.rollout_params(params, mc, mesh, dtype="float32")
   assert all(y.dtype == x.dtype for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(same)))
-  assert isinstance(sharding.rollout_params({"lora": {}, "base": 1}, mc, mesh, dtype="bfloat16"), dict)
+  assert isinstance(inference.rollout_params({"lora": {}, "base": 1}, mc, mesh, dtype="bfloat16"), dict)
 
 
 def test_trainer_samples_from_the_bf16_copy_and_gets_the_masters_samples():
@@ -61,12 +61,12 @@ def test_trainer_samples_from_the_bf16_copy_and_gets_the_masters_samples():
     # same values in every matmul; XLA may fuse the casts differently (1 float32 ulp seen)
     np.testing.assert_allclose(a.sampler_logp, b.sampler_logp, rtol=1e-6, atol=1e-6)
     made = []   # the copy is made once per rollout (one train step here)
-    real_copy = sharding.rollout_params
-    sharding.rollout_params = lambda *a, **k: made.append(1) or real_copy(*a, **k)
+    real_copy = inference.rollout_params
+    inference.rollout_params = lambda *a, **k: made.append(1) or real_copy(*a, **k)
     try:
       run.train_step()
     finally:
-      sharding.rollout_params = real_copy
+      inference.rollout_params = real_copy
     assert len(made) == 1, len(made)
     assert {x.dtype for x in jax.tree.leaves(seen["args"][0]) if x.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
   finally:

@@ -1,4 +1,5 @@
-"""Tests of jaxrl_dense.parallel.sharding.
+"""Tests of jaxrl_dense.parallel's mesh, rules, placement and inspect modules (and the deprecated
+`parallel.sharding` facade that forwards their former names).
 
 In-process tests check mesh parsing, the partition rules on real model trees (built with
 `jax.eval_shape`, nothing allocated) and the error messages. The sharded == unsharded checks need
@@ -18,7 +19,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from jaxrl_dense.parallel import sharding as sh
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.models.config import ModelConfig
 from jaxrl_dense.models.transformer import init_params
 
@@ -35,7 +36,7 @@ QWEN_7B = ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, i
 
 
 def abstract_mesh(data=1, fsdp=1, tensor=1):
-  return AbstractMesh((data, fsdp, tensor), sh.AXES)
+  return AbstractMesh((data, fsdp, tensor), mesh_lib.AXES)
 
 
 def shapes(config):
@@ -53,9 +54,9 @@ def spec_of(specs, *keys):
 # ---------------------------------------------------------------------------------------------
 
 def test_parse_mesh_spec_sizes_and_rest():
-  assert sh.parse_mesh_spec("data:2,fsdp:4,tensor:1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-  assert sh.parse_mesh_spec("fsdp:-1,tensor:2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
-  assert sh.parse_mesh_spec(" tensor:2 , data:-1 ", 16) == {"data": 8, "fsdp": 1, "tensor": 2}
+  assert mesh_lib.parse_mesh_spec("data:2,fsdp:4,tensor:1", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert mesh_lib.parse_mesh_spec("fsdp:-1,tensor:2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert mesh_lib.parse_mesh_spec(" tensor:2 , data:-1 ", 16) == {"data": 8, "fsdp": 1, "tensor": 2}
 
 
 @pytest.mark.parametrize("spec, n, words", [
@@ -72,18 +73,18 @@ def test_parse_mesh_spec_sizes_and_rest():
 ])
 def test_parse_mesh_spec_errors(spec, n, words):
   with pytest.raises(ValueError) as e:
-    sh.parse_mesh_spec(spec, n)
+    mesh_lib.parse_mesh_spec(spec, n)
   for w in words:
     assert w in str(e.value), str(e.value)
 
 
 def test_make_mesh_one_device():
-  mesh = sh.make_mesh("data:1,fsdp:1,tensor:1")
-  assert mesh.axis_names == sh.AXES and mesh.devices.shape == (1, 1, 1)
-  mesh = sh.make_mesh("data:-1", devices=jax.devices()[:1])
+  mesh = mesh_lib.make_mesh("data:1,fsdp:1,tensor:1")
+  assert mesh.axis_names == mesh_lib.AXES and mesh.devices.shape == (1, 1, 1)
+  mesh = mesh_lib.make_mesh("data:-1", devices=jax.devices()[:1])
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
   with pytest.raises(ValueError, match="multiply to 2"):
-    sh.make_mesh("data:2")
+    mesh_lib.make_mesh("data:2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def test_make_mesh_one_device():
 # ---------------------------------------------------------------------------------------------
 
 def test_rules_on_qwen_7b_tree():
-  specs = sh.param_specs(shapes(QWEN_7B), QWEN_7B, abstract_mesh(data=2, fsdp=8, tensor=4))
+  specs = rules.param_specs(shapes(QWEN_7B), QWEN_7B, abstract_mesh(data=2, fsdp=8, tensor=4))
   assert spec_of(specs, "embed_tokens", "embedding") == P("tensor", "fsdp")          # [V, D]
   assert spec_of(specs, "lm_head", "kernel") == P("fsdp", "tensor")                  # [D, V]
   attn = spec_of(specs, "layers", "self_attn")                                        # leading [L]
@@ -115,7 +116,7 @@ def test_rules_on_torch_layout_and_split_heads():
   tree = {"model": {"q_proj": {"weight": np.zeros((32, 16))},
                     "k_proj": {"kernel": np.zeros((16, 2, 8))},
                     "mystery": np.zeros((5, 7))}}
-  specs = sh.param_specs(tree, cfg, mesh)
+  specs = rules.param_specs(tree, cfg, mesh)
   assert specs["model"]["q_proj"]["weight"] == P("tensor", "fsdp")
   assert specs["model"]["k_proj"]["kernel"] == P("fsdp", "tensor", None)
   assert specs["model"]["mystery"] == P(None, None)
@@ -124,14 +125,14 @@ def test_rules_on_torch_layout_and_split_heads():
 def test_params_config_mismatch_is_an_error():
   params = shapes(QWEN_05B)
   with pytest.raises(ValueError, match="does not fit the config"):
-    sh.param_specs(params, QWEN_05B.replace(num_kv_heads=1), abstract_mesh())
+    rules.param_specs(params, QWEN_05B.replace(num_kv_heads=1), abstract_mesh())
   # Non-strict (optimizer states, arbitrary trees): the odd leaf is replicated instead.
-  specs = sh.param_specs(params, QWEN_05B.replace(num_kv_heads=1), abstract_mesh(), strict=False)
+  specs = rules.param_specs(params, QWEN_05B.replace(num_kv_heads=1), abstract_mesh(), strict=False)
   assert specs["layers"]["self_attn"]["k_proj"]["kernel"] == P(None, None, None)
 
 
 def test_pure_data_parallel_replicates_params():
-  specs = sh.param_specs(shapes(QWEN_05B), QWEN_05B, abstract_mesh(data=8))
+  specs = rules.param_specs(shapes(QWEN_05B), QWEN_05B, abstract_mesh(data=8))
   assert all(s == P(*([None] * len(s))) for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))
 
 
@@ -142,7 +143,7 @@ def test_pure_data_parallel_replicates_params():
 ])
 def test_indivisible_dimension_errors_name_the_dimension(mesh, words):
   with pytest.raises(ValueError) as e:
-    sh.param_specs(shapes(QWEN_05B), QWEN_05B, mesh)
+    rules.param_specs(shapes(QWEN_05B), QWEN_05B, mesh)
   for w in words:
     assert w in str(e.value), str(e.value)
 
@@ -150,7 +151,7 @@ def test_indivisible_dimension_errors_name_the_dimension(mesh, words):
 def test_kv_heads_must_divide_tensor():
   cfg = QWEN_05B.replace(num_heads=16, num_kv_heads=2, head_dim=56)   # heads divide 4, kv heads not
   with pytest.raises(ValueError, match="num_kv_heads=2"):
-    sh.param_specs(shapes(cfg), cfg, abstract_mesh(tensor=4))
+    rules.param_specs(shapes(cfg), cfg, abstract_mesh(tensor=4))
 
 
 def test_opt_state_follows_params():
@@ -158,10 +159,10 @@ def test_opt_state_follows_params():
                     num_kv_heads=2, head_dim=4, tie_word_embeddings=False)
   params = shapes(cfg)
   mesh = abstract_mesh(data=2, fsdp=2, tensor=2)
-  pspecs = sh.param_specs(params, cfg, mesh)
+  pspecs = rules.param_specs(params, cfg, mesh)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
   state = jax.eval_shape(opt.init, params)
-  ospecs = sh.param_specs(state, cfg, mesh, strict=False)   # the path rules read through optax states
+  ospecs = rules.param_specs(state, cfg, mesh, strict=False)   # the path rules read through optax states
   adam = ospecs[1][0]
   for moment in (adam.mu, adam.nu):
     assert jax.tree.leaves(moment, is_leaf=lambda s: isinstance(s, P)) == \
@@ -173,17 +174,17 @@ def test_batch_and_kv_cache_specs():
   cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=4)
   mesh = abstract_mesh(data=2, fsdp=2, tensor=2)
-  assert sh.batch_spec(3) == P(("data", "fsdp"), None, None)
-  assert sh.kv_cache_spec((2, 8, 32, 2, 4), cfg, mesh) == P(None, ("data", "fsdp"), None, "tensor", None)
-  assert sh.kv_cache_spec((8, 2, 32, 4), cfg, mesh) == P(("data", "fsdp"), "tensor", None, None)
-  assert sh.kv_cache_spec((3, 2, 32, 4), cfg, mesh) == P(None, "tensor", None, None)  # 3 rows: no split
+  assert placement.batch_spec(3) == P(("data", "fsdp"), None, None)
+  assert rules.kv_cache_spec((2, 8, 32, 2, 4), cfg, mesh) == P(None, ("data", "fsdp"), None, "tensor", None)
+  assert rules.kv_cache_spec((8, 2, 32, 4), cfg, mesh) == P(("data", "fsdp"), "tensor", None, None)
+  assert rules.kv_cache_spec((3, 2, 32, 4), cfg, mesh) == P(None, "tensor", None, None)  # 3 rows: no split
   with pytest.raises(ValueError, match="ndim=0"):
-    sh.batch_spec(0)
+    placement.batch_spec(0)
 
 
 def test_shard_batch_one_device():
-  mesh = sh.make_mesh("data:1")
-  out = sh.shard_batch({"x": np.ones((3, 2)), "n": np.float32(2)}, mesh)
+  mesh = mesh_lib.make_mesh("data:1")
+  out = placement.shard_batch({"x": np.ones((3, 2)), "n": np.float32(2)}, mesh)
   np.testing.assert_array_equal(np.asarray(out["x"]), np.ones((3, 2)))
   assert out["x"].sharding.spec == P(("data", "fsdp"), None) and out["n"].sharding.spec == P()
 
@@ -221,7 +222,7 @@ def check_equivalence(summary, meshes):
   assert 0.1 < base["prm_loss"] < 2.0 and np.isfinite(base["policy_loss"])
   assert len({tuple(r) for r in base["gen_tokens"]}) > 1
   for spec, fact in summary["facts"].items():
-    sizes = sh.parse_mesh_spec(spec, 1 if spec == meshes[0] else 8)
+    sizes = mesh_lib.parse_mesh_spec(spec, 1 if spec == meshes[0] else 8)
     shards = sizes["fsdp"] * sizes["tensor"]
     total = fact["param_bytes_total"]
     expected = fact["expected_param_bytes_per_device"]   # from the specs: bytes / used mesh axes
@@ -262,11 +263,11 @@ _DIST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", 
 def test_initialize_distributed_single_process_is_a_no_op(monkeypatch):
   for v in _DIST_VARS:
     monkeypatch.delenv(v, raising=False)
-  assert sh.initialize_distributed() is False
-  assert sh._tpu_vm_cluster() is None              # this machine is not a Cloud TPU VM
+  assert mesh_lib.initialize_distributed() is False
+  assert mesh_lib._tpu_vm_cluster() is None              # this machine is not a Cloud TPU VM
   monkeypatch.setenv("SLURM_NTASKS", "1")          # a one-task SLURM job is still one process
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-  assert sh.initialize_distributed() is False
+  assert mesh_lib.initialize_distributed() is False
 
 
 @pytest.mark.parametrize("env, words", [
@@ -280,6 +281,6 @@ def test_initialize_distributed_bad_environment(monkeypatch, env, words):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   with pytest.raises(ValueError) as e:
-    sh.initialize_distributed()
+    mesh_lib.initialize_distributed()
   for w in words:
     assert w in str(e.value), str(e.value)

@@ -24,7 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxrl_dense.parallel import sharding  # noqa: E402
+from jaxrl_dense.parallel import mesh as mesh_lib  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
 from jaxrl_dense.rl import setup  # noqa: E402
 from jaxrl_dense.rl import steps  # noqa: E402
@@ -56,9 +56,9 @@ def _flattened_head(hidden, w, tokens, attention_mask, *, return_entropy=False, 
 def compile_update(spec: str):
   cfg = config_lib.from_args([f"--flagfile={ROOT}/experiments/configs/eurus2_7b_prime.flags",
                               f"--mesh={spec}", "--model=", *ARGS])
-  mesh = sharding.make_mesh(spec)
+  mesh = mesh_lib.make_mesh(spec)
   update_fn, args, mc, _ = setup.abstract_update(cfg, mesh)
-  with sharding.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     compiled = update_fn.lower(*args).compile()
   return cfg, mc, compiled
 

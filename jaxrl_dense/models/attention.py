@@ -63,7 +63,7 @@ Kernels (`implementation="auto"` picks the first that applies):
 Every path that runs on CPU is tested equal to an einsum reference (tests/test_attention.py).
 The GPU/TPU kernels are only reached on those platforms; explicit `implementation=` names force a
 path (Pallas decode runs in interpret mode off-GPU, splash off-TPU, for tests). Every Pallas
-kernel runs per shard inside `jax.shard_map` (`sharding.shard_kernel`: rows over data x fsdp,
+kernel runs per shard inside `jax.shard_map` (`rules.shard_kernel`: rows over data x fsdp,
 query groups over tensor) when the program is traced under a mesh: a pallas_call has no
 partitioning rule, so on sharded operands XLA would otherwise replicate them.
 
@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense.parallel import sharding as _sharding
+from jaxrl_dense.parallel import rules as _rules
 
 MASK_VALUE = float(np.finfo(np.float32).min)
 # Escape hatches for kernels not yet run on a given machine: JAXRL_ATTENTION / JAXRL_DECODE_ATTENTION
@@ -455,7 +455,7 @@ def _cudnn_dense(q, k, v, allowed, *, scale, is_causal, window):
 
 def _splash_sharded(q, k, v, qs, ks, *, causal, window, softcap, scale):
   """Splash per shard (as the Pallas decode kernel below): rows over data x fsdp, heads over tensor."""
-  kernel = _sharding.shard_kernel(
+  kernel = _rules.shard_kernel(
       functools.partial(_splash_attention, causal=causal, window=window, softcap=softcap,
                         scale=scale),
       (("batch", None, "heads", None), ("batch", None, "kv_heads", None),
@@ -654,7 +654,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, st
       raise ValueError("the Pallas decode kernel has no logit soft-cap; use implementation='xla'.")
     # Per shard: rows over (data, fsdp), query groups over tensor (a pallas_call has no
     # partitioning rule; on sharded operands XLA would gather the whole cache to every device).
-    kernel = _sharding.shard_kernel(
+    kernel = _rules.shard_kernel(
         functools.partial(_decode_pallas, scale=scale),
         (("batch", "heads", None), ("batch", "kv_heads", None, None),
          ("batch", "kv_heads", None, None), ("batch",), ("batch",)), ("batch", "heads", None),

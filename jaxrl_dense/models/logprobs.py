@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxrl_dense.parallel import sharding as _sharding
+from jaxrl_dense.parallel import mesh as _mesh_lib, rules as _rules
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 
@@ -44,7 +44,7 @@ def _head_stats(h: jax.Array, w: jax.Array, targets: jax.Array, with_entropy: bo
   along a split axis.
   """
   logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)  # [B, C, V]
-  logits = _sharding.with_logical_constraint(logits, ("batch", None, "vocab"))
+  logits = _rules.with_logical_constraint(logits, ("batch", None, "vocab"))
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
   if vocab_split:
     hit = lax.broadcasted_iota(jnp.int32, logits.shape, 2) == targets[..., None]
@@ -100,13 +100,13 @@ def logprobs_from_hidden(hidden: jax.Array, w_out: jax.Array, tokens: jax.Array,
   pad = num_chunks * c - (t - 1)
   h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, K*c, D]
   h = h.reshape(b, num_chunks, c, d).transpose(1, 0, 2, 3)  # [K, B, c, D]
-  h = _sharding.with_logical_constraint(h, (None, "batch", None, "act_embed"))
+  h = _rules.with_logical_constraint(h, (None, "batch", None, "act_embed"))
   targets = jnp.pad(tokens[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
   targets = targets.reshape(b, num_chunks, c).transpose(1, 0, 2)  # [K, B, c]
-  targets = _sharding.with_logical_constraint(targets, (None, "batch", None))
-  w = _sharding.with_logical_constraint(w_out.astype(hidden.dtype), ("act_embed", "vocab"))
-  mesh = _sharding.current_mesh()
-  vocab_split = (mesh is not None and _sharding.logical_to_spec(
+  targets = _rules.with_logical_constraint(targets, (None, "batch", None))
+  w = _rules.with_logical_constraint(w_out.astype(hidden.dtype), ("act_embed", "vocab"))
+  mesh = _mesh_lib.current_mesh()
+  vocab_split = (mesh is not None and _rules.logical_to_spec(
       ("vocab",), (w.shape[1],), mesh)[0] is not None)
 
   body = jax.checkpoint(

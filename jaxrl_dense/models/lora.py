@@ -12,7 +12,7 @@ Adapters are their own params pytree, mirroring the base tree (layers stacked on
   {"layers": {"self_attn": {"q_proj": {"lora_a": [L, D, r], "lora_b": [L, r, H*hd]}, ...},
               "mlp": {"gate_proj": {...}, "up_proj": {...}, "down_proj": {...}}}}
 
-so the optimizer state holds only them (`optimizer.init(adapters)`), and `sharding.param_specs`
+so the optimizer state holds only them (`optimizer.init(adapters)`), and `rules.param_specs`
 shards lora_a like the base kernel's input axis and lora_b like its output axis.
 
 Use:

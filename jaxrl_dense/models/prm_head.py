@@ -20,7 +20,7 @@ float32 on the hidden states cast to float32 (transformers runs it in the model 
 float32, slightly more accurate in bfloat16).
 
 Public API (pure; the arrays are traced arguments of one jitted function, the config and head
-kind are static, so params placed with `sharding.shard_params(prm.params, prm.config, mesh)` run
+kind are static, so params placed with `placement.shard_params(prm.params, prm.config, mesh)` run
 sharded exactly like the policy's):
 
   load_discriminative_prm(path, dtype) -> DiscriminativePRM(config, params, head, head_kind,

@@ -58,7 +58,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrl_dense.parallel import sharding as _sharding
+from jaxrl_dense.parallel import rules as _rules
 from jaxrl_dense.models import attention as _attention
 from jaxrl_dense.models.config import ModelConfig
 
@@ -244,13 +244,13 @@ class _Layer(nn.Module):
         prefix_kv, sliding)
     if c.post_norms:  # Gemma: norm the attention output before the residual add
       x_attn = _rms_norm(c, "post_attention_layernorm")(x_attn)
-    x = _sharding.with_logical_constraint(x + x_attn, ("batch", "length", "act_embed"))
+    x = _rules.with_logical_constraint(x + x_attn, ("batch", "length", "act_embed"))
     h = _rms_norm(c, "pre_feedforward_layernorm" if c.post_norms else "post_attention_layernorm")(x)
     y = _MLP(c, name="mlp")(h)  # [B, T, D]
     if c.post_norms:
       y = _rms_norm(c, "post_feedforward_layernorm")(y)
     x = x + y
-    x = _sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
+    x = _rules.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
     if self.mode == "full":
       return x, (kv_out if self.emit_kv else None)
     k_all, v_all = kv_out
@@ -279,9 +279,9 @@ class _SelfAttention(nn.Module):
     k = _dense(c.num_kv_heads * hd, "k_proj", c, c.attention_bias)(h).reshape(b, t, c.num_kv_heads, hd)
     v = _dense(c.num_kv_heads * hd, "v_proj", c, c.attention_bias)(h).reshape(b, t, c.num_kv_heads, hd)
     # Activation sharding (no-op without a context mesh): rows over (data, fsdp), heads over tensor.
-    q = _sharding.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    k = _sharding.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-    v = _sharding.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    q = _rules.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+    k = _rules.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = _rules.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     if c.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over head_dim of every head, before RoPE
       q = _rms_norm(c, "q_norm")(q)
       k = _rms_norm(c, "k_norm")(k)
@@ -300,7 +300,7 @@ class _SelfAttention(nn.Module):
       kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd] cache layout
       k_all = lax.dynamic_update_slice(k_all, kt[None].astype(k_all.dtype), start)
       v_all = lax.dynamic_update_slice(v_all, vt[None].astype(v_all.dtype), start)
-      k_all, v_all = _sharding.constrain_kv_cache(k_all), _sharding.constrain_kv_cache(v_all)
+      k_all, v_all = _rules.constrain_kv_cache(k_all), _rules.constrain_kv_cache(v_all)
       new_cache = (k_all, v_all)
     if self.mode == "decode":  # one query per row; live cache slots [first mask slot, index]
       k_cache = lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)  # [B, Hkv, S, hd]
@@ -319,7 +319,7 @@ class _SelfAttention(nn.Module):
     else:  # continuations of a shared prefix: the dense [B, T, S0 + T] mask
       attn = _attention.attention(q, keys, values, mask=mask, causal=prefix_kv is None)
     attn = attn.reshape(b, t, c.num_heads * hd)  # [B, T, H*hd]
-    attn = _sharding.with_logical_constraint(attn, ("batch", "length", "heads"))
+    attn = _rules.with_logical_constraint(attn, ("batch", "length", "heads"))
     return _dense(c.hidden_size, "o_proj", c, c.attention_out_bias)(attn), new_cache
 
 
@@ -351,8 +351,8 @@ class _MLP(nn.Module):
     c = self.config
     gate = _dense(c.intermediate_size, "gate_proj", c, c.mlp_bias)(h)  # [B, T, I]
     up = _dense(c.intermediate_size, "up_proj", c, c.mlp_bias)(h)  # [B, T, I]
-    gate = _sharding.with_logical_constraint(gate, ("batch", "length", "mlp"))
-    up = _sharding.with_logical_constraint(up, ("batch", "length", "mlp"))
+    gate = _rules.with_logical_constraint(gate, ("batch", "length", "mlp"))
+    up = _rules.with_logical_constraint(up, ("batch", "length", "mlp"))
     return _dense(c.hidden_size, "down_proj", c, c.mlp_bias)(_activation(c)(gate) * up)  # [B, T, D]
 
 
@@ -413,7 +413,7 @@ class Transformer(nn.Module):
     if c.scale_embeddings:  # Gemma: x * sqrt(d), the scale rounded to the weights' dtype as in HF
       x = x * jnp.asarray(math.sqrt(c.hidden_size), param_dtype(c)).astype(x.dtype)
     # FSDP: the residual stream is split by rows, not by width (a no-op without a context mesh).
-    x = _sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
+    x = _rules.with_logical_constraint(x, ("batch", "length", "act_embed"))  # [B, T, D]
     cos, sin = rope_cos_sin(c, positions)  # [B, T, hd]
     local, sliding = None, None
     if c.has_sliding_layers:
@@ -498,7 +498,7 @@ def logits_from_hidden(params: Params, config: ModelConfig, hidden: jax.Array) -
   w = lm_head_weight(params, config).astype(compute_dtype(config))
   logits = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
   if logits.ndim >= 2:
-    logits = _sharding.with_logical_constraint(
+    logits = _rules.with_logical_constraint(
         logits, ("batch",) + ("length",) * (logits.ndim - 2) + ("vocab",))
   return logits
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jaxrl_dense import advantages as adv_lib
 from jaxrl_dense import losses, ops
 from jaxrl_dense.observe import prm_health
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.rewards import overlong as overlong_lib
 from jaxrl_dense.filters import prof as prof_lib
 from jaxrl_dense.rewards import implicit_prm
@@ -318,19 +318,19 @@ def abstract_state(model_config, cfg: config_lib.PrimeConfig) -> PrimeState:
 
 def state_shardings(model_config, cfg: config_lib.PrimeConfig, mesh) -> PrimeState:
   """The layout of the state on `mesh`, decided from abstract shapes (MaxText's
-  `get_functional_train_with_signature`): params by `sharding.param_shardings` (FSDP + tensor
-  rules of sharding.py), AdamW moments like their params (`sharding.opt_state_shardings`),
+  `get_functional_train_with_signature`): params by `rules.param_shardings` (FSDP + tensor
+  rules of parallel/rules.py), AdamW moments like their params (`placement.opt_state_shardings`),
   step counters replicated. A PrimeState of `NamedSharding`s (None where the state holds None)."""
   shapes = abstract_state(model_config, cfg)
-  rep = sharding.replicated(mesh)
+  rep = placement.replicated(mesh)
 
   def train_state(ts):
-    ps = sharding.param_shardings(ts.params, model_config, mesh)
-    return TrainState(ps, sharding.opt_state_shardings(ts.opt_state, ts.params, mesh, param_sharding_tree=ps), rep)
+    ps = rules.param_shardings(ts.params, model_config, mesh)
+    return TrainState(ps, placement.opt_state_shardings(ts.opt_state, ts.params, mesh, param_sharding_tree=ps), rep)
 
   ref = shapes.ref_params
   return PrimeState(train_state(shapes.policy), train_state(shapes.prm) if shapes.prm is not None else None,
-                    sharding.param_shardings(ref, model_config, mesh) if ref is not None else None)
+                    rules.param_shardings(ref, model_config, mesh) if ref is not None else None)
 
 
 class Prime(tuple):
@@ -389,7 +389,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   bypass = not p.recompute_old_logp
   policy_pass = steps.make_policy_update(
       model_config, pol_opt, p, variant=cfg.prime_variant, bypass=bypass,
-      loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
+      loss_shards=mesh_lib.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
       lora_config=cfg.policy_lora, jit=False)
@@ -524,10 +524,10 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     update_fn = jax.jit(update, donate_argnums=(0,))
   else:
     st_sh = state_shardings(model_config, cfg, mesh)
-    bsh = sharding.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
-    rep = sharding.replicated(mesh)
+    bsh = placement.batch_sharding(mesh, 1)  # prefix: every [B, ...] leaf along (data, fsdp)
+    rep = placement.replicated(mesh)
     # traced under the mesh: the model's activation constraints apply
-    update_fn = jax.jit(sharding.with_mesh(update, mesh), in_shardings=(st_sh, bsh, rep),
+    update_fn = jax.jit(mesh_lib.with_mesh(update, mesh), in_shardings=(st_sh, bsh, rep),
                         out_shardings=(st_sh, rep), donate_argnums=(0,))
 
   def init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState:
@@ -560,7 +560,7 @@ def place(params, shardings, what: str = "params"):
     raise ValueError(f"make_prime: {what} do not have the structure of the model config's params "
                      f"(the layout decided at build time): {jax.tree.structure(params)} vs "
                      f"{jax.tree.structure(shardings, is_leaf=_is_sharding)}")
-  return jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s else sharding.device_put(x, s),
+  return jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s else placement.device_put(x, s),
                       params, shardings)
 
 

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxrl_dense import sampling
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import placement
 from jaxrl_dense.filters import accuracy_band_filter
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl.batch import RolloutBatch, trim_batch
@@ -155,7 +155,7 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
                             top_p=r.top_p, top_k=r.top_k, num_samples=n,
                             prompt_bucket=r.length_bucket or r.max_prompt_length, engine=r.rollout_engine)
     # to_host: np.asarray, or an all-gather when the rows live on several processes.
-    parts.append(sharding.to_host((gen.tokens, gen.mask, gen.logprobs)))
+    parts.append(placement.to_host((gen.tokens, gen.mask, gen.logprobs)))
   tokens, mask, logp = (np.concatenate(x, axis=0) for x in zip(*parts))  # [G*n, R] each
   t1 = time.perf_counter()
   texts = decode_responses(tokenizer, tokens, mask)
@@ -186,7 +186,7 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             num_samples=num_samples, prompt_bucket=r.length_bucket or 16,
                             engine=r.rollout_engine)
-    return sharding.to_host((gen.tokens, gen.mask, gen.logprobs))
+    return placement.to_host((gen.tokens, gen.mask, gen.logprobs))
 
   def run_fn(ctx, cmask, k, **kw):
     from jaxrl_dense.sampling import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -322,7 +322,7 @@ def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, 
     rows = lambda v: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v
     probe = RolloutBatch(rows(ct), rows(cm), rows(at), rows((am > 0).astype(np.float32)),
                          acc=np.zeros((m + pad,), np.float32))  # context -> the gold answer's tokens
-    return np.asarray(sharding.to_host(score(params, probe)))[:m]
+    return np.asarray(placement.to_host(score(params, probe)))[:m]
 
   answers = [tokenizer.encode(cfg.igpo_answer_template.format(gold=x.gold), add_special_tokens=False)
              for x in records]

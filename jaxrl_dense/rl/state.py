@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import placement
 
 
 class TrainState(NamedTuple):
@@ -71,5 +71,5 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation,
     opt_state = jax.jit(optimizer.init)(params)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  step = sharding.device_put(jnp.zeros((), jnp.int32), shardings.step)
+  step = placement.device_put(jnp.zeros((), jnp.int32), shardings.step)
   return TrainState(params=params, opt_state=opt_state, step=step)

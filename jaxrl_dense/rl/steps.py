@@ -37,7 +37,7 @@ import optax
 
 from jaxrl_dense.models import logprobs, transformer
 from jaxrl_dense import losses, ops, rewards
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.batch import RolloutBatch
 from jaxrl_dense.rl.state import TrainState
@@ -55,7 +55,7 @@ def _split(n: int, size: int, what: str) -> int:
 def _chunk(tree, num_chunks: int):
   """[B, ...] leaves -> [num_chunks, B // num_chunks, ...] (chunk c = rows c*B/nc .. (c+1)*B/nc - 1).
 
-  Sharding: under a mesh context (`sharding.use_mesh` / `sharding.with_mesh`) the
+  Sharding: under a mesh context (`mesh_lib.use_mesh` / `mesh_lib.with_mesh`) the
   chunked arrays are constrained to P(None, ("data", "fsdp")), i.e. the batch sharding stays on
   the ROW axis and every chunk (micro-batch) is split over all data x fsdp devices. Without it
   GSPMD puts the sharded batch on the chunk axis (each micro-batch on one device) and the
@@ -63,11 +63,11 @@ def _chunk(tree, num_chunks: int):
   constraint costs one all-to-all of the (small, token-sized) batch arrays where the chunks are
   made; chunk contents and order are unchanged (groups stay whole, same optimizer steps).
   """
-  from jaxrl_dense.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.parallel import rules  # pylint: disable=import-outside-toplevel
 
   def chunk(x):
     x = x.reshape((num_chunks, x.shape[0] // num_chunks) + x.shape[1:])  # [nc, B/nc, ...]
-    return sharding.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return rules.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
   return jax.tree.map(chunk, tree)
 
@@ -120,13 +120,13 @@ _response_logprobs = response_logprobs  # former private name
 def _prompts_split_like_rows(rows: int, group_size: int) -> bool:
   """Whether the rows // group_size shared prompts split over as many devices as the rows do
   (always true without a context mesh): the condition for sharing the prompt pass."""
-  mesh = sharding.current_mesh()
+  mesh = mesh_lib.current_mesh()
   if mesh is None:
     return True
   sizes = dict(mesh.shape)
 
   def shards(n):
-    entry = sharding.logical_to_spec(("batch",), (n,), mesh)[0]
+    entry = rules.logical_to_spec(("batch",), (n,), mesh)[0]
     return math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str) else (entry or ())))
 
   return shards(rows // group_size) == shards(rows)
@@ -160,7 +160,7 @@ def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
     return jax.jit(fn, donate_argnums=donate_argnums)
   # Traced under the mesh, so the model's activation constraints (FSDP: rows over data x fsdp)
   # and the gradient constraints below apply.
-  return jax.jit(sharding.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
+  return jax.jit(mesh_lib.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
 
 
@@ -425,7 +425,7 @@ def make_prm_update(
       def acc_step(carry, mb):
         gsum, lsum = carry
         (loss, logp), g = grad_fn(st.params, mb, wsum)
-        g = sharding.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
+        g = placement.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss), logp
 
       zeros = jax.tree.map(jnp.zeros_like, st.params)
@@ -608,7 +608,7 @@ def make_policy_update(
       def acc_step(carry, mb):
         gsum, lsum, ssum = carry
         (loss, sums), g = grad_fn(st.params, mb)
-        g = sharding.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
+        g = placement.constrain_like_params(g, st.params, config)  # reduce-scatter into the FSDP layout
         return (jax.tree.map(jnp.add, gsum, g), lsum + loss, jax.tree.map(jnp.add, ssum, sums)), None
 
       zeros = jax.tree.map(jnp.zeros_like, st.params)

@@ -21,14 +21,14 @@ import numpy as np
 
 from jaxrl_dense import sampling
 from jaxrl_dense.eval import loop as evaluation
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference
 from jaxrl_dense.rl import external_reward, prime, rollout, setup
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
 
 def host_generate(*args, **kwargs) -> sampling.GenerationOutput:
   """`sampling.generate` with its outputs gathered to numpy on every process (multi-process safe)."""
-  return sharding.to_host(sampling.generate(*args, **kwargs))
+  return placement.to_host(sampling.generate(*args, **kwargs))
 
 
 class Trainer:
@@ -39,8 +39,8 @@ class Trainer:
     t0 = time.time()
     self.cfg = cfg
     p, r = cfg.prime, cfg.prime.rollout
-    self.mesh = sharding.make_mesh(cfg.mesh)
-    div = sharding.batch_divisor(self.mesh)
+    self.mesh = mesh_lib.make_mesh(cfg.mesh)
+    div = mesh_lib.batch_divisor(self.mesh)
     for name, rows in (("prompts_per_step", r.rows), ("micro_batch_size", p.policy.micro_batch_size),
                        ("prm_micro_batch_size", p.prm.prm_micro_batch_size),
                        ("score_micro_batch_size", p.score_micro_batch_size),
@@ -52,11 +52,11 @@ class Trainer:
     self.model_config, policy_params, self.tokenizer = setup.load_model(cfg.model, cfg, seed=cfg.seed)
     # --rollout_mesh: the sampler's mesh over the same devices and the rollout copy's layout on it.
     try:
-      self.rollout_mesh, self._rollout_layout = sharding.rollout_mesh_layout(
+      self.rollout_mesh, self._rollout_layout = inference.rollout_mesh_layout(
           self.model_config, self.mesh, cfg.rollout_mesh)
     except ValueError as e:
       raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
-    rdiv = sharding.batch_divisor(self.rollout_mesh)
+    rdiv = mesh_lib.batch_divisor(self.rollout_mesh)
     if (r.generate_prompts * r.n) % rdiv:
       raise ConfigError("generate_batch_size", r.generate_prompts * r.n,
                         f"{r.generate_prompts * r.n} rows are not divisible by data*fsdp={rdiv} of "
@@ -161,8 +161,8 @@ class Trainer:
       stats["filter/buffer_size"] = float(len(self.prompt_buffer))
     self._warn_fill(stats["filter/fill_frac"], step)
     t = time.perf_counter()
-    self.state, metrics = self.update_fn(self.state, sharding.shard_batch(batch, self.mesh), upd_key)
-    metrics = sharding.to_host(metrics)  # waits for the update
+    self.state, metrics = self.update_fn(self.state, placement.shard_batch(batch, self.mesh), upd_key)
+    metrics = placement.to_host(metrics)  # waits for the update
     series = metrics.pop("token_series", None)
     if series is not None:
       self.last_rollout = (batch, {k: np.asarray(v) for k, v in series.items()})
@@ -267,12 +267,12 @@ class Trainer:
     return prime.model_params(self.state, "policy", self.cfg.prime)
 
   def rollout_params(self):
-    """The sampler's copy of the policy, made once per rollout (`sharding.rollout_params`): cast to
+    """The sampler's copy of the policy, made once per rollout (`inference.rollout_params`): cast to
     the compute dtype (--dtype=bfloat16: half the bytes of the float32 masters, the same values
     every matmul reads) and resharded to the decode layout (--rollout_mesh: tensor-parallel on that
     mesh), so no decode step gathers master weights. Dropped after the rollout; the training state
     is not touched."""
-    return sharding.rollout_params(self.policy_params(), self.model_config, self.rollout_mesh,
+    return inference.rollout_params(self.policy_params(), self.model_config, self.rollout_mesh,
                                    dtype=self.cfg.dtype, layout=self._rollout_layout)
 
   def export(self, directory: str, which: str = "policy"):
@@ -282,7 +282,7 @@ class Trainer:
     params = prime.model_params(self.state, which, self.cfg.prime)
     if isinstance(params, dict) and "lora" in params:
       params = jax.jit(lora.merge_attached)(params)
-    params = sharding.to_host(params)  # a collective on several processes: every process calls
+    params = placement.to_host(params)  # a collective on several processes: every process calls
     if jax.process_index() == 0:
       return loading.save_pretrained(params, self.model_config, self.tokenizer, directory)
     return None

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
 # Shared with the continuous engine (`jaxrl_dense.sampling.engine`), which imports that module, not this one.
@@ -59,8 +59,8 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
     logits = jnp.repeat(logits, n, axis=0)
     valid = jnp.repeat(valid, n, axis=0)
   # Under a mesh (generate(..., mesh=)): rows over data x fsdp, kv heads over tensor.
-  cache = transformer.KVCache(*(sharding.constrain_kv_cache(x) for x in cache))  # [L, BN, K, S, hd]
-  logits = sharding.with_logical_constraint(logits, ("batch", None))  # [BN, V]
+  cache = transformer.KVCache(*(rules.constrain_kv_cache(x) for x in cache))  # [L, BN, K, S, hd]
+  logits = rules.with_logical_constraint(logits, ("batch", None))  # [BN, V]
   bn = b * n
   n_prompt = jnp.sum(valid, axis=-1).astype(jnp.int32)  # [BN]
   key_mask = jnp.concatenate([valid, jnp.ones((bn, max_new_tokens), bool)], axis=1)  # [BN, S]
@@ -96,8 +96,8 @@ def _generate_jit(params, prompt_tokens, prompt_mask, rng, temperature, top_p, *
     tok, rng, finished, out = emit((step, rng, finished, out), logits)
     logits, cache = transformer.decode_step(layer_params, config, tok, n_prompt + step, cache,
                                             key_mask, tp + step)  # per-layer caches, in place
-    cache = [tuple(sharding.constrain_kv_cache(x) for x in kv) for kv in cache]  # [BN, K, S, hd]
-    logits = sharding.with_logical_constraint(logits, ("batch", None))
+    cache = [tuple(rules.constrain_kv_cache(x) for x in kv) for kv in cache]  # [BN, K, S, hd]
+    logits = rules.with_logical_constraint(logits, ("batch", None))
     return step + 1, rng, finished, out, logits, cache
 
   layer_params = transformer.split_layers(params)  # per-layer weights, sliced once per rollout
@@ -136,7 +136,7 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
     mesh: the device mesh (default: the mesh of `params`' shardings, if they span several
       devices). The prompts, the KV cache and the outputs are then split by rows over
       data x fsdp (and the cache's kv heads over tensor): each device decodes its own rows.
-      Pass params in the rollout layout (`sharding.inference_params`, once per rollout) so the
+      Pass params in the rollout layout (`inference.inference_params`, once per rollout) so the
       decode loop moves no weights.
     engine: "static" (this module's one-batch `while_loop`), "continuous" (the paged-KV
       continuous-batching engine, `jaxrl_dense.sampling.engine`, default `EngineConfig`) or an
@@ -187,10 +187,10 @@ def generate(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.A
       use_top_p=(top_p < 1.0) and not greedy, eos_ids=eos_ids, num_samples=int(num_samples),
       pad_id=int(pad_id))
   scalars = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))
-  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  mesh = mesh_lib.mesh_of(params) if mesh is None else mesh
   if mesh is None or mesh.size == 1:
     return run(params, tokens, mask, rng, *scalars)
-  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), tokens.shape, mesh))
-  tokens, mask = sharding.device_put(tokens, rows), sharding.device_put(mask, rows)
-  with sharding.use_mesh(mesh):  # traced under the mesh: the cache / activation constraints apply
+  rows = jax.sharding.NamedSharding(mesh, rules.logical_to_spec(("batch", None), tokens.shape, mesh))
+  tokens, mask = placement.device_put(tokens, rows), placement.device_put(mask, rows)
+  with mesh_lib.use_mesh(mesh):  # traced under the mesh: the cache / activation constraints apply
     return run(params, tokens, mask, rng, *scalars)

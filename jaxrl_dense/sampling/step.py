@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import placement
 
 __all__ = ["GenerationOutput", "SamplingParams", "filter_logits", "sample_step", "host_value"]
 
@@ -165,10 +165,10 @@ def host_value(x) -> np.ndarray:
   """The whole of `x` as numpy for the host-side input checks.
 
   A global array whose shards live on other processes too (a multi-process run) is all-gathered
-  (`sharding.to_host`, a collective every process reaches, since every process calls `generate`
+  (`placement.to_host`, a collective every process reaches, since every process calls `generate`
   with the same global prompts), so each process checks the same full value and a bad input
   raises the same error everywhere instead of stopping one process while the others wait.
   """
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return sharding.to_host(x)
+    return placement.to_host(x)
   return np.asarray(x)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, rules
 from jaxrl_dense.sampling import step as sampling_step
 from jaxrl_dense.sampling.engine import paged_attention as pa
 from jaxrl_dense.sampling.engine.page_table import NULL_PAGE, PagePool, Sequence, pages_for
@@ -72,13 +72,13 @@ def row_shards(mesh) -> int:
   if mesh is None:
     return 1
   sizes = dict(mesh.shape)
-  return int(np.prod([sizes.get(a, 1) for a in sharding.BATCH_AXES]))
+  return int(np.prod([sizes.get(a, 1) for a in mesh_lib.BATCH_AXES]))
 
 
 def _shard_axes(mesh, config: ModelConfig) -> dict:
   """Mesh axes per name: "rows" (and the pool's "pages") over data x fsdp, "heads" (query and
   kv heads) over tensor when it divides both head counts (whole query groups per shard)."""
-  ax = sharding.kernel_axes(mesh, batch=row_shards(mesh), num_heads=config.num_heads,
+  ax = rules.kernel_axes(mesh, batch=row_shards(mesh), num_heads=config.num_heads,
                             num_kv_heads=config.num_kv_heads)
   return {"rows": ax["batch"], "pages": ax["batch"], "heads": ax["heads"]}
 
@@ -96,7 +96,7 @@ def _per_row_shard(fn, in_names, out_names, config: ModelConfig):
   "heads" or None); a name tuple applies to every leaf of a pytree argument (the pool). Without a
   context mesh, or on one device, returns `fn` itself (the single-device program is unchanged).
   """
-  mesh = sharding.current_mesh()
+  mesh = mesh_lib.current_mesh()
   if mesh is None or mesh.size == 1:
     return fn
   ax = _shard_axes(mesh, config)
@@ -276,7 +276,7 @@ def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page
   b, t = tokens.shape
   hd, h, hkv = c.head_dim, c.num_heads, c.num_kv_heads
   x = params["embed_tokens"]["embedding"][tokens].astype(dt)  # [B, T, D]
-  x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
+  x = rules.with_logical_constraint(x, ("batch", "length", "act_embed"))
   cos, sin = transformer.rope_cos_sin(c, positions)  # [B, T, hd]
   new_pool = []
   tok_names, page_names = ("rows", None, "heads", None), ("heads", "pages", None, None)
@@ -299,7 +299,7 @@ def _forward(weights, params, config: ModelConfig, pool, tokens, positions, page
     y = _rms(x, w["ln2"], c.rms_norm_eps, dt)
     gu = _linear(y, w["gate_up"])  # [B, T, 2I]
     x = x + _linear(jax.nn.silu(gu[..., : c.intermediate_size]) * gu[..., c.intermediate_size:], w["down"])
-    x = sharding.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = rules.with_logical_constraint(x, ("batch", "length", "act_embed"))
   return _rms(x, params["norm"]["scale"], c.rms_norm_eps, dt), tuple(new_pool)
 
 
@@ -338,7 +338,7 @@ def _sample_rows(logits, keys, temperature, top_p, *, greedy, top_k, use_top_p):
 def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -> tuple:
   """Zeroed page pool: L x (k, v) [Hkv, num_pages, page_size, hd] (default: compute dtype).
 
-  Under a context mesh (`sharding.use_mesh`) num_pages = S x pages per row shard and the arrays
+  Under a context mesh (`mesh_lib.use_mesh`) num_pages = S x pages per row shard and the arrays
   are created in place with `pool_spec` (pages over data x fsdp, kv heads over tensor): no device
   ever holds the whole pool.
   """
@@ -346,7 +346,7 @@ def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None) -
   shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
   make = lambda: tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
                        for _ in range(config.num_layers))
-  mesh = sharding.current_mesh()
+  mesh = mesh_lib.current_mesh()
   if mesh is None or mesh.size == 1:
     return make()
   if num_pages % row_shards(mesh):
@@ -424,7 +424,7 @@ def _decode(weights, params, pool, block_table, tok, plen, step, live, rows, sal
     hidden, pool = _forward(weights, params, config, pool, tok[:, None], pos[:, None], page[:, None],
                             off[:, None], block_table, attention)
     logits = transformer.logits_from_hidden(params, config, hidden[:, 0])  # [W, V]
-    logits = sharding.with_logical_constraint(logits, ("batch", None))
+    logits = rules.with_logical_constraint(logits, ("batch", None))
     new, lp, raw = _sample_rows(logits, _row_keys(rng, rows, step, salt), temperature, top_p,
                                 greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     new = jnp.where(live, new, pad_id)
@@ -487,9 +487,9 @@ def run(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: jax.Array,
   The output has max_new_tokens columns whatever the per-row limits.
   """
   _check_config(config, params)
-  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  mesh = mesh_lib.mesh_of(params) if mesh is None else mesh
   if mesh is not None and mesh.size > 1:
-    with sharding.use_mesh(mesh):
+    with mesh_lib.use_mesh(mesh):
       return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
                   top_p, top_k, eos_ids, num_samples, pad_id, max_new_per_row, engine, row_ids=row_ids)
   return _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature,
@@ -559,9 +559,9 @@ def run_episodes(params, config: ModelConfig, prompt_tokens, prompt_mask, rng: j
   episode = _Episode(step_fn, stops, int(salt))
   args = (params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temperature, top_p, top_k,
           eos_ids, num_samples, pad_id, max_new_per_row, engine)
-  mesh = sharding.mesh_of(params) if mesh is None else mesh
+  mesh = mesh_lib.mesh_of(params) if mesh is None else mesh
   if mesh is not None and mesh.size > 1:
-    with sharding.use_mesh(mesh):
+    with mesh_lib.use_mesh(mesh):
       return _run(*args, row_ids=row_ids, episode=episode)[1]
   return _run(*args, row_ids=row_ids, episode=episode)[1]
 
@@ -600,7 +600,7 @@ def _run(params, config, prompt_tokens, prompt_mask, rng, max_new_tokens, temper
     cfg = dataclasses.replace(cfg, max_slots=num_rows)
   lens = [len(p) for p in prompts]
   # Row shards: one host PagePool per data x fsdp device group, max_slots / S rows each.
-  n_shards = row_shards(sharding.current_mesh())
+  n_shards = row_shards(mesh_lib.current_mesh())
   slots = -(-cfg.max_slots // n_shards)
   if cfg.num_pages:
     shard_pages = cfg.num_pages // n_shards

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense.parallel import sharding as _sharding
+from jaxrl_dense.parallel import rules as _rules
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -142,7 +142,7 @@ def attend_pallas(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_ta
   # (data, fsdp), query groups and the pool's kv heads over tensor. Here the pool is shared by
   # all rows (replicated over the row axes); the engine splits its pool by rows too and calls
   # the kernel from inside its own shard_map (`paged_attention(..., per_shard=True)`).
-  kernel = _sharding.shard_kernel(
+  kernel = _rules.shard_kernel(
       functools.partial(_attend_pallas, platform=platform, interpret=interpret),
       (("batch", "heads", None), ("kv_heads", None, None, None), ("kv_heads", None, None, None),
        ("batch", None), ("batch",)), ("batch", "heads"),
