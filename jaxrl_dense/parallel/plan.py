@@ -3,7 +3,7 @@
 A program's memory and collectives are read from what XLA compiled for the mesh, not computed
 by hand: each program is lowered from abstract inputs (`jax.ShapeDtypeStruct`s carrying their
 shardings; no weights needed) inside the mesh context (so the model's activation constraints
-apply, see `sharding.with_logical_constraint`), compiled, and then
+apply, see `rules.with_logical_constraint`), compiled, and then
 
   `compiled.memory_analysis()`   per-device bytes of arguments, outputs, temporaries (XLA's
                                  buffer assignment: activations, KV cache, gathered weights)
@@ -19,7 +19,7 @@ or TPU's (different fusion and scheduling).
 
 Typical use (the programs of one RL step for a model shape and mesh):
 
-  mesh = sharding.make_mesh("fsdp:8")
+  mesh = mesh_lib.make_mesh("fsdp:8")
   programs = sharding_plan.rl_step_programs(config, mesh, batch_size=..., prompt_len=..., ...)
   plan = sharding_plan.memory_plan(config, mesh, programs)
   plan["programs"]["policy_update"]["peak_bytes"], plan["peak_bytes_per_device"]
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrl_dense.parallel import sharding
+from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
 
 PyTree = Any
 
@@ -70,8 +70,8 @@ def abstract_params(config: Any, mesh: Mesh, *, dtype: Any = None, layout: str =
                     max_bytes: Optional[int] = None) -> PyTree:
   """Abstract params of `config` on `mesh` (nothing is allocated).
 
-  layout "train": the FSDP + tensor layout of `sharding.param_shardings`; "inference" (or any
-  layout of `sharding.inference_shardings`: "auto", "replicated", "tensor"): the rollout's copy,
+  layout "train": the FSDP + tensor layout of `rules.param_shardings`; "inference" (or any
+  layout of `inference.inference_shardings`: "auto", "replicated", "tensor"): the rollout's copy,
   optionally in `dtype`.
   """
   from jaxrl_dense.models import transformer  # pylint: disable=import-outside-toplevel
@@ -80,9 +80,9 @@ def abstract_params(config: Any, mesh: Mesh, *, dtype: Any = None, layout: str =
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), shapes)
   if layout == "train":
-    shardings = sharding.param_shardings(shapes, config, mesh)
+    shardings = rules.param_shardings(shapes, config, mesh)
   else:
-    shardings, _ = sharding.inference_shardings(
+    shardings, _ = inference.inference_shardings(
         shapes, config, mesh, max_bytes=max_bytes, layout="auto" if layout == "inference" else layout)
   return abstract(shapes, shardings)
 
@@ -97,14 +97,14 @@ def abstract_train_state(config: Any, optimizer: Any, mesh: Mesh) -> PyTree:
     return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  return abstract(shapes, sharding.tree_shardings(shapes, config, mesh))
+  return abstract(shapes, placement.tree_shardings(shapes, config, mesh))
 
 
 def abstract_batch(mesh: Mesh, shapes: Mapping[str, tuple]) -> dict:
   """{name: ShapeDtypeStruct} with rows over ("data", "fsdp") from {name: (shape, dtype)}."""
   out = {}
   for name, (shape, dtype) in shapes.items():
-    spec = sharding.batch_spec(len(shape)) if len(shape) else P()
+    spec = placement.batch_spec(len(shape)) if len(shape) else P()
     out[name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, spec))
   return out
 
@@ -127,7 +127,7 @@ def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: in
 
     generate       `sampling`'s jitted sampler: batch_size / num_samples prompts x num_samples
                    samples, prompt_len prompt tokens, response_len new tokens, params in the
-                   rollout layout (`sharding.inference_shardings`, `rollout_layout`).
+                   rollout layout (`inference.inference_shardings`, `rollout_layout`).
     scoring        `rl.make_scoring`: policy, reference and PRM log-probs of the batch.
     prm_update     `rl.make_prm_update`: implicit-PRM CE update.
     policy_update  `rl.make_policy_update`: one PPO epoch.
@@ -145,7 +145,7 @@ def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: in
   pshard = jax.tree.map(lambda x: x.sharding, train_params)
   state = abstract_train_state(config, optimizer, mesh)
   sshard = jax.tree.map(lambda x: x.sharding, state)
-  bsh = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  bsh = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   batch = abstract_batch(mesh, rl_batch_shapes(batch_size, prompt_len, response_len))
 
   n_prompts = batch_size // num_samples
@@ -153,7 +153,7 @@ def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: in
                                   "mask": ((n_prompts, prompt_len), jnp.int32)})
   rollout_params = abstract_params(config, mesh, dtype=rollout_dtype, layout=rollout_layout,
                                    max_bytes=rollout_max_bytes)
-  rep = sharding.replicated(mesh)
+  rep = placement.replicated(mesh)
   scalar = lambda dt: jax.ShapeDtypeStruct((), jnp.dtype(dt), sharding=rep)
   key = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32, sharding=rep)
   gen = Program(sampling._generate_jit,  # pylint: disable=protected-access
@@ -193,7 +193,7 @@ def compile_program(program: Program, mesh: Optional[Mesh]) -> Any:
   fn, args, kwargs = program
   if mesh is None:
     return fn.lower(*args, **dict(kwargs)).compile()
-  with sharding.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     return fn.lower(*args, **dict(kwargs)).compile()
 
 

@@ -383,15 +383,15 @@ def mesh_devices(cfg: RunConfig) -> int:
 
 
 def check_mesh(cfg: RunConfig, num_devices: Optional[int] = None) -> None:
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib
   import jax
   try:
-    sharding.parse_mesh_spec(cfg.mesh, num_devices or len(jax.devices()))
+    mesh_lib.parse_mesh_spec(cfg.mesh, num_devices or len(jax.devices()))
   except Exception as e:  # noqa: BLE001 - re-raised naming the flag
     raise ConfigError("mesh", cfg.mesh, str(e)) from None
   if cfg.rollout_mesh:  # the sampler's mesh: the same devices as --mesh
     try:
-      sharding.parse_mesh_spec(cfg.rollout_mesh, num_devices or mesh_devices(cfg))
+      mesh_lib.parse_mesh_spec(cfg.rollout_mesh, num_devices or mesh_devices(cfg))
     except Exception as e:  # noqa: BLE001 - re-raised naming the flag
       raise ConfigError("rollout_mesh", cfg.rollout_mesh, f"{e} (it spans --mesh={cfg.mesh}'s devices)") from None
 
@@ -429,7 +429,7 @@ def plan(cfg: RunConfig):
   import jax
   import numpy as np
   from jaxrl_dense import models
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib
   problems = []
   for name in ("model", "ref_model", "prm_model"):
     try:
@@ -453,7 +453,7 @@ def plan(cfg: RunConfig):
   p, r = cfg.prime, cfg.prime.rollout
   mc, source = _plan_model_config(cfg, problems)
   ndev = mesh_devices(cfg)
-  sizes = sharding.parse_mesh_spec(cfg.mesh, ndev)
+  sizes = mesh_lib.parse_mesh_spec(cfg.mesh, ndev)
   shard, dp = sizes["fsdp"] * sizes["tensor"], sizes["data"] * sizes["fsdp"]
   lines = [f"PRIME plan ({p.algo}, variant={p.prime_variant}, prm_update={p.prm.prm_update})",
            f"  mesh {cfg.mesh}: {ndev} device(s) (this host has {len(jax.devices())} "
@@ -480,7 +480,7 @@ def plan(cfg: RunConfig):
     act = mb * T * mc.hidden_size * 4 * (mc.num_layers + 8)  # remat: one layer input per layer + work
     head = 2 * min(1024, mb * T) * mc.vocab_size * 4
     # one sampler call (--generate_batch_size prompts x n) on the sampler's mesh (--rollout_mesh)
-    rs = sharding.parse_mesh_spec(cfg.rollout_mesh, ndev) if cfg.rollout_mesh else sizes
+    rs = mesh_lib.parse_mesh_spec(cfg.rollout_mesh, ndev) if cfg.rollout_mesh else sizes
     kv = (max(r.generate_prompts * r.n // (rs["data"] * rs["fsdp"]), 1) * T * mc.num_layers * 2
           * max(mc.num_kv_heads // rs["tensor"], 1) * mc.head_dim * (2 if cfg.dtype == "bfloat16" else 4))
     per_dev = state / shard + act + head
@@ -541,12 +541,12 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   """The trainer's one jitted update (`rl.prime.make_prime`, as `Trainer` builds it, LoRA
   included) and abstract arguments for it on `mesh`: ShapeDtypeStructs carrying their
   shardings, no weights read. Returns (update_fn, (state, batch, key), model_config, source);
-  `update_fn.lower(*args)` inside `sharding.use_mesh(mesh)` gives the program that runs.
+  `update_fn.lower(*args)` inside `mesh_lib.use_mesh(mesh)` gives the program that runs.
   """
   import jax
   import jax.numpy as jnp
   from jaxrl_dense.parallel import plan as sharding_plan
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import placement
   from jaxrl_dense.rl import prime
   from jaxrl_dense.rl.batch import RolloutBatch
   problems: list = []
@@ -573,7 +573,7 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
     if p.advantage in ("matchtir", "igpo"):
       b.update(ab({"turn_rewards": ((rows, r.max_turns), jnp.float32)}))
   batch = RolloutBatch(**b)
-  rep = sharding.replicated(mesh)
+  rep = placement.replicated(mesh)
   akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
   return built.update_fn, (state, batch, akey), mc, source
 
@@ -596,7 +596,7 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
     generate   the rollout sampler (`sampling`'s jitted static sampler; one call of
                --generate_batch_size prompts x n samples, max_prompt_length + max_response_length
                tokens, the KV cache in --dtype) on the params exactly as `rl.rollout.collect`
-               passes them: the rollout copy of the policy (`sharding.rollout_params`: the
+               passes them: the rollout copy of the policy (`inference.rollout_params`: the
                compute dtype, the decode layout; on --rollout_mesh when set), made once per
                rollout;
     update     `rl.prime.make_prime`'s ONE jitted update (scoring, PRM update, advantages, PPO
@@ -611,15 +611,15 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
   "resident_state_bytes", "generate_with_state_bytes", "peak_bytes_per_device", "lora": ...}.
   """
   from jaxrl_dense.parallel import plan as sharding_plan
-  from jaxrl_dense.parallel import sharding
+  from jaxrl_dense.parallel import mesh as mesh_lib, inference
   from jaxrl_dense.rl import config as config_lib
   p, r = cfg.prime, cfg.prime.rollout
-  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  mesh = mesh_lib.make_mesh(cfg.mesh, devices=devices)
   update_fn, (state, batch, akey), mc, source = abstract_update(cfg, mesh)
   lora_any = p.policy_lora is not None or p.prm_lora is not None
   rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
   try:  # = Trainer.rollout_params: the sampler's mesh (--rollout_mesh) and the copy's layout on it
-    rmesh, rlayout = sharding.rollout_mesh_layout(mc, mesh, cfg.rollout_mesh)
+    rmesh, rlayout = inference.rollout_mesh_layout(mc, mesh, cfg.rollout_mesh)
   except ValueError as e:
     raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
   gen = sharding_plan.rl_step_programs(
@@ -628,10 +628,10 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
       rollout_layout="inference" if rlayout == "auto" else rlayout,
       rollout_dtype=None if mc.dtype == "float32" else mc.dtype)["generate"]
   out = {"generate": sharding_plan.memory_stats(sharding_plan.compile_program(gen, rmesh))}
-  with sharding.use_mesh(mesh):
+  with mesh_lib.use_mesh(mesh):
     out["update"] = sharding_plan.memory_stats(update_fn.lower(state, batch, akey).compile())
   resident = sharding_plan.per_device_bytes(state)
-  # generate's params argument is the rollout copy (sharding.rollout_params: compute dtype, decode
+  # generate's params argument is the rollout copy (inference.rollout_params: compute dtype, decode
   # layout), held beside the resident training state while the rollout runs
   gen_total = out["generate"]["peak_bytes"] + resident
   return {"mesh": dict(mesh.shape), "rollout_mesh": dict(rmesh.shape), "rollout_layout": rlayout,
