@@ -550,7 +550,7 @@ import numpy as np, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as PS
 from jaxrl_dense import advantages, losses, ops, rewards
 assert jax.device_count() == 8, jax.devices()
-mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))  # as jaxrl_dense.parallel.sharding
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))  # as jaxrl_dense.parallel.mesh.make_mesh
 rng = np.random.default_rng(0)
 P, N, T = 4, 4, 8
 B = P * N

@@ -284,3 +284,79 @@ def test_initialize_distributed_bad_environment(monkeypatch, env, words):
     mesh_lib.initialize_distributed()
   for w in words:
     assert w in str(e.value), str(e.value)
+
+
+# ----------------------------------------------------------------------------------------
+# The former single module: role modules and the deprecated facade
+# ----------------------------------------------------------------------------------------
+
+# Every public name of the former `parallel/sharding.py`, by the module that holds it now.
+_FORMER_NAMES = {
+    "mesh": ("AXES", "BATCH_AXES", "PyTree", "parse_mesh_spec", "make_mesh",
+             "initialize_distributed", "current_mesh", "mesh_of", "use_mesh", "with_mesh",
+             "batch_divisor"),
+    "rules": ("LOGICAL_RULES", "ACTIVATION_RULES", "KV_CACHE_AXES", "logical_axes", "param_specs",
+              "param_shardings", "logical_to_spec", "with_logical_constraint",
+              "constrain_kv_cache", "kv_cache_spec", "kernel_axes", "shard_kernel"),
+    "placement": ("replicated", "batch_spec", "batch_sharding", "device_put", "to_host",
+                  "shard_batch", "constrain", "constrain_like_params", "shard_params",
+                  "sharded_init", "opt_state_shardings", "shard_opt_state", "sharded_opt_init",
+                  "tree_shardings"),
+    "inference": ("INFERENCE_TP_RULES", "INFERENCE_LAYOUTS", "inference_shardings",
+                  "inference_params", "rollout_params", "rollout_mesh_layout"),
+    "inspect": ("addressable_bytes", "describe"),
+}
+_LAYERS = ("mesh", "rules", "placement", "inference", "inspect")
+
+
+def test_former_names_are_forwarded_with_a_warning_and_are_the_same_objects():
+  """`parallel.sharding` (and the older `jaxrl_dense.sharding`) still answers every former name for
+  one release: it warns with the new path and returns the new module's object itself."""
+  import importlib
+  import warnings
+  from jaxrl_dense.parallel import sharding as facade
+  for module, names in _FORMER_NAMES.items():
+    new = importlib.import_module(f"jaxrl_dense.parallel.{module}")
+    for name in names:
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = getattr(facade, name)
+      assert obj is getattr(new, name), name
+      msgs = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+      assert any(f"jaxrl_dense.parallel.{module}.{name}" in m for m in msgs), (name, msgs)
+  assert sorted(facade.__all__) == sorted(n for ns in _FORMER_NAMES.values() for n in ns)
+  with pytest.warns(DeprecationWarning, match="jaxrl_dense.parallel.mesh.make_mesh"):
+    from jaxrl_dense.parallel.sharding import make_mesh  # noqa: F401  (the from-import form)
+  with pytest.warns(DeprecationWarning):
+    older = importlib.import_module("jaxrl_dense.sharding")  # the module path moved before
+    assert older.shard_params is placement.shard_params
+  with pytest.raises(AttributeError):
+    facade.no_such_name  # pylint: disable=pointless-statement
+
+
+def test_patching_the_new_module_is_what_the_facade_returns(monkeypatch):
+  """The facade keeps no copy: a patch of the new module is what the old name reads."""
+  from jaxrl_dense.parallel import sharding as facade
+  patched = lambda *a, **k: "patched"
+  monkeypatch.setattr(placement, "shard_batch", patched)
+  with pytest.warns(DeprecationWarning):
+    assert facade.shard_batch is patched
+
+
+def test_role_modules_import_only_the_ones_before_them():
+  """mesh <- rules <- placement <- inference (and inspect): no module imports a later one, so
+  there is no import cycle among them and the facade imports none of them at import time."""
+  import ast
+  parallel = os.path.join(os.path.dirname(HERE), "jaxrl_dense", "parallel")
+  for i, module in enumerate(_LAYERS + ("sharding",)):
+    with open(os.path.join(parallel, module + ".py")) as f:
+      tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxrl_dense.parallel"):
+        rest = node.module[len("jaxrl_dense.parallel"):].lstrip(".")
+        imported |= {rest} if rest else {a.name for a in node.names}
+    allowed = set(_LAYERS[:i]) if module != "inspect" else {"mesh", "rules"}
+    if module == "sharding":
+      allowed = set()
+    assert imported <= allowed, (module, imported - allowed)
