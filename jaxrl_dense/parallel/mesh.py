@@ -1,4 +1,4 @@
-"""Device meshes: the three mesh axes, building a mesh, multi-process start-up, the context mesh.
+"""Device meshes: the three axes, building a mesh, multi-process start-up, the context mesh.
 
 Everything in `jaxrl_dense.parallel` rides on JAX's own SPMD runtime (`jax.jit` +
 `NamedSharding`): a step function is written once for one device and `jax.jit` partitions it

@@ -1,10 +1,10 @@
-"""Placement: shardings of batches, parameters and optimizer states, and putting arrays on the mesh.
+"""Placement: shardings of batches, parameters and optimizer states; putting arrays on the mesh.
 
 Typical use:
 
   mesh = mesh_lib.make_mesh("data:2,fsdp:2,tensor:2")
   params = placement.shard_params(params, config, mesh)
-  opt_state = placement.sharded_opt_init(optimizer, params, mesh)  # moments laid out like their params
+  opt_state = placement.sharded_opt_init(optimizer, params, mesh)  # moments laid out like params
   batch = placement.shard_batch(batch, mesh)                       # leading dim over (data, fsdp)
   step = jax.jit(mesh_lib.with_mesh(train_step, mesh))             # activation constraints + GSPMD
 
@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_dense.parallel.mesh import BATCH_AXES, PyTree, batch_divisor, current_mesh
 from jaxrl_dense.parallel.rules import _key_str, _path_str, param_shardings, param_specs
+
 
 # ----------------------------------------------------------------------------------------
 # Simple shardings

@@ -1,4 +1,4 @@
-"""Partition rules: the logical axis of every parameter and activation dimension, and its mesh axes.
+"""Partition rules: the logical axis of each parameter and activation dimension, and its mesh axes.
 
 Logical axes. Each parameter dimension gets a logical name from its path in the params tree
 and the model config; `LOGICAL_RULES` maps logical names to mesh axes:
