@@ -65,3 +65,26 @@ def test_check_fails_on_a_module_the_doc_leaves_out():
   cut = re.sub(r"\n      page_table\.py[^\n]*", "", text, count=1)
   assert cut != text
   assert "sampling/engine/page_table.py" in disk_tree() - doc_tree(cut)
+
+
+def unmirrored_test_folders(root: pathlib.Path) -> list:
+  """Folders under tests/ that mirror no package folder (``jaxrl_dense/<name>/``) and no top-level
+  script folder (``experiments/``, ``benchmarks/``); ``golden/`` holds reference data."""
+  bad = []
+  for d in sorted(p for p in (root / "tests").iterdir() if p.is_dir()):
+    if d.name in ("golden", "__pycache__") or d.name.startswith("."):
+      continue
+    if not ((root / "jaxrl_dense" / d.name).is_dir() or d.name in ("experiments", "benchmarks")):
+      bad.append(d.name)
+  return bad
+
+
+def test_test_folders_mirror_the_package(tmp_path):
+  """tests/rl/ tests jaxrl_dense/rl/, tests/sampling/ tests jaxrl_dense/sampling/, ...; only
+  cross-cutting checks (golden parity, properties, these guards) sit at tests/ itself."""
+  assert not unmirrored_test_folders(ROOT), unmirrored_test_folders(ROOT)
+  # control: a folder named after no package is reported
+  (tmp_path / "tests" / "rl").mkdir(parents=True)
+  (tmp_path / "tests" / "misc").mkdir()
+  (tmp_path / "jaxrl_dense" / "rl").mkdir(parents=True)
+  assert unmirrored_test_folders(tmp_path) == ["misc"]

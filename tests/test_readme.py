@@ -28,7 +28,7 @@ def test_readme_prime_snippet_runs():
 
 
 def test_readme_prime_step_is_the_tested_architecture_snippet():
-  """The README's whole-step block is the one tests/test_rl_prime.py runs from docs/architecture.md."""
+  """The README's whole-step block is the one tests/rl/test_update.py runs from docs/architecture.md."""
   pick = lambda text: next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "make_prime" in b)
   arch = (_README.parent / "docs" / "architecture.md").read_text()
   assert pick(_README.read_text()) == pick(arch)

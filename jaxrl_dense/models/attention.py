@@ -60,7 +60,7 @@ Kernels (`implementation="auto"` picks the first that applies):
        is needed), elsewhere `jax.nn.dot_product_attention(implementation="xla")`; decode runs a `lax.fori_loop` over blocks of
        `chunk` cache slots bounded by the longest live length (online softmax), so a step reads
        O(live) slots, not O(S).
-Every path that runs on CPU is tested equal to an einsum reference (tests/test_attention.py).
+Every path that runs on CPU is tested equal to an einsum reference (tests/models/test_attention.py).
 The GPU/TPU kernels are only reached on those platforms; explicit `implementation=` names force a
 path (Pallas decode runs in interpret mode off-GPU, splash off-TPU, for tests). Every Pallas
 kernel runs per shard inside `jax.shard_map` (`rules.shard_kernel`: rows over data x fsdp,
@@ -164,7 +164,7 @@ def native_mask(valid: jax.Array, *, causal: bool = True, window: Optional[int] 
   On the compacted rows (real tokens first) the mask is allowed(i', j') = i' < n and j' < n and
   (not causal or j' <= i') and (window is None or i' - j' < window): exactly
   `allowed_mask(valid, valid, rank, rank, causal, window)` in the original order, rank =
-  cumsum(valid) - 1 (tested in tests/test_attention.py).
+  cumsum(valid) - 1 (tested in tests/models/test_attention.py).
   """
   chex.assert_rank(valid, 2)
   if window is not None and not isinstance(window, (int, np.integer)):

@@ -493,7 +493,7 @@ def logits_from_hidden(params: Params, config: ModelConfig, hidden: jax.Array) -
   V / tensor columns from its own weight shard, and a caller that needs whole rows gathers the
   [rows, V] logits. Without it GSPMD met the sampler's whole-vocabulary constraint by
   all-gathering the [D, V] weight instead (hoisted out of the decode loop: the whole LM head on
-  every device; tests/test_plan_flags.py).
+  every device; tests/rl/test_plan_flags.py).
   """
   w = lm_head_weight(params, config).astype(compute_dtype(config))
   logits = jnp.einsum("...d,dv->...v", hidden.astype(w.dtype), w, preferred_element_type=jnp.float32)
