@@ -42,8 +42,8 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
     report = json.load(f)
   trainer = Trainer(cfg)
   try:
-    from jaxrl_dense.rl import setup
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg))
+    from jaxrl_dense.rl import load
+    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg))
     tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
     ckpt.close()
     trainer.restore(tree, meta)

@@ -22,7 +22,7 @@ import numpy as np
 from jaxrl_dense import sampling
 from jaxrl_dense.eval import loop as evaluation
 from jaxrl_dense.parallel import sharding
-from jaxrl_dense.rl import external_reward, prime, rollout, setup
+from jaxrl_dense.rl import external_reward, load, prime, rollout
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
 
@@ -49,7 +49,7 @@ class Trainer:
         raise ConfigError(name, rows, f"{rows} rows are not divisible by data*fsdp={div} of --mesh={cfg.mesh}")
     # Policy, frozen reference and PRM each start from their own checkpoint (PRIME: the same SFT
     # model), as separate device copies: the policy and PRM buffers are donated every step.
-    self.model_config, policy_params, self.tokenizer = setup.load_model(cfg.model, cfg, seed=cfg.seed)
+    self.model_config, policy_params, self.tokenizer = load.load_model(cfg.model, cfg, seed=cfg.seed)
     # --rollout_mesh: the sampler's mesh over the same devices and the rollout copy's layout on it.
     try:
       self.rollout_mesh, self._rollout_layout = sharding.rollout_mesh_layout(
@@ -77,7 +77,7 @@ class Trainer:
       spec = getattr(cfg, name)
       if not spec or spec == cfg.model:
         return place(policy_params, shardings)
-      other, params, _ = setup.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
+      other, params, _ = load.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
       if other.replace(eos_token_ids=mc.eos_token_ids) != mc:
         raise ConfigError(name, spec, "has a different architecture from --model")
       return place(params, shardings)
@@ -109,7 +109,7 @@ class Trainer:
       print(f"[setup] --share_prompt: micro-batch sizes are not all multiples of --n={r.n}; running "
             "full rows (no prompt sharing)")
     # Data.
-    self.train_records, self.eval_records = setup.load_records(cfg)
+    self.train_records, self.eval_records = load.load_records(cfg)
     if r.env:  # multi-turn tool use: the system prompt states the call format and the tools
       from jaxrl_dense import envs
       from jaxrl_dense.data.prompts import with_system_instruction
