@@ -101,8 +101,7 @@ def train(cfg: config_lib.RunConfig) -> list:
   last_saved = None
   restored = False
   if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
-    tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
-    history = trainer.restore(tree, meta)
+    history = trainer.resume(ckpt)
     last_saved = trainer.step
     restored = True
     skipped = "".join(f" (skipped the unreadable step {s})" for s in sorted(ckpt.unreadable, reverse=True))
@@ -117,8 +116,9 @@ def train(cfg: config_lib.RunConfig) -> list:
   if cfg.logdir and lead:
     if cfg.wandb_project:
       from jaxrl_dense.observe.wandb_sink import WandbSink
+      flat = config_lib.flat(cfg)
       wandb = WandbSink(cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.logdir)),
-                        config=config_lib.flat(cfg), dir=cfg.logdir, mode=cfg.wandb_mode)
+                        config=flat, dir=cfg.logdir, mode=cfg.wandb_mode)
     # Nothing restored: the rows of an earlier attempt (its step-0 eval) are not this run's.
     log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not restored, sinks=[wandb] if wandb else ())
     if restored:
@@ -144,7 +144,7 @@ def train(cfg: config_lib.RunConfig) -> list:
 
   def save(force=False):
     nonlocal last_saved
-    if ckpt is not None and ckpt.save(trainer.step, *trainer.checkpoint(history), force=force):
+    if ckpt is not None and trainer.save(ckpt, history, force=force):
       last_saved = trainer.step
 
   bar = None

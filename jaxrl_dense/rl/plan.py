@@ -4,6 +4,7 @@ abstract inputs (no weights read). Every failure is a `ConfigError` naming the f
 (What a run loads from disk: `rl.load`.)
 
   mesh_devices(cfg), check_mesh(cfg)  the devices --mesh asks for; --mesh / --rollout_mesh parse
+  meshes(cfg, model_config)           a run's training and sampler meshes, batch rows checked
   plan(cfg) -> (text, problems)       memory per device, steps, sizes (for --dry_run)
   abstract_update(cfg, mesh)          the trainer's jitted update and abstract arguments for it
   aot_plan(cfg, devices)              compiled per-device bytes of generate and update (--aot)
@@ -67,6 +68,33 @@ def check_mesh(cfg: RunConfig, num_devices: Optional[int] = None) -> None:
       sharding.parse_mesh_spec(cfg.rollout_mesh, num_devices or mesh_devices(cfg))
     except Exception as e:  # noqa: BLE001 - re-raised naming the flag
       raise ConfigError("rollout_mesh", cfg.rollout_mesh, f"{e} (it spans --mesh={cfg.mesh}'s devices)") from None
+
+
+def meshes(cfg: RunConfig, model_config, devices=None) -> tuple:
+  """(training mesh, sampler mesh, rollout layout) of a run over `devices` (default: all): --mesh,
+  and --rollout_mesh over the same devices with the layout of the policy's rollout copy on it
+  (`sharding.rollout_mesh_layout`; '' = the training mesh). Every batch a step shards must divide
+  over data*fsdp of its mesh; a ConfigError names the flag whose rows do not."""
+  from jaxrl_dense.parallel import sharding
+  p, r = cfg.prime, cfg.prime.rollout
+  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  div = sharding.batch_divisor(mesh)
+  for name, rows in (("prompts_per_step", r.rows), ("micro_batch_size", p.policy.micro_batch_size),
+                     ("prm_micro_batch_size", p.prm.prm_micro_batch_size),
+                     ("score_micro_batch_size", p.score_micro_batch_size),
+                     ("generate_batch_size", r.generate_prompts * r.n)):
+    if rows % div:
+      raise ConfigError(name, rows, f"{rows} rows are not divisible by data*fsdp={div} of --mesh={cfg.mesh}")
+  try:
+    rollout_mesh, layout = sharding.rollout_mesh_layout(model_config, mesh, cfg.rollout_mesh)
+  except ValueError as e:
+    raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
+  rdiv = sharding.batch_divisor(rollout_mesh)
+  if (r.generate_prompts * r.n) % rdiv:
+    raise ConfigError("generate_batch_size", r.generate_prompts * r.n,
+                      f"{r.generate_prompts * r.n} rows are not divisible by data*fsdp={rdiv} of "
+                      f"--rollout_mesh={cfg.rollout_mesh}")
+  return mesh, rollout_mesh, layout
 
 
 def _plan_model_config(cfg: RunConfig, problems: list):
