@@ -39,7 +39,8 @@ class Trainer:
     """Four phases, in this order: load (read from disk: the policy, its tokenizer, the prompt
     records, a local PRM), plan (the meshes and the rollout layout, every batch's rows checked
     against them), build (`make_prime`'s jitted update, which decides the state's layout) and
-    place (every model copied into that layout: the initial `PrimeState`)."""
+    place (every model copied into that layout: the initial `PrimeState`); `_start` then readies
+    what moves as the run steps (data iterator, verifier, keys)."""
     t0 = time.time()
     self.cfg = cfg
     policy_params = self._load()
