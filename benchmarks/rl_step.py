@@ -60,7 +60,7 @@ import time
 from absl import app, flags
 
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
-from jaxrl_dense.rl import rollout, setup  # noqa: E402
+from jaxrl_dense.rl import load, rollout  # noqa: E402
 
 flags.DEFINE_string("json", "", "Write the results to this JSON file.")
 flags.DEFINE_string("bench_model", "smollm2", "Model spec for our steps (see prime_math --model).")
@@ -100,7 +100,7 @@ def _our_config(algo: str) -> config_lib.RunConfig:
 def bench_ours(algo: str) -> dict:
   from jaxrl_dense.rl.trainer import Trainer
   cfg = _our_config(algo)
-  setup.check_inputs(cfg)
+  load.check_inputs(cfg)
   run = Trainer(cfg)
   try:
     for _ in range(FLAGS.warmup):
@@ -118,7 +118,7 @@ def bench_ours(algo: str) -> dict:
 def _trl_prompt_records(cfg: config_lib.RunConfig, num_steps: int) -> list:
   """The prompt records our steps draw (same data, same seeded iterator), `num_steps` batches."""
   from jaxrl_dense.data import iterator
-  train, _ = setup.load_records(cfg)
+  train, _ = load.load_records(cfg)
   it = iterator.PromptIterator(train, seed=cfg.seed)
   return [r for _ in range(num_steps) for r in it.next_batch(cfg.prime.rollout.prompts_per_step)]
 
@@ -126,7 +126,7 @@ def _trl_prompt_records(cfg: config_lib.RunConfig, num_steps: int) -> list:
 def _check_same_prompt_tokens(cfg: config_lib.RunConfig, hf_tokenizer, messages) -> int:
   """Raises unless TRL's chat-template tokenization equals ours; returns the prompt length."""
   from jaxrl_dense.data import batching
-  ours = batching.PromptEncoder(setup.load_tokenizer(cfg.tokenizer),
+  ours = batching.PromptEncoder(load.load_tokenizer(cfg.tokenizer),
                                 max_prompt_length=cfg.prime.rollout.max_prompt_length).encode(messages)
   theirs = hf_tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True,
                                             tokenize=True)

@@ -76,10 +76,10 @@ def _fmt(rec: dict) -> str:
 def open_checkpointer(cfg: config_lib.RunConfig):
   """The run's Checkpointer (None without --checkpoint_dir); refuses a mismatched directory."""
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   if not cfg.checkpoint_dir:
     return None
-  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg),
+  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg),
                                save_every=cfg.checkpoint_every or cfg.steps, keep_last=cfg.checkpoint_keep)
   if not cfg.resume and ckpt.latest_step() is not None:
     ckpt.close()
@@ -101,8 +101,7 @@ def train(cfg: config_lib.RunConfig) -> list:
   last_saved = None
   restored = False
   if cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
-    tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
-    history = trainer.restore(tree, meta)
+    history = trainer.resume(ckpt)
     last_saved = trainer.step
     restored = True
     skipped = "".join(f" (skipped the unreadable step {s})" for s in sorted(ckpt.unreadable, reverse=True))
@@ -117,8 +116,9 @@ def train(cfg: config_lib.RunConfig) -> list:
   if cfg.logdir and lead:
     if cfg.wandb_project:
       from jaxrl_dense.observe.wandb_sink import WandbSink
+      flat = config_lib.flat(cfg)
       wandb = WandbSink(cfg.wandb_project, name=os.path.basename(os.path.normpath(cfg.logdir)),
-                        config=config_lib.flat(cfg), dir=cfg.logdir, mode=cfg.wandb_mode)
+                        config=flat, dir=cfg.logdir, mode=cfg.wandb_mode)
     # Nothing restored: the rows of an earlier attempt (its step-0 eval) are not this run's.
     log = metrics_lib.MetricsWriter(cfg.logdir, fresh=not restored, sinks=[wandb] if wandb else ())
     if restored:
@@ -144,7 +144,7 @@ def train(cfg: config_lib.RunConfig) -> list:
 
   def save(force=False):
     nonlocal last_saved
-    if ckpt is not None and ckpt.save(trainer.step, *trainer.checkpoint(history), force=force):
+    if ckpt is not None and trainer.save(ckpt, history, force=force):
       last_saved = trainer.step
 
   bar = None
@@ -213,16 +213,16 @@ def _simulate_devices(mesh_spec: str) -> None:
 
 def print_aot_plan(cfg) -> dict:
   """Compiles the step's programs from abstract inputs and prints (and with --plan_json writes)
-  the per-device memory plan (`rl.setup.aot_plan`)."""
+  the per-device memory plan (`rl.plan.aot_plan`)."""
   import json
   import jax
-  from jaxrl_dense.rl import setup
-  n = setup.mesh_devices(cfg)
+  from jaxrl_dense.rl import plan as plan_lib
+  n = plan_lib.mesh_devices(cfg)
   devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
   if len(devices) < n:
     raise config_lib.ConfigError("mesh", cfg.mesh, f"needs {n} devices; {len(devices)} available "
                                  "(simulated CPU devices are added only when XLA_FLAGS does not set a count)")
-  plan = setup.aot_plan(cfg, devices=devices[:n])
+  plan = plan_lib.aot_plan(cfg, devices=devices[:n])
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   print(f"Compiled memory plan (per device; {plan['devices']} {plan['platform']} device(s), mesh "
         f"{plan['mesh']}, params {plan['param_dtype']}, compute {plan['compute_dtype']}):")
@@ -232,9 +232,9 @@ def print_aot_plan(cfg) -> dict:
   print(f"  resident training state {gib(plan['resident_state_bytes'])}; generate + state "
         f"{gib(plan['generate_with_state_bytes'])}")
   print(f"  peak per device: {gib(plan['peak_bytes_per_device'])}")
-  print(setup.plan_markdown(plan))
+  print(plan_lib.plan_markdown(plan))
   if cfg.plan_target:
-    fit = setup.target_fit(plan["peak_bytes_per_device"], cfg.plan_target, cfg.memory_fraction)
+    fit = plan_lib.target_fit(plan["peak_bytes_per_device"], cfg.plan_target, cfg.memory_fraction)
     plan["target"] = fit
     if "need_fraction" in fit:
       print(f"  {fit['target']}: {fit['hbm_gib']} GiB HBM, {fit['reserve_gib']} GiB reserved outside "
@@ -265,8 +265,7 @@ def main(argv):
   if FLAGS.memory_fraction > 0:  # before JAX starts: the GPU pool's size
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{FLAGS.memory_fraction:g}"
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense.parallel import mesh as mesh_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load, plan as plan_lib
   # Multi-controller start-up before any other JAX call (a no-op for a single process).
   try:
     distributed = mesh_lib.initialize_distributed()
@@ -280,16 +279,16 @@ def main(argv):
       print(f"[setup] --algo={cfg.prime.algo} has no implicit PRM and ignores "
             f"{', '.join('--' + k for k in ignored)} (from the flag file)")
     if cfg.dry_run:
-      setup.check_mesh(cfg, setup.mesh_devices(cfg))
-      text, problems = setup.plan(cfg)
+      plan_lib.check_mesh(cfg, plan_lib.mesh_devices(cfg))
+      text, problems = plan_lib.plan(cfg)
       print(text)
       if cfg.aot:  # needs the model shape only (--arch when the weights are absent)
         print_aot_plan(cfg)
       print("Problems:\n  " + "\n  ".join(problems) if problems else "All paths and flags are valid.")
       sys.exit(1 if problems else 0)
-    setup.check_mesh(cfg)
-    setup.check_inputs(cfg)
-    setup.configure_compilation_cache(cfg)  # before the first compilation
+    plan_lib.check_mesh(cfg)
+    load.check_inputs(cfg)
+    load.configure_compilation_cache(cfg)  # before the first compilation
     train(cfg)
   except config_lib.ConfigError as e:
     _fail(2, str(e))

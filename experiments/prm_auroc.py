@@ -42,11 +42,10 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
     report = json.load(f)
   trainer = Trainer(cfg)
   try:
-    from jaxrl_dense.rl import setup
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg))
-    tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
+    from jaxrl_dense.rl import load
+    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg))
+    trainer.resume(ckpt)
     ckpt.close()
-    trainer.restore(tree, meta)
     by_uid = {r.uid: r for r in trainer.eval_records}
     problems = report["problems"]
     missing = [p["uid"] for p in problems if p["uid"] not in by_uid]

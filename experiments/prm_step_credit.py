@@ -125,9 +125,8 @@ def step_credit(cfg: config_lib.RunConfig, *, step_data: str = "", num_problems:
     if cfg.checkpoint_dir:
       ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=ckpt_lib.make_fingerprint(
           None, **config_lib.fingerprint(cfg)))
-      tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
+      trainer.resume(ckpt)
       ckpt.close()
-      trainer.restore(tree, meta)
       source = "checkpoint"
     is_ref = trainer.prm_is_reference()
     r_t, ids_t, q_t = _score(trainer, task, test)

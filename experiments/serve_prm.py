@@ -34,7 +34,7 @@ def main(argv):
   from jaxrl_dense.models import prm_head
   from jaxrl_dense.rewards import local_prm, service
   from jaxrl_dense.rl.config import ConfigError
-  from jaxrl_dense.rl.setup import check_process_reward
+  from jaxrl_dense.rl.load import check_process_reward
   try:
     if not FLAGS.prm:
       raise ConfigError("prm", FLAGS.prm, "is required (a PRM directory)")

@@ -105,13 +105,13 @@ def main(argv):
   from jaxrl_dense.data import batching, prompts
   from jaxrl_dense.models import tokenizer as tok_lib
   from jaxrl_dense.rl import config as config_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
 
   t0 = time.time()
   tok = tok_lib.char_chat_tokenizer()
   cfg = config_lib.from_args([f"--model=random:{FLAGS.shape}", "--tokenizer=chars",
                               f"--train_data={FLAGS.train_data}", "--eval_data=", "--algo=grpo"])
-  mc, params, _ = setup.load_model(cfg.model, cfg, tok, seed=FLAGS.seed)
+  mc, params, _ = load.load_model(cfg.model, cfg, tok, seed=FLAGS.seed)
   make_env = envs.make_env("tool:calculator", max_turns=FLAGS.max_turns)
   records = [prompts.with_system_instruction(r, make_env().instruction)
              for r in prompts.load_prompts(FLAGS.train_data, limit=FLAGS.limit or None)]

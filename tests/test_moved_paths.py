@@ -64,3 +64,16 @@ def test_changelog_lists_every_move():
     top_new = new if old == top_old else new.rsplit(".", 1)[0]
     assert f"`{top_old}`" in changelog or f"`{top_old}` (" in changelog, old
     assert top_new in changelog, new
+
+
+def test_rl_setup_forwards_to_load_and_plan():
+  """`rl.setup` was split into `rl.load` and `rl.plan`: each former name is the new home's own
+  object, read with a DeprecationWarning that names that home; unknown names still fail."""
+  from jaxrl_dense.rl import load, plan, setup
+  for name, home in (("load_model", load), ("checkpoint_fingerprint", load), ("check_inputs", load),
+                     ("aot_plan", plan), ("target_fit", plan), ("PLAN_FLAGS", plan),
+                     ("ARCH_PRESETS", plan), ("check_mesh", plan)):
+    with pytest.warns(DeprecationWarning, match=f"{home.__name__}.{name}"):
+      assert getattr(setup, name) is getattr(home, name)
+  with pytest.raises(AttributeError):
+    setup.no_such_name  # pylint: disable=pointless-statement

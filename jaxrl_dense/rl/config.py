@@ -672,11 +672,11 @@ class RunConfig:
   dry_run: bool = _f(False, "Validate paths and print the plan (memory per device, steps); no work.", runtime=True)
   aot: bool = _f(False, "With --dry_run: compile the step's programs (rollout sampler, the one jitted "
                  "update) for the model shape and --mesh from abstract inputs (no weights) and report "
-                 "per-device memory from XLA (rl.setup.aot_plan); simulated CPU devices stand in "
+                 "per-device memory from XLA (rl.plan.aot_plan); simulated CPU devices stand in "
                  "for absent accelerators.", runtime=True)
   plan_json: str = _f("", "With --dry_run --aot: also write the compiled memory plan as JSON here.", runtime=True)
   plan_target: str = _f("", "With --dry_run --aot: check the plan against this accelerator's memory "
-                        "(rl.setup.PLAN_TARGETS: HBM per device, a reserve for runtime workspaces "
+                        "(rl.plan.PLAN_TARGETS: HBM per device, a reserve for runtime workspaces "
                         "outside JAX's pool) and print the --memory_fraction it needs. '' = no check.",
                         choices=("", "h100", "h200", "v5e", "v5p"), runtime=True)
   memory_fraction: float = _f(0.0, "GPU: the share of device memory JAX's pool preallocates "

@@ -44,9 +44,9 @@ def make_process_scorer(cfg: config_lib.PrimeConfig, tokenizer,
   if client is None and cfg.process_reward.startswith("prm:"):  # a PRM in this process
     from jaxrl_dense.models import prm_head  # pylint: disable=import-outside-toplevel
     from jaxrl_dense.rewards.local_prm import LocalPRM  # pylint: disable=import-outside-toplevel
-    from jaxrl_dense.rl.setup import resolve_path  # pylint: disable=import-outside-toplevel
-    client = LocalPRM(prm_head.load_discriminative_prm(resolve_path(cfg.process_reward[4:])),
-                      separator=cfg.prm_step_separator or None)
+    from jaxrl_dense.rl.load import resolve_path  # pylint: disable=import-outside-toplevel
+    path = resolve_path(cfg.process_reward[4:])
+    client = LocalPRM(prm_head.load_discriminative_prm(path), separator=cfg.prm_step_separator or None)
   client = client or service_lib.RewardServiceClient(
       cfg.process_reward, timeout_s=cfg.reward_timeout_s, max_retries=cfg.reward_retries,
       on_error=cfg.reward_on_error)

@@ -42,7 +42,7 @@ def make_optimizer(
   `grad_clip` None or <= 0 disables clipping; `warmup_steps` > 0 ramps the learning rate linearly
   from 0 (the PRIME scripts use a constant schedule, i.e. 0). `mu_dtype` (e.g. jnp.bfloat16) stores
   the first moment in that dtype (optax); the second moment keeps the parameters' dtype. With
-  float32 master parameters (rl.setup.dtype_overrides) the gradients and states are float32.
+  float32 master parameters (rl.load.dtype_overrides) the gradients and states are float32.
   """
   if learning_rate < 0:
     raise ValueError(f"learning_rate={learning_rate} must be >= 0.")

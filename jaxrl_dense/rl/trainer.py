@@ -1,9 +1,10 @@
 """`Trainer`: the state of one RL run and its two operations, a training step and an evaluation.
 
-    trainer = Trainer(run_config)          # mesh, models, PrimeState, data, verifier (loads)
+    trainer = Trainer(run_config)          # load -> plan (meshes) -> build (make_prime) -> place
     metrics = trainer.train_step()         # rollout.collect -> shard -> make_prime's update_fn
     report = trainer.evaluate("_end")      # evaluation.evaluate (greedy pass@1), JSON report
     tree, meta = trainer.checkpoint()      # what an exact resume needs; trainer.restore(tree, meta)
+    trainer.save(ckpt, history)            # to a checkpoint.Checkpointer; history = trainer.resume(ckpt)
 
 Keys are derived from (seed, step), the data iterator state (and --filter_mode=resample's prompt
 buffer) travels in `meta`, so restoring a checkpoint and stepping reproduces the original run.
@@ -21,8 +22,8 @@ import numpy as np
 
 from jaxrl_dense import sampling
 from jaxrl_dense.eval import loop as evaluation
-from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference
-from jaxrl_dense.rl import external_reward, prime, rollout, setup
+from jaxrl_dense.parallel import inference
+from jaxrl_dense.rl import external_reward, load, plan, prime, rollout
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
 
@@ -35,81 +36,31 @@ class Trainer:
   """Models, PrimeState, jitted update, data iterator and verifier of a run (see module docstring)."""
 
   def __init__(self, cfg: RunConfig):
-    from jaxrl_dense.data import batching, iterator
+    """Four phases, in this order: load (read from disk: the policy, its tokenizer, the prompt
+    records, a local PRM), plan (the meshes and the rollout layout, every batch's rows checked
+    against them), build (`make_prime`'s jitted update, which decides the state's layout) and
+    place (every model copied into that layout: the initial `PrimeState`); `_start` then readies
+    what moves as the run steps (data iterator, verifier, keys)."""
     t0 = time.time()
     self.cfg = cfg
-    p, r = cfg.prime, cfg.prime.rollout
-    self.mesh = mesh_lib.make_mesh(cfg.mesh)
-    div = mesh_lib.batch_divisor(self.mesh)
-    for name, rows in (("prompts_per_step", r.rows), ("micro_batch_size", p.policy.micro_batch_size),
-                       ("prm_micro_batch_size", p.prm.prm_micro_batch_size),
-                       ("score_micro_batch_size", p.score_micro_batch_size),
-                       ("generate_batch_size", r.generate_prompts * r.n)):
-      if rows % div:
-        raise ConfigError(name, rows, f"{rows} rows are not divisible by data*fsdp={div} of --mesh={cfg.mesh}")
-    # Policy, frozen reference and PRM each start from their own checkpoint (PRIME: the same SFT
-    # model), as separate device copies: the policy and PRM buffers are donated every step.
-    self.model_config, policy_params, self.tokenizer = setup.load_model(cfg.model, cfg, seed=cfg.seed)
-    # --rollout_mesh: the sampler's mesh over the same devices and the rollout copy's layout on it.
-    try:
-      self.rollout_mesh, self._rollout_layout = inference.rollout_mesh_layout(
-          self.model_config, self.mesh, cfg.rollout_mesh)
-    except ValueError as e:
-      raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
-    rdiv = mesh_lib.batch_divisor(self.rollout_mesh)
-    if (r.generate_prompts * r.n) % rdiv:
-      raise ConfigError("generate_batch_size", r.generate_prompts * r.n,
-                        f"{r.generate_prompts * r.n} rows are not divisible by data*fsdp={rdiv} of "
-                        f"--rollout_mesh={cfg.rollout_mesh}")
-    mc = self.model_config
-
-    # The update, built first: it decides the state's layout from abstract shapes, and every
-    # model below is placed into it (`prime.place`; the state is donated, so each is a copy).
-    built = prime.make_prime(mc, p, mesh=self.mesh, token_series=cfg.sample_every > 0)
+    policy_params = self._load()
+    self.mesh, self.rollout_mesh, self._rollout_layout = plan.meshes(cfg, self.model_config)
+    built = prime.make_prime(self.model_config, cfg.prime, mesh=self.mesh,
+                             token_series=cfg.sample_every > 0)
     self.init_fn, self.update_fn = built
-    layout = built.state_shardings
-    full = layout.ref_params if layout.ref_params is not None else layout.policy.params
+    self.state = self._place(policy_params, built.state_shardings)
+    self._start()
+    self.setup_s = time.time() - t0
 
-    def place(params, shardings):
-      return prime.place(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
-
-    def load_other(name, shardings):
-      spec = getattr(cfg, name)
-      if not spec or spec == cfg.model:
-        return place(policy_params, shardings)
-      other, params, _ = setup.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
-      if other.replace(eos_token_ids=mc.eos_token_ids) != mc:
-        raise ConfigError(name, spec, "has a different architecture from --model")
-      return place(params, shardings)
-
-    from jaxrl_dense.models import lora
-    if p.policy_lora is None and p.prm_lora is None:
-      # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway);
-      # the cast keeps the placement.
-      ref = lora.freeze_base(load_other("ref_model", full), mc)[0] if p.needs_ref else None
-      prm = load_other("prm_model", layout.prm.params) if p.uses_prm else None
-      policy = place(policy_params, layout.policy.params)
-    else:  # LoRA: ONE frozen base (compute dtype) is the reference and every adapted model's base
-      base, _ = lora.freeze_base(policy_params, mc)
-      ref = place(base, layout.ref_params)
-      key = jax.random.PRNGKey(cfg.seed)
-
-      def adapters(lc, i, shardings):
-        return prime.place(lora.init_adapters(mc, lc, jax.random.fold_in(key, i)), shardings)
-
-      policy = (place(policy_params, layout.policy.params) if p.policy_lora is None
-                else adapters(p.policy_lora, 0, layout.policy.params))
-      prm = None
-      if p.uses_prm:
-        prm = (place(policy_params, layout.prm.params) if p.prm_lora is None
-               else adapters(p.prm_lora, 1, layout.prm.params))
-    self.last_rollout = None  # (RolloutBatch, {series: [B, R]}) of the last step, with --sample_every
-    self.state = self.init_fn(policy, prm, ref)
-    if p.share_prompt and p.prompt_group == 1 and r.n > 1 and jax.process_index() == 0:
-      print(f"[setup] --share_prompt: micro-batch sizes are not all multiples of --n={r.n}; running "
-            "full rows (no prompt sharing)")
-    # Data.
-    self.train_records, self.eval_records = setup.load_records(cfg)
+  def _load(self):
+    """Load phase: the policy (`model_config`, `tokenizer`; returns its float32 params), the train
+    and eval records that fit --max_prompt_length (`encoder` encodes them), and --process_reward's
+    scorer (a prm:DIR is read here). --ref_model / --prm_model are read while placing (`_place`),
+    one at a time."""
+    from jaxrl_dense.data import batching
+    cfg, r = self.cfg, self.cfg.prime.rollout
+    self.model_config, policy_params, self.tokenizer = load.load_model(cfg.model, cfg, seed=cfg.seed)
+    self.train_records, self.eval_records = load.load_records(cfg)
     if r.env:  # multi-turn tool use: the system prompt states the call format and the tools
       from jaxrl_dense import envs
       from jaxrl_dense.data.prompts import with_system_instruction
@@ -133,18 +84,71 @@ class Trainer:
     if dropped and jax.process_index() == 0:
       print(f"[data] dropped {len(dropped)} eval prompts longer than --max_prompt_length "
             f"({len(self.eval_records)} left)")
+    # --process_reward: a served step-scoring PRM's rewards, placed on the sampled tokens
+    self.process_scorer = external_reward.make_process_scorer(cfg.prime, self.tokenizer)
+    return policy_params
+
+  def _place(self, policy_params, layout):
+    """Place phase: the initial `PrimeState`, every model copied into the update's state `layout`
+    (`prime.place`; the state is donated every step, so each model is its own copy). Policy,
+    frozen reference and PRM each start from their own checkpoint (PRIME: the same SFT model)."""
+    from jaxrl_dense.models import lora
+    cfg, mc = self.cfg, self.model_config
+    p, r = cfg.prime, cfg.prime.rollout
+    full = layout.ref_params if layout.ref_params is not None else layout.policy.params
+
+    def place(params, shardings):
+      return prime.place(jax.tree.map(lambda x: jnp.array(x, copy=True), params), shardings)
+
+    def load_other(name, shardings):  # --ref_model / --prm_model: read, checked and placed
+      spec = getattr(cfg, name)
+      if not spec or spec == cfg.model:
+        return place(policy_params, shardings)
+      other, params, _ = load.load_model(spec, cfg, tokenizer=self.tokenizer, seed=cfg.seed, name=name)
+      if other.replace(eos_token_ids=mc.eos_token_ids) != mc:
+        raise ConfigError(name, spec, "has a different architecture from --model")
+      return place(params, shardings)
+
+    if p.policy_lora is None and p.prm_lora is None:
+      # The frozen reference is stored in the compute dtype (the matmuls cast to it anyway);
+      # the cast keeps the placement.
+      ref = lora.freeze_base(load_other("ref_model", full), mc)[0] if p.needs_ref else None
+      prm = load_other("prm_model", layout.prm.params) if p.uses_prm else None
+      policy = place(policy_params, layout.policy.params)
+    else:  # LoRA: ONE frozen base (compute dtype) is the reference and every adapted model's base
+      base, _ = lora.freeze_base(policy_params, mc)
+      ref = place(base, layout.ref_params)
+      key = jax.random.PRNGKey(cfg.seed)
+
+      def adapters(lc, i, shardings):
+        return prime.place(lora.init_adapters(mc, lc, jax.random.fold_in(key, i)), shardings)
+
+      policy = (place(policy_params, layout.policy.params) if p.policy_lora is None
+                else adapters(p.policy_lora, 0, layout.policy.params))
+      prm = None
+      if p.uses_prm:
+        prm = (place(policy_params, layout.prm.params) if p.prm_lora is None
+               else adapters(p.prm_lora, 1, layout.prm.params))
+    if p.share_prompt and p.prompt_group == 1 and r.n > 1 and jax.process_index() == 0:
+      print(f"[setup] --share_prompt: micro-batch sizes are not all multiples of --n={r.n}; running "
+            "full rows (no prompt sharing)")
+    return self.init_fn(policy, prm, ref)
+
+  def _start(self) -> None:
+    """What moves as the run steps: the seeded data iterator (and --filter_mode=resample's prompt
+    buffer), the verifier's workers, the base key and the step counter."""
+    from jaxrl_dense.data import iterator
+    cfg, p, r = self.cfg, self.cfg.prime, self.cfg.prime.rollout
     self.iterator = iterator.PromptIterator(self.train_records, seed=cfg.seed)
     # --filter_mode=resample: prompts of surplus in-band groups, re-sampled first next step.
     self.prompt_buffer = (rollout.PromptBuffer(capacity=r.prompts_per_step)
                           if p.filter_protocol == "resample" else None)
     self._fill_warned = False
-    # --process_reward: a served step-scoring PRM's rewards, placed on the sampled tokens
-    self.process_scorer = external_reward.make_process_scorer(cfg.prime, self.tokenizer)
+    self.last_rollout = None  # (RolloutBatch, {series: [B, R]}) of the last step, with --sample_every
     self.verifier = rollout.Verifier(r.verify_timeout, cfg.verify_workers,
                                      code_sandbox="unsafe" if cfg.unsafe_code_sandbox else "auto")
     self.base_key = jax.random.PRNGKey(cfg.seed)
     self.step = 0
-    self.setup_s = time.time() - t0
 
   def train_step(self) -> dict:
     """Runs RL step `self.step + 1`; returns its metrics as Python floats."""
@@ -195,8 +199,9 @@ class Trainer:
     cfg = self.cfg
     if not self.eval_records:
       return {}
+    params = self.rollout_params()
     res = evaluation.evaluate(
-        self.rollout_params(), self.model_config, self.tokenizer, self.eval_records,
+        params, self.model_config, self.tokenizer, self.eval_records,
         max_new_tokens=cfg.eval_max_response_length or cfg.prime.rollout.max_response_length,
         batch_size=cfg.eval_batch_size, max_prompt_length=cfg.prime.rollout.max_prompt_length,
         verify_fn=self.verifier, encoder=self.encoder, generate_fn=host_generate,
@@ -213,8 +218,9 @@ class Trainer:
       t = time.perf_counter()
       max_new = cfg.eval_max_response_length or p.rollout.max_response_length
       truncated = np.array([[ln >= max_new for ln in pr["lengths"]] for pr in res.problems])
+      prm_params = prime.model_params(self.state, "prm", p)
       r, tok, mask, q = evaluation.implicit_prm_rewards(
-          prime.model_params(self.state, "prm", p), self.state.ref_params, self.model_config, self.tokenizer,
+          prm_params, self.state.ref_params, self.model_config, self.tokenizer,
           self.eval_records, [pr["responses"] for pr in res.problems], beta=p.prm.beta,
           batch_size=p.score_micro_batch_size, encoder=self.encoder, truncated=truncated,
           token_rewards=True)  # [N, k]; [N*k, R] x3
@@ -272,7 +278,8 @@ class Trainer:
     every matmul reads) and resharded to the decode layout (--rollout_mesh: tensor-parallel on that
     mesh), so no decode step gathers master weights. Dropped after the rollout; the training state
     is not touched."""
-    return inference.rollout_params(self.policy_params(), self.model_config, self.rollout_mesh,
+    policy = self.policy_params()
+    return inference.rollout_params(policy, self.model_config, self.rollout_mesh,
                                    dtype=self.cfg.dtype, layout=self._rollout_layout)
 
   def export(self, directory: str, which: str = "policy"):
@@ -325,6 +332,19 @@ class Trainer:
       self.prompt_buffer.set_state(meta.get("prompt_buffer", []))
     self.step = int(meta["step"])
     return list(meta["history"])
+
+  def save(self, ckpt, history=(), force: bool = False) -> bool:
+    """Writes `checkpoint(history)` as step `self.step` of `ckpt` (a `checkpoint.Checkpointer`);
+    True when a step was written (`Checkpointer.save`: its cadence, unless `force`)."""
+    tree, meta = self.checkpoint(history)
+    return ckpt.save(self.step, tree, meta, force=force)
+
+  def resume(self, ckpt) -> list:
+    """Restores the newest readable step of `ckpt` (a `checkpoint.Checkpointer`); returns the
+    metrics history it carried."""
+    target, _ = self.checkpoint()
+    tree, meta = ckpt.restore(target=target)
+    return self.restore(tree, meta)
 
   def close(self) -> None:
     self.verifier.close()

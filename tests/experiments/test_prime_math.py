@@ -481,20 +481,20 @@ def test_prm_losses_dispatch_through_the_registry():
 
 
 def test_plan_target_fit_and_memory_fraction():
-  """`setup.target_fit`: a GPU plan fits when the pool (fraction x HBM) holds the peak and the
+  """`plan_lib.target_fit`: a GPU plan fits when the pool (fraction x HBM) holds the peak and the
   rest holds the reserve; the needed fraction is rounded up; a TPU plan fits HBM - reserve."""
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import plan as plan_lib
   gib = 2**30
-  h = setup.target_fit(int(57.25 * gib), "h100")
+  h = plan_lib.target_fit(int(57.25 * gib), "h100")
   assert h["memory_fraction"] == 0.75 and h["fits"] and h["need_fraction"] == 0.72
-  h = setup.target_fit(int(70 * gib), "h100")   # above JAX's default pool (59.7 GiB)
+  h = plan_lib.target_fit(int(70 * gib), "h100")   # above JAX's default pool (59.7 GiB)
   assert not h["fits"] and h["need_fraction"] == 0.88 and h["fits_budget"]
-  assert setup.target_fit(int(70 * gib), "h100", 0.9)["fits"]
-  assert not setup.target_fit(int(70 * gib), "h100", 0.99)["fits"]   # no room left for the reserve
-  assert not setup.target_fit(int(77 * gib), "h100")["fits_budget"]
-  assert setup.target_fit(int(15.2 * gib), "v5e")["fits"] and not setup.target_fit(int(15.5 * gib), "v5e")["fits"]
+  assert plan_lib.target_fit(int(70 * gib), "h100", 0.9)["fits"]
+  assert not plan_lib.target_fit(int(70 * gib), "h100", 0.99)["fits"]   # no room left for the reserve
+  assert not plan_lib.target_fit(int(77 * gib), "h100")["fits_budget"]
+  assert plan_lib.target_fit(int(15.2 * gib), "v5e")["fits"] and not plan_lib.target_fit(int(15.5 * gib), "v5e")["fits"]
   with pytest.raises(config_lib.ConfigError, match="plan_target"):
-    setup.target_fit(1, "a100")
+    plan_lib.target_fit(1, "a100")
   cfg = config_lib.from_args(["--memory_fraction=0.9", "--plan_target=h100"])
   assert cfg.memory_fraction == 0.9 and cfg.plan_target == "h100"
   with pytest.raises(config_lib.ConfigError, match="memory_fraction"):
@@ -548,37 +548,37 @@ def _prompt_rows(path, contents):
 
 
 def test_output_dirs_must_be_directories_or_creatable(tmp_path):
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load, plan as plan_lib
   afile = tmp_path / "afile"
   afile.write_text("x")
-  for name in setup.OUTPUT_DIRS:
+  for name in load.OUTPUT_DIRS:
     for path, why in ((afile, "exists and is not a directory"), (afile / "sub" / "d", "is not a directory")):
       with pytest.raises(config_lib.ConfigError, match=why) as e:
-        setup.check_inputs(_smoke_config(**{name: str(path)}))
+        load.check_inputs(_smoke_config(**{name: str(path)}))
       assert e.value.field == name
-    setup.check_inputs(_smoke_config(**{name: str(tmp_path / "new" / "nested")}))  # creatable
-    setup.check_inputs(_smoke_config(**{name: str(tmp_path)}))  # an existing directory
+    load.check_inputs(_smoke_config(**{name: str(tmp_path / "new" / "nested")}))  # creatable
+    load.check_inputs(_smoke_config(**{name: str(tmp_path)}))  # an existing directory
   assert not (tmp_path / "new").exists()  # checked, not created
-  text, problems = setup.plan(_smoke_config(checkpoint_dir=str(afile), plan_json=str(tmp_path)))
+  text, problems = plan_lib.plan(_smoke_config(checkpoint_dir=str(afile), plan_json=str(tmp_path)))
   assert any("--checkpoint_dir=" in p for p in problems) and any("--plan_json=" in p for p in problems)
 
 
 def test_upper_bounds_of_top_k_arith_num_eval_and_verify_workers(tmp_path):
-  from jaxrl_dense.rl import setup
-  setup.check_inputs(_smoke_config(top_k=104, arith_num_eval=15146, verify_workers=4 * os.cpu_count()))
+  from jaxrl_dense.rl import load
+  load.check_inputs(_smoke_config(top_k=104, arith_num_eval=15146, verify_workers=4 * os.cpu_count()))
   for name, value, why in (("top_k", 105, "vocabulary size 104"),
                            ("arith_num_eval", 15147, "15147 distinct problems"),
                            ("verify_workers", 4 * os.cpu_count() + 1, "CPUs of this machine")):
     with pytest.raises(config_lib.ConfigError, match=why) as e:
-      setup.check_inputs(_smoke_config(**{name: value}))
+      load.check_inputs(_smoke_config(**{name: value}))
     assert e.value.field == name
   # --arith_num_eval bounds only the arithmetic task
   train = _prompt_rows(tmp_path / "train.jsonl", ["1+1?"])
-  setup.check_inputs(_smoke_config(arith_num_eval=20000, train_data=train, eval_data=""))
+  load.check_inputs(_smoke_config(arith_num_eval=20000, train_data=train, eval_data=""))
 
 
 def test_damaged_model_and_tokenizer_files_name_the_flag_and_file(tmp_path):
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   cfg = _smoke_config()
   bad_gguf = tmp_path / "bad.gguf"
   bad_gguf.write_bytes(os.urandom(4096))
@@ -593,13 +593,13 @@ def test_damaged_model_and_tokenizer_files_name_the_flag_and_file(tmp_path):
   for spec, what in ((bad_gguf, "not a readable GGUF"), (bad_json, "config.json"), (bad_st, "model.safetensors")):
     for name in ("model", "prm_model"):
       with pytest.raises(config_lib.ConfigError, match=what) as e:
-        setup.load_model(str(spec), cfg, name=name)
+        load.load_model(str(spec), cfg, name=name)
       assert e.value.field == name and str(spec) in str(e.value)
   with pytest.raises(config_lib.ConfigError, match="not a readable GGUF") as e:
-    setup.load_tokenizer(str(bad_gguf))
+    load.load_tokenizer(str(bad_gguf))
   assert e.value.field == "tokenizer"
   with pytest.raises(config_lib.ConfigError, match="not a readable GGUF") as e:  # --top_k reads the vocab
-    setup.check_limits(config_lib.replace(cfg, model=str(bad_gguf), top_k=5))
+    load.check_limits(config_lib.replace(cfg, model=str(bad_gguf), top_k=5))
   assert e.value.field == "model"
 
 
@@ -618,11 +618,11 @@ def test_resume_refuses_a_train_file_whose_content_changed(tmp_path):
   """The checkpoint fingerprint holds a hash of a --train_data file: fewer rows or the same count
   with other content under the same path is refused (exit 4's error), before any model loads."""
   from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   train = tmp_path / "train.jsonl"
   _prompt_rows(train, [f"{i}+1?" for i in range(8)])
   cfg = _smoke_config(train_data=str(train))
-  open_ = lambda: ckpt_lib.Checkpointer(tmp_path / "ck", fingerprint=setup.checkpoint_fingerprint(cfg))
+  open_ = lambda: ckpt_lib.Checkpointer(tmp_path / "ck", fingerprint=load.checkpoint_fingerprint(cfg))
   with open_() as c:
     c.save(1, {"w": jnp.zeros(2)}, {"step": 1}, force=True)
   open_().close()  # unchanged: resumes

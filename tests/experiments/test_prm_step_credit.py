@@ -14,7 +14,7 @@ from jaxrl_dense.eval import loop as evaluation
 from jaxrl_dense.observe import prm_health
 from jaxrl_dense.data import chain_arith as ca
 from jaxrl_dense.rl import config as config_lib
-from jaxrl_dense.rl import setup
+from jaxrl_dense.rl import load
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOOL = REPO / "experiments" / "prm_step_credit.py"
@@ -36,7 +36,7 @@ def test_smollm2_and_char_tokens_fall_exactly_in_steps():
   (plus the separating space before it): the SmolLM2 BPE and the character tokenizer."""
   sols = _solutions(100)
   for name in ("smollm2", "chars"):
-    tok = setup.load_tokenizer(name)
+    tok = load.load_tokenizer(name)
     encs = [tok(s.text, add_special_tokens=False, return_offsets_mapping=True) for s in sols]
     ids = prm_health.step_ids_from_offsets([e["offset_mapping"] for e in encs],
                                            [s.step_spans for s in sols])

@@ -30,7 +30,7 @@ def test_warm_start_output_loads_and_the_flag_file_runs_it(tmp_path):
   from jaxrl_dense import models
   from jaxrl_dense.models import tokenizer as tok_lib
   from jaxrl_dense.rl import config as config_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   loaded = models.load_pretrained(out)
   assert loaded.config.hidden_size == 16 and loaded.config.num_layers == 1
   chars = tok_lib.char_chat_tokenizer()
@@ -41,11 +41,11 @@ def test_warm_start_output_loads_and_the_flag_file_runs_it(tmp_path):
           == chars.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
 
   cfg = config_lib.from_args([f"--flagfile={FLAGS}", f"--model={out}"])
-  setup.check_model_spec("model", cfg.model)  # a directory with config.json and weights
+  load.check_model_spec("model", cfg.model)  # a directory with config.json and weights
   r_cfg = cfg.prime.rollout
   assert r_cfg.env == "tool:calculator" and r_cfg.max_turns == 3
   for adv in ("matchtir", "igpo", ""):  # the three arms are valid settings of the one flag file
     config_lib.replace(cfg, advantage=adv)
-  train, ev = setup.load_records(cfg)
+  train, ev = load.load_records(cfg)
   assert len(ev) == 200 and not {x.uid.split(":")[-1] for x in train} & {x.uid.split(":")[-1] for x in ev}
   assert all(x.gold_calls for x in train[:10])  # MatchTIR's match target

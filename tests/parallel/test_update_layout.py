@@ -1,6 +1,6 @@
 """Where the trainer's real update sends data on 8 devices, at 7B widths.
 
-tests/parallel/update_layout_worker.py compiles the one jitted update (`rl.setup.abstract_update`, as the
+tests/parallel/update_layout_worker.py compiles the one jitted update (`rl.plan.abstract_update`, as the
 trainer builds it) from the shipped 7B flag file (Qwen2.5-Math-7B: D=3584, V=152064, 28 heads,
 4 kv heads, I=18944), cut to 2 layers and P=384 / R=640 tokens, on 8 simulated CPU devices, and
 writes the partitioned HLO. Every collective of the shipped mesh (fsdp:8) is classified:

@@ -3,7 +3,7 @@
 The parent sets XLA_FLAGS=--xla_force_host_platform_device_count=8. For each mesh it reads the
 shipped 7B flag file (experiments/configs/eurus2_7b_prime.flags, Qwen2.5-Math-7B shapes) with
 the architecture preset cut to 2 layers and P=384, R=640 tokens (no size equal to a model width), builds the one jitted update
-exactly as the trainer does (`rl.setup.abstract_update`), compiles it from abstract inputs and
+exactly as the trainer does (`rl.plan.abstract_update`), compiles it from abstract inputs and
 writes the partitioned HLO to OUTDIR/<mesh>.hlo, plus:
 
   control_prompts_<mesh>.hlo  the same update with the shared-prompt pass forced on (the
@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from jaxrl_dense.parallel import mesh as mesh_lib  # noqa: E402
 from jaxrl_dense.rl import config as config_lib  # noqa: E402
-from jaxrl_dense.rl import setup  # noqa: E402
+from jaxrl_dense.rl import plan as plan_lib  # noqa: E402
 from jaxrl_dense.rl import steps  # noqa: E402
 
 LAYERS = 2
@@ -57,14 +57,14 @@ def compile_update(spec: str):
   cfg = config_lib.from_args([f"--flagfile={ROOT}/experiments/configs/eurus2_7b_prime.flags",
                               f"--mesh={spec}", "--model=", *ARGS])
   mesh = mesh_lib.make_mesh(spec)
-  update_fn, args, mc, _ = setup.abstract_update(cfg, mesh)
+  update_fn, args, mc, _ = plan_lib.abstract_update(cfg, mesh)
   with mesh_lib.use_mesh(mesh):
     compiled = update_fn.lower(*args).compile()
   return cfg, mc, compiled
 
 
 def main(outdir, *meshes):
-  setup.ARCH_PRESETS["qwen2.5-math-7b"]["num_hidden_layers"] = LAYERS
+  plan_lib.ARCH_PRESETS["qwen2.5-math-7b"]["num_hidden_layers"] = LAYERS
   info = {}
   for spec in meshes:
     cfg, mc, compiled = compile_update(spec)

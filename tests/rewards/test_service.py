@@ -130,8 +130,8 @@ def test_served_step_scores_drive_rloo_grpo_and_gae(server):
   """Two groups of n = 2: scores from the served PRM, placed on character tokens, enter PRIME's
   RLOO process term, GRPO (PURE's soft-min sequence reward) and GAE. The response with the wrong
   first step gets the lowest advantage on its first step's tokens."""
-  from jaxrl_dense.rl import setup
-  tok = setup.load_tokenizer("chars")
+  from jaxrl_dense.rl import load
+  tok = load.load_tokenizer("chars")
   texts = RESPONSES
   steps = _steps()
   scores = service.RewardServiceClient(server).score(["q"] * 4, texts, steps)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxrl_dense import advantages, ops
 from jaxrl_dense.rewards import step_rewards as sr
-from jaxrl_dense.rl import setup
+from jaxrl_dense.rl import load
 
 
 def _texts(text, spans):
@@ -82,7 +82,7 @@ STRINGS = [
 
 @pytest.fixture(scope="module")
 def tokenizers():
-  return {name: setup.load_tokenizer(name) for name in ("smollm2", "chars")}
+  return {name: load.load_tokenizer(name) for name in ("smollm2", "chars")}
 
 
 def test_offsets_from_ids_equal_the_tokenizers_offsets_on_canonical_text(tokenizers):

@@ -1,5 +1,5 @@
 """The persistent compilation cache: --compilation_cache_dir (default
-<logdir>/jax_cache), set by experiments/prime_math.py through setup.configure_compilation_cache,
+<logdir>/jax_cache), set by experiments/prime_math.py through load.configure_compilation_cache,
 is filled by a run, and a second process with the same programs loads them from it instead of
 compiling (JAX's /jax/compilation_cache/cache_hits event); prime_math writes into it."""
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jaxrl_dense.rl import config as config_lib
-from jaxrl_dense.rl import setup
+from jaxrl_dense.rl import load
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMOKE = REPO / "experiments" / "configs" / "smoke.flags"
@@ -23,10 +23,10 @@ jax.monitoring.register_event_listener(
     lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl.trainer import Trainer
-from jaxrl_dense.rl import setup
+from jaxrl_dense.rl import load
 cfg = config_lib.replace(config_lib.from_args(["--flagfile=" + sys.argv[1]]), eval_data="", steps=1,
                          logdir=sys.argv[2], progress=False)
-path = setup.configure_compilation_cache(cfg)  # as experiments/prime_math.py does
+path = load.configure_compilation_cache(cfg)  # as experiments/prime_math.py does
 run = Trainer(cfg)
 run.train_step()
 run.close()
@@ -36,14 +36,14 @@ print("CACHE_HITS", len(hits), path)
 
 def test_resolution_of_the_flag(tmp_path):
   base = config_lib.from_args([f"--flagfile={SMOKE}"])
-  assert setup.compilation_cache_dir(config_lib.replace(base, logdir="")) == ""
-  assert setup.compilation_cache_dir(config_lib.replace(base, logdir="/x/y")) == "/x/y/jax_cache"
-  assert setup.compilation_cache_dir(config_lib.replace(base, logdir="/x", compilation_cache_dir="none")) == ""
-  assert setup.compilation_cache_dir(config_lib.replace(base, compilation_cache_dir=str(tmp_path))) == str(tmp_path)
+  assert load.compilation_cache_dir(config_lib.replace(base, logdir="")) == ""
+  assert load.compilation_cache_dir(config_lib.replace(base, logdir="/x/y")) == "/x/y/jax_cache"
+  assert load.compilation_cache_dir(config_lib.replace(base, logdir="/x", compilation_cache_dir="none")) == ""
+  assert load.compilation_cache_dir(config_lib.replace(base, compilation_cache_dir=str(tmp_path))) == str(tmp_path)
   afile = tmp_path / "afile"
   afile.write_text("x")
   with pytest.raises(config_lib.ConfigError, match="compilation_cache_dir"):
-    setup.check_inputs(config_lib.replace(base, compilation_cache_dir=str(afile)))
+    load.check_inputs(config_lib.replace(base, compilation_cache_dir=str(afile)))
   assert "compilation_cache_dir" in config_lib.RUNTIME_ONLY  # a cache never changes a result
 
 

@@ -195,12 +195,12 @@ def test_local_prm_scores_each_step_at_its_last_character(tmp_path):
 
 
 def test_trainer_with_an_in_process_prm_and_bad_prm_dirs(tmp_path):
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   from jaxrl_dense.rl.trainer import Trainer
   d = _write_char_prm(tmp_path / "prm")
   cfg = config_lib.replace(config_lib.from_args([f"--flagfile={SMOKE}", *CHAIN]),
                            process_reward=f"prm:{d}", steps=1, step_credit="pure")
-  setup.check_inputs(cfg)
+  load.check_inputs(cfg)
   run = Trainer(cfg)
   try:
     m = run.train_step()
@@ -217,7 +217,7 @@ def test_trainer_with_an_in_process_prm_and_bad_prm_dirs(tmp_path):
   for spec, msg in ((f"prm:{causal}", "not a step-scoring PRM"), (f"prm:{notok}", "no tokenizer"),
                     (f"prm:{tmp_path}/none", "not a directory")):
     with pytest.raises(config_lib.ConfigError, match=msg):
-      setup.check_process_reward(spec)
+      load.check_process_reward(spec)
 
 
 def test_serve_prm_refuses_a_bad_directory(tmp_path):

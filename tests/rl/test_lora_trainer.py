@@ -193,9 +193,9 @@ def test_lora_smoke_run_resumes_exactly_and_exports_merged(tmp_path):
   # The export is the merged policy: W + alpha/r A B, loadable as a plain HF model.
   from jaxrl_dense.models import loading
   params = loading.load_pretrained(f"{tmp_path}/a/hf").params
-  from jaxrl_dense.rl import setup  # the smoke model is random:...; rebuild the base it started from
+  from jaxrl_dense.rl import load  # the smoke model is random:...; rebuild the base it started from
   cfg = config_lib.from_args([*common, "--steps=3"])
-  _, base_params, _ = setup.load_model(cfg.model, cfg, seed=cfg.seed)
+  _, base_params, _ = load.load_model(cfg.model, cfg, seed=cfg.seed)
   adapters = jax.tree.map(jnp.asarray, tree["policy"]["params"])
   merged = lora.merge(base_params, adapters, cfg.prime.policy_lora)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):

@@ -7,7 +7,7 @@ import numpy as np
 
 from jaxrl_dense import models
 from jaxrl_dense.rl import config as config_lib
-from jaxrl_dense.rl import setup, state as state_lib, steps
+from jaxrl_dense.rl import load, state as state_lib, steps
 
 TINY = dict(model_type="llama", vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
             num_heads=2, num_kv_heads=1, head_dim=8, eos_token_ids=(1,), pad_token_id=0)
@@ -61,5 +61,5 @@ def test_bf16_first_moment_option_and_run_config():
   dtypes = {x.dtype for x in jax.tree.leaves(st.opt_state) if x.ndim}
   assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # mu bf16, nu f32
   cfg = config_lib.replace(config_lib.RunConfig(), dtype="bfloat16", moments_dtype="bfloat16")
-  assert setup.dtype_overrides(cfg)["param_dtype"] == "float32"
-  assert setup.dtype_overrides(cfg)["dtype"] == "bfloat16"
+  assert load.dtype_overrides(cfg)["param_dtype"] == "float32"
+  assert load.dtype_overrides(cfg)["dtype"] == "bfloat16"

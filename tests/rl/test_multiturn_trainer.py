@@ -184,10 +184,10 @@ def test_the_planned_update_takes_multi_turn_batches():
   """--aot / the memory plan lower the update an --env run runs: its abstract batch carries the
   observation mask, the turn ids and (MatchTIR / IGPO) the turn rewards."""
   from jaxrl_dense.parallel import mesh as mesh_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import plan as plan_lib
   cfg = _config(advantage="igpo")
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  update_fn, (state, batch, key), _, _ = setup.abstract_update(cfg, mesh)
+  update_fn, (state, batch, key), _, _ = plan_lib.abstract_update(cfg, mesh)
   rows, R = cfg.prime.rollout.rows, cfg.prime.rollout.max_response_length
   assert batch.observation_mask.shape == (rows, R) and batch.turn_ids.dtype == np.int32
   assert batch.turn_rewards.shape == (rows, cfg.prime.rollout.max_turns)

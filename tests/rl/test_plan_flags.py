@@ -4,8 +4,8 @@
 runs with; `docs/results/plan_eurus2_7b.json` is its `--dry_run --aot` plan (compiled on 8
 simulated XLA:CPU devices; recompiling the 28-layer programs takes minutes, so the test reads the
 recorded plan and checks that it is of this flag file: the settings that shape the programs,
-`rl.setup.PLAN_FLAGS`, are recorded in it). The fraction written must be at least what the plan
-needs (`rl.setup.target_fit`) and leave the stated reserve; a control shows the check failing.
+`rl.plan.PLAN_FLAGS`, are recorded in it). The fraction written must be at least what the plan
+needs (`rl.plan.target_fit`) and leave the stated reserve; a control shows the check failing.
 
 The sampler the plan counts (--rollout_mesh: the bf16 rollout copy tensor-parallel on
 data:2 x tensor:4), and the replicated copy on the training mesh fsdp:8, are compiled at the 7B
@@ -30,7 +30,7 @@ import textwrap
 import pytest
 
 from jaxrl_dense.rl import config as config_lib
-from jaxrl_dense.rl import setup
+from jaxrl_dense.rl import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = os.path.join(ROOT, "experiments", "configs", "eurus2_7b_prime.flags")
@@ -43,12 +43,12 @@ def problems(cfg, plan) -> list:
   out = []
   flat = config_lib.flat(cfg)
   recorded = plan.get("flags", {})
-  for k in setup.PLAN_FLAGS:
+  for k in plan_lib.PLAN_FLAGS:
     if recorded.get(k) != flat[k]:
       out.append(f"plan is not of this flag file: --{k}={flat[k]!r}, plan has {recorded.get(k)!r}")
   if cfg.plan_target != "h100":
     out.append(f"--plan_target={cfg.plan_target!r}, expected h100")
-  fit = setup.target_fit(plan["peak_bytes_per_device"], "h100", cfg.memory_fraction)
+  fit = plan_lib.target_fit(plan["peak_bytes_per_device"], "h100", cfg.memory_fraction)
   if not cfg.memory_fraction:
     out.append("--memory_fraction is not set")
   if cfg.memory_fraction < fit["need_fraction"]:
@@ -80,7 +80,7 @@ def test_7b_flag_file_sets_the_fraction_its_recorded_plan_needs():
 def test_fraction_check_fails_on_its_controls():
   cfg = config_lib.from_args([f"--flagfile={FLAGS}"])
   plan = json.load(open(PLAN))
-  need = setup.target_fit(plan["peak_bytes_per_device"], "h100")["need_fraction"]
+  need = plan_lib.target_fit(plan["peak_bytes_per_device"], "h100")["need_fraction"]
   low = config_lib.replace(cfg, memory_fraction=round(need - 0.01, 2))
   assert any("< the" in p for p in problems(low, plan)), problems(low, plan)
   assert any("not set" in p for p in problems(config_lib.replace(cfg, memory_fraction=0.0), plan))
@@ -96,8 +96,8 @@ def test_fraction_check_fails_on_its_controls():
 def test_rollout_mesh_is_checked_naming_the_flag():
   cfg = config_lib.from_args([f"--flagfile={FLAGS}", "--rollout_mesh=data:3,tensor:4"])
   with pytest.raises(config_lib.ConfigError, match="--rollout_mesh="):
-    setup.check_mesh(cfg, 8)
-  setup.check_mesh(config_lib.from_args([f"--flagfile={FLAGS}"]), 8)
+    plan_lib.check_mesh(cfg, 8)
+  plan_lib.check_mesh(config_lib.from_args([f"--flagfile={FLAGS}"]), 8)
 
 
 _WORKER = textwrap.dedent("""
@@ -109,7 +109,7 @@ _WORKER = textwrap.dedent("""
     from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
     from jaxrl_dense.parallel import plan as sp
     from jaxrl_dense.models import ModelConfig, attention, init_params, transformer
-    from jaxrl_dense.rl import config as config_lib, setup
+    from jaxrl_dense.rl import config as config_lib, plan as plan_lib
     cfg = config_lib.from_args(["--flagfile=" + sys.argv[1]])
     out = {}
 
@@ -124,7 +124,7 @@ _WORKER = textwrap.dedent("""
     # 1. The 7B sampler cut to 2 layers (16 prompts x 4 samples, 32 + 48 tokens): weights per
     # device, the KV cache's per-device shapes and every collective, on the training mesh
     # (replicated copy) and on the flag file's rollout mesh (tensor-parallel copy).
-    mc = dataclasses.replace(setup._plan_model_config(cfg, [])[0], num_layers=2)
+    mc = dataclasses.replace(plan_lib._plan_model_config(cfg, [])[0], num_layers=2)
     train = mesh_lib.make_mesh(cfg.mesh)
     sizes = dict(batch_size=64, prompt_len=32, response_len=48, micro_batch_size=8, num_samples=4)
     out["sizes"] = sizes

@@ -64,8 +64,8 @@ def test_7b_call_pool_per_device_figures():
   `pool_spec` (the compiled programs' 1/8 is checked above on the tiny model; the replicated
   layout, the control, kept the whole pool on each device)."""
   from jaxrl_dense.sampling.engine import EngineConfig
-  from jaxrl_dense.rl import setup
-  mc = ModelConfig.from_hf_dict(setup.ARCH_PRESETS["qwen2.5-math-7b"])
+  from jaxrl_dense.rl import plan as plan_lib
+  mc = ModelConfig.from_hf_dict(plan_lib.ARCH_PRESETS["qwen2.5-math-7b"])
   assert (mc.num_kv_heads, mc.head_dim, mc.num_layers) == (4, 128, 28)
   prompts, n, plen, new, s = 64, 4, 1024, 3072, 8
   per_shard = eng._default_num_pages(EngineConfig(page_size=16, max_slots=prompts * n // s),

@@ -103,11 +103,11 @@ def test_bad_specs_raise_naming_the_spec(spec, what):
 
 def test_bad_spec_is_a_flag_error_before_any_work():
   from jaxrl_dense.rl import config as config_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   cfg = config_lib.from_args([f"--flagfile={REPO / 'experiments' / 'configs' / 'smoke.flags'}"])
   with pytest.raises(config_lib.ConfigError, match=r"--train_data='rg:chain_summ'.*did you mean chain_sum"):
-    setup.check_data_spec("train_data", "rg:chain_summ", cfg, allow_empty=False)
-  setup.check_data_spec("eval_data", "rg:chain_sum:size=3", cfg, allow_empty=True)
+    load.check_data_spec("train_data", "rg:chain_summ", cfg, allow_empty=False)
+  load.check_data_spec("eval_data", "rg:chain_sum:size=3", cfg, allow_empty=True)
 
 
 def test_gold_scores_one_and_wrong_answers_less_in_the_pool(pool):
@@ -161,14 +161,14 @@ def test_a_gold_that_does_not_recreate_is_a_counted_error_not_a_wrong_answer(poo
 
 def test_missing_package_says_how_to_install(monkeypatch):
   from jaxrl_dense.rl import config as config_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import reasoning_gym -> ImportError
   monkeypatch.setattr(rg, "_DATASETS", type(rg._DATASETS)())
   with pytest.raises(ImportError, match=r"pip install 'jaxrl_dense\[rg\]'"):
     prompts.load_prompts("rg:chain_sum:size=2")
   cfg = config_lib.from_args([f"--flagfile={REPO / 'experiments' / 'configs' / 'smoke.flags'}"])
   with pytest.raises(config_lib.ConfigError, match=r"--eval_data='rg:chain_sum'.*pip install"):
-    setup.check_data_spec("eval_data", "rg:chain_sum", cfg, allow_empty=True)
+    load.check_data_spec("eval_data", "rg:chain_sum", cfg, allow_empty=True)
   assert not rg_data.is_source("chain_arith:eval") and rg_data.is_source("rg:x")
 
 

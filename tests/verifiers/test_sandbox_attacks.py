@@ -365,13 +365,13 @@ def test_unsafe_mode_warns_once(monkeypatch, caplog):
 
 def test_trainer_refuses_code_rows_without_bwrap_before_any_model_loads(tmp_path, monkeypatch):
   from jaxrl_dense.rl import config as config_lib
-  from jaxrl_dense.rl import setup
+  from jaxrl_dense.rl import load
   p = tmp_path / "code.jsonl"
   p.write_text('{"problem": "add", "answer": "[\\"assert add(1, 2) == 3\\"]", "verifier": "code"}\n')
   cfg = config_lib.replace(config_lib.RunConfig(), train_data=str(p))
-  setup.check_data_spec("train_data", str(p), cfg, allow_empty=False)  # bwrap usable: fine
+  load.check_data_spec("train_data", str(p), cfg, allow_empty=False)  # bwrap usable: fine
   monkeypatch.setitem(sandbox_lib._PROBE, "bwrap", (False, "`bwrap` is not on PATH"))
   with pytest.raises(config_lib.ConfigError, match="train_data.*1 rows are scored by the code verifier.*bubblewrap"):
-    setup.check_data_spec("train_data", str(p), cfg, allow_empty=False)
+    load.check_data_spec("train_data", str(p), cfg, allow_empty=False)
   unsafe = config_lib.replace(cfg, unsafe_code_sandbox=True)
-  setup.check_data_spec("train_data", str(p), unsafe, allow_empty=False)  # the explicit weaker mode
+  load.check_data_spec("train_data", str(p), unsafe, allow_empty=False)  # the explicit weaker mode
