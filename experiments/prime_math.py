@@ -266,6 +266,7 @@ def main(argv):
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{FLAGS.memory_fraction:g}"
   from jaxrl_dense import checkpoint as ckpt_lib
   from jaxrl_dense.rl import load, plan as plan_lib
+  from jaxrl_dense.parallel import mesh as mesh_lib
   # Multi-controller start-up before any other JAX call (a no-op for a single process).
   try:
     distributed = mesh_lib.initialize_distributed()

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxrl_dense import sampling
 from jaxrl_dense.eval import loop as evaluation
-from jaxrl_dense.parallel import inference
+from jaxrl_dense.parallel import inference, placement
 from jaxrl_dense.rl import external_reward, load, plan, prime, rollout
 from jaxrl_dense.rl.config import ConfigError, RunConfig
 
