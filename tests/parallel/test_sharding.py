@@ -347,7 +347,7 @@ def test_role_modules_import_only_the_ones_before_them():
   """mesh <- rules <- placement <- inference (and inspect): no module imports a later one, so
   there is no import cycle among them and the facade imports none of them at import time."""
   import ast
-  parallel = os.path.join(os.path.dirname(HERE), "jaxrl_dense", "parallel")
+  parallel = os.path.join(ROOT, "jaxrl_dense", "parallel")
   for i, module in enumerate(_LAYERS + ("sharding",)):
     with open(os.path.join(parallel, module + ".py")) as f:
       tree = ast.parse(f.read())
