@@ -104,14 +104,20 @@ from jaxrl_dense.rewards.step_rewards import (  # noqa: E402
     min_form_values,
     place_step_scores,
     placement_weights,
-    prm_logits_to_step_reward,
     pure_weighted_rewards,
     segment,
     token_offsets_from_ids,
 )
 __all__ += [
     "step_rewards", "segment", "token_offsets_from_ids", "placement_weights", "place_step_scores",
-    "prm_logits_to_step_reward", "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
+    "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
 ]
 from jaxrl_dense.rewards import service  # noqa: E402  (served PRM: HTTP client + reference server)
 __all__ += ["service"]
+
+
+def __getattr__(name: str):
+  """Deprecated alias: `prm_logits_to_step_reward` moved to `jaxrl_dense.models.prm_head`."""
+  if name == "prm_logits_to_step_reward":
+    return step_rewards.__getattr__(name)  # warns, naming the new home
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
