@@ -24,6 +24,7 @@ New reward modules (e.g. ``rewards/sar.py``): add the module, import its public 
 """
 import functools
 
+from jaxrl_dense import _moved
 from jaxrl_dense.registry import Registry
 from jaxrl_dense.rewards.implicit_prm import (
     ImplicitRewards,
@@ -116,8 +117,6 @@ from jaxrl_dense.rewards import service  # noqa: E402  (served PRM: HTTP client 
 __all__ += ["service"]
 
 
-def __getattr__(name: str):
-  """Deprecated alias: `prm_logits_to_step_reward` moved to `jaxrl_dense.models.prm_head`."""
-  if name == "prm_logits_to_step_reward":
-    return step_rewards.__getattr__(name)  # warns, naming the new home
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Deprecated alias (one release): the 2-class head's reward lives beside the head.
+__getattr__ = _moved.moved_names(__name__, {
+    "prm_logits_to_step_reward": "jaxrl_dense.models.prm_head.prm_logits_to_step_reward"})

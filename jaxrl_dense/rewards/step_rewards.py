@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense import ops
+from jaxrl_dense import _moved, ops
 
 Array = jax.Array
 Span = Tuple[int, int]
@@ -264,13 +264,6 @@ def credit_step_rewards(step_rewards: chex.Array, step_mask: chex.Array, *, mode
   raise ValueError(f"credit mode {mode!r}; expected one of {CREDIT_MODES}")
 
 
-def __getattr__(name: str):
-  """Deprecated alias: `prm_logits_to_step_reward` moved to `jaxrl_dense.models.prm_head`."""
-  if name == "prm_logits_to_step_reward":
-    import warnings  # pylint: disable=import-outside-toplevel
-    from jaxrl_dense.models.prm_head import prm_logits_to_step_reward  # pylint: disable=import-outside-toplevel
-    warnings.warn("jaxrl_dense.rewards.step_rewards.prm_logits_to_step_reward moved to "
-                  "jaxrl_dense.models.prm_head.prm_logits_to_step_reward; the old name is a "
-                  "deprecated alias for one release", DeprecationWarning, stacklevel=2)
-    return prm_logits_to_step_reward
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Deprecated alias (one release): the 2-class head's reward lives beside the head.
+__getattr__ = _moved.moved_names(__name__, {
+    "prm_logits_to_step_reward": "jaxrl_dense.models.prm_head.prm_logits_to_step_reward"})

@@ -26,15 +26,8 @@ from typing import Sequence
 from jaxrl_dense.verifiers.math_answers import (DEFAULT_ORDER, STRATEGIES, extract_answer, extract_last_boxed,
                                                 gold_to_str, normalize_answer, score_in_process)
 
-__all__ = [
-    "DEFAULT_ORDER",
-    "STRATEGIES",
-    "extract_answer",
-    "extract_last_boxed",
-    "gold_to_str",
-    "normalize_answer",
-    "score",
-]
+__all__ = ["DEFAULT_ORDER", "STRATEGIES", "extract_answer", "extract_last_boxed", "gold_to_str", "normalize_answer",
+           "score"]
 
 
 # ----------------------------------------------------------------------------- hard time limit
