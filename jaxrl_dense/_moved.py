@@ -1,10 +1,14 @@
-"""Old import paths of moved modules, kept for one release as deprecated aliases.
+"""Old import paths of moved modules and names, kept for one release as deprecated aliases.
 
 `import jaxrl_dense.sharding` (or `from jaxrl_dense import sharding`) still works: a finder on
 `sys.meta_path` answers the old names in `MOVED`, warns with a `DeprecationWarning` that names the
 new path, and binds the old name to the new module object itself (`sys.modules[old] is
 sys.modules[new]`), so attributes read, set or monkeypatched through either path are the same.
 No file is left at an old path, so git follows each move as a rename.
+
+A public name that moved out of a module that stays keeps its old home through that module's
+`__getattr__ = moved_names(__name__, {old name: new dotted path})`: reading it warns the same way
+and returns the object from its new home, imported only then.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from typing import Callable, Dict
 
 # old module path -> new module path (README, Changelog).
 MOVED = {
@@ -55,3 +60,18 @@ def install() -> None:
   """Puts the finder first on `sys.meta_path` (once)."""
   if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
     sys.meta_path.insert(0, _MovedFinder())
+
+
+def moved_names(module: str, moved: Dict[str, str]) -> Callable[[str], object]:
+  """A module `__getattr__` for the names in `moved` ({old name: "package.module.new_name"}): each
+  read warns with a DeprecationWarning naming the new home and returns the object found there."""
+
+  def __getattr__(name: str) -> object:
+    if name not in moved:
+      raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new_module, _, new_name = moved[name].rpartition(".")
+    warnings.warn(f"{module}.{name} moved to {moved[name]}; the old name is a deprecated alias for one release",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(new_module), new_name)
+
+  return __getattr__

@@ -26,6 +26,7 @@ import pytest
 
 from jaxrl_dense import advantages, filters, losses, rewards
 from jaxrl_dense import ops
+from jaxrl_dense.models import prm_head
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden"
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*.json"))
@@ -400,7 +401,7 @@ def run_pure_credit(case):
   inp, cfg = case["inputs"], case["config"]
   check_config(case, {"temperature", "disable_weighted_reward"})
   mask = jnp.asarray(inp["reward_mask"])
-  r = rewards.step_rewards.prm_logits_to_step_reward(f32(inp["logits"]))
+  r = prm_head.prm_logits_to_step_reward(f32(inp["logits"]))
   temp = math.inf if cfg["disable_weighted_reward"] else cfg["temperature"]
   pr = rewards.step_rewards.pure_weighted_rewards(r, mask, temperature=temp)
   return Out(process_reward=pr, outcome_reward=pr.sum(-1), masked={"process_reward": mask})

@@ -110,10 +110,7 @@ def test_the_package_graph_is_big_enough_to_mean_something():
   assert "jaxrl_dense.ops" in graph["jaxrl_dense.advantages.outcome"]
 
 
-# The one loop left, both ends function-level: `math.score` runs sympy in a 1-worker `VerifierPool`
-# (hard time limit), and the pool's worker scores math answers with `math`. Breaking it needs the
-# math scorer split from its isolation (a test patches `math._math_verify_equal` in place).
-KNOWN_CYCLES = [["jaxrl_dense.verifiers.math", "jaxrl_dense.verifiers.pool"]]
+KNOWN_CYCLES: List[List[str]] = []
 
 
 def test_jaxrl_dense_has_no_import_cycle():

@@ -77,3 +77,15 @@ def test_rl_setup_forwards_to_load_and_plan():
       assert getattr(setup, name) is getattr(home, name)
   with pytest.raises(AttributeError):
     setup.no_such_name  # pylint: disable=pointless-statement
+
+
+def test_moved_names_warn_and_are_the_objects_of_their_new_home():
+  """A name that moved out of a module that stays (`_moved.moved_names`): the old attribute warns,
+  naming the new home, and is the new object; other names still fail."""
+  from jaxrl_dense import rewards
+  from jaxrl_dense.models import prm_head
+  for old in (rewards, rewards.step_rewards):
+    with pytest.warns(DeprecationWarning, match="models.prm_head.prm_logits_to_step_reward"):
+      assert old.prm_logits_to_step_reward is prm_head.prm_logits_to_step_reward
+  with pytest.raises(AttributeError):
+    rewards.no_such_name  # pylint: disable=pointless-statement

@@ -131,11 +131,11 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
     eos_ids: stop ids (default: the config's).
     progress: show a tqdm bar over batches.
     env, max_turns: a multi-turn environment factory (`envs.make_env(spec)`) and its turn cap:
-      each response is an episode of `rl.multiturn.rollout_turns` (the tool's results appended as
+      each response is an episode of `sampling.multiturn.rollout_turns` (the tool's results appended as
       observation tokens, `max_new_tokens` = the whole response region), scored on the model's
       turns only; each problem also lists its turns and observations.
     paused: with `env`, run the episodes on the continuous engine with paused rows
-      (`rl.multiturn.rollout_turns_paused`: observations prefilled into each row's live KV pages)
+      (`sampling.multiturn.rollout_turns_paused`: observations prefilled into each row's live KV pages)
       instead of one `generate_fn` call per turn. The same episodes either way (same keys).
   """
   if not records:
@@ -188,7 +188,7 @@ def evaluate(params: Any, config: Any, tokenizer: Any, records: Sequence[Any], *
       tokens, lengths = jax.device_get((out.tokens, out.lengths))  # [b*k, T], [b*k]
       all_texts += _decode(tokenizer, np.asarray(tokens)[:n_real], np.asarray(lengths)[:n_real])
     else:  # multi-turn episodes; the verifier reads the model's turns only
-      from jaxrl_dense.rl import multiturn  # pylint: disable=import-outside-toplevel
+      from jaxrl_dense.sampling import multiturn  # pylint: disable=import-outside-toplevel
 
       def gen(ctx, cmask, kk, ns, mx, rows=None):
         o = generate_fn(params, config, ctx, cmask, kk, max_new_tokens=mx, temperature=temperature,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import ops
-from jaxrl_dense.rewards.implicit_prm_objectives import dpo_loss, sequence_logratio
+from jaxrl_dense.losses.sequence import dpo_loss, sequence_logratio
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike

@@ -5,7 +5,7 @@ state at each step's separator token. Qwen2.5-Math-PRM (Zhang et al., "The Lesso
 Process Reward Models in Mathematical Reasoning", arXiv 2501.07301; HF `Qwen/Qwen2.5-Math-PRM-7B`,
 remote-code class `Qwen2ForProcessRewardModel` in its `modeling_qwen2_rm.py`) is a Qwen2 trunk
 with a 2-class head whose logits at the `<extra_0>` step separators give the step reward
-``p(class 1) − p(class 0)`` (`rewards.step_rewards.prm_logits_to_step_reward`, PURE's reward).
+``p(class 1) − p(class 0)`` (`prm_logits_to_step_reward`, PURE's reward).
 
 With ``h = hidden_states(trunk, tokens, mask)`` (final-normed, ``[B, T, D]``) the head is one of
 
@@ -28,6 +28,7 @@ sharded exactly like the policy's):
   prm_token_logits(prm, tokens, mask)                            -> float32 [B, T, C]
   prm_step_logits(prm, tokens, mask, step_positions, step_mask)  -> float32 [B, S, C]
   prm_step_rewards(prm, tokens, mask, step_positions, step_mask) -> float32 [B, S]
+  prm_logits_to_step_reward(logits [..., 2])                     -> float32 [...]
   step_positions_from_separator(tokens, mask, separator_id, max_steps) -> (positions, step_mask)
 """
 from __future__ import annotations
@@ -48,7 +49,6 @@ from jaxrl_dense.models import tokenizer as tokenizer_lib
 from jaxrl_dense.models.config import ModelConfig
 from jaxrl_dense.models.loading import _dtype_name
 from jaxrl_dense.models.transformer import hidden_states
-from jaxrl_dense.rewards.step_rewards import prm_logits_to_step_reward
 
 PathLike = Union[str, os.PathLike]
 Array = jax.Array
@@ -333,6 +333,13 @@ def prm_step_logits(prm: DiscriminativePRM, tokens: chex.Array, attention_mask: 
   logits, _ = _step_logits(prm.params, prm.head, prm.config, prm.head_kind, tokens,
                            attention_mask, step_positions, step_mask)
   return logits
+
+
+def prm_logits_to_step_reward(logits: chex.Array) -> Array:
+  """A 2-class PRM head's step reward ``p(correct) − p(incorrect)`` in [−1, 1] (PURE), ``[..., 2] -> [...]``."""
+  chex.assert_axis_dimension(logits, -1, 2)
+  p = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  return p[..., 1] - p[..., 0]
 
 
 def prm_step_rewards(prm: DiscriminativePRM, tokens: chex.Array, attention_mask: chex.Array,

@@ -24,6 +24,7 @@ New reward modules (e.g. ``rewards/sar.py``): add the module, import its public 
 """
 import functools
 
+from jaxrl_dense import _moved
 from jaxrl_dense.registry import Registry
 from jaxrl_dense.rewards.implicit_prm import (
     ImplicitRewards,
@@ -104,14 +105,18 @@ from jaxrl_dense.rewards.step_rewards import (  # noqa: E402
     min_form_values,
     place_step_scores,
     placement_weights,
-    prm_logits_to_step_reward,
     pure_weighted_rewards,
     segment,
     token_offsets_from_ids,
 )
 __all__ += [
     "step_rewards", "segment", "token_offsets_from_ids", "placement_weights", "place_step_scores",
-    "prm_logits_to_step_reward", "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
+    "min_form_values", "pure_weighted_rewards", "credit_step_rewards",
 ]
 from jaxrl_dense.rewards import service  # noqa: E402  (served PRM: HTTP client + reference server)
 __all__ += ["service"]
+
+
+# Deprecated alias (one release): the 2-class head's reward lives beside the head.
+__getattr__ = _moved.moved_names(__name__, {
+    "prm_logits_to_step_reward": "jaxrl_dense.models.prm_head.prm_logits_to_step_reward"})

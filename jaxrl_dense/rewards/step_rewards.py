@@ -23,8 +23,8 @@ into token rewards for the policy's estimators takes three pure pieces:
    ``min_form_values`` (``V_k = min_{j >= k} r_j``, the paper's definition) and
    ``pure_weighted_rewards`` (its implementation, CJReinforce/PURE
    ``turn_process_reward_logits_to_reward``: ``r*_k = softmax_k(−r/T) · r_k``, T = 0.1, so the
-   summed return of step 0 is a soft minimum of the step rewards); ``prm_logits_to_step_reward``
-   (``p(correct) − p(incorrect)`` of a 2-class head, PURE's reward).
+   summed return of step 0 is a soft minimum of the step rewards). PURE's reward of a 2-class head,
+   ``p(correct) − p(incorrect)``, is the head's: ``models.prm_head.prm_logits_to_step_reward``.
 
 The placed rewards enter every estimator through its one signature as ``process_rewards [B, T]``
 (PRIME's RLOO, GRPO, REINFORCE++, GAE: ``advantages.EstimatorInputs``).
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_dense import ops
+from jaxrl_dense import _moved, ops
 
 Array = jax.Array
 Span = Tuple[int, int]
@@ -222,13 +222,6 @@ def place_step_scores(weights: chex.Array, step_scores: chex.Array,
   return jnp.einsum("bts,bs->bt", jnp.asarray(weights, jnp.float32), scores)
 
 
-def prm_logits_to_step_reward(logits: chex.Array) -> Array:
-  """A 2-class PRM head's step reward ``p(correct) − p(incorrect)`` in [−1, 1] (PURE), ``[..., 2] -> [...]``."""
-  chex.assert_axis_dimension(logits, -1, 2)
-  p = jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  return p[..., 1] - p[..., 0]
-
-
 def min_form_values(step_rewards: chex.Array, step_mask: chex.Array) -> Array:
   """PURE's min-form value ``V_k = min_{j >= k, valid} r_j`` per step, ``[B, S] -> [B, S]`` (0 on
   invalid steps). The paper's definition (2504.15275 eq. 4), against the summed ``Σ_{j>=k} r_j``."""
@@ -269,3 +262,8 @@ def credit_step_rewards(step_rewards: chex.Array, step_mask: chex.Array, *, mode
   if mode == "pure":
     return pure_weighted_rewards(step_rewards, step_mask, temperature=temperature)
   raise ValueError(f"credit mode {mode!r}; expected one of {CREDIT_MODES}")
+
+
+# Deprecated alias (one release): the 2-class head's reward lives beside the head.
+__getattr__ = _moved.moved_names(__name__, {
+    "prm_logits_to_step_reward": "jaxrl_dense.models.prm_head.prm_logits_to_step_reward"})

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrl_dense import ops
+from jaxrl_dense import _moved, ops
 from jaxrl_dense.ops import broadcast_turns, place_turn_rewards, turn_ids_from_mask, turn_mask_from_ids
 
 Array = jax.Array
@@ -353,13 +353,5 @@ def information_gain_turn_rewards(p: ArrayLike, turn_mask: ArrayLike, outcome: A
   return lax.stop_gradient(r * tm)
 
 
-def __getattr__(name: str):
-  """Deprecated alias: `igpo_advantages` moved to `jaxrl_dense.advantages.turn_level`."""
-  if name == "igpo_advantages":
-    import warnings  # pylint: disable=import-outside-toplevel
-    from jaxrl_dense.advantages.turn_level import igpo_advantages  # pylint: disable=import-outside-toplevel
-    warnings.warn("jaxrl_dense.rewards.turn_level.igpo_advantages moved to "
-                  "jaxrl_dense.advantages.igpo_advantages (advantages/turn_level.py); the old name "
-                  "is a deprecated alias for one release", DeprecationWarning, stacklevel=2)
-    return igpo_advantages
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Deprecated alias (one release): IGPO's advantages are an advantage estimator.
+__getattr__ = _moved.moved_names(__name__, {"igpo_advantages": "jaxrl_dense.advantages.igpo_advantages"})

@@ -6,6 +6,8 @@ Modules:
   `static`  `generate`: one batch, a preallocated KV cache, the decode loop in one `lax.while_loop`;
             `engine="continuous"` hands the same call to the engine.
   `engine/` the continuous-batching engine: paged KV cache, scheduler, multi-turn episodes.
+  `multiturn` multi-turn episodes on either sampler: the policy acts, an environment answers
+            (`rollout_turns`, `rollout_turns_paused`); the trainer and the eval both use it.
 
 `static` and `engine` both import `step`; the engine never imports `static` (no import circle).
 `jaxrl_dense.sampling.generate` is the entry point the trainer, the rollout and the eval call

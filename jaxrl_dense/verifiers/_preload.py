@@ -4,7 +4,7 @@ parser (ANTLR builds its prediction tables lazily: the first parse of each const
 starts warm."""
 from jaxrl_dense.verifiers import code as _code  # noqa: F401  (imported once, for every worker)
 from jaxrl_dense.verifiers import sandbox as _sandbox
-from jaxrl_dense.verifiers import math as _math
+from jaxrl_dense.verifiers import math_answers as _math_answers
 
 _WARMUP = (
     ("\\frac{1}{2}", "0.5"), ("(1,2)", "(1, 2)"), ("x^2+1", "1+x^2"), ("[0, 1)", "(0,1]"),
@@ -16,5 +16,5 @@ _WARMUP = (
     ("2^{10}", "1024"), ("\\binom{5}{2}", "10"), ("5!", "120"), ("e^{2}", "7.389"), ("|x-1|", "2"),
 )
 for _gold, _pred in _WARMUP:
-  _math.score("\\boxed{" + _pred + "}", _gold, isolate=False)  # no child of the fork server
+  _math_answers.score_in_process("\\boxed{" + _pred + "}", _gold)  # in the fork server itself
 _sandbox.bwrap_available()  # probe bubblewrap once; forked workers inherit the cached answer

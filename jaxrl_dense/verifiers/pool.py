@@ -69,7 +69,7 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
     limit = memory_bytes if hard == resource.RLIM_INFINITY else min(memory_bytes, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
   from jaxrl_dense.verifiers import code as code_lib
-  from jaxrl_dense.verifiers import math as math_lib
+  from jaxrl_dense.verifiers import math_answers
   from jaxrl_dense.verifiers import rg as rg_lib
   while True:
     try:
@@ -83,12 +83,12 @@ def _worker_main(conn, memory_bytes: int | None) -> None:
       if kind in ("math", _MATH_ANSWERS):
         # math-verify's own (signal) limit, per parse/compare, below the parent's hard limit so
         # that most slow items end in the worker instead of costing a kill and a restart. The
-        # parent enforces the hard limit: no further child process (isolate=False).
+        # parent enforces the hard limit: scored in this process (`score_in_process`).
         soft_s = max(1.0, timeout_s / 2)
         if kind == "math":
-          s = math_lib.score(response, gold, timeout_s=soft_s, isolate=False)
+          s = math_answers.score_in_process(response, gold, timeout_s=soft_s)
         else:  # already-extracted answers, from `math.score`'s isolation
-          s = float(math_lib._sympy_equal(response, gold, soft_s))
+          s = float(math_answers._sympy_equal(response, gold, soft_s))
         status = "ok" if s >= 1.0 else "ok:wrong_answer"
       elif kind == "rg":
         s, reason = rg_lib.score_detailed(response, gold)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrl_dense import advantages, ops
+from jaxrl_dense.models import prm_head
 from jaxrl_dense.rewards import step_rewards as sr
 from jaxrl_dense.rl import load
 
@@ -184,7 +185,7 @@ def test_min_form_values_and_pure_soft_minimum():
 def test_prm_logits_to_step_reward():
   logits = jnp.asarray([[[0.0, 0.0], [2.0, -1.0], [-3.0, 3.0]]])
   p1 = 1 / (1 + np.exp(-np.array([0.0, -3.0, 6.0])))
-  np.testing.assert_allclose(sr.prm_logits_to_step_reward(logits), [2 * p1 - 1], rtol=1e-6)
+  np.testing.assert_allclose(prm_head.prm_logits_to_step_reward(logits), [2 * p1 - 1], rtol=1e-6)
 
 
 def test_placed_step_rewards_drive_the_estimators(tokenizers):

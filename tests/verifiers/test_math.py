@@ -8,6 +8,7 @@ import pytest
 
 from jaxrl_dense.verifiers import datasets
 from jaxrl_dense.verifiers import math as vmath
+from jaxrl_dense.verifiers import math_answers
 
 # ----------------------------------------------------------------------------- extraction
 
@@ -301,7 +302,7 @@ def test_sympy_step_runs_in_the_child_and_fast_path_in_process(isolated_warm, mo
   def boom(*args):
     raise AssertionError("sympy step ran in the calling process")
 
-  monkeypatch.setattr(vmath, "_math_verify_equal", boom)
+  monkeypatch.setattr(math_answers, "_math_verify_equal", boom)  # the in-process sympy step
   assert vmath.score("\\boxed{x+1}", "1+x") == 1.0  # sympy, in the child
   assert vmath.score("\\boxed{x+2}", "1+x") == 0.0
   assert vmath.score("\\boxed{5}", "5.0") == 1.0  # fast path, no sympy anywhere
