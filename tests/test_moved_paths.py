@@ -64,3 +64,17 @@ def test_changelog_lists_every_move():
     top_new = new if old == top_old else new.rsplit(".", 1)[0]
     assert f"`{top_old}`" in changelog or f"`{top_old}` (" in changelog, old
     assert top_new in changelog, new
+
+
+def test_moved_plan_names_warn_and_resolve_in_rl_programs():
+  """`parallel.plan`'s RL programs moved to `rl.programs` (plan imports nothing of rl / models /
+  sampling): the old names warn, naming the new home, and are the new objects."""
+  from jaxrl_dense.parallel import plan
+  from jaxrl_dense.rl import programs
+  assert set(plan._MOVED) == {"rl_step_programs", "rl_batch_shapes", "abstract_params",
+                              "abstract_train_state"}
+  for name in plan._MOVED:
+    with pytest.warns(DeprecationWarning, match=f"jaxrl_dense.rl.programs.{name}"):
+      assert getattr(plan, name) is getattr(programs, name)
+  with pytest.raises(AttributeError):
+    plan.no_such_name  # pylint: disable=pointless-statement
