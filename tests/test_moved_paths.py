@@ -78,3 +78,10 @@ def test_moved_plan_names_warn_and_resolve_in_rl_programs():
       assert getattr(plan, name) is getattr(programs, name)
   with pytest.raises(AttributeError):
     plan.no_such_name  # pylint: disable=pointless-statement
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse((ROOT / "jaxrl_dense" / "parallel" / "plan.py").read_text())
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+      a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  upward = [m for m in imported if m and m.startswith(("jaxrl_dense.rl", "jaxrl_dense.models",
+                                                       "jaxrl_dense.sampling"))]
+  assert not upward, upward
