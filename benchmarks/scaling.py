@@ -365,7 +365,7 @@ def train_bench(shape, batch, seq, iters, dtype="bfloat16", remat=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled memory plan (sharding_plan): the RL step's programs on simulated devices
+# Compiled memory plan (parallel.plan): the RL step's programs (rl.programs) on simulated devices
 # ---------------------------------------------------------------------------------------------
 
 PLAN_SHAPES = {  # name -> (ModelConfig kwargs, rl_step_programs sizes)
@@ -384,13 +384,14 @@ def plan_child(args):
   from jaxrl_dense.parallel import mesh as mesh_lib
   from jaxrl_dense.parallel import plan as plan_lib
   from jaxrl_dense.models.config import ModelConfig
+  from jaxrl_dense.rl import programs as rl_programs
   cfg_kwargs, sizes = PLAN_SHAPES[args.plan_shape]
   cfg = ModelConfig(**cfg_kwargs)
   out = {"shape": args.plan_shape, "config": cfg_kwargs, "sizes": sizes, "plans": {}}
   for spec in args.plan_meshes.split(";"):
     mesh = mesh_lib.make_mesh(spec, devices=jax.devices()[:1] if spec == "data:1" else None)
     t0 = time.perf_counter()
-    out["plans"][spec] = plan_lib.memory_plan(cfg, mesh, plan_lib.rl_step_programs(cfg, mesh, **sizes))
+    out["plans"][spec] = plan_lib.memory_plan(cfg, mesh, rl_programs.rl_step_programs(cfg, mesh, **sizes))
     out["plans"][spec]["compile_s"] = round(time.perf_counter() - t0, 1)
   print("RESULT " + json.dumps(out), flush=True)
 
@@ -442,7 +443,7 @@ def main():
   ap.add_argument("--train-batch", type=int, default=64)
   ap.add_argument("--train-seq", type=int, default=512)
   ap.add_argument("--plan", action="store_true",
-                  help="compile the RL step's programs (generate, scoring, PRM and policy update) "
+                  help="compile the RL step's programs (generate, scoring, PRM and policy update, the whole update) "
                        "on 8 simulated devices and print their per-device memory (docs/scaling.md)")
   ap.add_argument("--plan-shape", default="tiny", choices=sorted(PLAN_SHAPES))
   ap.add_argument("--plan-meshes", default=";".join(PLAN_MESHES), help="';'-separated mesh specs")

@@ -56,8 +56,9 @@ def train_prm(lm, ro: dc.Rollout, ref_logp: np.ndarray, *, objective: str, steps
   `make_prm_update(loss_fn=objective)` over the whole batch."""
   rows = ro.tokens.shape[0]
   opt = optax.adam(lr)
-  update = steps_lib.make_prm_update(lm.config, opt, beta=beta, mini_batch_size=rows,
-                                     micro_batch_size=micro, loss_fn=objective, num_samples=ro.n)
+  update = jax.jit(steps_lib.make_prm_update(lm.config, opt, beta=beta, mini_batch_size=rows,
+                                             micro_batch_size=micro, loss_fn=objective, num_samples=ro.n),
+                   donate_argnums=(0,))
   # Every row trains (in_band=None: the unweighted mini-batch loss).
   batch = ro.batch._replace(ref_logp=np.asarray(ref_logp, np.float32), in_band=None)
   state = state_lib.init_train_state(jax.tree.map(jnp.copy, lm.params), opt)  # the update donates it

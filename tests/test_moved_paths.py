@@ -89,3 +89,24 @@ def test_moved_names_warn_and_are_the_objects_of_their_new_home():
       assert old.prm_logits_to_step_reward is prm_head.prm_logits_to_step_reward
   with pytest.raises(AttributeError):
     rewards.no_such_name  # pylint: disable=pointless-statement
+
+
+def test_moved_plan_names_warn_and_resolve_in_rl_programs():
+  """`parallel.plan`'s RL programs moved to `rl.programs` (plan imports nothing of rl / models /
+  sampling): the old names warn, naming the new home, and are the new objects."""
+  from jaxrl_dense.parallel import plan
+  from jaxrl_dense.rl import programs
+  assert set(plan._MOVED) == {"rl_step_programs", "rl_batch_shapes", "abstract_params",
+                              "abstract_train_state"}
+  for name in plan._MOVED:
+    with pytest.warns(DeprecationWarning, match=f"jaxrl_dense.rl.programs.{name}"):
+      assert getattr(plan, name) is getattr(programs, name)
+  with pytest.raises(AttributeError):
+    plan.no_such_name  # pylint: disable=pointless-statement
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse((ROOT / "jaxrl_dense" / "parallel" / "plan.py").read_text())
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+      a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  upward = [m for m in imported if m and m.startswith(("jaxrl_dense.rl", "jaxrl_dense.models",
+                                                       "jaxrl_dense.sampling"))]
+  assert not upward, upward

@@ -17,25 +17,32 @@ reuse a donated argument's buffer are counted once). On simulated CPU devices
 real N-accelerator run; the temporaries of the CPU compiler are close to, not equal to, a GPU's
 or TPU's (different fusion and scheduling).
 
-Typical use (the programs of one RL step for a model shape and mesh):
+Typical use (the programs of one RL step for a model shape and mesh; `rl.programs` builds them
+from the production update, this module knows nothing of RL or of the models):
 
-  mesh = mesh_lib.make_mesh("fsdp:8")
-  programs = sharding_plan.rl_step_programs(config, mesh, batch_size=..., prompt_len=..., ...)
-  plan = sharding_plan.memory_plan(config, mesh, programs)
-  plan["programs"]["policy_update"]["peak_bytes"], plan["peak_bytes_per_device"]
+  mesh = sharding.make_mesh("fsdp:8")
+  programs = rl.programs.rl_step_programs(config, mesh, batch_size=..., prompt_len=..., ...)
+  report = plan.memory_plan(config, mesh, programs)
+  report["programs"]["update"]["peak_bytes"], report["peak_bytes_per_device"]
+
+Deprecated (one release): `rl_step_programs`, `rl_batch_shapes`, `abstract_params` and
+`abstract_train_state` moved to `jaxrl_dense.rl.programs`; the old names here still resolve there,
+warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
+from jaxrl_dense.parallel import mesh as mesh_lib, placement
 
 PyTree = Any
 
@@ -55,6 +62,19 @@ class Program(NamedTuple):
 
 MEMORY_KEYS = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes")
 
+# Names that moved to the RL layer (one release): old name -> new module.
+_MOVED = {name: "jaxrl_dense.rl.programs" for name in
+          ("rl_step_programs", "rl_batch_shapes", "abstract_params", "abstract_train_state")}
+
+
+def __getattr__(name: str):
+  """The moved names (`_MOVED`), resolved in their new module with a DeprecationWarning."""
+  if name in _MOVED:
+    warnings.warn(f"jaxrl_dense.parallel.plan.{name} moved to {_MOVED[name]}.{name}; the old name "
+                  "is removed in the next release.", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Abstract inputs
@@ -66,40 +86,6 @@ def abstract(tree: PyTree, shardings: PyTree) -> PyTree:
                       shardings)
 
 
-def abstract_params(config: Any, mesh: Mesh, *, dtype: Any = None, layout: str = "train",
-                    max_bytes: Optional[int] = None) -> PyTree:
-  """Abstract params of `config` on `mesh` (nothing is allocated).
-
-  layout "train": the FSDP + tensor layout of `rules.param_shardings`; "inference" (or any
-  layout of `inference.inference_shardings`: "auto", "replicated", "tensor"): the rollout's copy,
-  optionally in `dtype`.
-  """
-  from jaxrl_dense.models import transformer  # pylint: disable=import-outside-toplevel
-  shapes = jax.eval_shape(lambda k: transformer.init_params(config, k), jax.random.PRNGKey(0))
-  if dtype is not None:
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), shapes)
-  if layout == "train":
-    shardings = rules.param_shardings(shapes, config, mesh)
-  else:
-    shardings, _ = inference.inference_shardings(
-        shapes, config, mesh, max_bytes=max_bytes, layout="auto" if layout == "inference" else layout)
-  return abstract(shapes, shardings)
-
-
-def abstract_train_state(config: Any, optimizer: Any, mesh: Mesh) -> PyTree:
-  """Abstract `rl.TrainState` (params, optimizer state, step) in the FSDP + tensor layout."""
-  from jaxrl_dense.models import transformer  # pylint: disable=import-outside-toplevel
-  from jaxrl_dense.rl.state import TrainState  # pylint: disable=import-outside-toplevel
-
-  def init(key):
-    params = transformer.init_params(config, key)
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-
-  shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  return abstract(shapes, placement.tree_shardings(shapes, config, mesh))
-
-
 def abstract_batch(mesh: Mesh, shapes: Mapping[str, tuple]) -> dict:
   """{name: ShapeDtypeStruct} with rows over ("data", "fsdp") from {name: (shape, dtype)}."""
   out = {}
@@ -107,81 +93,6 @@ def abstract_batch(mesh: Mesh, shapes: Mapping[str, tuple]) -> dict:
     spec = placement.batch_spec(len(shape)) if len(shape) else P()
     out[name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, spec))
   return out
-
-
-def rl_batch_shapes(batch_size: int, prompt_len: int, response_len: int) -> dict:
-  """Shapes and dtypes of the RL batch the step builders of `jaxrl_dense.rl` read."""
-  b, p, r = batch_size, prompt_len, response_len
-  return {"tokens": ((b, p + r), jnp.int32), "attention_mask": ((b, p + r), jnp.int32),
-          "response_mask": ((b, r), jnp.float32), "acc": ((b,), jnp.float32),
-          "ref_logp": ((b, r), jnp.float32), "old_logp": ((b, r), jnp.float32),
-          "advantages": ((b, r), jnp.float32)}
-
-
-def rl_step_programs(config: Any, mesh: Mesh, *, batch_size: int, prompt_len: int,
-                     response_len: int, micro_batch_size: int, mini_batch_size: Optional[int] = None,
-                     num_samples: int = 1, optimizer: Any = None, rollout_layout: str = "auto",
-                     rollout_max_bytes: Optional[int] = None, rollout_dtype: Any = None,
-                     prm_beta: float = 0.05) -> dict[str, Program]:
-  """The four programs of one PRIME step, built by the library's own builders, as `Program`s.
-
-    generate       `sampling`'s jitted sampler: batch_size / num_samples prompts x num_samples
-                   samples, prompt_len prompt tokens, response_len new tokens, params in the
-                   rollout layout (`inference.inference_shardings`, `rollout_layout`).
-    scoring        `rl.make_scoring`: policy, reference and PRM log-probs of the batch.
-    prm_update     `rl.make_prm_update`: implicit-PRM CE update.
-    policy_update  `rl.make_policy_update`: one PPO epoch.
-  The batch has `batch_size` rows; `mini_batch_size` (default: the batch) rows per optimizer
-  step, `micro_batch_size` rows per gradient-accumulation step (a multiple of data x fsdp, so
-  every device keeps its own rows).
-  """
-  from jaxrl_dense import rl, sampling  # pylint: disable=import-outside-toplevel
-  mini = batch_size if mini_batch_size is None else mini_batch_size
-  optimizer = optimizer if optimizer is not None else rl.make_optimizer(1e-6)
-  if batch_size % num_samples:
-    raise ValueError(f"rl_step_programs: batch_size={batch_size} is not a multiple of "
-                     f"num_samples={num_samples}.")
-  train_params = abstract_params(config, mesh)
-  pshard = jax.tree.map(lambda x: x.sharding, train_params)
-  state = abstract_train_state(config, optimizer, mesh)
-  sshard = jax.tree.map(lambda x: x.sharding, state)
-  bsh = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-  batch = abstract_batch(mesh, rl_batch_shapes(batch_size, prompt_len, response_len))
-
-  n_prompts = batch_size // num_samples
-  prompts = abstract_batch(mesh, {"tokens": ((n_prompts, prompt_len), jnp.int32),
-                                  "mask": ((n_prompts, prompt_len), jnp.int32)})
-  rollout_params = abstract_params(config, mesh, dtype=rollout_dtype, layout=rollout_layout,
-                                   max_bytes=rollout_max_bytes)
-  rep = placement.replicated(mesh)
-  scalar = lambda dt: jax.ShapeDtypeStruct((), jnp.dtype(dt), sharding=rep)
-  key = jax.ShapeDtypeStruct(jax.random.PRNGKey(0).shape, jnp.uint32, sharding=rep)
-  gen = Program(sampling._generate_jit,  # pylint: disable=protected-access
-                (rollout_params, prompts["tokens"], prompts["mask"], key, scalar(jnp.float32),
-                 scalar(jnp.float32)),
-                dict(config=config, max_new_tokens=response_len, top_k=0, greedy=False,
-                     use_top_p=False, eos_ids=tuple(config.eos_token_ids), num_samples=num_samples,
-                     pad_id=0))
-  scoring = rl.make_scoring(config, micro_batch_size=micro_batch_size, mesh=mesh,
-                            param_shardings={"policy": pshard, "ref": pshard, "prm": pshard},
-                            batch_sharding=bsh)
-  prm_update = rl.make_prm_update(config, optimizer, beta=prm_beta, mini_batch_size=mini,
-                                  micro_batch_size=micro_batch_size, mesh=mesh,
-                                  state_sharding=sshard, batch_sharding=bsh)
-  from jaxrl_dense.rl.config import PolicyConfig  # pylint: disable=import-outside-toplevel
-  policy_update = rl.make_policy_update(config, optimizer, PolicyConfig(),
-                                        mini_batch_size=mini, micro_batch_size=micro_batch_size,
-                                        mesh=mesh, state_sharding=sshard, batch_sharding=bsh)
-  score_batch = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask")}
-  prm_batch = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "acc", "ref_logp")}
-  pol_batch = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "old_logp",
-                                     "advantages")}
-  return {
-      "generate": gen,
-      "scoring": Program(scoring, (train_params, train_params, train_params, score_batch)),
-      "prm_update": Program(prm_update, (state, prm_batch, key)),  # (the PRM pass draws no randomness)
-      "policy_update": Program(policy_update, (state, pol_batch, key)),
-  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +126,7 @@ def memory_plan(config: Any, mesh: Mesh, programs: Mapping[str, Program], *,
   Args:
     config: the ModelConfig (its dtypes are reported).
     mesh: the mesh (real or simulated devices).
-    programs: {name: Program}; e.g. `rl_step_programs(...)`.
+    programs: {name: Program}; e.g. `rl.programs.rl_step_programs(...)`.
     compiled: optional dict that receives {name: compiled executable} (for HLO checks or to run
       the compiled programs on real inputs without compiling again).
 

@@ -323,11 +323,11 @@ def aot_plan(cfg: RunConfig, devices=None) -> dict:
     rmesh, rlayout = inference.rollout_mesh_layout(mc, mesh, cfg.rollout_mesh)
   except ValueError as e:
     raise ConfigError("rollout_mesh", cfg.rollout_mesh, str(e)) from None
-  gen = sharding_plan.rl_step_programs(
+  from jaxrl_dense.rl import programs as rl_programs
+  gen = rl_programs.generate_program(
       mc, rmesh, batch_size=r.generate_prompts * r.n, prompt_len=P_, response_len=R_,
-      micro_batch_size=p.policy.micro_batch_size, num_samples=r.n,
-      rollout_layout="inference" if rlayout == "auto" else rlayout,
-      rollout_dtype=None if mc.dtype == "float32" else mc.dtype)["generate"]
+      num_samples=r.n, rollout_layout="inference" if rlayout == "auto" else rlayout,
+      rollout_dtype=None if mc.dtype == "float32" else mc.dtype)
   out = {"generate": sharding_plan.memory_stats(sharding_plan.compile_program(gen, rmesh))}
   with mesh_lib.use_mesh(mesh):
     out["update"] = sharding_plan.memory_stats(update_fn.lower(state, batch, akey).compile())

@@ -34,6 +34,8 @@ The update is the composition of named pure stages, `score -> update_prm -> adva
 update_policy -> step_metrics`; the PRM and policy passes share one shape,
 `(state, batch, key) -> (state, batch, metrics)`. The state's layout on a mesh is decided at build
 time from abstract shapes (`abstract_state`, `state_shardings`) and the update jitted once with it.
+`make_stages` returns the stages themselves (pure, unjitted), which `rl.programs` compiles one by
+one for memory plans and layout tests.
 Inside, `jax.named_scope`s ("score", "prm_update", "prm_score", "advantage", "policy_update")
 so a profiler trace (`jax.profiler`) shows per-stage time without host synchronisation.
 The outcome-only algos (`algo=grpo|rloo|reinforce_pp`, `advantage=prl|...`) come from the same
@@ -41,7 +43,7 @@ builder: no PRM state, no PRM stages.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -350,31 +352,38 @@ class Prime(tuple):
     return self
 
 
-def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_series: bool = False) -> Prime:
-  """Builds `(init_fn, update_fn)` for PRIME or an outcome-only baseline (see the module docstring).
+class Stages(NamedTuple):
+  """The named pure stages of the update (`make_stages`), in the order `update` chains them; one
+  `RolloutBatch` goes through them and each fills its fields in with `_replace`.
 
-  As MaxText's `get_functional_train_with_signature` and purejaxrl's `make_train`: the layout is
-  decided here, from abstract shapes (`state_shardings`), and the update is jitted here, once,
-  with explicit in / out shardings and the state donated. The update is the composition of named
-  pure stages, each `(…, batch, …) -> (…, batch, metrics)`: score -> update_prm -> advantages ->
-  update_policy -> step_metrics.
+  score(state, batch) -> (batch, entropy, extra): pi_old (and its entropy [B, R] or None), the
+    reference's log-probs, SAR's R_SA [B] (or None); reads the policy's params (and the frozen
+    reference / LoRA base) of the state.
+  update_prm(state, batch, key) -> (prm_state, batch, metrics): the implicit-PRM pass (and with
+    --prm_update=before the re-scoring); reads state.prm (and the LoRA base).
+  advantages(batch, extra) -> (batch, metrics): PROF's keep mask, the estimator, the row weights.
+  update_policy(state, batch, key) -> (policy_state, batch, metrics): the rollout correction, then
+    the PPO pass; reads state.policy (and the LoRA base).
+  step_metrics(batch, entropy, metrics) -> metrics: KL(old || ref), entropy, token count, series.
+  update(state, batch, key) -> (state, metrics): their composition, the function `make_prime`
+    jits (once, with the state's layout); `rl.programs` jits the stages one by one.
+  """
+  score: Callable
+  update_prm: Callable
+  advantages: Callable
+  update_policy: Callable
+  step_metrics: Callable
+  update: Callable
 
-  Args:
-    model_config: the policy's ModelConfig (the PRM and the reference share its architecture).
-    cfg: a validated PrimeConfig.
-    mesh: a `jax.sharding.Mesh` (params / optimizer states sharded by `state_shardings`,
-      batches along (data, fsdp)), or None (single device, plain jit).
-  Returns:
-    Prime(init_fn, update_fn) (unpacks as a pair; `.state_shardings`, `.batch_sharding`).
-    init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: the one state
-      constructor; the params are placed into `state_shardings` on a mesh (no copy where already
-      placed) and the optimizer states initialised straight into theirs. Pass separate copies,
-      since the state is donated.
-    update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars). With
-      `token_series=True` the metrics also hold `"token_series"`: {name: [B, R] float32} of the
-      batch's per-token "advantage", "return", "log_ratio_ref" (log pi_old - log pi_ref, when a
-      reference is scored), "process_reward" (the implicit PRM's token reward, PRIME) and
-      "entropy" (when the old log-probs are recomputed): what `viz.write_sample_page` draws.
+
+def make_stages(model_config, cfg: config_lib.PrimeConfig, mesh=None, *,
+                token_series: bool = False) -> Stages:
+  """The pure stages of PRIME's update and their composition (`Stages`), nothing jitted: what
+  `make_prime` jits as one program and `rl.programs` compiles stage by stage.
+
+  `mesh` only sets the policy loss's data-parallel shard count (`loss_shards`, read by
+  --loss_norm=device_micro_batch); the stages trace under whatever mesh their caller's jit sets
+  (`sharding.with_mesh`). `token_series`: see `make_prime`.
   """
   n = cfg.rollout.n
   group = cfg.prompt_group
@@ -392,13 +401,13 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
       loss_shards=mesh_lib.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
-      lora_config=cfg.policy_lora, jit=False)
+      lora_config=cfg.policy_lora)
   prm_pass = None
   if cfg.uses_prm:
     prm_pass = steps.make_prm_update(
         model_config, prm_opt, beta=cfg.prm.beta, mini_batch_size=cfg.prm_mini,
         micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
-        group_size=group, lora_config=cfg.prm_lora, train_on_filler=cfg.filter.prm_on_filler, jit=False)
+        group_size=group, lora_config=cfg.prm_lora, train_on_filler=cfg.filter.prm_on_filler)
   advantage_fn = make_advantage_fn(cfg)
   sar = config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar"
 
@@ -518,6 +527,40 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     metrics = {**metrics, **adv_m, **pol_m}
     metrics.update(step_metrics(batch, entropy, metrics))
     return PrimeState(policy, prm_state, state.ref_params), metrics
+
+  return Stages(score, update_prm, advantages, update_policy, step_metrics, update)
+
+
+def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_series: bool = False) -> Prime:
+  """Builds `(init_fn, update_fn)` for PRIME or an outcome-only baseline (see the module docstring).
+
+  As MaxText's `get_functional_train_with_signature` and purejaxrl's `make_train`: the layout is
+  decided here, from abstract shapes (`state_shardings`), and the update is jitted here, once,
+  with explicit in / out shardings and the state donated. The update is the composition of named
+  pure stages, each `(…, batch, …) -> (…, batch, metrics)`: score -> update_prm -> advantages ->
+  update_policy -> step_metrics (`make_stages`; `rl.programs` compiles them one by one).
+
+  Args:
+    model_config: the policy's ModelConfig (the PRM and the reference share its architecture).
+    cfg: a validated PrimeConfig.
+    mesh: a `jax.sharding.Mesh` (params / optimizer states sharded by `state_shardings`,
+      batches along (data, fsdp)), or None (single device, plain jit).
+  Returns:
+    Prime(init_fn, update_fn) (unpacks as a pair; `.state_shardings`, `.batch_sharding`).
+    init_fn(policy_params, prm_params=None, ref_params=None) -> PrimeState: the one state
+      constructor; the params are placed into `state_shardings` on a mesh (no copy where already
+      placed) and the optimizer states initialised straight into theirs. Pass separate copies,
+      since the state is donated.
+    update_fn(state, batch: RolloutBatch, key) -> (state, metrics dict of scalars). With
+      `token_series=True` the metrics also hold `"token_series"`: {name: [B, R] float32} of the
+      batch's per-token "advantage", "return", "log_ratio_ref" (log pi_old - log pi_ref, when a
+      reference is scored), "process_reward" (the implicit PRM's token reward, PRIME) and
+      "entropy" (when the old log-probs are recomputed): what `viz.write_sample_page` draws.
+  """
+  stages = make_stages(model_config, cfg, mesh, token_series=token_series)
+  update = stages.update
+  pol_opt, prm_opt = optimizers(cfg)
+  pol_lora, prm_lora = cfg.policy_lora, cfg.prm_lora
 
   st_sh = bsh = None
   if mesh is None:

@@ -20,9 +20,15 @@ length R:
   response_mask   float32 [B, R]       1 on generated tokens up to and including the first EOS
 and the row fields (acc, ref_logp, old_logp, advantages, ...) from the batch itself.
 
+Every builder returns a pure function (optax-style) and takes no jit or mesh options: the one
+jit of training is `make_prime`'s (explicit in / out shardings, donated state);
+`rl.programs` jits the same stages one by one with explicit shardings for compiled plans, and a
+stand-alone user wraps `jax.jit` (on a mesh `jax.jit(sharding.with_mesh(fn, mesh), ...)`).
+
 Deprecated (one release): the passes still accept the former `Mapping[str, Array]` batch
-(`{"tokens", "attention_mask", "response_mask", ...}`; converted by `as_rollout_batch`), and
-`make_scoring` builds the former multi-model scorer (use `make_logprobs`).
+(`{"tokens", "attention_mask", "response_mask", ...}`; converted by `as_rollout_batch`),
+`make_scoring` builds the former multi-model scorer (use `make_logprobs`), and the builders'
+former `jit=` / `mesh=` / `*_sharding=` options still give the former jitted function, warning.
 """
 from __future__ import annotations
 
@@ -153,13 +159,27 @@ def _model_params(lora_config, base) -> Callable:
   return lambda adapters: lora.attach(base, adapters, lora_config)
 
 
-def _jit(fn, *, mesh, in_shardings, out_shardings, donate_argnums=(), jit=True):
-  if not jit:  # a pure function to compose inside another jitted program (rl.prime)
+def _deprecated_jit(fn, builder: str, *, in_shardings, out_shardings, donate_argnums=(), jit=None,
+                    mesh=None, **shardings):
+  """`fn` itself: the builders return pure functions (optax-style), and whoever runs one jits it
+  (`rl.prime.make_prime` jits the whole update once; `rl.programs` jits each stage with explicit
+  shardings). Deprecated (one release): the former `jit=` / `mesh=` / `*_sharding=` options still
+  give the former jitted function (`jax.jit(fn, donate_argnums)`, or on a mesh
+  `jax.jit(sharding.with_mesh(fn, mesh), in_shardings, out_shardings, donate_argnums)`), with a
+  DeprecationWarning."""
+  given = [k for k, v in (("jit", jit), ("mesh", mesh), *shardings.items()) if v is not None]
+  if not given:
+    return fn
+  warnings.warn(f"rl.steps.{builder}: {', '.join(k + '=' for k in given)} deprecated; the builder "
+                "returns the pure function: wrap it in jax.jit yourself (on a mesh "
+                "jax.jit(parallel.sharding.with_mesh(fn, mesh), in_shardings=..., out_shardings=...), "
+                "as rl.programs does)", DeprecationWarning, stacklevel=3)
+  if jit is False:
     return fn
   if mesh is None:
     return jax.jit(fn, donate_argnums=donate_argnums)
   # Traced under the mesh, so the model's activation constraints (FSDP: rows over data x fsdp)
-  # and the gradient constraints below apply.
+  # and the gradient constraints apply.
   return jax.jit(mesh_lib.with_mesh(fn, mesh), in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=donate_argnums)
 
@@ -241,10 +261,10 @@ def make_scoring(
     batch_sharding=None,
     group_size: int = 1,
     policy_temperature: float = 1.0,
-    jit: bool = True,
+    jit: Optional[bool] = None,
 ) -> Callable:
   """Deprecated (one release; use `make_logprobs`, one model per pass): builds
-  `scoring(policy_params, ref_params, prm_params, batch) -> dict` (one jitted call).
+  `scoring(policy_params, ref_params, prm_params, batch) -> dict`.
 
   Runs up to three no-grad forwards over micro-batches of `micro_batch_size` rows (lax.map, so a
   single compilation) and returns float32 [B, R] arrays: "old_logp" (policy; with "entropy" if
@@ -252,8 +272,9 @@ def make_scoring(
   Models that are switched off may be passed as None. `group_size` = n > 1: rows come in groups
   of n sharing a prompt, which is then run once per group (see `response_logprobs`).
   `policy_temperature`: the policy's log-probs (and entropy) are taken at this temperature (the
-  reference and PRM passes at 1). `jit=False` returns the pure function. `batch`: the former
-  {"tokens", "attention_mask", "response_mask"} mapping, or a `RolloutBatch`.
+  reference and PRM passes at 1). Returns the pure function (wrap it in `jax.jit`); the former
+  `jit=` / `mesh=` / `param_shardings=` / `batch_sharding=` options are deprecated (one release).
+  `batch`: the former {"tokens", "attention_mask", "response_mask"} mapping, or a `RolloutBatch`.
   """
   warnings.warn("rl.steps.make_scoring is deprecated; use make_logprobs (one model per pass)",
                 DeprecationWarning, stacklevel=2)
@@ -284,12 +305,10 @@ def make_scoring(
 
     return _score_chunks(tokens, attn, R, micro_batch_size, one)
 
-  in_sh = out_sh = None
-  if mesh is not None:
-    ps = param_shardings or {}
-    in_sh = (ps.get("policy"), ps.get("ref"), ps.get("prm"), batch_sharding)
-    out_sh = batch_sharding
-  return _jit(scoring, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, jit=jit)
+  ps = param_shardings or {}
+  return _deprecated_jit(scoring, "make_scoring", jit=jit, mesh=mesh, param_shardings=param_shardings,
+                         batch_sharding=batch_sharding, out_shardings=batch_sharding,
+                         in_shardings=(ps.get("policy"), ps.get("ref"), ps.get("prm"), batch_sharding))
 
 
 def make_prm_update(
@@ -308,7 +327,7 @@ def make_prm_update(
     lora_config=None,
     base_sharding=None,
     train_on_filler: bool = False,
-    jit: bool = True,
+    jit: Optional[bool] = None,
 ) -> Callable:
   """Builds `prm_update(prm_state, batch, key=None) -> (prm_state, batch, metrics)`: the implicit-PRM update
   (PRIME, arXiv 2502.01456 Sec. 3.2); the returned batch carries `prm_logp` [B, R] (given the
@@ -341,7 +360,10 @@ def make_prm_update(
   the update loop: mini-batch k is scored by the PRM after k optimizer steps of this call, i.e.
   PRIME-RL's "single forward" (`update: after`) scores. Required batch fields: the tokens, acc,
   ref_logp. `group_size` = n > 1: rows come in groups of n
-  sharing a prompt, run once per group (same loss and gradient). `jit=False`: the pure function.
+  sharing a prompt, run once per group (same loss and gradient). Returns the pure function (wrap
+  it in `jax.jit`; `rl.prime.make_prime` composes it into its one jitted update); the former
+  `jit=` / `mesh=` / `state_sharding=` / `batch_sharding=` / `base_sharding=` options are
+  deprecated (one release).
   `lora_config` (a `models.lora.LoraConfig`): `prm_state.params` are LoRA adapters and the
   function takes the frozen base as a fourth argument, `prm_update(prm_state, batch, key, base)`; the
   model is `lora.attach(base, adapters)`, so gradients and AdamW states exist for the adapters only.
@@ -443,12 +465,11 @@ def make_prm_update(
     metrics = {"prm/loss": jnp.mean(losses_), "prm/grad_norm": jnp.mean(gnorms)}
     return state, (prm_logp if legacy else batch._replace(prm_logp=prm_logp)), metrics
 
-  in_sh = out_sh = None
-  if mesh is not None:
-    in_sh = (state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ())
-    out_sh = (state_sharding, batch_sharding, None)
-  return _jit(prm_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
-              jit=jit)
+  return _deprecated_jit(
+      prm_update, "make_prm_update", jit=jit, mesh=mesh, state_sharding=state_sharding,
+      batch_sharding=batch_sharding, base_sharding=base_sharding, donate_argnums=(0,),
+      in_shardings=(state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ()),
+      out_shardings=(state_sharding, batch_sharding, None))
 
 
 def make_policy_update(
@@ -471,7 +492,7 @@ def make_policy_update(
     temperature: float = 1.0,
     lora_config=None,
     base_sharding=None,
-    jit: bool = True,
+    jit: Optional[bool] = None,
 ) -> Callable:
   """Builds `policy_update(policy_state, batch, rng) -> (policy_state, batch, metrics)`: PPO-clip
   (Schulman et al., arXiv 1707.06347) on a `RolloutBatch` carrying old_logp and advantages; the
@@ -508,7 +529,9 @@ def make_policy_update(
   rows (default `group_size`); give it explicitly (e.g. n whenever a mini-batch holds whole
   groups) to make the trajectory independent of `group_size`, which is then a speed setting only.
   `temperature`: new log-probs and entropies under softmax(logits / T), as the old ones were
-  scored (veRL). `jit=False` returns the pure function. `lora_config`: the state's params are
+  scored (veRL). Returns the pure function (wrap it in `jax.jit`; `rl.prime.make_prime` composes
+  it into its one jitted update); the former `jit=` / `mesh=` / `state_sharding=` /
+  `batch_sharding=` / `base_sharding=` options are deprecated (one release). `lora_config`: the state's params are
   LoRA adapters of the frozen base passed as `policy_update(policy_state, batch, rng, base)`
   (as `make_prm_update`).
   """
@@ -645,9 +668,9 @@ def make_policy_update(
     metrics["actor/loss_finite"] = jnp.all(jnp.isfinite(stats["loss"]))
     return (state, metrics) if legacy else (state, given, metrics)
 
-  in_sh = out_sh = None
-  if mesh is not None:
-    in_sh = (state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ())
-    out_sh = None  # (state, metrics) or (state, batch, metrics): the state's layout is its input's
-  return _jit(policy_update, mesh=mesh, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,),
-              jit=jit)
+  # out_shardings None: (state, metrics) or (state, batch, metrics), the state's layout its input's
+  return _deprecated_jit(
+      policy_update, "make_policy_update", jit=jit, mesh=mesh, state_sharding=state_sharding,
+      batch_sharding=batch_sharding, base_sharding=base_sharding, donate_argnums=(0,),
+      in_shardings=(state_sharding, batch_sharding, None) + ((base_sharding,) if lora_config is not None else ()),
+      out_shardings=None)

@@ -70,7 +70,7 @@ def _resp_logp(params, batch):
 def test_scoring_matches_token_logprobs():
   params, ref = _params(0), _params(1)
   batch = _batch()
-  scoring = steps.make_scoring(TINY, micro_batch_size=4, with_prm=True)
+  scoring = jax.jit(steps.make_scoring(TINY, micro_batch_size=4, with_prm=True))
   out = scoring(params, ref, ref, batch)
   np.testing.assert_allclose(out["old_logp"], _resp_logp(params, batch), atol=1e-5)
   np.testing.assert_allclose(out["ref_logp"], _resp_logp(ref, batch), atol=1e-5)
@@ -99,8 +99,8 @@ def test_policy_update_is_the_global_mean_gradient(agg):
   results = []
   for micro in (8, 2):
     opt = optax.sgd(1.0)
-    update = steps.make_policy_update(TINY, opt, settings, mini_batch_size=8, micro_batch_size=micro,
-                                      shuffle=False)
+    update = jax.jit(steps.make_policy_update(TINY, opt, settings, mini_batch_size=8, micro_batch_size=micro,
+                                      shuffle=False), donate_argnums=(0,))
     st = state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt)
     new, metrics = update(st, batch, jax.random.PRNGKey(0))
     results.append(new.params)
@@ -129,15 +129,15 @@ def test_policy_update_reference_normalisers(norm, shards):
   expected = jax.tree.map(lambda p, g: p - g, params, jax.grad(ref_loss)(params))
   opt = optax.sgd(1.0)
   settings = config_lib.PolicyConfig(entropy_coeff=0.0, loss_norm=norm)
-  update = steps.make_policy_update(TINY, opt, settings, loss_shards=shards, mini_batch_size=8,
-                                    micro_batch_size=micro, shuffle=False)
+  update = jax.jit(steps.make_policy_update(TINY, opt, settings, loss_shards=shards, mini_batch_size=8,
+                                    micro_batch_size=micro, shuffle=False), donate_argnums=(0,))
   new, metrics = update(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch,
                         jax.random.PRNGKey(0))
   np.testing.assert_allclose(metrics["actor/pg_loss"], ref_loss(params), rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), new.params, expected)
   # The default (global token count) differs from both on these unequal lengths.
-  glob = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0),
-                                  mini_batch_size=8, micro_batch_size=micro, shuffle=False)
+  glob = jax.jit(steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0),
+                                  mini_batch_size=8, micro_batch_size=micro, shuffle=False), donate_argnums=(0,))
   _, m2 = glob(state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt), batch, jax.random.PRNGKey(0))
   assert abs(float(m2["actor/pg_loss"]) - float(ref_loss(params))) > 1e-4
 
@@ -147,8 +147,8 @@ def test_policy_update_minibatches_and_epochs_count_optimizer_steps():
   batch = _batch()
   batch["old_logp"] = _resp_logp(params, batch)
   opt = optax.adam(1e-3)
-  update = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
-                                    micro_batch_size=2, epochs=3)
+  update = jax.jit(steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
+                                    micro_batch_size=2, epochs=3), donate_argnums=(0,))
   new, metrics = update(state_lib.init_train_state(params, opt), batch, jax.random.PRNGKey(1))
   assert int(new.step) == 6  # 2 mini-batches x 3 epochs
   assert bool(metrics["actor/loss_finite"])
@@ -172,14 +172,14 @@ def test_prm_update_ce_gradient_and_scores():
 
   expected = jax.tree.map(lambda p, g: p - 0.1 * g, prm, jax.grad(ce)(prm))
   opt = optax.sgd(0.1)
-  update = steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=8, micro_batch_size=2)
+  update = jax.jit(steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=8, micro_batch_size=2), donate_argnums=(0,))
   new, prm_logp, metrics = update(state_lib.init_train_state(jax.tree.map(jnp.copy, prm), opt), batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), new.params, expected)
   np.testing.assert_allclose(prm_logp, _resp_logp(prm, batch), atol=1e-5)
   np.testing.assert_allclose(metrics["prm/loss"], ce(prm), rtol=1e-5)
   # Repeated AdamW steps on one batch drive the CE loss down.
   opt = state_lib.make_optimizer(1e-2, grad_clip=10.0)
-  update = steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=4, micro_batch_size=4)
+  update = jax.jit(steps.make_prm_update(TINY, opt, beta=beta, mini_batch_size=4, micro_batch_size=4), donate_argnums=(0,))
   st = state_lib.init_train_state(_params(0), opt)
   first = None
   for _ in range(5):
@@ -665,7 +665,7 @@ def test_passes_take_one_typed_batch_and_keep_the_mapping_form():
   assert ent.shape == (8, R)
   np.testing.assert_allclose(steps.make_logprobs(TINY, micro_batch_size=2)(ref, rb), d["ref_logp"], atol=1e-5)
   opt = optax.sgd(0.1)
-  prm = steps.make_prm_update(TINY, opt, beta=0.5, mini_batch_size=4, micro_batch_size=2)
+  prm = jax.jit(steps.make_prm_update(TINY, opt, beta=0.5, mini_batch_size=4, micro_batch_size=2), donate_argnums=(0,))
   init = lambda: state_lib.init_train_state(jax.tree.map(jnp.copy, params), opt)
   st_t, out, m_t = prm(init(), rb)
   st_d, lp_d, m_d = prm(init(), d)
@@ -680,8 +680,8 @@ def test_passes_take_one_typed_batch_and_keep_the_mapping_form():
   typed = rb._replace(keep=keep, weights=d["weight"], rollout_rs_keep=rs)
   pm = d["response_mask"] * keep[:, None] * d["weight"][:, None] * rs
   np.testing.assert_array_equal(typed.policy_mask(), pm)
-  pol = steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=8,
-                                 micro_batch_size=4, shuffle=False)
+  pol = jax.jit(steps.make_policy_update(TINY, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=8,
+                                 micro_batch_size=4, shuffle=False), donate_argnums=(0,))
   st_t, out_t, m_t = pol(init(), typed, jax.random.PRNGKey(0))
   assert isinstance(out_t, RolloutBatch)  # the policy pass returns its batch, as the PRM pass does
   np.testing.assert_array_equal(out_t.advantages, typed.advantages)

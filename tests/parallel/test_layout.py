@@ -1,9 +1,10 @@
 """Where memory and communication go: the RL step's programs compiled on 8 simulated devices.
 
 tests/parallel/layout_worker.py (a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8)
-compiles generate, scoring, PRM update and policy update of a tiny Qwen2-shaped model on the
-meshes data:8, fsdp:8 and data:2,fsdp:2,tensor:2 (and a 1-device baseline) with
-`sharding_plan.rl_step_programs` + `memory_plan`, runs the compiled programs on the same inputs
+compiles generate, scoring, PRM update and policy update (the stages of the production update,
+`rl.prime.make_stages`) and the whole update (`make_prime`'s update_fn) of a tiny Qwen2-shaped
+model on the meshes data:8, fsdp:8 and data:2,fsdp:2,tensor:2 (and a 1-device baseline) with
+`rl.programs.rl_step_programs` + `memory_plan`, runs the compiled programs on the same inputs
 and hands back the memory plans, the partitioned HLO and the values. The checks read what XLA
 compiled (per-device shapes, collectives, `memory_analysis()`), not what the code intends:
 
@@ -14,7 +15,7 @@ compiled (per-device shapes, collectives, `memory_analysis()`), not what the cod
   * FSDP: weights are all-gathered one layer at a time inside the layer scan, and no all-reduce
     of [rows, T, D] activations exists on fsdp:8 (tensor parallelism's all-reduces span the
     tensor axis only);
-  * values equal the 1-device run.
+  * values equal the 1-device run (the whole update's params to UPDATE_TOL).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ BASE = "data:1"
 MESHES = ["data:8", "fsdp:8", "data:2,fsdp:2,tensor:2"]
 TRAIN_PROGRAMS = ("scoring", "prm_update", "policy_update")
 TOL = 1e-5
+UPDATE_TOL = 1e-4  # params after the whole update (test_whole_update_values_match_the_unsharded_run)
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,28 @@ def test_values_equal_the_unsharded_run(layout):
       assert diff <= TOL, f"{spec}: {what} differs from the 1-device run by {diff}"
 
 
+def test_whole_update_values_match_the_unsharded_run(layout):
+  """The production update (`make_prime`'s update_fn, as the plan compiles it) on each mesh gives
+  the 1-device run's metrics to TOL and its params to UPDATE_TOL: one AdamW step at lr 1e-3 moves
+  a weight by about lr * g / |g|, so the device-order rounding of a near-zero gradient entry
+  (after the PRM update, the re-scoring and PRIME's batch-normalised rewards) shows at ~lr / 20."""
+  summary, _ = layout
+  for spec in MESHES:
+    diffs = summary["meshes"][spec]["update_values_diff"]
+    assert diffs["metrics"] <= TOL, (spec, diffs)
+    for what in ("policy_params", "prm_params"):
+      assert diffs[what] <= UPDATE_TOL, f"{spec}: the update's {what} differ by {diffs[what]}"
+
+
 def test_input_bytes_per_device_are_the_shards(layout):
   summary, _ = layout
-  small = 8 * 1024   # norm scales, biases of 2 KV heads, step counters: replicated, < 8 KiB in all
   for spec in MESHES:
     rows, tensor, sizes = split(spec)
     weight_split = sizes["fsdp"] * tensor
     for name, stats in summary["meshes"][spec]["plan"]["programs"].items():
+      # norm scales, biases of 2 KV heads, step counters: replicated, < 8 KiB in all for one
+      # TrainState; the whole update's state holds two TrainStates and the reference (7 param trees, not 3)
+      small = 8 * 1024 * (3 if name == "update" else 1)
       inputs = summary["meshes"][spec]["inputs"][name]
       per_dev = inputs["weights"]["per_device"] + inputs["batch"]["per_device"]
       # XLA's argument buffers are the shards the abstract inputs promise (it may drop an unused one).
@@ -156,7 +173,7 @@ def test_activations_split_by_rows(layout):
 def test_fsdp_gathers_weights_per_layer_and_never_all_reduces_activations(layout):
   summary, hlo = layout
   d = dims(summary)
-  for name in TRAIN_PROGRAMS + ("generate",):
+  for name in TRAIN_PROGRAMS + ("generate", "update"):
     text = hlo("fsdp:8", name)
     bad = plan_lib.activation_all_reduces(text, seq_lens=(d["T"], d["R1"]), widths=d["widths"])
     assert not bad, f"fsdp:8 {name}: all-reduce of activations {[(c.shapes, c.group_size) for c in bad]}"

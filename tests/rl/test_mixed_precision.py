@@ -30,8 +30,8 @@ def _ten_steps(param_dtype, dtype, mu_dtype=None):
   batch["old_logp"] = jax.lax.stop_gradient(
       steps.response_logprobs(p0, mc, batch["tokens"], batch["attention_mask"], R, False)[0])
   opt = state_lib.make_optimizer(5e-7, weight_decay=0.01, grad_clip=1.0, mu_dtype=mu_dtype)
-  update = steps.make_policy_update(mc, opt, config_lib.PolicyConfig(entropy_coeff=0.0),
-                                    mini_batch_size=B, micro_batch_size=4, shuffle=False)
+  update = jax.jit(steps.make_policy_update(mc, opt, config_lib.PolicyConfig(entropy_coeff=0.0),
+                                    mini_batch_size=B, micro_batch_size=4, shuffle=False), donate_argnums=(0,))
   st = state_lib.init_train_state(jax.tree.map(jnp.copy, p0), opt)
   for i in range(10):
     st, _ = update(st, batch, jax.random.PRNGKey(i))

@@ -49,8 +49,8 @@ def assert_scoring_equals_sampler(config, params, pt, pm, out, n=4):
                        response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(rows, np.float32),
                        sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)
   batch.check(n)
-  score = steps.make_scoring(config, micro_batch_size=rows, with_policy=True, with_ref=False,
-                             with_prm=False, with_entropy=False)
+  score = jax.jit(steps.make_scoring(config, micro_batch_size=rows, with_policy=True, with_ref=False,
+                             with_prm=False, with_entropy=False))
   old = np.asarray(score(params, None, None, batch.sequences())["old_logp"])
   np.testing.assert_allclose(old * out.mask, out.logp, atol=2e-5)
   return score, batch

@@ -109,7 +109,7 @@ _WORKER = textwrap.dedent("""
     from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement, inference
     from jaxrl_dense.parallel import plan as sp
     from jaxrl_dense.models import ModelConfig, attention, init_params, transformer
-    from jaxrl_dense.rl import config as config_lib, plan as plan_lib
+    from jaxrl_dense.rl import config as config_lib, plan as plan_lib, programs as rl_programs
     cfg = config_lib.from_args(["--flagfile=" + sys.argv[1]])
     out = {}
 
@@ -133,8 +133,9 @@ _WORKER = textwrap.dedent("""
 
     def compile_gen(spec):
       mesh, layout = inference.rollout_mesh_layout(mc, train, spec)
-      gen = sp.rl_step_programs(mc, mesh, rollout_layout="inference" if layout == "auto" else layout,
-                                rollout_dtype="bfloat16", **sizes)["generate"]
+      gen = rl_programs.generate_program(
+          mc, mesh, rollout_layout="inference" if layout == "auto" else layout, rollout_dtype="bfloat16",
+          **{k: v for k, v in sizes.items() if k != "micro_batch_size"})
       jax.clear_caches()
       return facts(sp.compile_program(gen, mesh)) | {"mesh": dict(mesh.shape)}
 

@@ -123,13 +123,13 @@ def test_policy_and_prm_updates_match_rowwise():
   b = dict(b, old_logp=jnp.zeros_like(b["response_mask"]) - 1.0, ref_logp=jnp.zeros_like(b["response_mask"]) - 2.0)
   out = {}
   for g in (1, N):
-    pol = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
-                                   micro_batch_size=4, epochs=2, shuffle=False, group_size=g)
+    pol = jax.jit(steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=4,
+                                   micro_batch_size=4, epochs=2, shuffle=False, group_size=g), donate_argnums=(0,))
     fresh = lambda: jax.tree.map(jnp.copy, params)  # the updates donate their state
     st, m = pol(state_lib.TrainState(fresh(), opt.init(params), jnp.zeros((), jnp.int32)), b,
                 jax.random.PRNGKey(0))
-    prm = steps.make_prm_update(CONFIG, opt, beta=0.05, mini_batch_size=4, micro_batch_size=4,
-                                group_size=g)
+    prm = jax.jit(steps.make_prm_update(CONFIG, opt, beta=0.05, mini_batch_size=4, micro_batch_size=4,
+                                group_size=g), donate_argnums=(0,))
     pst, prm_logp, pm = prm(state_lib.TrainState(fresh(), opt.init(params), jnp.zeros((), jnp.int32)), b)
     out[g] = (st.params, m, pst.params, prm_logp, pm)
   (p1, m1, q1, l1, n1), (pn, mn, qn, ln, nn_) = out[1], out[N]
@@ -147,13 +147,13 @@ def test_group_shuffle_keeps_groups_and_matches_rowwise_on_group_perm():
   params, b = _params(), _batch(3)
   b = dict(b, old_logp=jnp.zeros_like(b["response_mask"]) - 1.0)
   opt = optax.sgd(1e-2)
-  pol = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
-                                 micro_batch_size=4, shuffle=True, group_size=N)
+  pol = jax.jit(steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
+                                 micro_batch_size=4, shuffle=True, group_size=N), donate_argnums=(0,))
   st, m = pol(state_lib.TrainState(jax.tree.map(jnp.copy, params), opt.init(params),
                                    jnp.zeros((), jnp.int32)), b, jax.random.PRNGKey(5))
   # One mini-batch = all rows: the shuffled update equals the unshuffled one.
-  pol0 = steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
-                                  micro_batch_size=4, shuffle=False, group_size=1)
+  pol0 = jax.jit(steps.make_policy_update(CONFIG, opt, config_lib.PolicyConfig(entropy_coeff=0.0), mini_batch_size=12,
+                                  micro_batch_size=4, shuffle=False, group_size=1), donate_argnums=(0,))
   st0, _ = pol0(state_lib.TrainState(params, opt.init(params), jnp.zeros((), jnp.int32)), b,
                 jax.random.PRNGKey(5))
   _close_tree(st.params, st0.params, 1e-5, atol=1e-6)

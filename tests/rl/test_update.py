@@ -160,8 +160,8 @@ def test_sampler_and_scorer_logprobs(dtype):
            "attention_mask": jnp.concatenate([jnp.repeat(pmask, 4, 0), gen.mask], 1),
            "response_mask": gen.mask.astype(jnp.float32)}
     for group in (1, 4):
-      score = steps.make_scoring(mc, micro_batch_size=4, with_ref=False, with_prm=False,
-                                 group_size=group, policy_temperature=temperature)
+      score = jax.jit(steps.make_scoring(mc, micro_batch_size=4, with_ref=False, with_prm=False,
+                                 group_size=group, policy_temperature=temperature))
       lp = score(params, None, None, seq)["old_logp"]
       diff = float(jnp.max(jnp.abs(lp - gen.logprobs) * gen.mask))
       worst = max(worst, diff)
@@ -251,7 +251,25 @@ def test_layout_is_decided_at_build_time_and_the_state_is_placed_into_it():
   opt = prime.optimizers(cfg)[0]
   st = lambda: prime.init_train_state(p(), opt)
   b = _batch()._replace(ref_logp=jnp.zeros((8, 6)), old_logp=jnp.zeros((8, 6)), advantages=jnp.ones((8, 6)))
-  for pass_ in (steps.make_prm_update(mc, opt, beta=0.05, mini_batch_size=8, micro_batch_size=4),
-                steps.make_policy_update(mc, opt, cfg.policy, mini_batch_size=8, micro_batch_size=4)):
+  for pass_ in (jax.jit(steps.make_prm_update(mc, opt, beta=0.05, mini_batch_size=8, micro_batch_size=4),
+                        donate_argnums=(0,)),
+                jax.jit(steps.make_policy_update(mc, opt, cfg.policy, mini_batch_size=8, micro_batch_size=4),
+                        donate_argnums=(0,))):
     s2, b2, m2 = pass_(st(), b, jax.random.PRNGKey(0))
     assert isinstance(b2, RolloutBatch) and int(s2.step) == 1 and m2
+
+
+def test_pass_builders_return_pure_functions_and_warn_on_jit_options():
+  """The builders are optax-style: a pure function (nothing jitted; make_prime jits the update
+  once). The former jit= / mesh= / *_sharding= options still jit, with a DeprecationWarning."""
+  mc = models.ModelConfig(**TINY)
+  opt = prime.optimizers(_cfg())[0]
+  for build in (lambda **kw: steps.make_prm_update(mc, opt, beta=0.05, mini_batch_size=8, micro_batch_size=4, **kw),
+                lambda **kw: steps.make_policy_update(mc, opt, _cfg().policy, mini_batch_size=8,
+                                                      micro_batch_size=4, **kw)):
+    assert not hasattr(build(), "lower")
+    with pytest.warns(DeprecationWarning, match="jit="):
+      assert hasattr(build(jit=True), "lower")
+    with pytest.warns(DeprecationWarning, match="jit="):
+      assert not hasattr(build(jit=False), "lower")
+
