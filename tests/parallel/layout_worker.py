@@ -115,7 +115,7 @@ def main():
 
     if spec == "fsdp:8":   # control: scoring traced WITHOUT the mesh context (no activation constraints)
       with open(os.path.join(outdir, spec, "scoring_unconstrained.hlo"), "w") as f:
-        # The programs trace under their mesh (`sharding.with_mesh`); unwrap to the raw stage
+        # The programs trace under their mesh (`mesh.with_mesh`); unwrap to the raw stage
         # and jit it without the context: GSPMD then follows the weights' layout alone.
         fn, args, kwargs = programs["scoring"]
         raw = fn.__wrapped__.__wrapped__
