@@ -43,7 +43,8 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   trainer = Trainer(cfg)
   try:
     from jaxrl_dense.rl import setup
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg))
+    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=setup.checkpoint_fingerprint(cfg),
+                                 renamed_keys=config_lib.renamed_settings())
     tree, meta = ckpt.restore(target=trainer.checkpoint()[0])
     ckpt.close()
     trainer.restore(tree, meta)

@@ -3,10 +3,10 @@
 A prompt (group of n contiguous responses) passes when ``low ≤ mean acc ≤ high`` (inclusive) and,
 optionally, none of its responses hit the length limit. Two reference behaviours:
 
-* ``variant="original"`` (PRIME-RL/PRIME ``training/verl/trainer/ppo/ray_trainer.py``
+* ``reference_impl="original"`` (PRIME-RL/PRIME ``training/verl/trainer/ppo/ray_trainer.py``
   ``RayPRIMETrainer.filter``): hard removal — a keep mask; truncation means
   ``L ≥ max_response_length``.
-* ``variant="verl"`` (veRL recipe ``prime/prime_ray_trainer.py`` ``filter_and_downsample``): soft —
+* ``reference_impl="verl"`` (veRL recipe ``prime/prime_ray_trainer.py`` ``filter_and_downsample``): soft —
   prompts are stably reordered passing-first and the first ``⌊B / oversample_factor⌋`` rows are
   kept (failing prompts fill the batch when too few pass); truncation means
   ``L ≥ max_response_length − 1``.
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -64,8 +65,9 @@ def prompt_pass_flags(acc: ArrayLike, *, n: int, low: float = 0.2, high: float =
   return ok
 
 
+@renamed_kwargs(variant="reference_impl")
 def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *, n: int,
-                         variant: str = "verl", low: float = 0.2, high: float = 0.8,
+                         reference_impl: str = "verl", low: float = 0.2, high: float = 0.8,
                          max_response_length: Optional[int] = None,
                          filter_truncated: bool = False,
                          oversample_factor: float = 1.0) -> FilterOutput:
@@ -74,7 +76,7 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
   Args:
     acc: ``[B]`` outcome labels; lengths: ``[B]`` valid response lengths (needed with
       ``filter_truncated``).
-    n: static samples per prompt. variant: ``"verl"`` (soft reorder + downsample) or
+    n: static samples per prompt. reference_impl: ``"verl"`` (soft reorder + downsample) or
       ``"original"`` (hard keep mask).
     low, high: inclusive accuracy band (0.2, 0.8).
     max_response_length, filter_truncated: truncation filter (verl: ``L ≥ max − 1`` fails;
@@ -83,19 +85,19 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
   Returns: :class:`FilterOutput`.
   """
   b = _check(acc, lengths, n)
-  if variant not in VARIANTS:
-    raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+  if reference_impl not in VARIANTS:
+    raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   trunc = None
   if filter_truncated:
     if max_response_length is None:
       raise ValueError("`filter_truncated=True` needs `max_response_length`")
-    trunc = max_response_length - 1 if variant == "verl" else max_response_length
+    trunc = max_response_length - 1 if reference_impl == "verl" else max_response_length
   ok = prompt_pass_flags(acc, n=n, low=low, high=high, lengths=lengths, truncation_length=trunc)
   order = jnp.argsort(jnp.logical_not(ok), stable=True)             # [P] passing first
   rows = (order[:, None] * n + jnp.arange(n)[None, :]).reshape(-1).astype(jnp.int32)   # [B]
-  if variant == "original":
+  if reference_impl == "original":
     if oversample_factor != 1.0:
-      raise ValueError("`oversample_factor` applies to variant='verl' only")
+      raise ValueError("`oversample_factor` applies to reference_impl='verl' only")
     return FilterOutput(jnp.repeat(ok, n), rows, ok)
   if oversample_factor < 1.0:
     raise ValueError(f"`oversample_factor` must be >= 1, got {oversample_factor}")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -54,23 +55,24 @@ def token_log_ratio(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike) -
   return jnp.where(m, jnp.asarray(logp_prm, jnp.float32) - jnp.asarray(logp_ref, jnp.float32), 0.0)
 
 
+@renamed_kwargs(variant="reference_impl")
 def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike, *,
-                           beta: float = 0.05, variant: str = "verl", granularity: str = "token",
+                           beta: float = 0.05, reference_impl: str = "verl", granularity: str = "token",
                            lam: float = 0.0, acc: ArrayLike | None = None,
                            use_gt: bool = False) -> ImplicitRewards:
   """Token-level implicit process rewards (PRIME, arXiv 2502.01456 Eq. 3).
 
   ``q = (logp_prm − logp_ref)·m``, then with L_i the valid length:
 
-  * ``variant="verl"`` (veRL recipe ``_forward_micro_batch``): ``r = β·q``; ``token`` granularity:
+  * ``reference_impl="verl"`` (veRL recipe ``_forward_micro_batch``): ``r = β·q``; ``token`` granularity:
     ``s[i, t] = r[i, t]`` for ``t < L_i − 1`` and **``s[i, L_i − 1] = 0``** (the EOS token never
     carries a process reward). Non-default ``lam = λ ≠ 0``: ``q' = β·q`` (with ``use_gt``,
     ``q'[i, L_i−1] ← acc_i − Σ_{t<L_i−1} q'[i, t]``), ``r_t = q'_t + λ·r_{t+1}``, then the same
     last-token drop. ``granularity="whole"`` is broken in the recipe (it raises for any L > 1) and
     raises ValueError here (unless every L_i = 1, where the recipe's result is reproduced).
-  * ``variant="original"`` (PRIME-RL/PRIME ``compute_implicit_reward``): **no β**; ``token``:
+  * ``reference_impl="original"`` (PRIME-RL/PRIME ``compute_implicit_reward``): **no β**; ``token``:
     ``s[i, t] = q[i, t]`` for all ``t < L_i``; ``whole``: ``s[i, L_i − 1] = Σ_{t<L_i} q[i, t]``.
-  * ``variant="paper"`` (Eq. 3): ``token``: ``s = β·q`` on every valid token; ``whole``:
+  * ``reference_impl="paper"`` (Eq. 3): ``token``: ``s = β·q`` on every valid token; ``whole``:
     ``s[i, L_i − 1] = β Σ_t q[i, t]``.
 
   Normalise afterwards with :func:`prime_norm` (batch-norm, the default in both references).
@@ -80,7 +82,7 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
     logp_ref: ``[B, T]`` log π_ref of the same tokens.
     mask: ``[B, T]`` response mask (1 up to and including EOS). Rows must be non-empty.
     beta: β (``beta_train``), 0.05 in PRIME.
-    variant: ``"verl"`` | ``"original"`` | ``"paper"``.
+    reference_impl: ``"verl"`` | ``"original"`` | ``"paper"``.
     granularity: ``"token"`` | ``"whole"``.
     lam, acc, use_gt: veRL-only λ-return option (``acc [B]`` needed when ``use_gt``).
 
@@ -88,21 +90,21 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
     ``ImplicitRewards(scores [B, T], q [B, T])``, stop-gradient, 0 on padding.
   """
   ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask)
-  if variant not in VARIANTS:
-    raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+  if reference_impl not in VARIANTS:
+    raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   if granularity not in GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
-  if lam != 0.0 and variant != "verl":
-    raise ValueError(f"`lam` (λ-return) exists only in variant='verl', got variant={variant!r}")
-  if variant == "verl" and granularity == "whole":
+  if lam != 0.0 and reference_impl != "verl":
+    raise ValueError(f"`lam` (λ-return) exists only in reference_impl='verl', got reference_impl={reference_impl!r}")
+  if reference_impl == "verl" and granularity == "whole":
     # The recipe writes a length-L slice into one element: it only runs when every L_i = 1, where
     # it equals the paper's whole granularity. Anything else (or unknown lengths under jit) raises.
     lengths = np.asarray(ops.valid_lengths(mask)) if ops.is_concrete(mask) else None
     if lengths is None or (lengths > 1).any():
       raise ValueError("granularity='whole' is broken in the veRL recipe (it writes a length-L "
-                       "vector into one element and raises for any L > 1); use variant='original' "
+                       "vector into one element and raises for any L > 1); use reference_impl='original' "
                        "or 'paper' for whole-response rewards")
-    variant = "paper"
+    reference_impl = "paper"
   if use_gt and acc is None:
     raise ValueError("`use_gt=True` needs `acc` [B]")
   if acc is not None:
@@ -115,12 +117,12 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
   last = ops.last_token_index(m)[:, None]                           # [B, 1]
   is_last = t == last                                               # [B, T]
 
-  if variant == "original":
+  if reference_impl == "original":
     if granularity == "token":
       scores = q
     else:
       scores = jnp.where(is_last, jnp.sum(q, axis=1, keepdims=True), 0.0)
-  elif variant == "paper":
+  elif reference_impl == "paper":
     r = beta * q
     scores = r if granularity == "token" else jnp.where(is_last, jnp.sum(r, 1, keepdims=True), 0.0)
   else:  # verl

@@ -196,7 +196,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   proc_masked = masks or not cfg.filter.process_on_filler
 
   def hp(group):
-    return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+    return adv_lib.AdvantageParams(n=group, reference_impl=cfg.reference_impl, process_coef=cfg.process_coef,
                                    outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta,
                                    igpo_variant=cfg.igpo_variant)
 
@@ -223,7 +223,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
       stats["extra/reward_mean"] = jnp.mean(outcome)
     if cfg.uses_prm:
       rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.prm.beta,
-                                               variant=cfg.prime_variant)
+                                               reference_impl=cfg.reference_impl)
       stats.update(implicit_prm.prm_metrics(rw.q, m, acc, n=n))
       # PRM health on this step's fresh samples (scored before the PRM trains on them with
       # --prm_update=after): AUROC / correlation with the outcome; NaN when all labels agree.
@@ -242,7 +242,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     process = None
     if cfg.uses_prm:
       rs = implicit_prm.implicit_token_rewards(take(prm_logp), take(ref_logp), ms, beta=cfg.prm.beta,
-                                               variant=cfg.prime_variant)
+                                               reference_impl=cfg.reference_impl)
       wp = take(w_proc) if proc_masked else None
       scores = implicit_prm.zero_float_noise(rs.scores, rs.q, tol=cfg.prm.prm_noise_tol, row_mask=wp)
       process = implicit_prm.prime_batch_norm(scores, row_mask=wp)  # [B', R]
@@ -263,9 +263,9 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
       stats["reward/turn_reward_sum"] = jnp.sum(turn_rewards * w[:, None]) / jnp.maximum(jnp.sum(w), 1.0)
     adv, ret = estimator(inputs, hp(group))  # [B', R] each
     if process is not None:  # the process term alone: its return's row mean against the length
-      gammas = {} if cfg.prime_variant == "verl" else {"process_gamma": cfg.gamma}
+      gammas = {} if cfg.reference_impl == "verl" else {"process_gamma": cfg.gamma}
       proc_ret = adv_lib.prime_rloo_advantages(
-          process, None, ms, n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+          process, None, ms, n=group, reference_impl=cfg.reference_impl, process_coef=cfg.process_coef,
           whiten=False, row_mask=ws if masks else None, **gammas)[1]  # [B', R]
       stats["adv/process_length_corr"] = _weighted_corr(
           jnp.sum(ms, axis=1), ops.masked_mean(proc_ret, ms, axis=1), ws)
@@ -388,7 +388,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
   p = cfg.policy
   bypass = not p.recompute_old_logp
   policy_pass = steps.make_policy_update(
-      model_config, pol_opt, p, variant=cfg.prime_variant, bypass=bypass,
+      model_config, pol_opt, p, reference_impl=cfg.reference_impl, bypass=bypass,
       loss_shards=sharding.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
@@ -499,7 +499,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
         series["log_ratio_ref"] = (old_logp - ref_logp) * m
       if cfg.uses_prm:
         series["process_reward"] = implicit_prm.implicit_token_rewards(
-            batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
+            batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, reference_impl=cfg.reference_impl).scores
       if entropy is not None:
         series["entropy"] = entropy * m
       out["token_series"] = series

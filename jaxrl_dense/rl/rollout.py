@@ -89,10 +89,10 @@ def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
   r, f = cfg.rollout, cfg.filter
   band = f.filter == "band"
   out = accuracy_band_filter(
-      np.asarray(acc, np.float32), np.asarray(lengths), n=r.n, variant=cfg.prime_variant,
+      np.asarray(acc, np.float32), np.asarray(lengths), n=r.n, reference_impl=cfg.reference_impl,
       low=f.acc_low if band else 0.0, high=f.acc_high if band else 1.0,
       max_response_length=r.max_response_length, filter_truncated=band and f.filter_truncated,
-      **({"oversample_factor": float(r.oversample)} if cfg.prime_variant == "verl" else {}))
+      **({"oversample_factor": float(r.oversample)} if cfg.reference_impl == "verl" else {}))
   return np.asarray(out.indices)[:r.rows], np.asarray(out.prompt_pass)
 
 

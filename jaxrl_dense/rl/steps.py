@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_dense.models import logprobs, transformer
-from jaxrl_dense import losses, ops, rewards
+from jaxrl_dense import _deprecation, losses, ops, rewards
 from jaxrl_dense.parallel import sharding
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.batch import RolloutBatch
@@ -451,12 +451,13 @@ def make_prm_update(
               jit=jit)
 
 
+@_deprecation.renamed_kwargs(variant="reference_impl")
 def make_policy_update(
     config,
     optimizer: optax.GradientTransformation,
     policy,
     *,
-    variant: str = "verl",
+    reference_impl: str = "verl",
     loss_shards: int = 1,
     bypass: bool = False,
     mini_batch_size: int,
@@ -492,7 +493,7 @@ def make_policy_update(
   see docs/algorithms.md.)
 
   The objective's settings are the run's validated `rl.config.PolicyConfig` (one source): the loss
-  (`policy_loss`, with `variant`="original" selecting PRIME-RL's plain clip for ppo), its clip range
+  (`policy_loss`, with `reference_impl="original"` selecting PRIME-RL's plain clip for ppo), its clip range
   and aggregation (anchor defaults resolved by `clip_range` / `agg_mode`), `clip_c`,
   `entropy_coeff`, `kl_coef` / `kl_type`, `loss_norm`. `bypass`=True (old_logp is the sampler's μ):
   `policy.rollout_rs` rejects tokens on sg(π_θ)/μ inside each micro-batch's loss (veRL
@@ -512,8 +513,8 @@ def make_policy_update(
   LoRA adapters of the frozen base passed as `policy_update(policy_state, batch, rng, base)`
   (as `make_prm_update`).
   """
-  if variant not in ("verl", "original"):
-    raise ValueError(f"make_policy_update: variant={variant!r}; expected 'verl' or 'original'.")
+  if reference_impl not in ("verl", "original"):
+    raise ValueError(f"make_policy_update: reference_impl={reference_impl!r}; expected 'verl' or 'original'.")
   if loss_shards < 1:
     raise ValueError(f"make_policy_update: loss_shards={loss_shards} must be >= 1.")
   clip_low, clip_high = policy.clip_range
@@ -531,7 +532,7 @@ def make_policy_update(
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
   loss_terms = losses.get_policy_loss(
-      "ppo_original" if (policy.policy_loss == "ppo" and variant == "original") else policy.policy_loss)
+      "ppo_original" if (policy.policy_loss == "ppo" and reference_impl == "original") else policy.policy_loss)
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)
