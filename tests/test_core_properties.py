@@ -46,7 +46,7 @@ S = 3
 FUNCS = {
     "implicit_rewards_verl": (lambda a, b, m: rewards.implicit_token_rewards(a, b, m), (LP, REF, MASK)),
     "implicit_rewards_verl_lambda": (
-        lambda a, b, m, acc: rewards.implicit_token_rewards(a, b, m, lam=0.5, acc=acc, use_gt=True),
+        lambda a, b, m, acc: rewards.implicit_token_rewards(a, b, m, lam=0.5, outcome=acc, use_gt=True),
         (LP, REF, MASK, ACC)),
     "implicit_rewards_original_whole": (
         lambda a, b, m: rewards.implicit_token_rewards(a, b, m, reference_impl="original", granularity="whole"),
@@ -350,7 +350,7 @@ def test_bad_shapes_raise_errors_naming_the_input():
     rewards.implicit_token_rewards(LP, REF[:, :3], MASK)
   with pytest.raises(AssertionError, match="mask"):
     losses.ppo_clip_loss(LP, OLD, ADV, MASK[0])
-  with pytest.raises(ValueError, match="acc"):
+  with pytest.raises(ValueError, match="outcome"):
     rewards.prm_ce_loss(LP, MASK, ACC[:5])
   with pytest.raises(ValueError, match="group_ids"):
     advantages.grpo_advantages(SCORES, MASK, GIDS + 5, P)

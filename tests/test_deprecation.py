@@ -55,3 +55,14 @@ def test_the_library_keeps_its_renamed_keywords():
   assert hp.reference_impl == "original"
   with pytest.warns(DeprecationWarning):
     assert hp.variant == "original"
+
+
+def test_rollout_batch_keeps_acc_for_one_release():
+  import numpy as np
+  from jaxrl_dense.rl.batch import RolloutBatch
+  z = np.zeros((2, 3), np.float32)
+  with pytest.warns(DeprecationWarning, match="'acc' is renamed 'outcome'"):
+    b = RolloutBatch(z, z, z, z, acc=np.ones(2, np.float32))
+  assert RolloutBatch._fields[4] == "outcome" and b.outcome.tolist() == [1.0, 1.0]
+  with pytest.warns(DeprecationWarning, match=r"RolloutBatch\.acc is renamed RolloutBatch\.outcome"):
+    assert b.acc is b.outcome

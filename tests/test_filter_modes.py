@@ -43,7 +43,7 @@ def _batch(acc=ACC, in_band=IN_BAND, seed=0):
   return RolloutBatch(
       prompt_tokens=np.repeat(rng.integers(2, 48, (b // 4, p)) * pm, 4, 0).astype(np.int32),
       prompt_mask=np.repeat(pm, 4, 0), response_tokens=(rng.integers(2, 48, (b, r)) * rm).astype(np.int32),
-      response_mask=rm, acc=np.asarray(acc, np.float32),
+      response_mask=rm, outcome=np.asarray(acc, np.float32),
       in_band=None if in_band is None else np.asarray(in_band, np.float32))
 
 

@@ -103,7 +103,7 @@ def run_implicit_reward(case):
       f32(inp["rm_log_probs"]), f32(inp["ref_log_probs"]), m,
       beta=cfg.get("beta", 0.05), reference_impl=variant,
       granularity=cfg.get("prime_granularity", "token"), lam=cfg.get("lambda", 0.0),
-      acc=f32(inp["acc"]) if "acc" in inp else None, use_gt=cfg.get("prime_use_gt", False))
+      outcome=f32(inp["acc"]) if "acc" in inp else None, use_gt=cfg.get("prime_use_gt", False))
   normed = rewards.prime_norm(scores, cfg.get("prime_norm", "batch_norm"))
   return Out(q=q, token_level_score_raw=scores, token_level_score_batch_norm=normed,
              token_level_score_after_norm=normed, masked={"q": m})

@@ -3,7 +3,7 @@ stop-gradient and 0 on padding, and names the reward density it accepts in its s
 ``token_rewards [B, T]`` (token density) or ``scores [B]`` (sequence density).
 
 Public API (stable names):
-  prime_rloo_advantages(token_rewards, acc, mask, *, n, reference_impl="verl"|"original"|"paper",
+  prime_rloo_advantages(token_rewards, outcome, mask, *, n, reference_impl="verl"|"original"|"paper",
                         process_coef, outcome_coef, process_gamma, outcome_gamma, whiten)
   leave_one_out_token_rewards(rewards, reward_mask, *, n), paper_process_baseline(...)
   grpo_advantages(scores, mask, group_ids, num_groups, *, eps=1e-6, scale_by_std=True)

@@ -75,8 +75,8 @@ def paper_process_baseline(rewards: ArrayLike, mask: ArrayLike, *, n: int) -> Ar
   return jnp.where(m, r - ((tot - mu) / (n - 1))[:, None], 0.0)
 
 
-@renamed_kwargs(variant="reference_impl")
-def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[ArrayLike],
+@renamed_kwargs(variant="reference_impl", acc="outcome")
+def prime_rloo_advantages(token_rewards: Optional[ArrayLike], outcome: Optional[ArrayLike],
                           mask: ArrayLike, *, n: int, reference_impl: str = "verl",
                           process_coef: Optional[float] = None,
                           outcome_coef: Optional[float] = None, process_gamma: float = 1.0,
@@ -108,7 +108,7 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
 
   Args:
     token_rewards: ``[B, T]`` process rewards (e.g. batch-normed implicit PRM scores) or None.
-    acc: ``[B]`` outcome labels or None.
+    outcome: ``[B]`` outcome labels or None.
     mask: ``[B, T]`` response mask (rows non-empty).
     n: static samples per prompt (≥ 2; n = 1 raises).
     row_mask: ``[B]`` 1 = the row takes part, 0 = it is masked out; None = all rows.
@@ -119,8 +119,8 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
   b = jnp.shape(mask)[0]
   if token_rewards is not None:
     ops.check_token_arrays(token_rewards=token_rewards, mask=mask)
-  if acc is not None:
-    ops.check_row_arrays(b, acc=acc)
+  if outcome is not None:
+    ops.check_row_arrays(b, outcome=outcome)
   if reference_impl not in VARIANTS:
     raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   _check_n(b, n, "prime_rloo_advantages")
@@ -143,9 +143,9 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
     else:
       proc = leave_one_out_token_rewards(token_rewards, m, n=n)     # [B, T]
     parts.append((c_p * proc, process_gamma))
-  if acc is not None and c_o != 0.0:
+  if outcome is not None and c_o != 0.0:
     out_mask = ops.place_at_last_token(jnp.ones((b,), jnp.float32), m) > 0   # [B, T]
-    out_r = ops.place_at_last_token(acc, m)                         # [B, T]
+    out_r = ops.place_at_last_token(outcome, m)                         # [B, T]
     parts.append((c_o * leave_one_out_token_rewards(out_r, out_mask, n=n), outcome_gamma))
   if not parts:  # the references then return all-zero returns and advantages
     parts.append((jnp.zeros(m.shape, jnp.float32), 1.0))

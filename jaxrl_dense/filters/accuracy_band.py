@@ -1,6 +1,6 @@
 """PRIME's accuracy-band prompt filter (arXiv 2502.01456), as pure index/mask functions.
 
-A prompt (group of n contiguous responses) passes when ``low ≤ mean acc ≤ high`` (inclusive) and,
+A prompt (group of n contiguous responses) passes when ``low ≤ mean outcome ≤ high`` (inclusive) and,
 optionally, none of its responses hit the length limit. Two reference behaviours:
 
 * ``reference_impl="original"`` (PRIME-RL/PRIME ``training/verl/trainer/ppo/ray_trainer.py``
@@ -40,8 +40,8 @@ class FilterOutput(NamedTuple):
   prompt_pass: Array
 
 
-def _check(acc, lengths, n):
-  b = ops.check_row_arrays(None, acc=acc)
+def _check(outcome, lengths, n):
+  b = ops.check_row_arrays(None, outcome=outcome)
   if lengths is not None:
     ops.check_row_arrays(b, lengths=lengths)
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or b % n:
@@ -49,13 +49,14 @@ def _check(acc, lengths, n):
   return b
 
 
-def prompt_pass_flags(acc: ArrayLike, *, n: int, low: float = 0.2, high: float = 0.8,
+@renamed_kwargs(acc="outcome")
+def prompt_pass_flags(outcome: ArrayLike, *, n: int, low: float = 0.2, high: float = 0.8,
                       lengths: Optional[ArrayLike] = None,
                       truncation_length: Optional[int] = None) -> Array:
-  """``bool[P]``: ``low ≤ mean_{group} acc ≤ high`` and (if ``truncation_length`` is given)
-  ``max_{group} L < truncation_length``. acc, lengths: ``[B]`` with B = P·n contiguous groups."""
-  b = _check(acc, lengths, n)
-  mean = jnp.mean(jnp.asarray(acc, jnp.float32).reshape(b // n, n), axis=1)   # [P]
+  """``bool[P]``: ``low ≤ mean_{group} outcome ≤ high`` and (if ``truncation_length`` is given)
+  ``max_{group} L < truncation_length``. outcome, lengths: ``[B]`` with B = P·n contiguous groups."""
+  b = _check(outcome, lengths, n)
+  mean = jnp.mean(jnp.asarray(outcome, jnp.float32).reshape(b // n, n), axis=1)   # [P]
   ok = (mean >= low) & (mean <= high)
   if truncation_length is not None:
     if lengths is None:
@@ -65,8 +66,8 @@ def prompt_pass_flags(acc: ArrayLike, *, n: int, low: float = 0.2, high: float =
   return ok
 
 
-@renamed_kwargs(variant="reference_impl")
-def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *, n: int,
+@renamed_kwargs(variant="reference_impl", acc="outcome")
+def accuracy_band_filter(outcome: ArrayLike, lengths: Optional[ArrayLike] = None, *, n: int,
                          reference_impl: str = "verl", low: float = 0.2, high: float = 0.8,
                          max_response_length: Optional[int] = None,
                          filter_truncated: bool = False,
@@ -74,7 +75,7 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
   """PRIME accuracy-band filter over B = P·n responses (the two variants of the module docstring).
 
   Args:
-    acc: ``[B]`` outcome labels; lengths: ``[B]`` valid response lengths (needed with
+    outcome: ``[B]`` outcome labels; lengths: ``[B]`` valid response lengths (needed with
       ``filter_truncated``).
     n: static samples per prompt. reference_impl: ``"verl"`` (soft reorder + downsample) or
       ``"original"`` (hard keep mask).
@@ -84,7 +85,7 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
     oversample_factor: verl only; K = ⌊B / oversample_factor⌋ rows are kept.
   Returns: :class:`FilterOutput`.
   """
-  b = _check(acc, lengths, n)
+  b = _check(outcome, lengths, n)
   if reference_impl not in VARIANTS:
     raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   trunc = None
@@ -92,7 +93,7 @@ def accuracy_band_filter(acc: ArrayLike, lengths: Optional[ArrayLike] = None, *,
     if max_response_length is None:
       raise ValueError("`filter_truncated=True` needs `max_response_length`")
     trunc = max_response_length - 1 if reference_impl == "verl" else max_response_length
-  ok = prompt_pass_flags(acc, n=n, low=low, high=high, lengths=lengths, truncation_length=trunc)
+  ok = prompt_pass_flags(outcome, n=n, low=low, high=high, lengths=lengths, truncation_length=trunc)
   order = jnp.argsort(jnp.logical_not(ok), stable=True)             # [P] passing first
   rows = (order[:, None] * n + jnp.arange(n)[None, :]).reshape(-1).astype(jnp.int32)   # [B]
   if reference_impl == "original":

@@ -18,7 +18,7 @@ whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
   3. PROF (`filter="prof"`, arXiv 2509.03403): keep mask from the PRM's step scores; the dropped
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
      GRPO on the filtered batch).
-  4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
+  4. rewards: outcome reward = outcome label (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
      r_t = β (log π_prm − log π_ref) batch-normalised (veRL's PRIME recipe), then the estimator
      `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
   5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import advantages as adv_lib
-from jaxrl_dense import losses, ops
+from jaxrl_dense import _deprecation, losses, ops
 from jaxrl_dense.observe import prm_health
 from jaxrl_dense.parallel import sharding
 from jaxrl_dense.rewards import overlong as overlong_lib
@@ -104,13 +104,14 @@ def _is_adapters(params) -> bool:
   return bool(leaves) and all(str(getattr(p[-1], "key", "")) in ("lora_a", "lora_b") for p, _ in leaves)
 
 
-def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
+@_deprecation.renamed_kwargs(acc="outcome")
+def prof_keep(outcome, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
   """PROF keep mask [B] (arXiv 2509.03403) on the implicit PRM's step scores.
 
   v_h = σ(β Σ_{s ≤ e(h)} (log π_prm − log π_ref)_s): the PRM's probability that the prefix ending
   at step h's last token (fixed `step_len` steps) leads to a correct answer; then
-  c = prof_consistency(v, step_mask, acc) (code variant) and prof_filter removes k responses per
-  group of n, balancing correct / incorrect. Shapes: acc [B], mask / log-probs [B, R] -> bool [B].
+  c = prof_consistency(v, step_mask, outcome) (code variant) and prof_filter removes k responses per
+  group of n, balancing correct / incorrect. Shapes: outcome [B], mask / log-probs [B, R] -> bool [B].
   """
   m = mask.astype(jnp.float32)  # [B, R]
   q = jnp.cumsum(beta * (prm_logp - ref_logp) * m, axis=1)  # [B, R]
@@ -119,9 +120,9 @@ def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, ste
   ends = ops.step_ends_from_ids(step_ids) & (m > 0)  # [B, R]
   v = ops.segment_sum(jnp.where(ends, jax.nn.sigmoid(q), 0.0), step_ids, num_steps)  # [B, S]
   step_mask = ops.step_mask_from_ids(step_ids, num_steps)  # [B, S]
-  c = prof_lib.prof_consistency(v, step_mask, acc)  # [B]
-  g = acc.shape[0] // n
-  return prof_lib.prof_filter(acc, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
+  c = prof_lib.prof_consistency(v, step_mask, outcome)  # [B]
+  g = outcome.shape[0] // n
+  return prof_lib.prof_filter(outcome, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
 
 
 def survivor_rows(keep, n: int, k: int):
@@ -161,7 +162,7 @@ def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
   """Pure `(batch: RolloutBatch, extra=None) -> (batch with advantages, returns [B, R], stats)`.
 
-  Reads the batch's acc [B], response_mask [B, R], old_logp, ref_logp (None: old_logp stands in),
+  Reads the batch's outcome [B], response_mask [B, R], old_logp, ref_logp (None: old_logp stands in),
   prm_logp (PRIME), keep, in_band, process_rewards, turn_rewards, turn_ids; `extra` [B]: the
   Self-Aligned Reward R_SA (extra_reward "sar:w").
 
@@ -172,7 +173,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   process term in place of the implicit PRM's (no batch norm: the PRM's own scale, e.g. p1 - p0
   in [-1, 1]).
 
-  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, arXiv 2509.05489;
+  outcome reward = outcome label (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, arXiv 2509.05489;
   + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
   PRIME: process rewards = prime_batch_norm(zero_float_noise(implicit_token_rewards(prm_logp,
   ref_logp))): exactly 0 while every implicit log-ratio suffix sum is below --prm_noise_tol (the
@@ -201,7 +202,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
                                    igpo_variant=cfg.igpo_variant)
 
   def fn(batch: RolloutBatch, extra=None):
-    acc, old_logp, prm_logp, keep, in_band = batch.acc, batch.old_logp, batch.prm_logp, batch.keep, batch.in_band
+    outcome, old_logp, prm_logp, keep, in_band = batch.outcome, batch.old_logp, batch.prm_logp, batch.keep, batch.in_band
     ref_logp = batch.ref_logp if batch.ref_logp is not None else old_logp
     external, turn_rewards, turn_ids = batch.process_rewards, batch.turn_rewards, batch.turn_ids
     m = batch.response_mask.astype(jnp.float32)  # [B, R]
@@ -210,25 +211,25 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     w = band if masks else ones  # [B] rows of the advantage, the policy update and the means
     w_proc = w * band if proc_masked else w  # [B] rows that get a process reward
     stats = {}
-    outcome = acc  # [B]
+    outcome_reward = outcome  # [B] the verifier label, shaped below
     if cfg.overlong_buffer:  # DAPO overlong shaping: R = R_verifier + R_len (rewards/overlong.py)
       r_len = overlong_lib.overlong_penalty(m, max_length=cfg.rollout.max_response_length,
                                             buffer=cfg.overlong_buffer, factor=cfg.overlong_penalty)
-      outcome = outcome + r_len
+      outcome_reward = outcome_reward + r_len
       stats["reward/overlong_mean"] = ops.masked_mean(r_len, w)
       stats["reward/overlong_frac"] = ops.masked_mean((r_len < 0).astype(jnp.float32), w)
     if extra is not None:
-      outcome = sar_lib.combine_with_sar(acc, extra, factor=extra_w)  # [B]
+      outcome_reward = sar_lib.combine_with_sar(outcome, extra, factor=extra_w)  # [B]
       stats["extra/sar_mean"] = jnp.mean(extra)
-      stats["extra/reward_mean"] = jnp.mean(outcome)
+      stats["extra/reward_mean"] = jnp.mean(outcome_reward)
     if cfg.uses_prm:
       rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.prm.beta,
                                                reference_impl=cfg.reference_impl)
-      stats.update(implicit_prm.prm_metrics(rw.q, m, acc, n=n))
+      stats.update(implicit_prm.prm_metrics(rw.q, m, outcome, n=n))
       # PRM health on this step's fresh samples (scored before the PRM trains on them with
       # --prm_update=after): AUROC / correlation with the outcome; NaN when all labels agree.
       stats.update({k: v for k, v in prm_health.prm_health_metrics(
-          rw.scores, rw.q, m, acc, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
+          rw.scores, rw.q, m, outcome, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
       stats["prm/q_seq_mean"] = jnp.sum(w * jnp.sum(rw.q, axis=1)) / jnp.maximum(jnp.sum(w), 1.0)
       for i, v in enumerate(position_bin_means(cfg.prm.beta * rw.q, m, w)):
         stats[f"prm/implicit_reward_pos{i + 1}"] = v
@@ -256,7 +257,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
         process = process * take(w_proc)[:, None]
       stats["reward/process_reward_mean"] = ops.masked_mean(process, ms * ws[:, None])
     inputs = adv_lib.AdvantageInputs(
-        outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
+        outcome=take(outcome_reward), mask=ms, process_rewards=process, old_logp=take(old_logp),
         ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len),
         row_mask=ws if masks else None, turn_rewards=take(turn_rewards), turn_ids=take(turn_ids))
     if turn_rewards is not None:
@@ -446,7 +447,7 @@ def make_prime(model_config, cfg: config_lib.PrimeConfig, mesh=None, *, token_se
     in_band = batch.in_band  # [B] or None (all in band)
     w = in_band.astype(jnp.float32) if (cfg.masks_filler and in_band is not None) else None
     if cfg.filter.filter == "prof":
-      keep = prof_keep(batch.acc, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
+      keep = prof_keep(batch.outcome, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
                        step_len=cfg.step_len)  # [B]
       batch = batch._replace(keep=keep)
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))

@@ -564,7 +564,7 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
   b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
           "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
-          "acc": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
+          "outcome": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
           "in_band": ((rows,), jnp.float32)})  # rollout.collect always fills both
   if p.process_reward:
     b.update(ab({"process_rewards": ((rows, R_), jnp.float32)}))
