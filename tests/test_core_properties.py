@@ -346,7 +346,7 @@ def test_empty_rows_are_rejected():
 
 
 def test_bad_shapes_raise_errors_naming_the_input():
-  with pytest.raises(ValueError, match="logp_ref"):
+  with pytest.raises(ValueError, match="ref_logp"):
     rewards.implicit_token_rewards(LP, REF[:, :3], MASK)
   with pytest.raises(AssertionError, match="mask"):
     losses.ppo_clip_loss(LP, OLD, ADV, MASK[0])

@@ -3,9 +3,9 @@
 Public API (stable names; shapes ``[B, T]`` with ``mask``, see ``jaxrl_dense.ops``):
 
   Token rewards (stop-gradient)
-    implicit_token_rewards(logp_prm, logp_ref, mask, *, beta, reference_impl, granularity, lam, outcome, use_gt)
+    implicit_token_rewards(prm_logp, ref_logp, mask, *, beta, reference_impl, granularity, lam, outcome, use_gt)
         -> ImplicitRewards(scores, q)        reference_impl "verl" (default) | "original" | "paper"
-    token_log_ratio(logp_prm, logp_ref, mask) -> q            (differentiable, for PRM losses)
+    token_log_ratio(prm_logp, ref_logp, mask) -> q            (differentiable, for PRM losses)
     prime_batch_norm(scores, *, eps, row_mask) / prime_norm(scores, norm="batch_norm"|"none")
     zero_float_noise(scores, q, *, tol, row_mask)   (0 while the PRM is the reference up to rounding)
   PRM losses (carry gradients)
@@ -16,7 +16,7 @@ Public API (stable names; shapes ``[B, T]`` with ``mask``, see ``jaxrl_dense.ops
     prm_pairwise_accuracy(token_scores, mask, outcome, *, n), prm_sign_accuracy(...), prm_metrics(...)
   Implicit-PRM objectives (arXiv 2412.01981)
     sequence_logratio, dpo_loss, implicit_ce_loss, nca_loss, kto_loss,
-    implicit_step_rewards(logp_prm, logp_ref, mask, step_ids, num_steps, *, beta, mode),
+    implicit_step_rewards(prm_logp, ref_logp, mask, step_ids, num_steps, *, beta, mode),
     aggregate_step_scores(v, step_mask, how="min"|"sum")
 
 Registry: ``get_prm_loss(name)`` with names "ce", "dpo" (detached DPO), "bon_acc", "bon_rm".

@@ -34,7 +34,7 @@ BON_MODES = ("none", "bon_acc", "bon_rm")
 class ImplicitRewards(NamedTuple):
   """Output of :func:`implicit_token_rewards` (both ``[B, T]``, stop-gradient, 0 on padding)."""
   scores: Array   # token-level process rewards s[i, t]
-  q: Array        # log-ratio q[i, t] = logp_prm − logp_ref (0 on padding)
+  q: Array        # log-ratio q[i, t] = prm_logp − ref_logp (0 on padding)
 
 
 def _check_nonempty_rows(mask, fn):
@@ -45,24 +45,25 @@ def _check_nonempty_rows(mask, fn):
                        "token; every response has L >= 1 (EOS counts), so empty rows are rejected")
 
 
-def token_log_ratio(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike) -> Array:
-  """``q[i, t] = (logp_prm − logp_ref)[i, t]`` on valid tokens, 0 on padding. ``[B, T] -> [B, T]``.
+@renamed_kwargs(logp_prm="prm_logp", logp_ref="ref_logp")
+def token_log_ratio(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike) -> Array:
+  """``q[i, t] = (prm_logp − ref_logp)[i, t]`` on valid tokens, 0 on padding. ``[B, T] -> [B, T]``.
 
-  Differentiable w.r.t. ``logp_prm`` (use it inside PRM losses); not stop-gradient.
+  Differentiable w.r.t. ``prm_logp`` (use it inside PRM losses); not stop-gradient.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask)
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask)
   m = ops.as_bool_mask(mask)
-  return jnp.where(m, jnp.asarray(logp_prm, jnp.float32) - jnp.asarray(logp_ref, jnp.float32), 0.0)
+  return jnp.where(m, jnp.asarray(prm_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
 
 
-@renamed_kwargs(variant="reference_impl", acc="outcome")
-def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike, *,
+@renamed_kwargs(variant="reference_impl", acc="outcome", logp_prm="prm_logp", logp_ref="ref_logp")
+def implicit_token_rewards(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike, *,
                            beta: float = 0.05, reference_impl: str = "verl", granularity: str = "token",
                            lam: float = 0.0, outcome: ArrayLike | None = None,
                            use_gt: bool = False) -> ImplicitRewards:
   """Token-level implicit process rewards (PRIME, arXiv 2502.01456 Eq. 3).
 
-  ``q = (logp_prm − logp_ref)·m``, then with L_i the valid length:
+  ``q = (prm_logp − ref_logp)·m``, then with L_i the valid length:
 
   * ``reference_impl="verl"`` (veRL recipe ``_forward_micro_batch``): ``r = β·q``; ``token`` granularity:
     ``s[i, t] = r[i, t]`` for ``t < L_i − 1`` and **``s[i, L_i − 1] = 0``** (the EOS token never
@@ -78,8 +79,8 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
   Normalise afterwards with :func:`prime_norm` (batch-norm, the default in both references).
 
   Args:
-    logp_prm: ``[B, T]`` log π_φ of the realised response tokens.
-    logp_ref: ``[B, T]`` log π_ref of the same tokens.
+    prm_logp: ``[B, T]`` log π_φ of the realised response tokens.
+    ref_logp: ``[B, T]`` log π_ref of the same tokens.
     mask: ``[B, T]`` response mask (1 up to and including EOS). Rows must be non-empty.
     beta: β (``beta_train``), 0.05 in PRIME.
     reference_impl: ``"verl"`` | ``"original"`` | ``"paper"``.
@@ -89,7 +90,7 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
   Returns:
     ``ImplicitRewards(scores [B, T], q [B, T])``, stop-gradient, 0 on padding.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask)
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask)
   if reference_impl not in VARIANTS:
     raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   if granularity not in GRANULARITIES:
@@ -112,7 +113,7 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
   _check_nonempty_rows(mask, "implicit_token_rewards")
 
   m = ops.as_bool_mask(mask)                                        # [B, T]
-  q = jax.lax.stop_gradient(token_log_ratio(logp_prm, logp_ref, m))  # [B, T]
+  q = jax.lax.stop_gradient(token_log_ratio(prm_logp, ref_logp, m))  # [B, T]
   t = jnp.arange(m.shape[1], dtype=jnp.int32)[None, :]              # [1, T]
   last = ops.last_token_index(m)[:, None]                           # [B, 1]
   is_last = t == last                                               # [B, T]
@@ -238,7 +239,7 @@ def prm_ce_loss(q: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *, beta: floa
   PyTorch's BCE). ``∂ℓ/∂q[i,t] = (p_i − outcome_i)·β·m[i,t]/B``: padded positions get no gradient.
 
   Args:
-    q: ``[B, T]`` log-ratio ``logp_prm − logp_ref`` carrying the gradient to the PRM.
+    q: ``[B, T]`` log-ratio ``prm_logp − ref_logp`` carrying the gradient to the PRM.
     mask: ``[B, T]`` response mask. outcome: ``[B]`` outcome labels in [0, 1]. beta: β (0.05).
   Returns: scalar mean over the B responses (use :func:`prm_ce_loss_terms` for (sum, count)).
   """

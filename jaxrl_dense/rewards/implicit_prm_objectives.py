@@ -6,7 +6,7 @@ Q-values, so any ORM objective on response labels yields a PRM. Reference code: 
 ``train/openrlhf/models/loss.py`` (DPO, KTO), ``ce_trainer.py`` (CE), ``eval/prm_eval_utils.py``
 (step rewards, min/sum scoring); NCA as ``nca_pair`` in dvlab-research/TGDPO.
 
-All losses take sequence log-ratios ``z [B] = Σ_t (logp_θ − logp_ref)·m`` (see
+All losses take sequence log-ratios ``z [B] = Σ_t (logp_θ − ref_logp)·m`` (see
 :func:`sequence_logratio`) and return a scalar mean.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -26,10 +27,11 @@ STEP_MODES = ("single", "accumulative")
 STEP_AGGREGATIONS = ("min", "sum")
 
 
-def sequence_logratio(logp_policy: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike) -> Array:
-  """``z_i = Σ_t (logp_policy − logp_ref)[i, t]·m[i, t]`` in float32. ``[B, T] -> [B]``."""
-  ops.check_token_arrays(logp_policy=logp_policy, logp_ref=logp_ref, mask=mask)
-  d = jnp.asarray(logp_policy, jnp.float32) - jnp.asarray(logp_ref, jnp.float32)
+@renamed_kwargs(logp_ref="ref_logp", logp_policy="policy_logp")
+def sequence_logratio(policy_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike) -> Array:
+  """``z_i = Σ_t (policy_logp − ref_logp)[i, t]·m[i, t]`` in float32. ``[B, T] -> [B]``."""
+  ops.check_token_arrays(policy_logp=policy_logp, ref_logp=ref_logp, mask=mask)
+  d = jnp.asarray(policy_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
   return ops.masked_sum(d, mask, axis=1)
 
 
@@ -99,7 +101,8 @@ def kto_loss(z_w: ArrayLike, z_l: ArrayLike, *, beta: float = 0.05,
   return jnp.mean(losses)
 
 
-def implicit_step_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike,
+@renamed_kwargs(logp_prm="prm_logp", logp_ref="ref_logp")
+def implicit_step_rewards(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike,
                           step_ids: ArrayLike, num_steps: int, *, beta: float = 1.0,
                           mode: str = "single") -> Tuple[Array, Array]:
   """Step rewards from token log-ratios (arXiv 2412.01981 eval ``get_reward``).
@@ -109,11 +112,11 @@ def implicit_step_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayL
   Shapes: ``[B, T]`` inputs, ``step_ids int32[B, T]`` (−1 on masked tokens), static S = num_steps
   -> ``(r [B, S], step_mask [B, S])``; r is 0 on empty steps. Stop-gradient.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask, step_ids=step_ids)
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask, step_ids=step_ids)
   if mode not in STEP_MODES:
     raise ValueError(f"`mode` must be one of {STEP_MODES}, got {mode!r}")
   m = ops.as_bool_mask(mask)
-  q = jnp.where(m, jnp.asarray(logp_prm, jnp.float32) - jnp.asarray(logp_ref, jnp.float32), 0.0)
+  q = jnp.where(m, jnp.asarray(prm_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
   sid = jnp.where(m, jnp.asarray(step_ids), -1)
   step_mask = ops.step_mask_from_ids(sid, num_steps)                # [B, S]
   r = beta * ops.segment_sum(q, sid, num_steps)                     # [B, S]

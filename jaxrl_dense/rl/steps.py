@@ -319,7 +319,7 @@ def make_prm_update(
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
   order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
   `micro_batch_size` rows, each micro-batch loss scaled by micro/mini (the mini-batch mean).
-  With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
+  With q = prm_logp − ref_logp (token log-ratio, carrying the gradient):
 
     loss_fn = the name of a loss of `rewards.PRM_LOSSES`:
       "ce" (PRIME's cross-entropy, Cui et al., arXiv 2502.01456): z_i = β Σ_t m q, ℓ = −mean_i [outcome log σ(z) + (1−outcome) log σ(−z)];
