@@ -329,7 +329,7 @@ def full_step(args) -> dict:
       t2 = time.perf_counter()
       batch = RolloutBatch(
           prompt_tokens=jnp.asarray(np.repeat(ptok, n, 0)), prompt_mask=jnp.asarray(np.repeat(pmask, n, 0)),
-          response_tokens=gen.tokens, response_mask=gen.mask.astype(jnp.float32), acc=acc,
+          response_tokens=gen.tokens, response_mask=gen.mask.astype(jnp.float32), outcome=acc,
           sampler_logp=gen.logprobs)
       state[0], metrics = update_fn(state[0], batch, jax.random.fold_in(key, 1))
       jax.block_until_ready(metrics)

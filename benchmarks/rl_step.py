@@ -87,7 +87,7 @@ def _our_config(algo: str) -> config_lib.RunConfig:
   tok_spec = "chars" if FLAGS.bench_model.startswith("random:") else "smollm2"
   rows = FLAGS.prompts * FLAGS.samples
   return config_lib.build(config_lib.RunConfig, dict(
-      model=FLAGS.bench_model, tokenizer=tok_spec, algo=algo, prime_variant="verl", prm_update="after",
+      model=FLAGS.bench_model, tokenizer=tok_spec, algo=algo, reference_impl="verl", prm_update="after",
       n=FLAGS.samples, prompts_per_step=FLAGS.prompts, oversample=1, filter="none",
       max_prompt_length=160 if tok_spec == "smollm2" else 64, arith_shots=3 if tok_spec == "smollm2" else 0,
       max_response_length=FLAGS.new_tokens, micro_batch_size=min(8, rows),

@@ -3,7 +3,7 @@ r"""Best-of-N reranking with an implicit PRM (Yuan et al., arXiv 2412.01981).
     python experiments/best_of_n.py --objective=ce --num_candidates=4 --num_eval_prompts=16
 
 Samples N responses per held-out arithmetic problem from the policy, scores every response with an
-implicit PRM — step rewards r_k = beta * sum of token log-ratios (logp_prm - logp_ref) inside step k,
+implicit PRM — step rewards r_k = beta * sum of token log-ratios (prm_logp - ref_logp) inside step k,
 steps split at tokens containing `--step_delimiter` (default a blank line; the last token always
 closes a step), response score = min_k r_k or sum_k r_k (`--step_score`) — and reports the accuracy
 of the top-scored response next to majority vote over extracted answers, random choice (the mean

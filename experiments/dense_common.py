@@ -91,7 +91,7 @@ class Rollout:
 
   @property
   def acc(self) -> np.ndarray:  # [B] float32 verifier labels
-    return self.batch.acc
+    return self.batch.outcome
 
   @property
   def response_len(self) -> int:

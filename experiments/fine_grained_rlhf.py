@@ -12,7 +12,7 @@ Reward functions (each judges its own segments; a judgment is a reward on the se
     equals the gold answer else -1; sentences with neither are not judged.
   * completeness (whole response): the verifier's 0/1 outcome, normalised
     ((s - 0.5) / 0.5) * --completeness_scale, on the last token.
-Token rewards r_t = sum_k w_k R_k(j) 1[t = end_j] + completeness 1[t = L-1] - kl_coef (logp_old - logp_ref)
+Token rewards r_t = sum_k w_k R_k(j) 1[t = end_j] + completeness 1[t = L-1] - kl_coef (old_logp - ref_logp)
 (jaxrl_dense.rewards.fine_grained_token_rewards), then mean-keeping reward scaling, GAE(gamma, lambda)
 with a linear value head on the policy trunk, advantage whitening
 (jaxrl_dense.rewards.fine_grained_advantages), and a PPO-clip + clipped value update.
@@ -113,7 +113,7 @@ def main(argv):
         [rel[0], fact[0]], [fg.binary_segment_values(rel[1], 1.0, -1.0),
                             fg.binary_segment_values(fact[1], 1.0, -1.0)],
         [rel[2], fact[2]], [FLAGS.w_rel, FLAGS.w_fact], mask, sequence_score=complete,
-        logp_old=old_lp, logp_ref=ref_lp, kl_coef=FLAGS.kl_coef)
+        old_logp=old_lp, ref_logp=ref_lp, kl_coef=FLAGS.kl_coef)
     adv, ret = fg.fine_grained_advantages(r, old_v, mask, gamma=FLAGS.gamma, lam=FLAGS.lam,
                                           quirk=FLAGS.quirk_whiten)
     total = float(mask.sum())

@@ -5,7 +5,7 @@ Yuan et al., arXiv 2412.01981).
 
 Samples n responses per arithmetic training problem from the policy (SmolLM2-135M-Instruct by
 default), labels them with the verifier, and trains an implicit PRM pi_phi (initialised from the
-policy; the frozen policy is the reference) on the token log-ratio q = logp_phi - logp_ref with
+policy; the frozen policy is the reference) on the token log-ratio q = logp_phi - ref_logp with
 one of the PRM losses of `jaxrl_dense.rewards.PRM_LOSSES` (`--objective`): ce (PRIME's / the
 paper's CE on z = sum_t q), dpo (veRL's detached DPO: each response against the mean z of the
 other-label responses of its prompt), bon_acc / bon_rm (its best-of-N weightings). The update is

@@ -80,6 +80,7 @@ def open_checkpointer(cfg: config_lib.RunConfig):
   if not cfg.checkpoint_dir:
     return None
   ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg),
+                               renamed_keys=config_lib.renamed_settings(),
                                save_every=cfg.checkpoint_every or cfg.steps, keep_last=cfg.checkpoint_keep)
   if not cfg.resume and ckpt.latest_step() is not None:
     ckpt.close()

@@ -43,7 +43,8 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   trainer = Trainer(cfg)
   try:
     from jaxrl_dense.rl import load
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg))
+    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg),
+                                 renamed_keys=config_lib.renamed_settings())
     trainer.resume(ckpt)
     ckpt.close()
     by_uid = {r.uid: r for r in trainer.eval_records}

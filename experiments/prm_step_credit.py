@@ -124,7 +124,7 @@ def step_credit(cfg: config_lib.RunConfig, *, step_data: str = "", num_problems:
     source = "initial"
     if cfg.checkpoint_dir:
       ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=ckpt_lib.make_fingerprint(
-          None, **config_lib.fingerprint(cfg)))
+          None, **config_lib.fingerprint(cfg)), renamed_keys=config_lib.renamed_settings())
       trainer.resume(ckpt)
       ckpt.close()
       source = "checkpoint"

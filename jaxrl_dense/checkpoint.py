@@ -2,7 +2,7 @@
 
 Public API
 ----------
-`Checkpointer(directory, *, fingerprint, save_every=1, keep_last=3, async_save=False)`
+`Checkpointer(directory, *, fingerprint, save_every=1, keep_last=3, async_save=False, renamed_keys=None)`
     Wraps `orbax.checkpoint.CheckpointManager` (orbax-checkpoint 0.12.x). Each step directory
     holds three items:
       "state"       `ocp.args.StandardSave` of an array pytree (policy params, PRM params, both
@@ -41,6 +41,9 @@ keys and nothing is written (neither `save` nor `restore` can then run on that d
 checkpoint of another model or config is never overwritten). Put in it what must not change
 across a resume: the model config and the flags that change the math (algorithm, batch shape,
 learning rates, seeds, data); leave out what may (number of steps, logging intervals).
+`renamed_keys` ({former key: key}, e.g. `rl.config.renamed_settings()`): a saved fingerprint's
+top-level keys under a former name are read under the current one, so a checkpoint written before
+a setting was renamed still resumes.
 
 Damaged steps: a step whose files cannot be read (random bytes or a truncated data file, a cut
 `meta` / `fingerprint` JSON, a missing `state/` item) is skipped with a warning naming it, and the
@@ -57,7 +60,7 @@ import os
 import pathlib
 import re
 import warnings
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +118,18 @@ def make_fingerprint(model_config: Any = None, **key_flags: Any) -> dict:
   fp = {"model_config": _to_jsonable(model_config)}
   fp.update({k: _to_jsonable(v) for k, v in key_flags.items()})
   return json.loads(json.dumps(fp, sort_keys=True))
+
+
+def _rename_keys(fp: Any, renamed: Mapping[str, str]) -> Any:
+  """A saved fingerprint with its top-level keys under a former name (`renamed`) moved to the
+  current name (a fingerprint holding both names is left as it is, and so differs)."""
+  if not renamed or not isinstance(fp, dict):
+    return fp
+  out = dict(fp)
+  for old, new in renamed.items():
+    if old in out and new not in out:
+      out[new] = out.pop(old)
+  return out
 
 
 def _diff(saved: Any, current: Any, prefix: str = "") -> list:
@@ -211,7 +226,8 @@ class Checkpointer:
   """Orbax CheckpointManager wrapper; see the module docstring."""
 
   def __init__(self, directory: str | os.PathLike, *, fingerprint: dict, save_every: int = 1,
-               keep_last: Optional[int] = 3, async_save: bool = False):
+               keep_last: Optional[int] = 3, async_save: bool = False,
+               renamed_keys: Optional[Mapping[str, str]] = None):
     if save_every < 1:
       raise ValueError(f"Checkpointer: save_every must be >= 1, got {save_every}")
     if keep_last is not None and keep_last < 1:
@@ -222,6 +238,7 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.fingerprint = json.loads(json.dumps(_to_jsonable(fingerprint), sort_keys=True))
     self.save_every = int(save_every)
+    self.renamed_keys = dict(renamed_keys or {})
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
@@ -235,7 +252,7 @@ class Checkpointer:
     if step is None:
       return None
     out = self._mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
-    return out["fingerprint"]
+    return _rename_keys(out["fingerprint"], self.renamed_keys)
 
   def _skip(self, step: int, why: str) -> None:
     """Marks `step` unreadable and says so (its files stay where they are)."""

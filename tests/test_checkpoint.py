@@ -265,3 +265,35 @@ def test_a_lone_damaged_step_is_named_not_blamed_on_the_config(tmp_path):
     with ckpt.Checkpointer(d, fingerprint=FP) as c:
       with pytest.raises(ckpt.CheckpointReadError, match="no readable checkpoint"):
         c.restore()
+
+
+def test_checkpoint_written_before_a_setting_was_renamed_still_resumes(tmp_path):
+  """A run's fingerprint from before --prime_variant became --reference_impl (the old key, the old
+  value) resumes under the renamed config: `renamed_keys` reads the old key as the new one; the
+  flag's value must still agree, and steps saved after the resume (new key) read the same."""
+  from jaxrl_dense.rl import config as config_lib
+  from jaxrl_dense.rl import setup
+  cfg = config_lib.RunConfig(prime=config_lib.PrimeConfig(reference_impl="original"))
+  new_fp = setup.checkpoint_fingerprint(cfg)
+  assert new_fp["reference_impl"] == "original" and "prime_variant" not in new_fp
+  old_fp = {("prime_variant" if k == "reference_impl" else k): v for k, v in new_fp.items()}
+  renamed = config_lib.renamed_settings()
+  assert renamed == {"prime_variant": "reference_impl"}
+  s0 = _state(0)
+  with ckpt.Checkpointer(tmp_path, fingerprint=old_fp) as c:  # the run before the rename
+    c.save(1, s0, {"step": 1}, force=True)
+  with pytest.raises(ckpt.CheckpointMismatchError, match="prime_variant"):  # without the map
+    ckpt.Checkpointer(tmp_path, fingerprint=new_fp)
+  other = setup.checkpoint_fingerprint(config_lib.replace(cfg, reference_impl="verl"))
+  with pytest.raises(ckpt.CheckpointMismatchError, match="reference_impl"):  # the value still counts
+    ckpt.Checkpointer(tmp_path, fingerprint=other, renamed_keys=renamed)
+  with ckpt.Checkpointer(tmp_path, fingerprint=new_fp, renamed_keys=renamed, keep_last=3) as c:
+    assert c.saved_fingerprint() == new_fp
+    state, meta = c.restore(target=_state(1))
+    _assert_tree_equal(state, s0)
+    assert meta["step"] == 1
+    c.save(2, state, {"step": 2}, force=True)  # written with the new key
+  with ckpt.Checkpointer(tmp_path, fingerprint=new_fp, renamed_keys=renamed, keep_last=3) as c:
+    assert c.all_steps() == [1, 2]
+    _, meta = c.restore(step=1, target=_state(1))  # the older, old-key step: checked and read
+    assert meta["step"] == 1

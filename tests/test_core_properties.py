@@ -46,13 +46,13 @@ S = 3
 FUNCS = {
     "implicit_rewards_verl": (lambda a, b, m: rewards.implicit_token_rewards(a, b, m), (LP, REF, MASK)),
     "implicit_rewards_verl_lambda": (
-        lambda a, b, m, acc: rewards.implicit_token_rewards(a, b, m, lam=0.5, acc=acc, use_gt=True),
+        lambda a, b, m, acc: rewards.implicit_token_rewards(a, b, m, lam=0.5, outcome=acc, use_gt=True),
         (LP, REF, MASK, ACC)),
     "implicit_rewards_original_whole": (
-        lambda a, b, m: rewards.implicit_token_rewards(a, b, m, variant="original", granularity="whole"),
+        lambda a, b, m: rewards.implicit_token_rewards(a, b, m, reference_impl="original", granularity="whole"),
         (LP, REF, MASK)),
     "implicit_rewards_paper": (
-        lambda a, b, m: rewards.implicit_token_rewards(a, b, m, variant="paper"), (LP, REF, MASK)),
+        lambda a, b, m: rewards.implicit_token_rewards(a, b, m, reference_impl="paper"), (LP, REF, MASK)),
     "prime_batch_norm": (rewards.prime_batch_norm, (TOK_R,)),
     "prm_ce_loss": (lambda q, m, acc: rewards.prm_ce_loss(q, m, acc), (LP - REF, MASK, ACC)),
     "prm_ce_loss_grad": (jax.grad(lambda q, m, acc: rewards.prm_ce_loss(q, m, acc)), (LP - REF, MASK, ACC)),
@@ -64,10 +64,10 @@ FUNCS = {
     "step_rewards": (lambda a, b, m, sid: rewards.implicit_step_rewards(a, b, m, sid, S), (LP, REF, MASK, STEP_IDS)),
     "prime_rloo_verl": (lambda r, acc, m: advantages.prime_rloo_advantages(r, acc, m, n=N), (TOK_R, ACC, MASK)),
     "prime_rloo_original": (
-        lambda r, acc, m: advantages.prime_rloo_advantages(r, acc, m, n=N, variant="original",
+        lambda r, acc, m: advantages.prime_rloo_advantages(r, acc, m, n=N, reference_impl="original",
                                                            process_gamma=0.9), (TOK_R, ACC, MASK)),
     "prime_rloo_paper": (
-        lambda r, acc, m: advantages.prime_rloo_advantages(r, acc, m, n=N, variant="paper"), (TOK_R, ACC, MASK)),
+        lambda r, acc, m: advantages.prime_rloo_advantages(r, acc, m, n=N, reference_impl="paper"), (TOK_R, ACC, MASK)),
     "grpo": (lambda s, m, g: advantages.grpo_advantages(s, m, g, P), (SCORES, MASK, GIDS)),
     "dr_grpo": (lambda s, m, g: advantages.dr_grpo_advantages(s, m, g, P), (SCORES, MASK, GIDS)),
     "rloo": (lambda s, m, g: advantages.rloo_advantages(s, m, g, P), (SCORES, MASK, GIDS)),
@@ -76,7 +76,7 @@ FUNCS = {
         lambda s, m, g: advantages.reinforce_pp_baseline_advantages(s, m, g, P), (SCORES, MASK, GIDS)),
     "gae_verl": (lambda r, v, m: advantages.gae_advantages(r, v, m, gamma=0.99, lam=0.95), (TOK_R, VALUES, MASK)),
     "gae_original": (
-        lambda r, v, m: advantages.gae_advantages(r, v, m, gamma=0.99, lam=0.95, variant="original"),
+        lambda r, v, m: advantages.gae_advantages(r, v, m, gamma=0.99, lam=0.95, reference_impl="original"),
         (TOK_R, VALUES, MASK)),
     "ppo_clip_loss": (
         lambda lp, o, a, m: losses.ppo_clip_loss(lp, o, a, m, clip_ratio_high=0.28,
@@ -98,7 +98,7 @@ FUNCS = {
                                                     filter_truncated=True, oversample_factor=2.0),
         (ACC, jnp.asarray(LENGTHS))),
     "filter_original": (
-        lambda acc, L: filters.accuracy_band_filter(acc, L, n=N, variant="original"), (ACC, jnp.asarray(LENGTHS))),
+        lambda acc, L: filters.accuracy_band_filter(acc, L, n=N, reference_impl="original"), (ACC, jnp.asarray(LENGTHS))),
     "masked_whiten": (ops.masked_whiten, (ADV, MASK)),
     "reverse_cumsum": (lambda x, m: ops.reverse_cumsum(x, m, gamma=0.9), (ADV, MASK)),
     "segment_min": (lambda x, sid: ops.segment_min(x, sid, S), (ADV, STEP_IDS)),
@@ -147,12 +147,12 @@ def _pad_columns(x, extra, value=0.0):
 PAD_CASES = {
     # name -> fn(token_array, mask) returning token arrays / scalars that must not see padding.
     "implicit_rewards_verl": lambda x, m: rewards.implicit_token_rewards(x, REF_P(m), m).scores,
-    "implicit_rewards_original": lambda x, m: rewards.implicit_token_rewards(x, REF_P(m), m, variant="original").scores,
+    "implicit_rewards_original": lambda x, m: rewards.implicit_token_rewards(x, REF_P(m), m, reference_impl="original").scores,
     "batch_norm_of_rewards": lambda x, m: rewards.prime_batch_norm(rewards.implicit_token_rewards(x, REF_P(m), m).scores),
     "prm_ce_loss": lambda x, m: rewards.prm_ce_loss(x, m, ACC),
     "prm_ce_grad": lambda x, m: jnp.where(m > 0, jax.grad(lambda q: rewards.prm_ce_loss(q, m, ACC))(x), 0.0),
     "prime_rloo_verl": lambda x, m: advantages.prime_rloo_advantages(x, ACC, m, n=N),
-    "prime_rloo_original": lambda x, m: advantages.prime_rloo_advantages(x, ACC, m, n=N, variant="original"),
+    "prime_rloo_original": lambda x, m: advantages.prime_rloo_advantages(x, ACC, m, n=N, reference_impl="original"),
     "reinforce_pp": lambda x, m: advantages.reinforce_pp_advantages(x, m, gamma=0.9),
     "gae_verl_rewards": lambda x, m: advantages.gae_advantages(x, _pad_like(VALUES, m), m, gamma=0.9, lam=0.8),
     "gae_verl_values": lambda x, m: advantages.gae_advantages(_pad_like(TOK_R, m), x, m, gamma=0.9, lam=0.8),
@@ -312,8 +312,8 @@ def test_group_estimators_commute_with_within_group_permutation(name):
 @pytest.mark.parametrize("variant", ["verl", "original", "paper"])
 def test_prime_rloo_commutes_with_within_group_permutation(variant):
   perm = _within_group_permutation(1)
-  adv, ret = advantages.prime_rloo_advantages(TOK_R, ACC, MASK, n=N, variant=variant)
-  adv_p, ret_p = advantages.prime_rloo_advantages(TOK_R[perm], ACC[perm], MASK[perm], n=N, variant=variant)
+  adv, ret = advantages.prime_rloo_advantages(TOK_R, ACC, MASK, n=N, reference_impl=variant)
+  adv_p, ret_p = advantages.prime_rloo_advantages(TOK_R[perm], ACC[perm], MASK[perm], n=N, reference_impl=variant)
   _assert_close_f32(adv_p, np.asarray(adv)[perm], B * T)
   _assert_close_f32(ret_p, np.asarray(ret)[perm], B * T)
 
@@ -346,16 +346,16 @@ def test_empty_rows_are_rejected():
 
 
 def test_bad_shapes_raise_errors_naming_the_input():
-  with pytest.raises(ValueError, match="logp_ref"):
+  with pytest.raises(ValueError, match="ref_logp"):
     rewards.implicit_token_rewards(LP, REF[:, :3], MASK)
   with pytest.raises(AssertionError, match="mask"):
     losses.ppo_clip_loss(LP, OLD, ADV, MASK[0])
-  with pytest.raises(ValueError, match="acc"):
+  with pytest.raises(ValueError, match="outcome"):
     rewards.prm_ce_loss(LP, MASK, ACC[:5])
   with pytest.raises(ValueError, match="group_ids"):
     advantages.grpo_advantages(SCORES, MASK, GIDS + 5, P)
-  with pytest.raises(ValueError, match="variant"):
-    advantages.prime_rloo_advantages(TOK_R, ACC, MASK, n=N, variant="nope")
+  with pytest.raises(ValueError, match="reference_impl"):
+    advantages.prime_rloo_advantages(TOK_R, ACC, MASK, n=N, reference_impl="nope")
 
 
 def test_registries_list_known_names_on_unknown():
@@ -477,7 +477,7 @@ def test_batch_norm_makes_max_abs_process_return_one():
   np.testing.assert_allclose(np.abs(c).max(), 1.0, rtol=1e-5)
   # β cancels: verl and paper variants differ only by the dropped last token after batch-norm.
   v = rewards.implicit_token_rewards(LP, REF, MASK, beta=0.05).scores
-  o = rewards.implicit_token_rewards(LP, REF, MASK, variant="original").scores
+  o = rewards.implicit_token_rewards(LP, REF, MASK, reference_impl="original").scores
   last = np.asarray(ops.place_at_last_token(jnp.ones(B), MASK)) > 0
   np.testing.assert_allclose(np.asarray(v)[~last], 0.05 * np.asarray(o)[~last], rtol=1e-5, atol=1e-7)
   assert np.all(np.asarray(v)[last] == 0)
@@ -529,15 +529,15 @@ def test_prm_pairwise_accuracy_hand_example():
 def test_accuracy_band_filter_hand_groups():
   acc = jnp.array([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1], jnp.float32)   # means 0, .25, .5, 1
   lengths = jnp.array([2, 2, 2, 2, 2, 2, 2, 9, 2, 2, 2, 2, 2, 2, 2, 2])
-  out = filters.accuracy_band_filter(acc, lengths, n=4, variant="original")
+  out = filters.accuracy_band_filter(acc, lengths, n=4, reference_impl="original")
   np.testing.assert_array_equal(out.prompt_pass, [False, True, True, False])
-  out = filters.accuracy_band_filter(acc, lengths, n=4, variant="original", max_response_length=9,
+  out = filters.accuracy_band_filter(acc, lengths, n=4, reference_impl="original", max_response_length=9,
                                      filter_truncated=True)
   np.testing.assert_array_equal(out.prompt_pass, [False, False, True, False])
-  out = filters.accuracy_band_filter(acc, lengths, n=4, variant="verl", oversample_factor=2.0)
+  out = filters.accuracy_band_filter(acc, lengths, n=4, reference_impl="verl", oversample_factor=2.0)
   np.testing.assert_array_equal(out.indices, [4, 5, 6, 7, 8, 9, 10, 11])
   # Soft filter: when only one prompt passes, failing prompts (in original order) fill the batch.
-  out = filters.accuracy_band_filter(acc, lengths, n=4, variant="verl", oversample_factor=2.0,
+  out = filters.accuracy_band_filter(acc, lengths, n=4, reference_impl="verl", oversample_factor=2.0,
                                      max_response_length=10, filter_truncated=True)
   np.testing.assert_array_equal(out.indices, [8, 9, 10, 11, 0, 1, 2, 3])
   assert int(out.keep_mask.sum()) == 8

@@ -102,9 +102,9 @@ def run_implicit_reward(case):
   m = mask_of(inp)
   scores, q = rewards.implicit_token_rewards(
       f32(inp["rm_log_probs"]), f32(inp["ref_log_probs"]), m,
-      beta=cfg.get("beta", 0.05), variant=variant,
+      beta=cfg.get("beta", 0.05), reference_impl=variant,
       granularity=cfg.get("prime_granularity", "token"), lam=cfg.get("lambda", 0.0),
-      acc=f32(inp["acc"]) if "acc" in inp else None, use_gt=cfg.get("prime_use_gt", False))
+      outcome=f32(inp["acc"]) if "acc" in inp else None, use_gt=cfg.get("prime_use_gt", False))
   normed = rewards.prime_norm(scores, cfg.get("prime_norm", "batch_norm"))
   return Out(q=q, token_level_score_raw=scores, token_level_score_batch_norm=normed,
              token_level_score_after_norm=normed, masked={"q": m})
@@ -142,7 +142,7 @@ def run_prime_rloo(case):
   if "rm_log_probs" in inp:
     scores, _ = rewards.implicit_token_rewards(
         f32(inp["rm_log_probs"]), f32(inp["ref_log_probs"]), m, beta=cfg.get("beta", 0.05),
-        variant=variant, granularity=cfg.get("prime_granularity", "token"))
+        reference_impl=variant, granularity=cfg.get("prime_granularity", "token"))
     scores = rewards.prime_norm(scores, cfg.get("prime_norm", "batch_norm"))
     out["rm_scores"] = scores
   else:
@@ -154,7 +154,7 @@ def run_prime_rloo(case):
     kw = dict(process_gamma=cfg.get("reward_model_gamma", 1.0),
               outcome_gamma=cfg.get("verifier_gamma", 1.0))
   adv, ret = advantages.prime_rloo_advantages(scores, f32(inp["acc"]), m, n=int(inp["n_samples"]),
-                                                 variant=variant, **kw)
+                                                 reference_impl=variant, **kw)
   out.update(advantages=adv, returns=ret)
   out.masked = {"advantages": m, "returns": m}
   return out
@@ -209,7 +209,7 @@ def run_gae(case):
     raise NotUnderstood("GAE source")
   m = mask_of(inp)
   adv, ret = advantages.gae_advantages(f32(inp["token_level_rewards"]), f32(inp["values"]), m,
-                                          gamma=cfg["gamma"], lam=cfg["lam"], variant=variant)
+                                          gamma=cfg["gamma"], lam=cfg["lam"], reference_impl=variant)
   return Out(advantages=adv, returns=ret, masked={"advantages": m, "returns": m})
 
 
@@ -284,7 +284,7 @@ def run_filter(case):
     raise NotUnderstood("filter source")
   res = filters.accuracy_band_filter(
       f32(inp["acc"]), jnp.asarray(inp["valid_response_length"]), n=int(inp["n_samples"]),
-      variant=variant, low=cfg["accuracy_lower_bound"], high=cfg["accuracy_upper_bound"],
+      reference_impl=variant, low=cfg["accuracy_lower_bound"], high=cfg["accuracy_upper_bound"],
       max_response_length=cfg.get("max_response_length"),
       filter_truncated=bool(cfg.get("filter_truncate", cfg.get("filter_truncated", False))),
       oversample_factor=cfg.get("oversample_factor", 1.0))

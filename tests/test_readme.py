@@ -20,7 +20,7 @@ def test_readme_prime_snippet_runs():
   env = dict(
       prm_logp=-jax.random.uniform(keys[0], (b, t)), ref_logp=-jax.random.uniform(keys[1], (b, t)),
       new_logp=-jax.random.uniform(keys[2], (b, t)), old_logp=-jax.random.uniform(keys[3], (b, t)),
-      mask=jnp.asarray(mask), acc=jnp.array([1., 0., 0., 1., 1., 1., 0., 0.]))
+      mask=jnp.asarray(mask), outcome=jnp.array([1., 0., 0., 1., 1., 1., 0., 0.]))
   exec(compile(snippet, "README.md", "exec"), env)  # pylint: disable=exec-used
   assert env["adv"].shape == (b, t)
   assert np.isfinite(float(env["prm_loss"])) and np.isfinite(float(env["out"].loss))

@@ -3,7 +3,7 @@ stop-gradient and 0 on padding, and names the reward density it accepts in its s
 ``token_rewards [B, T]`` (token density) or ``scores [B]`` (sequence density).
 
 Public API (stable names):
-  prime_rloo_advantages(token_rewards, acc, mask, *, n, variant="verl"|"original"|"paper",
+  prime_rloo_advantages(token_rewards, outcome, mask, *, n, reference_impl="verl"|"original"|"paper",
                         process_coef, outcome_coef, process_gamma, outcome_gamma, whiten)
   leave_one_out_token_rewards(rewards, reward_mask, *, n), paper_process_baseline(...)
   grpo_advantages(scores, mask, group_ids, num_groups, *, eps=1e-6, scale_by_std=True)
@@ -11,7 +11,7 @@ Public API (stable names):
   rloo_advantages(scores, mask, group_ids, num_groups)
   reinforce_pp_advantages(token_rewards, mask, *, gamma)
   reinforce_pp_baseline_advantages(scores, mask, group_ids, num_groups)
-  gae_advantages(token_rewards, values, mask, *, gamma, lam, variant="verl"|"original")
+  gae_advantages(token_rewards, values, mask, *, gamma, lam, reference_impl="verl"|"original")
   prl_advantages(...), dual_level_advantages(...) (MatchTIR), igpo_advantages(...) (turn_level.py)
 
 Adding a method: write ``advantages/<name>.py`` with a pure function, export it here, and register
@@ -21,7 +21,7 @@ One calling convention (what trainers call; no caller branches on a name):
 ``ESTIMATORS.get(name)(inputs: AdvantageInputs, hp: AdvantageParams) -> (advantages, returns)``.
 Each entry is a small adapter that takes what its estimator needs from ``inputs`` (outcome
 ``[B]``, mask ``[B, T]``, optional process rewards / old / ref log-probs / step ids ``[B, T]``) and
-``hp`` (static: n, variant, coefficients, gamma, eta). Registered: "prime_rloo", "grpo",
+``hp`` (static: n, reference_impl, coefficients, gamma, eta). Registered: "prime_rloo", "grpo",
 "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "prl", "matchtir", "igpo". The raw
 functions above keep their own signatures (the golden tests call them by name).
 """
@@ -61,7 +61,7 @@ from typing import NamedTuple as _NamedTuple, Optional as _Optional  # noqa: E40
 
 import jax as _jax  # noqa: E402
 
-from jaxrl_dense import ops as _ops  # noqa: E402
+from jaxrl_dense import _deprecation, ops as _ops  # noqa: E402
 
 
 class AdvantageInputs(_NamedTuple):
@@ -94,16 +94,20 @@ class AdvantageInputs(_NamedTuple):
 class AdvantageParams:
   """Static hyper-parameters of the estimators (each adapter reads the ones it needs)."""
   n: int
-  variant: str = "verl"  # PRIME reference (prime_rloo)
+  reference_impl: str = "verl"  # which reference's PRIME formulas (prime_rloo)
   process_coef: float = 5.0
   outcome_coef: float = 5.0
   gamma: float = 1.0  # PRIME original / REINFORCE++
   prl_eta: float = 200.0
   igpo_variant: str = "code"
+  variant = _deprecation.renamed_attribute("reference_impl")
 
   def __post_init__(self):
     if not isinstance(self.n, int) or self.n < 1:
       raise ValueError(f"AdvantageParams.n={self.n!r} must be an int >= 1")
+
+
+AdvantageParams.__init__ = _deprecation.renamed_kwargs(variant="reference_impl")(AdvantageParams.__init__)
 
 
 def _groups(x: AdvantageInputs, hp: AdvantageParams):
@@ -112,8 +116,8 @@ def _groups(x: AdvantageInputs, hp: AdvantageParams):
 
 
 def _prime_rloo(x: AdvantageInputs, hp: AdvantageParams):
-  gammas = ({} if hp.variant == "verl" else {"process_gamma": hp.gamma, "outcome_gamma": hp.gamma})
-  return prime_rloo_advantages(x.process_rewards, x.outcome, x.mask, n=hp.n, variant=hp.variant,
+  gammas = ({} if hp.reference_impl == "verl" else {"process_gamma": hp.gamma, "outcome_gamma": hp.gamma})
+  return prime_rloo_advantages(x.process_rewards, x.outcome, x.mask, n=hp.n, reference_impl=hp.reference_impl,
                                process_coef=hp.process_coef, outcome_coef=hp.outcome_coef,
                                row_mask=x.row_mask, **gammas)
 

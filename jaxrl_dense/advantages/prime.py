@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -74,8 +75,9 @@ def paper_process_baseline(rewards: ArrayLike, mask: ArrayLike, *, n: int) -> Ar
   return jnp.where(m, r - ((tot - mu) / (n - 1))[:, None], 0.0)
 
 
-def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[ArrayLike],
-                          mask: ArrayLike, *, n: int, variant: str = "verl",
+@renamed_kwargs(variant="reference_impl", acc="outcome")
+def prime_rloo_advantages(token_rewards: Optional[ArrayLike], outcome: Optional[ArrayLike],
+                          mask: ArrayLike, *, n: int, reference_impl: str = "verl",
                           process_coef: Optional[float] = None,
                           outcome_coef: Optional[float] = None, process_gamma: float = 1.0,
                           outcome_gamma: float = 1.0,
@@ -86,13 +88,13 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
   Let ``LOO`` be :func:`leave_one_out_token_rewards` (groups of n contiguous rows) and
   ``O[i, t] = acc_i`` at the last valid token (``L_i − 1``), with reward mask = that position.
 
-  * ``variant="verl"`` (veRL recipe, default): ``F = c_p·LOO(s; m) + c_o·LOO(O; one-hot)``,
+  * ``reference_impl="verl"`` (veRL recipe, default): ``F = c_p·LOO(s; m) + c_o·LOO(O; one-hot)``,
     ``returns[i, t] = Σ_{s≥t} F[i, s]·m[i, s]`` (no discount), ``A = whiten(returns; m)`` with
     veRL's 1e-8 terms. Defaults ``c_p = c_o = 5`` (only the ratio matters after whitening).
-  * ``variant="original"`` (PRIME-RL/PRIME): no coefficients (defaults 1), each source discounted
+  * ``reference_impl="original"`` (PRIME-RL/PRIME): no coefficients (defaults 1), each source discounted
     by its own γ over all positions, ``returns = D_process + D_outcome``, whiten without the
     mean epsilon.
-  * ``variant="paper"`` (Eq. 5): process ``r[i,t] − mean_{j≠i} μ_j`` discounted by γ_p, plus the
+  * ``reference_impl="paper"`` (Eq. 5): process ``r[i,t] − mean_{j≠i} μ_j`` discounted by γ_p, plus the
     outcome RLOO ``acc_i − mean_{j≠i} acc_j`` at the last token (γ_o = 1 broadcasts it to every
     token); coefficients default 1; no whitening by default.
 
@@ -106,7 +108,7 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
 
   Args:
     token_rewards: ``[B, T]`` process rewards (e.g. batch-normed implicit PRM scores) or None.
-    acc: ``[B]`` outcome labels or None.
+    outcome: ``[B]`` outcome labels or None.
     mask: ``[B, T]`` response mask (rows non-empty).
     n: static samples per prompt (≥ 2; n = 1 raises).
     row_mask: ``[B]`` 1 = the row takes part, 0 = it is masked out; None = all rows.
@@ -117,38 +119,38 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
   b = jnp.shape(mask)[0]
   if token_rewards is not None:
     ops.check_token_arrays(token_rewards=token_rewards, mask=mask)
-  if acc is not None:
-    ops.check_row_arrays(b, acc=acc)
-  if variant not in VARIANTS:
-    raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+  if outcome is not None:
+    ops.check_row_arrays(b, outcome=outcome)
+  if reference_impl not in VARIANTS:
+    raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   _check_n(b, n, "prime_rloo_advantages")
-  if variant == "verl" and (process_gamma != 1.0 or outcome_gamma != 1.0):
-    raise ValueError("variant='verl' has no discount (γ = 1); use variant='original' for "
+  if reference_impl == "verl" and (process_gamma != 1.0 or outcome_gamma != 1.0):
+    raise ValueError("reference_impl='verl' has no discount (γ = 1); use reference_impl='original' for "
                      f"per-source gammas, got process_gamma={process_gamma}, "
                      f"outcome_gamma={outcome_gamma}")
-  default_coef = 5.0 if variant == "verl" else 1.0
+  default_coef = 5.0 if reference_impl == "verl" else 1.0
   c_p = default_coef if process_coef is None else float(process_coef)
   c_o = default_coef if outcome_coef is None else float(outcome_coef)
   if whiten is None:
-    whiten = variant != "paper"
+    whiten = reference_impl != "paper"
 
   m = ops.as_bool_mask(mask)                                        # [B, T]
   _check_rows_nonempty(m, "prime_rloo_advantages")
   parts = []
   if token_rewards is not None and c_p != 0.0:
-    if variant == "paper":
+    if reference_impl == "paper":
       proc = paper_process_baseline(token_rewards, m, n=n)
     else:
       proc = leave_one_out_token_rewards(token_rewards, m, n=n)     # [B, T]
     parts.append((c_p * proc, process_gamma))
-  if acc is not None and c_o != 0.0:
+  if outcome is not None and c_o != 0.0:
     out_mask = ops.place_at_last_token(jnp.ones((b,), jnp.float32), m) > 0   # [B, T]
-    out_r = ops.place_at_last_token(acc, m)                         # [B, T]
+    out_r = ops.place_at_last_token(outcome, m)                         # [B, T]
     parts.append((c_o * leave_one_out_token_rewards(out_r, out_mask, n=n), outcome_gamma))
   if not parts:  # the references then return all-zero returns and advantages
     parts.append((jnp.zeros(m.shape, jnp.float32), 1.0))
 
-  if variant == "verl":
+  if reference_impl == "verl":
     total = sum(p for p, _ in parts)
     returns = ops.reverse_cumsum(total, m)                          # [B, T]
   else:
@@ -159,7 +161,7 @@ def prime_rloo_advantages(token_rewards: Optional[ArrayLike], acc: Optional[Arra
     m = m & (jnp.asarray(row_mask) > 0)[:, None]                    # [B, T] rows taking part
     returns = jnp.where(m, returns, 0.0)
   if whiten:
-    mean_eps = 1e-8 if variant == "verl" else 0.0
+    mean_eps = 1e-8 if reference_impl == "verl" else 0.0
     adv = ops.masked_whiten(returns, m, mean_eps=mean_eps)
   else:
     adv = returns

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -56,7 +57,8 @@ def fill_by_next_nonzero(x: ArrayLike, mask: ArrayLike) -> Array:
   return jnp.where(m, out.T, 0.0)
 
 
-def prl_advantages(outcome: ArrayLike, logp_old: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike,
+@renamed_kwargs(logp_ref="ref_logp", logp_old="old_logp")
+def prl_advantages(outcome: ArrayLike, old_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike,
                    group_ids: ArrayLike, num_groups: int, step_ids: ArrayLike, eta: float = 200.0,
                    norm_by_std: bool = True, eps: float = 1e-6,
                    nonzero_fill_quirk: bool = False) -> Array:
@@ -64,8 +66,8 @@ def prl_advantages(outcome: ArrayLike, logp_old: ArrayLike, logp_ref: ArrayLike,
 
   Args:
     outcome: `[B]` outcome rewards (e.g. 0/1 verifier results).
-    logp_old: `[B, T]` behaviour-policy log-probs of the realized tokens.
-    logp_ref: `[B, T]` reference log-probs.
+    old_logp: `[B, T]` behaviour-policy log-probs of the realized tokens.
+    ref_logp: `[B, T]` reference log-probs.
     mask: `[B, T]`.
     group_ids: int `[B]`; num_groups: static G.
     step_ids: int `[B, T]` step of each token (-1 on masked tokens), steps contiguous.
@@ -77,8 +79,8 @@ def prl_advantages(outcome: ArrayLike, logp_old: ArrayLike, logp_ref: ArrayLike,
     (advantages `[B, T]`, returns `[B, T]`), float32, stop-gradient, 0 on padding; returns equal
     the advantages (GRPO convention).
   """
-  lo, lr = jnp.asarray(logp_old, jnp.float32), jnp.asarray(logp_ref, jnp.float32)
-  ops.check_token_arrays(logp_old=lo, logp_ref=lr, mask=mask, step_ids=step_ids)
+  lo, lr = jnp.asarray(old_logp, jnp.float32), jnp.asarray(ref_logp, jnp.float32)
+  ops.check_token_arrays(old_logp=lo, ref_logp=lr, mask=mask, step_ids=step_ids)
   ops.check_row_arrays(lo.shape[0], outcome=outcome, group_ids=group_ids)
   if eta < 0:
     raise ValueError(f"eta must be >= 0 (0 disables PRL), got {eta}.")

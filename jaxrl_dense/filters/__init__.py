@@ -1,10 +1,10 @@
 """Prompt / sample filters applied between verification and the update.
 
 Public API (stable names):
-  accuracy_band_filter(acc, lengths=None, *, n, variant="verl"|"original", low=0.2, high=0.8,
+  accuracy_band_filter(outcome, lengths=None, *, n, reference_impl="verl"|"original", low=0.2, high=0.8,
                        max_response_length=None, filter_truncated=False, oversample_factor=1.0)
       -> FilterOutput(keep_mask [B], indices [K], prompt_pass [P])
-  prompt_pass_flags(acc, *, n, low, high, lengths=None, truncation_length=None) -> [P]
+  prompt_pass_flags(outcome, *, n, low, high, lengths=None, truncation_length=None) -> [P]
   prof_consistency(...), prof_filter(...) -> keep [B], prof_blend_rewards(...)   (``filters/prof.py``)
 
 Adding a filter: write ``filters/<name>.py`` and export its public names here.

@@ -1,27 +1,27 @@
 """Policy losses, loss aggregation, KL estimators and entropy.
 
 Public API (stable names):
-  ppo_clip_loss(log_prob, old_log_prob, advantages, mask, *, clip_ratio_low=0.2,
+  ppo_clip_loss(logp, old_logp, advantages, mask, *, clip_ratio_low=0.2,
                 clip_ratio_high=None, clip_ratio_c=3.0, log_ratio_clamp=20.0,
                 loss_agg_mode="token-mean", loss_scale_factor=None)
       -> PolicyLossOutput(loss, loss_sum, count, metrics{pg_clipfrac, pg_clipfrac_lower, ppo_kl})
   ppo_clip_token_loss(...) -> PPOTokenTerms(token_loss, clipped, dual_clipped, neg_log_ratio)
-  prime_policy_loss(log_prob, old_log_prob, advantages, mask, *, cliprange=0.2)   (PRIME-RL original)
+  prime_policy_loss(logp, old_logp, advantages, mask, *, cliprange=0.2)   (PRIME-RL original)
   aggregate_terms(loss_mat, mask, mode, *, loss_scale_factor) -> (sum, count); aggregate(...);
   combine(mode, sums, counts); token_mean / seq_mean_token_sum / seq_mean_token_mean /
   seq_mean_token_sum_norm
-  kl_k1, kl_abs, kl_k2, kl_k3, kl_in_reward(token_scores, old_log_prob, ref_log_prob, *, kl_coef)
+  kl_k1, kl_abs, kl_k2, kl_k3, kl_in_reward(token_scores, old_logp, ref_logp, *, kl_coef)
   entropy_from_logits(logits, *, temperature=1.0)
 
 Registries:
-  get_kl(name) -> fn(log_prob, ref_log_prob) -> [B, T]; names "kl", "k1", "abs", "mse", "k2",
+  get_kl(name) -> fn(logp, ref_logp) -> [B, T]; names "kl", "k1", "abs", "mse", "k2",
       "low_var_kl", "k3". A "+" suffix (straight-through k2 gradient, documented by veRL) raises
       NotImplementedError, as veRL at the pinned commit does.
-  get_policy_loss(name) -> per-token terms fn(log_prob, old_log_prob, advantages, mask, *,
+  get_policy_loss(name) -> per-token terms fn(logp, old_logp, advantages, mask, *,
       clip_ratio_low, clip_ratio_high, clip_ratio_c) -> PPOTokenTerms (``losses/policy.py``): "ppo"
       (veRL vanilla), "ppo_original" (PRIME-RL), "gspo", "gspo_token", "cispo"; the jitted update
       dispatches --policy_loss through it. policy_loss(name, ...) -> PolicyLossOutput on one batch.
-  rollout_correction(old_log_prob, sampler_log_prob, mask, *, is_level, is_threshold, rs_level,
+  rollout_correction(old_logp, sampler_logp, mask, *, is_level, is_threshold, rs_level,
       rs_low, rs_high) -> CorrectionOutput(weights, keep, metrics)   (``losses/rollout_correction.py``)
 Adding a loss (e.g. ``losses/tgdpo.py``): write the module, then one ``*.register`` line below.
 """

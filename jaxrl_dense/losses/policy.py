@@ -2,7 +2,7 @@
 
 Every loss here is a per-token term function
 
-    terms = fn(log_prob, old_log_prob, advantages, mask, *, clip_ratio_low, clip_ratio_high,
+    terms = fn(logp, old_logp, advantages, mask, *, clip_ratio_low, clip_ratio_high,
                clip_ratio_c) -> PPOTokenTerms(token_loss, clipped, dual_clipped, neg_log_ratio)
 
 on ``[B, T]`` arrays (``mask`` 1 on response tokens). The jitted update multiplies
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jaxrl_dense import ops
 from jaxrl_dense.losses.ppo import PolicyLossOutput, PPOTokenTerms, loss_output, ppo_clip_token_loss
 from jaxrl_dense.registry import Registry
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -57,13 +58,13 @@ DEFAULT_AGG = {"ppo": "token-mean", "ppo_original": "token-mean", "gspo": "seq-m
                "gspo_token": "seq-mean-token-mean", "cispo": "token-mean"}
 
 
-def _prep(log_prob, old_log_prob, advantages, mask):
-  ops.check_token_arrays(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
+def _prep(logp, old_logp, advantages, mask):
+  ops.check_token_arrays(logp=logp, old_logp=old_logp, advantages=advantages,
                          mask=mask)
   m = ops.as_bool_mask(mask)
-  lp = jnp.asarray(log_prob, jnp.float32)
+  lp = jnp.asarray(logp, jnp.float32)
   # padding may hold junk (even inf): keep it out of every row reduction
-  old = jnp.where(m, jnp.asarray(old_log_prob, jnp.float32), lp)
+  old = jnp.where(m, jnp.asarray(old_logp, jnp.float32), lp)
   a = jnp.where(m, jnp.asarray(advantages, jnp.float32), 0.0)
   return lp, old, a, m
 
@@ -74,24 +75,26 @@ def _row_mean(x, m):
   return jnp.sum(jnp.where(m, x, 0.0), axis=1, keepdims=True) / jnp.maximum(jnp.sum(mf, axis=1, keepdims=True), 1.0)
 
 
-def ppo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def ppo_terms(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
               clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
               clip_ratio_c: Optional[float] = 3.0) -> PPOTokenTerms:
   """veRL vanilla PPO per token (``losses.ppo_clip_token_loss``: ratio clamp ±20, dual clip at
   ``clip_ratio_c``; None or <= 1 disables it)."""
-  lp, old, a, _ = _prep(log_prob, old_log_prob, advantages, mask)
+  lp, old, a, _ = _prep(logp, old_logp, advantages, mask)
   c = clip_ratio_c if (clip_ratio_c is not None and clip_ratio_c > 1) else None
   return ppo_clip_token_loss(lp, old, a, clip_ratio_low=clip_ratio_low,
                              clip_ratio_high=clip_ratio_high, clip_ratio_c=c,
                              log_ratio_clamp=LOG_RATIO_CLAMP)
 
 
-def ppo_original_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def ppo_original_terms(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
                        mask: ArrayLike, *, clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2,
                        clip_ratio_c: Optional[float] = None) -> PPOTokenTerms:
   """PRIME-RL's PPO per token: plain clip, no ratio clamp, no dual clip (``clip_ratio_c`` unused)."""
   del clip_ratio_c
-  lp, old, a, _ = _prep(log_prob, old_log_prob, advantages, mask)
+  lp, old, a, _ = _prep(logp, old_logp, advantages, mask)
   return ppo_clip_token_loss(lp, old, a, clip_ratio_low=clip_ratio_low,
                              clip_ratio_high=clip_ratio_high, clip_ratio_c=None, log_ratio_clamp=None)
 
@@ -102,7 +105,8 @@ def _clip_pair(a, ratio, lo, hi):
   return jnp.maximum(l1, l2), l2 > l1
 
 
-def gspo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def gspo_terms(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
                clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4,
                clip_ratio_c: Optional[float] = None,
                log_ratio_clamp: Optional[float] = GSPO_LOG_RATIO_CLAMP) -> PPOTokenTerms:
@@ -113,7 +117,7 @@ def gspo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLi
   seq-mean-token-mean aggregate is the mean over sequences of the sequence loss. Shapes [B, T].
   ``log_ratio_clamp`` None drops the upper clamp of ``log s_i`` (TRL has none)."""
   del clip_ratio_c
-  lp, old, a, m = _prep(log_prob, old_log_prob, advantages, mask)
+  lp, old, a, m = _prep(logp, old_logp, advantages, mask)
   log_s = _row_mean(lp - old, m)  # [B, 1]
   if log_ratio_clamp is not None:
     log_s = jnp.minimum(log_s, log_ratio_clamp)
@@ -125,7 +129,8 @@ def gspo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLi
                        jnp.zeros(shape, bool), -(lp - old))
 
 
-def gspo_token_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def gspo_token_terms(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
                      mask: ArrayLike, *, clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4,
                      clip_ratio_c: Optional[float] = None,
                      log_ratio_clamp: Optional[float] = GSPO_LOG_RATIO_CLAMP) -> PPOTokenTerms:
@@ -136,7 +141,7 @@ def gspo_token_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: A
   token's own gradient and advantage (dense process rewards reach it). Shapes [B, T].
   ``log_ratio_clamp`` None drops the clamp (TRL's experimental GSPO-token has none)."""
   del clip_ratio_c
-  lp, old, a, m = _prep(log_prob, old_log_prob, advantages, mask)
+  lp, old, a, m = _prep(logp, old_logp, advantages, mask)
   sg = jax.lax.stop_gradient
   log_s = sg(_row_mean(lp - old, m)) + lp - sg(lp)  # [B, T]
   if log_ratio_clamp is not None:
@@ -145,7 +150,8 @@ def gspo_token_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: A
   return PPOTokenTerms(loss, clipped, jnp.zeros(lp.shape, bool), -(lp - old))
 
 
-def cispo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def cispo_terms(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, mask: ArrayLike, *,
                 clip_ratio_low: float = 10.0, clip_ratio_high: float = 0.2,
                 clip_ratio_c: Optional[float] = None,
                 log_ratio_clamp: Optional[float] = LOG_RATIO_CLAMP) -> PPOTokenTerms:
@@ -155,7 +161,7 @@ def cispo_terms(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayL
   marks ρ outside the clip range (veRL's ``pg_clipfrac``). Shapes [B, T]. ``log_ratio_clamp``
   None drops the ±20 clamp (TRL's cispo has none)."""
   del clip_ratio_c
-  lp, old, a, _ = _prep(log_prob, old_log_prob, advantages, mask)
+  lp, old, a, _ = _prep(logp, old_logp, advantages, mask)
   delta = lp - old
   if log_ratio_clamp is not None:
     delta = jnp.clip(delta, -log_ratio_clamp, log_ratio_clamp)
@@ -175,7 +181,8 @@ POLICY_LOSSES.register("gspo_token", gspo_token_terms)
 POLICY_LOSSES.register("cispo", cispo_terms)
 
 
-def policy_loss(name: str, log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def policy_loss(name: str, logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
                 mask: ArrayLike, *, clip_ratio_low: Optional[float] = None,
                 clip_ratio_high: Optional[float] = None, clip_ratio_c: Optional[float] = 3.0,
                 loss_agg_mode: Optional[str] = None, is_weights: Optional[ArrayLike] = None,
@@ -191,7 +198,7 @@ def policy_loss(name: str, log_prob: ArrayLike, old_log_prob: ArrayLike, advanta
   lo, hi = DEFAULT_CLIPS[name]
   lo = lo if clip_ratio_low is None else clip_ratio_low
   hi = hi if clip_ratio_high is None else clip_ratio_high
-  terms = fn(log_prob, old_log_prob, advantages, mask, clip_ratio_low=lo, clip_ratio_high=hi,
+  terms = fn(logp, old_logp, advantages, mask, clip_ratio_low=lo, clip_ratio_high=hi,
              clip_ratio_c=clip_ratio_c, **loss_options)
   x = terms.token_loss
   if is_weights is not None:

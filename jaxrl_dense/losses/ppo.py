@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxrl_dense import ops
 from jaxrl_dense.losses import aggregation
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -34,7 +35,8 @@ class PPOTokenTerms(NamedTuple):
   neg_log_ratio: Array   # [B, T] −Δ (ppo_kl terms)
 
 
-def ppo_clip_token_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike, *,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def ppo_clip_token_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike, *,
                         clip_ratio_low: float = 0.2, clip_ratio_high: Optional[float] = None,
                         clip_ratio_c: Optional[float] = 3.0,
                         log_ratio_clamp: Optional[float] = 20.0) -> PPOTokenTerms:
@@ -46,13 +48,13 @@ def ppo_clip_token_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages
   ``A < 0`` else ``Lc``. ``clip_ratio_high=None`` means symmetric (``ε_high = ε_low``).
   Shapes: all ``[B, T]``.
   """
-  ops.check_token_arrays(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
+  ops.check_token_arrays(logp=logp, old_logp=old_logp, advantages=advantages)
   eps_high = clip_ratio_low if clip_ratio_high is None else clip_ratio_high
   if clip_ratio_c is not None and clip_ratio_c <= 1.0:
     raise ValueError(f"`clip_ratio_c` must be > 1 for dual clip, got {clip_ratio_c}")
-  lp = jnp.asarray(log_prob, jnp.float32)
+  lp = jnp.asarray(logp, jnp.float32)
   a = jnp.asarray(advantages, jnp.float32)
-  delta = lp - jnp.asarray(old_log_prob, jnp.float32)               # [B, T]
+  delta = lp - jnp.asarray(old_logp, jnp.float32)               # [B, T]
   if log_ratio_clamp is not None:
     delta = jnp.clip(delta, -log_ratio_clamp, log_ratio_clamp)
   ratio = jnp.exp(delta)
@@ -70,7 +72,8 @@ def ppo_clip_token_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages
   return PPOTokenTerms(loss, clipped, dual, -delta)
 
 
-def ppo_clip_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def ppo_clip_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
                   mask: ArrayLike, *, clip_ratio_low: float = 0.2,
                   clip_ratio_high: Optional[float] = None, clip_ratio_c: Optional[float] = 3.0,
                   log_ratio_clamp: Optional[float] = 20.0, loss_agg_mode: str = "token-mean",
@@ -80,11 +83,11 @@ def ppo_clip_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: Arra
   Token loss from :func:`ppo_clip_token_loss`; aggregation from ``losses.aggregation``.
   Metrics (veRL masked means, 1e-8 in the denominator): ``pg_clipfrac = mean_m[L2 > L1]``,
   ``pg_clipfrac_lower = mean_m[Lc > L3 ∧ A < 0]``, ``ppo_kl = mean_m(−Δ)``.
-  Shapes: log_prob, old_log_prob, advantages, mask ``[B, T]``. Gradient flows into ``log_prob``.
+  Shapes: logp, old_logp, advantages, mask ``[B, T]``. Gradient flows into ``logp``.
   """
-  ops.check_token_arrays(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
+  ops.check_token_arrays(logp=logp, old_logp=old_logp, advantages=advantages,
                          mask=mask)
-  terms = ppo_clip_token_loss(log_prob, old_log_prob, advantages, clip_ratio_low=clip_ratio_low,
+  terms = ppo_clip_token_loss(logp, old_logp, advantages, clip_ratio_low=clip_ratio_low,
                               clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
                               log_ratio_clamp=log_ratio_clamp)
   return loss_output(terms, terms.token_loss, mask, loss_agg_mode, loss_scale_factor)
@@ -104,7 +107,8 @@ def loss_output(terms: PPOTokenTerms, token_loss: ArrayLike, mask: ArrayLike, lo
   return PolicyLossOutput(s / c, s, c, metrics)
 
 
-def prime_policy_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: ArrayLike,
+@renamed_kwargs(log_prob="logp", old_log_prob="old_logp")
+def prime_policy_loss(logp: ArrayLike, old_logp: ArrayLike, advantages: ArrayLike,
                       mask: ArrayLike, *, cliprange: float = 0.2) -> PolicyLossOutput:
   """PRIME-RL/PRIME's original policy loss (``training/verl/trainer/ppo/core_algos.py``
   ``compute_policy_loss``).
@@ -112,9 +116,9 @@ def prime_policy_loss(log_prob: ArrayLike, old_log_prob: ArrayLike, advantages: 
   ``ρ = e^(ℓ − o)`` (no clamp), token loss ``max(−Aρ, −A clip(ρ, 1−ε, 1+ε))``, no dual clip,
   token mean (masked mean without epsilon). Metrics: ``pg_clipfrac``, ``ppo_kl`` (= mean_m(o − ℓ)).
   """
-  ops.check_token_arrays(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages,
+  ops.check_token_arrays(logp=logp, old_logp=old_logp, advantages=advantages,
                          mask=mask)
-  terms = ppo_clip_token_loss(log_prob, old_log_prob, advantages, clip_ratio_low=cliprange,
+  terms = ppo_clip_token_loss(logp, old_logp, advantages, clip_ratio_low=cliprange,
                               clip_ratio_high=cliprange, clip_ratio_c=None, log_ratio_clamp=None)
   s, c = aggregation.token_mean(terms.token_loss, mask)
   m = ops.as_bool_mask(mask)

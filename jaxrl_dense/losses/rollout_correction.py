@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -119,13 +120,14 @@ def rejection_mask(log_ratio: ArrayLike, mask: ArrayLike, *, level: str = "token
   return jax.lax.stop_gradient(jnp.where(m & keep, 1.0, 0.0))
 
 
-def mismatch_metrics(old_log_prob: ArrayLike, sampler_log_prob: ArrayLike, mask: ArrayLike) -> dict:
+@renamed_kwargs(old_log_prob="old_logp", sampler_log_prob="sampler_logp")
+def mismatch_metrics(old_logp: ArrayLike, sampler_logp: ArrayLike, mask: ArrayLike) -> dict:
   """Off-policy diagnostics between π_old and μ (veRL ``compute_offpolicy_metrics``): kl, k3_kl,
   chi2_token, chi2_seq, and max_abs_log_ratio."""
-  ops.check_token_arrays(old_log_prob=old_log_prob, sampler_log_prob=sampler_log_prob, mask=mask)
+  ops.check_token_arrays(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
   m = ops.as_bool_mask(mask)
-  o = jnp.asarray(old_log_prob, jnp.float32)
-  b = jnp.asarray(sampler_log_prob, jnp.float32)
+  o = jnp.asarray(old_logp, jnp.float32)
+  b = jnp.asarray(sampler_logp, jnp.float32)
   lr = jnp.where(m, o - b, 0.0)
   lrs = jnp.clip(lr, -SAFETY_BOUND, SAFETY_BOUND)
   rows = jnp.any(m, axis=1)
@@ -141,21 +143,22 @@ def mismatch_metrics(old_log_prob: ArrayLike, sampler_log_prob: ArrayLike, mask:
   }
 
 
-def rollout_correction(old_log_prob: ArrayLike, sampler_log_prob: ArrayLike, mask: ArrayLike, *,
+@renamed_kwargs(old_log_prob="old_logp", sampler_log_prob="sampler_logp")
+def rollout_correction(old_logp: ArrayLike, sampler_logp: ArrayLike, mask: ArrayLike, *,
                        is_level: str = "token", is_threshold: float = 2.0, is_low: Optional[float] = None,
                        rs_level: str = "none", rs_low: float = 0.5, rs_high: float = 2.0,
                        rs_k3_max: float = 0.01) -> CorrectionOutput:
-  """IS weights and rejection mask between ``π_old`` (``old_log_prob``) and the sampler ``μ``
-  (``sampler_log_prob``), all [B, T] with ``mask``; levels "none" switch a part off (weights 1 /
+  """IS weights and rejection mask between ``π_old`` (``old_logp``) and the sampler ``μ``
+  (``sampler_logp``), all [B, T] with ``mask``; levels "none" switch a part off (weights 1 /
   keep all). Returns ``CorrectionOutput`` with the module docstring's metrics (no gradient)."""
-  ops.check_token_arrays(old_log_prob=old_log_prob, sampler_log_prob=sampler_log_prob, mask=mask)
+  ops.check_token_arrays(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
   if is_level not in IS_LEVELS:
     raise ValueError(f"rollout IS level {is_level!r}; expected one of {IS_LEVELS}")
   if rs_level not in RS_LEVELS:
     raise ValueError(f"rollout rejection level {rs_level!r}; expected one of {RS_LEVELS}")
   m = ops.as_bool_mask(mask)
   mf = m.astype(jnp.float32)
-  lr = jnp.where(m, jnp.asarray(old_log_prob, jnp.float32) - jnp.asarray(sampler_log_prob, jnp.float32), 0.0)
+  lr = jnp.where(m, jnp.asarray(old_logp, jnp.float32) - jnp.asarray(sampler_logp, jnp.float32), 0.0)
   lr = jax.lax.stop_gradient(lr)
   metrics = {}
   weights = mf
@@ -186,5 +189,5 @@ def rollout_correction(old_log_prob: ArrayLike, sampler_log_prob: ArrayLike, mas
     rows = jnp.any(m, axis=1)
     lost = jnp.any(m & (keep < 0.5), axis=1)
     metrics["rs_seq_masked_frac"] = jnp.sum(lost) / jnp.maximum(jnp.sum(rows), 1)
-  metrics.update(mismatch_metrics(old_log_prob, sampler_log_prob, m))
+  metrics.update(mismatch_metrics(old_logp, sampler_logp, m))
   return CorrectionOutput(weights, keep, metrics)

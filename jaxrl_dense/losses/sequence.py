@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -23,10 +24,11 @@ ArrayLike = chex.Array
 __all__ = ["sequence_logratio", "dpo_loss", "implicit_ce_loss", "nca_loss", "kto_loss"]
 
 
-def sequence_logratio(logp_policy: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike) -> Array:
-  """``z_i = Σ_t (logp_policy − logp_ref)[i, t]·m[i, t]`` in float32. ``[B, T] -> [B]``."""
-  ops.check_token_arrays(logp_policy=logp_policy, logp_ref=logp_ref, mask=mask)
-  d = jnp.asarray(logp_policy, jnp.float32) - jnp.asarray(logp_ref, jnp.float32)
+@renamed_kwargs(logp_ref="ref_logp", logp_policy="policy_logp")
+def sequence_logratio(policy_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike) -> Array:
+  """``z_i = Σ_t (policy_logp − ref_logp)[i, t]·m[i, t]`` in float32. ``[B, T] -> [B]``."""
+  ops.check_token_arrays(policy_logp=policy_logp, ref_logp=ref_logp, mask=mask)
+  d = jnp.asarray(policy_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
   return ops.masked_sum(d, mask, axis=1)
 
 

@@ -8,8 +8,8 @@ how well the PRM's rewards agree with the verifier labels of the same batch, and
 
 Conventions as in ``jaxrl_dense.ops``: ``[B, T]`` arrays with a ``mask`` (1 on response tokens
 including EOS), groups of ``n`` contiguous rows per prompt, ``step_ids [B, T]`` int with −1 on
-padding. Labels ``acc [B]`` are the verifier's outcome rewards; a response is *positive* when
-``acc > 0.5`` (binary labels are 0/1; fractional labels, e.g. a share of passed tests, are
+padding. Labels ``outcome [B]`` are the verifier's outcome rewards; a response is *positive* when
+``outcome > 0.5`` (binary labels are 0/1; fractional labels, e.g. a share of passed tests, are
 thresholded at 0.5).
 
 Pure metrics (jit-safe: no Python control flow on values; NaN where undefined)
@@ -68,6 +68,7 @@ import numpy as np
 
 from jaxrl_dense import ops
 from jaxrl_dense.rewards import prm_pairwise_accuracy
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -151,7 +152,8 @@ def last_step_share(token_scores: ArrayLike, mask: ArrayLike, step_ids: ArrayLik
   return jnp.where(k > 0, jnp.sum(jnp.where(has, share, 0.0)) / jnp.maximum(k, 1.0), jnp.nan)
 
 
-def prm_health_metrics(token_scores: ArrayLike, q: ArrayLike, mask: ArrayLike, acc: ArrayLike, *,
+@renamed_kwargs(acc="outcome")
+def prm_health_metrics(token_scores: ArrayLike, q: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *,
                        n: int, beta: float = 0.05, step_ids: Optional[ArrayLike] = None,
                        prefix: str = "prm_health/") -> dict:
   """Per-step PRM health metrics of one batch (see the module docstring for each key).
@@ -161,7 +163,7 @@ def prm_health_metrics(token_scores: ArrayLike, q: ArrayLike, mask: ArrayLike, a
       ``implicit_token_rewards(...).scores``, before or after ``prime_norm``; the correlation is
       scale-free).
     q: ``[B, T]`` per-token log-ratio ``log π_φ − log π_ref`` of the PRM (``ImplicitRewards.q``).
-    mask: ``[B, T]`` response mask. acc: ``[B]`` verifier outcome rewards.
+    mask: ``[B, T]`` response mask. outcome: ``[B]`` verifier outcome rewards.
     n: samples per prompt (static; groups are contiguous rows) for the pairwise accuracy.
     beta: β of the implicit reward.
     step_ids: optional ``[B, T]`` step index per token (e.g. ``viz.step_ids_from_texts`` or
@@ -170,10 +172,10 @@ def prm_health_metrics(token_scores: ArrayLike, q: ArrayLike, mask: ArrayLike, a
     dict of JAX scalars keyed ``prefix + name``.
   """
   ops.check_token_arrays(token_scores=token_scores, q=q, mask=mask)
-  ops.check_row_arrays(jnp.shape(mask)[0], acc=acc)
+  ops.check_row_arrays(jnp.shape(mask)[0], outcome=outcome)
   r = sequence_implicit_reward(q, mask, beta=beta)                                 # [B]
   g = ops.masked_sum(jnp.asarray(token_scores, jnp.float32), mask, axis=1)         # [B]
-  a = jnp.asarray(acc, jnp.float32)
+  a = jnp.asarray(outcome, jnp.float32)
   out = {
       "auroc": auroc(r, a),
       "return_outcome_corr": pearson(g, a),

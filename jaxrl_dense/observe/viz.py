@@ -48,6 +48,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxrl_dense._deprecation import renamed_kwargs
+
 __all__ = ["SERIES", "Response", "Group", "step_ends", "step_ids_from_texts", "StepTable",
            "step_ids_from_tokens", "token_texts",
            "groups_from_batch", "pick_groups", "render_html", "write_html", "iframe", "render_png",
@@ -257,8 +259,9 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list:
   return out
 
 
+@renamed_kwargs(acc="outcome")
 def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
-                      series: Mapping[str, Any], mask: Any, acc: Any, *, n: int,
+                      series: Mapping[str, Any], mask: Any, outcome: Any, *, n: int,
                       outcome_reward: Any = None, group_indices: Optional[Sequence[int]] = None,
                       titles: Optional[Sequence[str]] = None, observation_mask: Any = None) -> list:
   """Builds :class:`Group` s from a ``[B, T]`` batch (B = P·n rows, groups contiguous).
@@ -268,8 +271,8 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
     texts: B lists of token texts, each of the row's valid-token count (``mask[i].sum()``; e.g.
       from :func:`token_texts`).
     series: ``{name: [B, T]}`` per-token values (masked positions are dropped).
-    mask: ``[B, T]`` response mask (right-padded). acc: ``[B]`` verifier labels.
-    n: samples per prompt. outcome_reward: ``[B]`` (default: ``acc``).
+    mask: ``[B, T]`` response mask (right-padded). outcome: ``[B]`` verifier labels.
+    n: samples per prompt. outcome_reward: ``[B]`` (default: ``outcome``).
     group_indices: which groups to build, in order (default: all). titles: one per built group.
     observation_mask: ``[B, T]`` 1 on a multi-turn row's observation tokens (shown between the
       model's turns; ``texts`` then cover ``mask | observation_mask``), or None.
@@ -291,10 +294,10 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
     if v.shape != (b, t):
       raise ValueError(f"groups_from_batch: series {name!r} has shape {v.shape}, mask {(b, t)}")
     vals[name] = v
-  acc = np.asarray(acc, np.float64).reshape(-1)
-  rew = acc if outcome_reward is None else np.asarray(outcome_reward, np.float64).reshape(-1)
-  if acc.shape != (b,) or rew.shape != (b,):
-    raise ValueError(f"groups_from_batch: `acc` {acc.shape} and `outcome_reward` {rew.shape} "
+  outcome = np.asarray(outcome, np.float64).reshape(-1)
+  rew = outcome if outcome_reward is None else np.asarray(outcome_reward, np.float64).reshape(-1)
+  if outcome.shape != (b,) or rew.shape != (b,):
+    raise ValueError(f"groups_from_batch: `outcome` {outcome.shape} and `outcome_reward` {rew.shape} "
                      f"must be [B={b}]")
   idx = list(range(b // n)) if group_indices is None else [int(g) for g in group_indices]
   if titles is not None and len(titles) != len(idx):
@@ -312,7 +315,7 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
       o = obs[i][keep]
       responses.append(Response(tokens=tuple(texts[i]),
                                 values={name: np.where(o, np.nan, v[i][keep]) for name, v in vals.items()},
-                                label=float(acc[i]), outcome_reward=float(rew[i]),
+                                label=float(outcome[i]), outcome_reward=float(rew[i]),
                                 observation=tuple(o) if o.any() else ()))
     groups.append(Group(prompt=str(prompts[g]), responses=tuple(responses),
                         title="" if titles is None else str(titles[k])))
@@ -322,7 +325,8 @@ def groups_from_batch(prompts: Sequence[str], texts: Sequence[Sequence[str]],
 # ----------------------------------------------------------------------------- group selection
 
 
-def pick_groups(acc: Any, process_return: Any, *, n: int, num_best: int = 1, num_worst: int = 1,
+@renamed_kwargs(acc="outcome")
+def pick_groups(outcome: Any, process_return: Any, *, n: int, num_best: int = 1, num_worst: int = 1,
                 num_disagree: int = 1) -> list:
   """Chooses which prompt groups to show: ``[(group_index, reason), ...]``, no group twice.
 
@@ -335,13 +339,13 @@ def pick_groups(acc: Any, process_return: Any, *, n: int, num_best: int = 1, num
     (``D_g = 0``: the PRM agrees with every outcome ordering, and no such group is picked).
 
   Picks are made in the order best, worst, disagree; a group already picked is skipped and the
-  next candidate taken. Args: ``acc [B]``, ``process_return [B]`` (e.g. Σ_t of the process
+  next candidate taken. Args: ``outcome [B]``, ``process_return [B]`` (e.g. Σ_t of the process
   reward), ``n`` samples per prompt.
   """
-  a = np.asarray(acc, np.float64).reshape(-1)
+  a = np.asarray(outcome, np.float64).reshape(-1)
   g = np.asarray(process_return, np.float64).reshape(-1)
   if a.shape != g.shape:
-    raise ValueError(f"pick_groups: `acc` {a.shape} and `process_return` {g.shape} differ")
+    raise ValueError(f"pick_groups: `outcome` {a.shape} and `process_return` {g.shape} differ")
   if n < 1 or a.size % n:
     raise ValueError(f"pick_groups: B = {a.size} rows must split into groups of n = {n}")
   for name, k in (("num_best", num_best), ("num_worst", num_worst), ("num_disagree", num_disagree)):
@@ -769,8 +773,9 @@ def screenshot(page: str | os.PathLike, out_png: str | os.PathLike, *, series: O
 # ----------------------------------------------------------------------------- trainer entry point
 
 
+@renamed_kwargs(acc="outcome")
 def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequence[str],
-                      response_tokens: Any, mask: Any, acc: Any, series: Mapping[str, Any], n: int,
+                      response_tokens: Any, mask: Any, outcome: Any, series: Mapping[str, Any], n: int,
                       tokenizer: Any = None, texts: Optional[Sequence[Sequence[str]]] = None,
                       outcome_reward: Any = None, process_return: Any = None,
                       num_best: int = 1, num_worst: int = 1, num_disagree: int = 1,
@@ -782,9 +787,9 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
   Args:
     out_dir: e.g. ``<logdir>/samples``. step: the step number (file name ``{tag}_{step:05d}``).
     prompts: P prompt texts (one per group of n rows). response_tokens, mask: ``[B, T]``.
-    acc: ``[B]`` verifier labels. series: ``{name: [B, T]}`` (see :data:`SERIES`).
+    outcome: ``[B]`` verifier labels. series: ``{name: [B, T]}`` (see :data:`SERIES`).
     n: samples per prompt. tokenizer: used by :func:`token_texts` for the picked rows only
-      (or pass ``texts``: token texts of every row). outcome_reward: ``[B]`` (default acc).
+      (or pass ``texts``: token texts of every row). outcome_reward: ``[B]`` (default outcome).
     process_return: ``[B]`` for :func:`pick_groups` (default: the row sum Σ_t of
       ``series["process_reward"]``, or of the first series when that one is absent).
     png: also write ``<tag>_NNNNN.png`` (:func:`render_png`). meta: shown under the title.
@@ -798,7 +803,7 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
   if process_return is None:
     key = "process_reward" if "process_reward" in series else next(iter(series))
     process_return = np.where(m, np.asarray(series[key], np.float64), 0.0).sum(1)
-  picks = pick_groups(acc, process_return, n=n, num_best=num_best, num_worst=num_worst,
+  picks = pick_groups(outcome, process_return, n=n, num_best=num_best, num_worst=num_worst,
                       num_disagree=num_disagree)
   if texts is None:
     if tokenizer is None:
@@ -809,7 +814,7 @@ def write_sample_page(out_dir: str | os.PathLike, step: int, *, prompts: Sequenc
     rows = {i for gi, _ in picks for i in range(gi * n, (gi + 1) * n)}
     texts = [dec(tokenizer, tok[i][shown[i]].tolist()) if i in rows else [""] * int(shown[i].sum())
              for i in range(b)]
-  groups = groups_from_batch(prompts, texts, series, m, acc, n=n, outcome_reward=outcome_reward,
+  groups = groups_from_batch(prompts, texts, series, m, outcome, n=n, outcome_reward=outcome_reward,
                              group_indices=[gi for gi, _ in picks],
                              titles=[f"{reason} (prompt {gi})" for gi, reason in picks],
                              observation_mask=observation_mask)

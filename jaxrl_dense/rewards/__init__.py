@@ -3,20 +3,20 @@
 Public API (stable names; shapes ``[B, T]`` with ``mask``, see ``jaxrl_dense.ops``):
 
   Token rewards (stop-gradient)
-    implicit_token_rewards(logp_prm, logp_ref, mask, *, beta, variant, granularity, lam, acc, use_gt)
-        -> ImplicitRewards(scores, q)        variants "verl" (default) | "original" | "paper"
-    token_log_ratio(logp_prm, logp_ref, mask) -> q            (differentiable, for PRM losses)
+    implicit_token_rewards(prm_logp, ref_logp, mask, *, beta, reference_impl, granularity, lam, outcome, use_gt)
+        -> ImplicitRewards(scores, q)        reference_impl "verl" (default) | "original" | "paper"
+    token_log_ratio(prm_logp, ref_logp, mask) -> q            (differentiable, for PRM losses)
     prime_batch_norm(scores, *, eps, row_mask) / prime_norm(scores, norm="batch_norm"|"none")
     zero_float_noise(scores, q, *, tol, row_mask)   (0 while the PRM is the reference up to rounding)
   PRM losses (carry gradients)
-    prm_ce_loss(q, mask, acc, *, beta) / prm_ce_loss_terms(...) -> [B]
-    prm_detached_dpo_loss(q, mask, acc, q_bc, acc_bc, *, beta, bon_mode="none"|"bon_acc"|"bon_rm")
-    group_matrix(v, n) -> [B, n]             (builds q_bc / acc_bc from contiguous groups)
+    prm_ce_loss(q, mask, outcome, *, beta) / prm_ce_loss_terms(...) -> [B]
+    prm_detached_dpo_loss(q, mask, outcome, q_bc, outcome_bc, *, beta, bon_mode="none"|"bon_acc"|"bon_rm")
+    group_matrix(v, n) -> [B, n]             (builds q_bc / outcome_bc from contiguous groups)
   PRM metrics
-    prm_pairwise_accuracy(token_scores, mask, acc, *, n), prm_sign_accuracy(...), prm_metrics(...)
+    prm_pairwise_accuracy(token_scores, mask, outcome, *, n), prm_sign_accuracy(...), prm_metrics(...)
   Implicit-PRM objectives (arXiv 2412.01981)
     sequence_logratio, dpo_loss, implicit_ce_loss, nca_loss, kto_loss,
-    implicit_step_rewards(logp_prm, logp_ref, mask, step_ids, num_steps, *, beta, mode),
+    implicit_step_rewards(prm_logp, ref_logp, mask, step_ids, num_steps, *, beta, mode),
     aggregate_step_scores(v, step_mask, how="min"|"sum")
 
 Registry: ``get_prm_loss(name)`` with names "ce", "dpo" (detached DPO), "bon_acc", "bon_rm".
@@ -51,8 +51,8 @@ from jaxrl_dense.rewards.implicit_prm_objectives import (
     sequence_logratio,
 )
 
-# PRM losses: `loss(q, mask, acc, *, beta)` or, registered with grouped=True, `loss(q, mask, acc,
-# q_bc, acc_bc, *, beta)` where q_bc / acc_bc are the row's group from a no-grad pass. `sums_rows`:
+# PRM losses: `loss(q, mask, outcome, *, beta)` or, registered with grouped=True, `loss(q, mask, outcome,
+# q_bc, outcome_bc, *, beta)` where q_bc / outcome_bc are the row's group from a no-grad pass. `sums_rows`:
 # the loss SUMS its per-row terms (best-of-N forms of the veRL recipe `compute_detach_dpo_loss_rm`)
 # instead of averaging them.
 # `rl.steps.make_prm_update` dispatches on these entries (register a new loss here to train it).

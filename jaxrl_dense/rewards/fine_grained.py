@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -102,17 +103,18 @@ def normalize_sequence_score(s: ArrayLike, mean: float, std: float, scale: float
   return ((s - mean) / std) * scale + bias
 
 
-def kl_shaped_rewards(r: ArrayLike, logp_old: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike,
+@renamed_kwargs(logp_ref="ref_logp", logp_old="old_logp")
+def kl_shaped_rewards(r: ArrayLike, old_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike,
                       kl_coef: float, estimator: str = "k1") -> Array:
   """Per-token KL shaping: `r_t - kl_coef * KL_t` on valid tokens (FG-RLHF `kl_penalize_reward`).
 
-  KL_t is any estimator of `jaxrl_dense.losses.get_kl` ("k1"/"kl": logp_old - logp_ref, "abs",
+  KL_t is any estimator of `jaxrl_dense.losses.get_kl` ("k1"/"kl": old_logp - ref_logp, "abs",
   "k2"/"mse", "k3"/"low_var_kl"), applied through the core's `kl_in_reward`. FG-RLHF uses k1 with
   kl_coef = 0.3.
 
   Args:
     r: `[B, T]` task rewards.
-    logp_old, logp_ref: `[B, T]` log-probs of the realized tokens.
+    old_logp, ref_logp: `[B, T]` log-probs of the realized tokens.
     mask: `[B, T]`.
 
   Returns:
@@ -120,12 +122,12 @@ def kl_shaped_rewards(r: ArrayLike, logp_old: ArrayLike, logp_ref: ArrayLike, ma
   """
   from jaxrl_dense import losses  # local import: rewards must not need losses at import time
 
-  ops.check_token_arrays(r=r, logp_old=logp_old, logp_ref=logp_ref, mask=mask)
+  ops.check_token_arrays(r=r, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
   try:
     est = losses.get_kl(estimator)
   except losses.UnknownNameError as e:
     raise ValueError(f"estimator: {e}") from None
-  return losses.kl_in_reward(r, logp_old, logp_ref, kl_coef=kl_coef, mask=mask, estimator=est)
+  return losses.kl_in_reward(r, old_logp, ref_logp, kl_coef=kl_coef, mask=mask, estimator=est)
 
 
 def scale_rewards_keep_mean(r: ArrayLike, mask: ArrayLike, eps: float = 1e-8,
@@ -154,11 +156,12 @@ def scale_rewards_keep_mean(r: ArrayLike, mask: ArrayLike, eps: float = 1e-8,
   return out * mask
 
 
+@renamed_kwargs(logp_ref="ref_logp", logp_old="old_logp")
 def fine_grained_token_rewards(seg_ends: Sequence[ArrayLike], seg_values: Sequence[ArrayLike],
                                seg_valids: Sequence[ArrayLike], weights: Sequence[float],
                                mask: ArrayLike, *, sequence_score: ArrayLike | None = None,
-                               logp_old: ArrayLike | None = None,
-                               logp_ref: ArrayLike | None = None, kl_coef: float = 0.0,
+                               old_logp: ArrayLike | None = None,
+                               ref_logp: ArrayLike | None = None, kl_coef: float = 0.0,
                                estimator: str = "k1") -> Array:
   """Assembles FG-RLHF token rewards from K segment-level reward functions.
 
@@ -172,7 +175,7 @@ def fine_grained_token_rewards(seg_ends: Sequence[ArrayLike], seg_values: Sequen
     mask: `[B, T]`.
     sequence_score: optional `[B]` whole-response reward (e.g. `normalize_sequence_score(...)`)
       added on the last valid token.
-    logp_old, logp_ref: `[B, T]`, required when `kl_coef != 0`.
+    old_logp, ref_logp: `[B, T]`, required when `kl_coef != 0`.
 
   Returns:
     `[B, T]` float32 rewards (stop-gradient), 0 on padding.
@@ -190,9 +193,9 @@ def fine_grained_token_rewards(seg_ends: Sequence[ArrayLike], seg_values: Sequen
     chex.assert_shape(s, (mask.shape[0],))
     r = r + ops.place_at_last_token(s, mask)
   if kl_coef != 0.0:
-    if logp_old is None or logp_ref is None:
-      raise ValueError("logp_old and logp_ref are required when kl_coef != 0.")
-    r = kl_shaped_rewards(r, logp_old, logp_ref, mask, kl_coef, estimator)
+    if old_logp is None or ref_logp is None:
+      raise ValueError("old_logp and ref_logp are required when kl_coef != 0.")
+    r = kl_shaped_rewards(r, old_logp, ref_logp, mask, kl_coef, estimator)
   return lax.stop_gradient(r * mask)
 
 

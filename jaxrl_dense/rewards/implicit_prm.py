@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import ops
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -33,7 +34,7 @@ BON_MODES = ("none", "bon_acc", "bon_rm")
 class ImplicitRewards(NamedTuple):
   """Output of :func:`implicit_token_rewards` (both ``[B, T]``, stop-gradient, 0 on padding)."""
   scores: Array   # token-level process rewards s[i, t]
-  q: Array        # log-ratio q[i, t] = logp_prm − logp_ref (0 on padding)
+  q: Array        # log-ratio q[i, t] = prm_logp − ref_logp (0 on padding)
 
 
 def _check_nonempty_rows(mask, fn):
@@ -44,83 +45,85 @@ def _check_nonempty_rows(mask, fn):
                        "token; every response has L >= 1 (EOS counts), so empty rows are rejected")
 
 
-def token_log_ratio(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike) -> Array:
-  """``q[i, t] = (logp_prm − logp_ref)[i, t]`` on valid tokens, 0 on padding. ``[B, T] -> [B, T]``.
+@renamed_kwargs(logp_prm="prm_logp", logp_ref="ref_logp")
+def token_log_ratio(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike) -> Array:
+  """``q[i, t] = (prm_logp − ref_logp)[i, t]`` on valid tokens, 0 on padding. ``[B, T] -> [B, T]``.
 
-  Differentiable w.r.t. ``logp_prm`` (use it inside PRM losses); not stop-gradient.
+  Differentiable w.r.t. ``prm_logp`` (use it inside PRM losses); not stop-gradient.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask)
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask)
   m = ops.as_bool_mask(mask)
-  return jnp.where(m, jnp.asarray(logp_prm, jnp.float32) - jnp.asarray(logp_ref, jnp.float32), 0.0)
+  return jnp.where(m, jnp.asarray(prm_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
 
 
-def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike, *,
-                           beta: float = 0.05, variant: str = "verl", granularity: str = "token",
-                           lam: float = 0.0, acc: ArrayLike | None = None,
+@renamed_kwargs(variant="reference_impl", acc="outcome", logp_prm="prm_logp", logp_ref="ref_logp")
+def implicit_token_rewards(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike, *,
+                           beta: float = 0.05, reference_impl: str = "verl", granularity: str = "token",
+                           lam: float = 0.0, outcome: ArrayLike | None = None,
                            use_gt: bool = False) -> ImplicitRewards:
   """Token-level implicit process rewards (PRIME, arXiv 2502.01456 Eq. 3).
 
-  ``q = (logp_prm − logp_ref)·m``, then with L_i the valid length:
+  ``q = (prm_logp − ref_logp)·m``, then with L_i the valid length:
 
-  * ``variant="verl"`` (veRL recipe ``_forward_micro_batch``): ``r = β·q``; ``token`` granularity:
+  * ``reference_impl="verl"`` (veRL recipe ``_forward_micro_batch``): ``r = β·q``; ``token`` granularity:
     ``s[i, t] = r[i, t]`` for ``t < L_i − 1`` and **``s[i, L_i − 1] = 0``** (the EOS token never
     carries a process reward). Non-default ``lam = λ ≠ 0``: ``q' = β·q`` (with ``use_gt``,
-    ``q'[i, L_i−1] ← acc_i − Σ_{t<L_i−1} q'[i, t]``), ``r_t = q'_t + λ·r_{t+1}``, then the same
+    ``q'[i, L_i−1] ← outcome_i − Σ_{t<L_i−1} q'[i, t]``), ``r_t = q'_t + λ·r_{t+1}``, then the same
     last-token drop. ``granularity="whole"`` is broken in the recipe (it raises for any L > 1) and
     raises ValueError here (unless every L_i = 1, where the recipe's result is reproduced).
-  * ``variant="original"`` (PRIME-RL/PRIME ``compute_implicit_reward``): **no β**; ``token``:
+  * ``reference_impl="original"`` (PRIME-RL/PRIME ``compute_implicit_reward``): **no β**; ``token``:
     ``s[i, t] = q[i, t]`` for all ``t < L_i``; ``whole``: ``s[i, L_i − 1] = Σ_{t<L_i} q[i, t]``.
-  * ``variant="paper"`` (Eq. 3): ``token``: ``s = β·q`` on every valid token; ``whole``:
+  * ``reference_impl="paper"`` (Eq. 3): ``token``: ``s = β·q`` on every valid token; ``whole``:
     ``s[i, L_i − 1] = β Σ_t q[i, t]``.
 
   Normalise afterwards with :func:`prime_norm` (batch-norm, the default in both references).
 
   Args:
-    logp_prm: ``[B, T]`` log π_φ of the realised response tokens.
-    logp_ref: ``[B, T]`` log π_ref of the same tokens.
+    prm_logp: ``[B, T]`` log π_φ of the realised response tokens.
+    ref_logp: ``[B, T]`` log π_ref of the same tokens.
     mask: ``[B, T]`` response mask (1 up to and including EOS). Rows must be non-empty.
     beta: β (``beta_train``), 0.05 in PRIME.
-    variant: ``"verl"`` | ``"original"`` | ``"paper"``.
+    reference_impl: ``"verl"`` | ``"original"`` | ``"paper"``.
     granularity: ``"token"`` | ``"whole"``.
-    lam, acc, use_gt: veRL-only λ-return option (``acc [B]`` needed when ``use_gt``).
+    lam, outcome, use_gt: veRL-only λ-return option (``outcome [B]`` needed when ``use_gt``).
 
   Returns:
     ``ImplicitRewards(scores [B, T], q [B, T])``, stop-gradient, 0 on padding.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask)
-  if variant not in VARIANTS:
-    raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask)
+  if reference_impl not in VARIANTS:
+    raise ValueError(f"`reference_impl` must be one of {VARIANTS}, got {reference_impl!r}")
   if granularity not in GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
-  if lam != 0.0 and variant != "verl":
-    raise ValueError(f"`lam` (λ-return) exists only in variant='verl', got variant={variant!r}")
-  if variant == "verl" and granularity == "whole":
+  if lam != 0.0 and reference_impl != "verl":
+    raise ValueError(f"`lam` (λ-return) exists only in reference_impl='verl', got reference_impl={reference_impl!r}")
+  if reference_impl == "verl" and granularity == "whole":
     # The recipe writes a length-L slice into one element: it only runs when every L_i = 1, where
     # it equals the paper's whole granularity. Anything else (or unknown lengths under jit) raises.
     lengths = np.asarray(ops.valid_lengths(mask)) if ops.is_concrete(mask) else None
     if lengths is None or (lengths > 1).any():
       raise ValueError("granularity='whole' is broken in the veRL recipe (it writes a length-L "
-                       "vector into one element and raises for any L > 1); use variant='original' "
+                       "vector into one element and raises for any L > 1); use reference_impl='original' "
                        "or 'paper' for whole-response rewards")
-    variant = "paper"
-  if use_gt and acc is None:
-    raise ValueError("`use_gt=True` needs `acc` [B]")
-  if acc is not None:
-    ops.check_row_arrays(jnp.shape(mask)[0], acc=acc)
+    reference_impl = "paper"
+  if use_gt and outcome is None:
+    raise ValueError("`use_gt=True` needs `outcome` [B]")
+  if outcome is not None:
+    ops.check_row_arrays(jnp.shape(mask)[0], outcome=outcome)
   _check_nonempty_rows(mask, "implicit_token_rewards")
 
   m = ops.as_bool_mask(mask)                                        # [B, T]
-  q = jax.lax.stop_gradient(token_log_ratio(logp_prm, logp_ref, m))  # [B, T]
+  q = jax.lax.stop_gradient(token_log_ratio(prm_logp, ref_logp, m))  # [B, T]
   t = jnp.arange(m.shape[1], dtype=jnp.int32)[None, :]              # [1, T]
   last = ops.last_token_index(m)[:, None]                           # [B, 1]
   is_last = t == last                                               # [B, T]
 
-  if variant == "original":
+  if reference_impl == "original":
     if granularity == "token":
       scores = q
     else:
       scores = jnp.where(is_last, jnp.sum(q, axis=1, keepdims=True), 0.0)
-  elif variant == "paper":
+  elif reference_impl == "paper":
     r = beta * q
     scores = r if granularity == "token" else jnp.where(is_last, jnp.sum(r, 1, keepdims=True), 0.0)
   else:  # verl
@@ -128,7 +131,7 @@ def implicit_token_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: Array
     if lam != 0.0:
       if use_gt:
         before_last = jnp.sum(jnp.where(t < last, r, 0.0), axis=1, keepdims=True)   # [B, 1]
-        gt = jnp.asarray(acc, jnp.float32)[:, None] - before_last                   # [B, 1]
+        gt = jnp.asarray(outcome, jnp.float32)[:, None] - before_last                   # [B, 1]
         r = jnp.where(is_last, gt, r)
       r = ops.reverse_cumsum(jnp.where(m, r, 0.0), gamma=lam)       # λ-return over all T
     scores = jnp.where(t < last, r, 0.0)                            # drop the last valid token
@@ -214,37 +217,39 @@ def _log_clamped(log_p):
   return jnp.maximum(log_p, -100.0)
 
 
-def prm_ce_loss_terms(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, beta: float = 0.05) -> Array:
+@renamed_kwargs(acc="outcome")
+def prm_ce_loss_terms(q: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *, beta: float = 0.05) -> Array:
   """Per-response implicit-PRM cross-entropy ``[B]`` (see :func:`prm_ce_loss`)."""
   ops.check_token_arrays(q=q, mask=mask)
-  ops.check_row_arrays(jnp.shape(q)[0], acc=acc)
+  ops.check_row_arrays(jnp.shape(q)[0], outcome=outcome)
   z = beta * ops.masked_sum(q, mask, axis=1)                        # [B]
-  y = jnp.asarray(acc, jnp.float32)
+  y = jnp.asarray(outcome, jnp.float32)
   return -(y * _log_clamped(jax.nn.log_sigmoid(z)) + (1.0 - y) * _log_clamped(jax.nn.log_sigmoid(-z)))
 
 
-def prm_ce_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, beta: float = 0.05) -> Array:
+@renamed_kwargs(acc="outcome")
+def prm_ce_loss(q: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *, beta: float = 0.05) -> Array:
   """Implicit-PRM cross-entropy loss (PRIME, arXiv 2502.01456 Sec. 3.2 / App. C.2; ``loss_type: ce``).
 
   Reference: ``compute_ce_dpo_loss_rm`` (veRL recipe ``prime/prime_core_algos.py``; PRIME-RL/PRIME
   ``training/verl/trainer/ppo/core_algos.py``).
 
   ``z_i = β Σ_t m[i,t] q[i,t]``, ``p_i = σ(z_i)``,
-  ``ℓ = −(1/B) Σ_i [acc_i log p_i + (1 − acc_i) log(1 − p_i)]`` (each log clamped at −100 as in
-  PyTorch's BCE). ``∂ℓ/∂q[i,t] = (p_i − acc_i)·β·m[i,t]/B``: padded positions get no gradient.
+  ``ℓ = −(1/B) Σ_i [outcome_i log p_i + (1 − outcome_i) log(1 − p_i)]`` (each log clamped at −100 as in
+  PyTorch's BCE). ``∂ℓ/∂q[i,t] = (p_i − outcome_i)·β·m[i,t]/B``: padded positions get no gradient.
 
   Args:
-    q: ``[B, T]`` log-ratio ``logp_prm − logp_ref`` carrying the gradient to the PRM.
-    mask: ``[B, T]`` response mask. acc: ``[B]`` outcome labels in [0, 1]. beta: β (0.05).
+    q: ``[B, T]`` log-ratio ``prm_logp − ref_logp`` carrying the gradient to the PRM.
+    mask: ``[B, T]`` response mask. outcome: ``[B]`` outcome labels in [0, 1]. beta: β (0.05).
   Returns: scalar mean over the B responses (use :func:`prm_ce_loss_terms` for (sum, count)).
   """
-  return jnp.mean(prm_ce_loss_terms(q, mask, acc, beta=beta))
+  return jnp.mean(prm_ce_loss_terms(q, mask, outcome, beta=beta))
 
 
 def group_matrix(v: ArrayLike, n: int) -> Array:
   """``out[i, k] = v[g(i)·n + k]``: the n values of row i's prompt group. ``[B] -> [B, n]``.
 
-  Builds the detached ``Q_bc`` / ``acc_bc`` inputs of :func:`prm_detached_dpo_loss` from
+  Builds the detached ``Q_bc`` / ``outcome_bc`` inputs of :func:`prm_detached_dpo_loss` from
   contiguous groups (e.g. ``group_matrix(stop_gradient(masked_sum(q, mask, 1)), n)``).
   """
   chex.assert_rank(v, 1, custom_message="`v` must be [B]")
@@ -255,41 +260,42 @@ def group_matrix(v: ArrayLike, n: int) -> Array:
   return jnp.repeat(g, n, axis=0)                                   # [B, n]
 
 
-def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, q_bc: ArrayLike,
-                          acc_bc: ArrayLike, *, beta: float = 0.05, bon_mode: str = "none",
+@renamed_kwargs(acc="outcome", acc_bc="outcome_bc")
+def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, outcome: ArrayLike, q_bc: ArrayLike,
+                          outcome_bc: ArrayLike, *, beta: float = 0.05, bon_mode: str = "none",
                           tie_atol: float = 1e-6) -> Array:
   """veRL recipe detached-DPO / best-of-N PRM loss (``prime/prime_core_algos.py``
   ``compute_detach_dpo_loss_rm``).
 
   ``Q_i = β Σ_t m q[i, t]``; the "other side" of i is
-  ``C_i = {Q_bc[i,k] : acc_bc[i,k] < acc_i}`` if ``acc_i > 0`` else ``{Q_bc[i,k] : acc_bc[i,k] > acc_i}``,
-  ``O_i = β·mean(C_i)`` (0 if empty), ``sgn_i = +1 if acc_i > 0 else −1``,
+  ``C_i = {Q_bc[i,k] : outcome_bc[i,k] < outcome_i}`` if ``outcome_i > 0`` else ``{Q_bc[i,k] : outcome_bc[i,k] > outcome_i}``,
+  ``O_i = β·mean(C_i)`` (0 if empty), ``sgn_i = +1 if outcome_i > 0 else −1``,
   ``ℓ_i = −log σ((Q_i − O_i)·sgn_i)``.
   ``bon_mode="none"`` (``loss_type: dpo``): ``mean_i ℓ_i``; ``"bon_acc"``: ``Σ_i w_i ℓ_i`` with
-  ``w_i = n·(mean_k[acc_bc[i,k] ≤ acc_i])^(n−1)``; ``"bon_rm"``: ``w_i = n·(mean_k[β Q_bc[i,k] ≤ Q_i])^(n−1)``
+  ``w_i = n·(mean_k[outcome_bc[i,k] ≤ outcome_i])^(n−1)``; ``"bon_rm"``: ``w_i = n·(mean_k[β Q_bc[i,k] ≤ Q_i])^(n−1)``
   (the ≤ includes i itself, compared with ``tie_atol`` slack). The weights are not differentiated.
 
   Args:
-    q: ``[B, T]`` log-ratio with gradient. mask: ``[B, T]``. acc: ``[B]``.
+    q: ``[B, T]`` log-ratio with gradient. mask: ``[B, T]``. outcome: ``[B]``.
     q_bc: ``[B, n]`` detached summed (unscaled) q of the n responses of i's prompt (i included).
-    acc_bc: ``[B, n]`` their labels. (Build both with :func:`group_matrix`.)
+    outcome_bc: ``[B, n]`` their labels. (Build both with :func:`group_matrix`.)
   Returns: scalar loss.
   """
   ops.check_token_arrays(q=q, mask=mask)
-  b = ops.check_row_arrays(jnp.shape(q)[0], acc=acc)
-  chex.assert_rank([q_bc, acc_bc], 2, custom_message="`q_bc` and `acc_bc` must be [B, n]")
-  if jnp.shape(q_bc) != jnp.shape(acc_bc) or jnp.shape(q_bc)[0] != b:
-    raise ValueError(f"`q_bc` {jnp.shape(q_bc)} and `acc_bc` {jnp.shape(acc_bc)} must both be "
+  b = ops.check_row_arrays(jnp.shape(q)[0], outcome=outcome)
+  chex.assert_rank([q_bc, outcome_bc], 2, custom_message="`q_bc` and `outcome_bc` must be [B, n]")
+  if jnp.shape(q_bc) != jnp.shape(outcome_bc) or jnp.shape(q_bc)[0] != b:
+    raise ValueError(f"`q_bc` {jnp.shape(q_bc)} and `outcome_bc` {jnp.shape(outcome_bc)} must both be "
                      f"[B={b}, n]")
   if bon_mode not in BON_MODES:
     raise ValueError(f"`bon_mode` must be one of {BON_MODES}, got {bon_mode!r}")
   n = jnp.shape(q_bc)[1]
-  acc = jnp.asarray(acc, jnp.float32)                               # [B]
+  outcome = jnp.asarray(outcome, jnp.float32)                               # [B]
   q_bc = jax.lax.stop_gradient(jnp.asarray(q_bc, jnp.float32))      # [B, n]
-  acc_bc = jnp.asarray(acc_bc, jnp.float32)                         # [B, n]
+  outcome_bc = jnp.asarray(outcome_bc, jnp.float32)                         # [B, n]
   cur = ops.masked_sum(q, mask, axis=1) * beta                      # [B]
-  pos = acc > 0                                                     # [B]
-  chosen = jnp.where(pos[:, None], acc_bc < acc[:, None], acc_bc > acc[:, None])  # [B, n]
+  pos = outcome > 0                                                     # [B]
+  chosen = jnp.where(pos[:, None], outcome_bc < outcome[:, None], outcome_bc > outcome[:, None])  # [B, n]
   cnt = jnp.sum(chosen, axis=1)                                     # [B]
   other = jnp.where(cnt > 0, jnp.sum(jnp.where(chosen, q_bc, 0.0), 1) / jnp.maximum(cnt, 1), 0.0)
   other = other * beta                                              # [B]
@@ -298,7 +304,7 @@ def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, q_bc: A
   if bon_mode == "none":
     return jnp.mean(per)
   if bon_mode == "bon_acc":
-    frac = jnp.mean((acc_bc <= acc[:, None]).astype(jnp.float32), axis=1)
+    frac = jnp.mean((outcome_bc <= outcome[:, None]).astype(jnp.float32), axis=1)
   else:
     cur_d = jax.lax.stop_gradient(cur)
     frac = jnp.mean((q_bc * beta <= cur_d[:, None] + tie_atol).astype(jnp.float32), axis=1)
@@ -309,20 +315,21 @@ def prm_detached_dpo_loss(q: ArrayLike, mask: ArrayLike, acc: ArrayLike, q_bc: A
 # ----------------------------------------------------------------------------- PRM metrics
 
 
-def prm_pairwise_accuracy(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, n: int) -> Array:
+@renamed_kwargs(acc="outcome")
+def prm_pairwise_accuracy(token_scores: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *, n: int) -> Array:
   """PRM pairwise accuracy (``compute_dpo_accuracy``, both references).
 
   Per group of n contiguous responses with ``S_i = Σ_t m s[i, t]``, over pairs i < j with
-  ``Δa = acc_i − acc_j``, ``ΔS = S_i − S_j``:
+  ``Δa = outcome_i − acc_j``, ``ΔS = S_i − S_j``:
   ``acc_g = Σ [(ΔS > 0) = (Δa > 0)]·|Δa| / Σ |Δa|`` (0.5 when ``Σ|Δa| = 0``); returns mean over groups.
-  Shapes: token_scores, mask ``[B, T]``, acc ``[B]`` -> scalar.
+  Shapes: token_scores, mask ``[B, T]``, outcome ``[B]`` -> scalar.
   """
   ops.check_token_arrays(token_scores=token_scores, mask=mask)
-  b = ops.check_row_arrays(jnp.shape(mask)[0], acc=acc)
+  b = ops.check_row_arrays(jnp.shape(mask)[0], outcome=outcome)
   if n < 1 or b % n:
     raise ValueError(f"B = {b} rows must split into groups of n = {n}")
   s = ops.masked_sum(token_scores, mask, axis=1).reshape(-1, n)     # [P, n]
-  a = jnp.asarray(acc, jnp.float32).reshape(-1, n)                  # [P, n]
+  a = jnp.asarray(outcome, jnp.float32).reshape(-1, n)                  # [P, n]
   ds = s[:, :, None] - s[:, None, :]                                # [P, n, n]
   da = a[:, :, None] - a[:, None, :]                                # [P, n, n]
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)[None]               # [1, n, n]
@@ -333,15 +340,17 @@ def prm_pairwise_accuracy(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLi
   return jnp.mean(acc_g)
 
 
-def prm_sign_accuracy(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike) -> Array:
-  """``dpo_abs_acc`` (veRL recipe): ``mean_i [sign(Σ_t m s[i,t]) = sign(2 acc_i − 1)]``."""
+@renamed_kwargs(acc="outcome")
+def prm_sign_accuracy(token_scores: ArrayLike, mask: ArrayLike, outcome: ArrayLike) -> Array:
+  """``dpo_abs_acc`` (veRL recipe): ``mean_i [sign(Σ_t m s[i,t]) = sign(2 outcome_i − 1)]``."""
   ops.check_token_arrays(token_scores=token_scores, mask=mask)
-  ops.check_row_arrays(jnp.shape(mask)[0], acc=acc)
+  ops.check_row_arrays(jnp.shape(mask)[0], outcome=outcome)
   s = ops.masked_sum(token_scores, mask, axis=1)
-  return jnp.mean((jnp.sign(s) == jnp.sign(2.0 * jnp.asarray(acc, jnp.float32) - 1.0)).astype(jnp.float32))
+  return jnp.mean((jnp.sign(s) == jnp.sign(2.0 * jnp.asarray(outcome, jnp.float32) - 1.0)).astype(jnp.float32))
 
 
-def prm_metrics(token_scores: ArrayLike, mask: ArrayLike, acc: ArrayLike, *, n: int) -> dict:
+@renamed_kwargs(acc="outcome")
+def prm_metrics(token_scores: ArrayLike, mask: ArrayLike, outcome: ArrayLike, *, n: int) -> dict:
   """``{"prm/dpo_acc": ..., "prm/dpo_abs_acc": ...}`` (the metrics the veRL recipe logs)."""
-  return {"prm/dpo_acc": prm_pairwise_accuracy(token_scores, mask, acc, n=n),
-          "prm/dpo_abs_acc": prm_sign_accuracy(token_scores, mask, acc)}
+  return {"prm/dpo_acc": prm_pairwise_accuracy(token_scores, mask, outcome, n=n),
+          "prm/dpo_abs_acc": prm_sign_accuracy(token_scores, mask, outcome)}

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxrl_dense import ops
 from jaxrl_dense.losses.sequence import dpo_loss, implicit_ce_loss, kto_loss, nca_loss, sequence_logratio  # noqa: F401
+from jaxrl_dense._deprecation import renamed_kwargs
 
 Array = jax.Array
 ArrayLike = chex.Array
@@ -28,7 +29,8 @@ STEP_MODES = ("single", "accumulative")
 STEP_AGGREGATIONS = ("min", "sum")
 
 
-def implicit_step_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayLike,
+@renamed_kwargs(logp_prm="prm_logp", logp_ref="ref_logp")
+def implicit_step_rewards(prm_logp: ArrayLike, ref_logp: ArrayLike, mask: ArrayLike,
                           step_ids: ArrayLike, num_steps: int, *, beta: float = 1.0,
                           mode: str = "single") -> Tuple[Array, Array]:
   """Step rewards from token log-ratios (arXiv 2412.01981 eval ``get_reward``).
@@ -38,11 +40,11 @@ def implicit_step_rewards(logp_prm: ArrayLike, logp_ref: ArrayLike, mask: ArrayL
   Shapes: ``[B, T]`` inputs, ``step_ids int32[B, T]`` (−1 on masked tokens), static S = num_steps
   -> ``(r [B, S], step_mask [B, S])``; r is 0 on empty steps. Stop-gradient.
   """
-  ops.check_token_arrays(logp_prm=logp_prm, logp_ref=logp_ref, mask=mask, step_ids=step_ids)
+  ops.check_token_arrays(prm_logp=prm_logp, ref_logp=ref_logp, mask=mask, step_ids=step_ids)
   if mode not in STEP_MODES:
     raise ValueError(f"`mode` must be one of {STEP_MODES}, got {mode!r}")
   m = ops.as_bool_mask(mask)
-  q = jnp.where(m, jnp.asarray(logp_prm, jnp.float32) - jnp.asarray(logp_ref, jnp.float32), 0.0)
+  q = jnp.where(m, jnp.asarray(prm_logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32), 0.0)
   sid = jnp.where(m, jnp.asarray(step_ids), -1)
   step_mask = ops.step_mask_from_ids(sid, num_steps)                # [B, S]
   r = beta * ops.segment_sum(q, sid, num_steps)                     # [B, S]

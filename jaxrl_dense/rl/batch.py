@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_dense import _deprecation
 
-_ROW_FIELDS = ("acc", "in_band", "keep", "weights")  # [B]; the other response fields are [B, R]
+
+_ROW_FIELDS = ("outcome", "in_band", "keep", "weights")  # [B]; the other response fields are [B, R]
 
 
 class RolloutBatch(NamedTuple):
@@ -24,7 +26,7 @@ class RolloutBatch(NamedTuple):
   prompt_mask: int32 [B, P] 1 on real prompt tokens.
   response_tokens: int32 [B, R] right-padded responses.
   response_mask: float32 [B, R] 1 up to and including the first EOS.
-  acc: float32 [B] verifier outcome labels.
+  outcome: float32 [B] verifier outcome labels (formerly `acc`, a deprecated alias for one release).
   sampler_logp: float32 [B, R] the sampler's log-probs of its tokens (the behaviour policy μ: the
     distribution actually sampled, temperature / top-p / top-k and the sampler's precision
     included), or None. The update uses them as π_old in bypass mode (--recompute_old_logp=false)
@@ -63,7 +65,7 @@ class RolloutBatch(NamedTuple):
   prompt_mask: jax.Array
   response_tokens: jax.Array
   response_mask: jax.Array
-  acc: jax.Array
+  outcome: jax.Array
   sampler_logp: Optional[jax.Array] = None
   ref_logp: Optional[jax.Array] = None
   prm_logp: Optional[jax.Array] = None
@@ -82,6 +84,8 @@ class RolloutBatch(NamedTuple):
   rollout_is_weights: Optional[jax.Array] = None
   rollout_rs_keep: Optional[jax.Array] = None
 
+  acc = _deprecation.renamed_attribute("outcome")
+
   @property
   def num_rows(self) -> int:
     return self.response_mask.shape[0]
@@ -89,7 +93,7 @@ class RolloutBatch(NamedTuple):
   def check(self, n: int) -> "RolloutBatch":
     """Shape / rank checks (static); returns self. Raises naming the bad field."""
     chex.assert_rank([self.prompt_tokens, self.prompt_mask, self.response_tokens, self.response_mask,
-                      self.acc], [2, 2, 2, 2, 1])
+                      self.outcome], [2, 2, 2, 2, 1])
     b, p = self.prompt_tokens.shape
     r = self.response_tokens.shape[1]
     for name in self._fields:
@@ -174,3 +178,7 @@ def trim_batch(batch: RolloutBatch, bucket: int) -> RolloutBatch:
       turn_ids=cut(batch.turn_ids, "r"), old_logp=cut(batch.old_logp, "r"),
       advantages=cut(batch.advantages, "r"), returns=cut(batch.returns, "r"),
       rollout_is_weights=cut(batch.rollout_is_weights, "r"), rollout_rs_keep=cut(batch.rollout_rs_keep, "r"))
+
+
+# RolloutBatch(acc=...): the former name of `outcome`, for one release (DeprecationWarning).
+RolloutBatch.__new__ = staticmethod(_deprecation.renamed_kwargs(acc="outcome")(RolloutBatch.__new__))

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Iterator, Sequence, Tuple
 
-from jaxrl_dense import losses
+from jaxrl_dense import _deprecation, losses
 from jaxrl_dense.rewards import PRM_LOSSES
 from jaxrl_dense.rl.steps import LOSS_NORMS
 
@@ -38,12 +39,15 @@ class ConfigError(ValueError):
 
 
 def _f(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
-       runtime=False):
+       runtime=False, deprecated_names=()):
   """A config field with its flag help, numeric range and / or choices (checked by `_check`);
   `runtime=True`: it changes neither the math nor the data order (paths, logging, sizes of
-  micro-batches under the global-count normaliser), so checkpoints leave it out (`RUNTIME_ONLY`)."""
+  micro-batches under the global-count normaliser), so checkpoints leave it out (`RUNTIME_ONLY`).
+  `deprecated_names`: former names of a renamed setting, still accepted for one release as flags
+  (`define_flags`), by `build` / `replace`, and as keys of a checkpoint's fingerprint (`RENAMED`)."""
   meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-          "choices": tuple(choices) if choices else None, "runtime": runtime}
+          "choices": tuple(choices) if choices else None, "runtime": runtime,
+          "deprecated_names": tuple(deprecated_names)}
   return dataclasses.field(default=default, metadata=meta)
 
 
@@ -95,7 +99,7 @@ ADVANTAGE_OVERRIDES = ("", "prl", "grpo", "dr_grpo", "rloo", "reinforce_pp_basel
 EXTRA_REWARDS = ("sar",)
 SAR_DEFAULT_WEIGHT = 0.2  # SAR (arXiv 2509.05489)
 KL_TYPES = losses.KL_ESTIMATORS.names()  # choices from the registries the update dispatches on
-# ppo_original is --policy_loss=ppo with --prime_variant=original (rl.steps.make_policy_update)
+# ppo_original is --policy_loss=ppo with --reference_impl=original (rl.steps.make_policy_update)
 POLICY_LOSS_NAMES = tuple(n for n in losses.POLICY_LOSSES.names() if n != "ppo_original")
 
 
@@ -180,7 +184,7 @@ class FilterConfig:
                         "'resample' = PRIME-RL's protocol: sample further prompt batches until "
                         "--prompts_per_step groups are in band or --resample_max_rounds rounds are "
                         "drawn (the rest masked), surplus in-band prompts buffered for the next step. "
-                        "'' = resample with --prime_variant=original, fill with verl (and with "
+                        "'' = resample with --reference_impl=original, fill with verl (and with "
                         "--filter=none|prof, where every group counts as in band).",
                         choices=FILTER_MODES)
   resample_max_rounds: int = _f(8, "--filter_mode=resample: sampling rounds per step at most (each "
@@ -253,7 +257,7 @@ class PolicyConfig:
   weight_decay: float = _f(0.01, "Policy AdamW weight decay.", lo=0.0, hi=1.0)
   grad_clip: float = _f(1.0, "Policy gradient-norm clip (0 = off).", lo=0.0, hi=1e6)
   policy_loss: str = _f("ppo", "Policy loss (losses/policy.py, docs/algorithms.md 'Policy losses'): ppo "
-                       "(PPO clip; --prime_variant=original gives PRIME-RL's plain clip), gspo (GSPO: "
+                       "(PPO clip; --reference_impl=original gives PRIME-RL's plain clip), gspo (GSPO: "
                        "sequence ratio, sequence advantage = the row mean of the advantages), gspo_token "
                        "(GSPO-token: sequence ratio, token advantages, so PRIME's process rewards reach "
                        "it), cispo (CISPO: clipped, stop-gradient IS weight times log-prob).",
@@ -351,9 +355,12 @@ class PrimeConfig:
   """The algorithm: PRIME or an outcome-only baseline, with its nested stage configs."""
   algo: str = _f("prime", "Algorithm: prime (implicit PRM + RLOO) or an outcome-only baseline.",
                  choices=ALGOS)
-  prime_variant: str = _f("verl", "PRIME reference (PRIME-RL's code or the veRL port); every --algo reads it "
-                          "(policy-loss clipping, accuracy-band truncation, oversampling).",
-                          choices=("verl", "original"))
+  reference_impl: str = _f("verl", "Which reference implementation's PRIME formulas the run follows "
+                           "(original = PRIME-RL's code, verl = the veRL port); every --algo reads it "
+                           "(policy-loss clipping, accuracy-band truncation, oversampling). Formerly "
+                           "--prime_variant.", choices=("verl", "original"),
+                           deprecated_names=("prime_variant",))
+  prime_variant = _deprecation.renamed_attribute("reference_impl")
   process_coef: float = _f(5.0, "PRIME verl: coefficient of the process (implicit) reward.", lo=0.0, hi=1e3)
   outcome_coef: float = _f(5.0, "PRIME verl: coefficient of the outcome reward.", lo=0.0, hi=1e3)
   gamma: float = _f(1.0, "Discount (PRIME original / REINFORCE++).", lo=0.0, hi=1.0)
@@ -449,9 +456,9 @@ class PrimeConfig:
       if not flt.prof_remove < n or n - self.prof_k < 2:
         raise ConfigError("prof_remove", flt.prof_remove, f"must be in 0..n-2 (n={n}; 0 = n // 2): "
                           "at least one response is removed and >= 2 survive for the leave-one-out")
-    if self.prime_variant == "verl" and self.gamma != 1.0 and self.algo == "prime":
+    if self.reference_impl == "verl" and self.gamma != 1.0 and self.algo == "prime":
       raise ConfigError("gamma", self.gamma, "PRIME's verl variant has no discount; use "
-                        "--prime_variant=original for gamma != 1")
+                        "--reference_impl=original for gamma != 1")
     rows = r.rows
     for name, size in (("mini_batch_size", self.policy_mini), ("prm_mini_batch_size", self.prm_mini)):
       if rows % size:
@@ -539,13 +546,13 @@ class PrimeConfig:
 
   @property
   def filter_protocol(self) -> str:
-    """The effective --filter_mode: fill, mask or resample ('' resolves by --prime_variant:
+    """The effective --filter_mode: fill, mask or resample ('' resolves by --reference_impl:
     original -> resample (PRIME-RL), verl -> fill (the veRL recipe); without the band filter every
     group is in band and the protocol is fill)."""
     flt = self.filter
     if flt.filter != "band":
       return "fill"
-    return flt.filter_mode or ("resample" if self.prime_variant == "original" else "fill")
+    return flt.filter_mode or ("resample" if self.reference_impl == "original" else "fill")
 
   @property
   def masks_filler(self) -> bool:
@@ -731,7 +738,7 @@ class RunConfig:
 # marked `_f(..., runtime=True)`; `RUNTIME_ONLY` (end of module) collects them.
 
 # Settings that only --algo=prime reads (its implicit PRM, the prime_rloo reward mix, PRM health).
-# Not --prime_variant: every --algo reads it (the policy loss's dual clip, the accuracy band's
+# Not --reference_impl: every --algo reads it (the policy loss's dual clip, the accuracy band's
 # truncation, verl's oversampling).
 PRM_ONLY = frozenset({
     "prm_model", "process_coef", "outcome_coef", "beta", "prm_loss", "prm_update",
@@ -790,13 +797,40 @@ def flat(cfg) -> dict:
 
 def replace(cfg, **changes):
   """`dataclasses.replace` by flat field name, at any depth: replace(cfg, lr=1e-6, n=2)."""
-  return build(type(cfg), {**flat(cfg), **changes})
+  return build(type(cfg), {**flat(cfg), **_renamed_settings(type(cfg), changes, "replace")})
+
+
+def renamed_settings(cls=None) -> dict:
+  """{former name: setting name} of the renamed settings of `cls` (default: `RunConfig`), from the
+  fields' `deprecated_names`."""
+  return {old: f.name for _, f in iter_fields(cls or RunConfig)
+          for old in f.metadata.get("deprecated_names", ())}
+
+
+def _renamed_settings(cls, values: dict, where: str) -> dict:
+  """`values` with former setting names replaced by the current ones (DeprecationWarning); both
+  names with different values raise the ConfigError of the setting."""
+  renamed = renamed_settings(cls)
+  if not renamed.keys() & values.keys():
+    return values
+  out = dict(values)
+  for old, new in renamed.items():
+    if old not in out:
+      continue
+    v = out.pop(old)
+    warnings.warn(f"{where}: the setting {old!r} is renamed {new!r} (flag --{new}); the old name is "
+                  "removed in the next release.", DeprecationWarning, stacklevel=3)
+    if new in out and out[new] != v:
+      raise ConfigError(new, out[new], f"conflicts with --{old}={v!r}, its former name; give only --{new}")
+    out[new] = v
+  return out
 
 
 def build(cls, values: dict):
   """A nested config of class `cls` from {flag name: value} (missing names keep their defaults).
 
   Inner configs are built first, so a bad value raises the ConfigError of its own field."""
+  values = _renamed_settings(cls, values, "build")
   known = {f.name for _, f in iter_fields(cls)}
   unknown = set(values) - known
   if unknown:
@@ -823,7 +857,7 @@ def fingerprint(cfg) -> dict:
   fp = {k: v for k, v in flat(cfg).items() if k not in RUNTIME_ONLY}
   if not fp.get("generate_batch_size"):
     fp.pop("generate_batch_size", None)
-  resample = (fp.get("filter_mode") or ("resample" if fp.get("prime_variant") == "original" else "fill"))
+  resample = (fp.get("filter_mode") or ("resample" if fp.get("reference_impl") == "original" else "fill"))
   if fp.get("filter") != "band" or resample != "resample":
     fp.pop("resample_max_rounds", None)
   pol = cfg.prime.policy
@@ -894,24 +928,38 @@ def define_flags(cls=RunConfig, flag_values=None, *, skip: Sequence[str] = ()) -
     if f.name in skip:
       continue
     d, h = f.default, f.metadata["help"]
-    if f.name == "filter":
-      flags.DEFINE_flag(flags.Flag(_filter_parser(), flags.ArgumentSerializer(), "filter", d, h,
-                                   boolean=True), flag_values=fv)
-    elif isinstance(d, bool):
-      flags.DEFINE_bool(f.name, d, h, flag_values=fv)
-    elif isinstance(d, int):
-      flags.DEFINE_integer(f.name, d, h, flag_values=fv)
-    elif isinstance(d, float):
-      flags.DEFINE_float(f.name, d, h, flag_values=fv)
-    else:
-      flags.DEFINE_string(f.name, d, h, flag_values=fv)
+    # A renamed setting's former names (`deprecated_names`) are flags of the same type without a
+    # default; `from_flags` moves a given one to the setting, with a DeprecationWarning.
+    names = [(f.name, d, h)] + [(old, None, f"Deprecated: the former name of --{f.name}.")
+                                for old in f.metadata.get("deprecated_names", ()) if old not in skip]
+    for name, default, text in names:
+      if f.name == "filter":
+        flags.DEFINE_flag(flags.Flag(_filter_parser(), flags.ArgumentSerializer(), name, default, text,
+                                     boolean=True), flag_values=fv)
+      elif isinstance(d, bool):
+        flags.DEFINE_bool(name, default, text, flag_values=fv)
+      elif isinstance(d, int):
+        flags.DEFINE_integer(name, default, text, flag_values=fv)
+      elif isinstance(d, float):
+        flags.DEFINE_float(name, default, text, flag_values=fv)
+      else:
+        flags.DEFINE_string(name, default, text, flag_values=fv)
 
 
 def from_flags(cls=RunConfig, flag_values=None):
   """Builds (and so validates) a `cls` config from parsed absl flags; raises ConfigError."""
   from absl import flags
   fv = flags.FLAGS if flag_values is None else flag_values
-  return build(cls, {f.name: fv[f.name].value for _, f in iter_fields(cls) if f.name in fv})
+  values = {f.name: fv[f.name].value for _, f in iter_fields(cls) if f.name in fv}
+  for old, new in renamed_settings(cls).items():  # a former flag name given: --new (once) from it
+    if old in fv and fv[old].present:
+      if new in values and fv[new].present and values[new] != fv[old].value:
+        raise ConfigError(new, values[new], f"conflicts with --{old}={fv[old].value!r}, its former "
+                          f"name; give only --{new}")
+      warnings.warn(f"--{old} is renamed --{new}; the old flag is removed in the next release.",
+                    DeprecationWarning, stacklevel=2)
+      values[new] = fv[old].value
+  return build(cls, values)
 
 
 def float_fields(cls=RunConfig) -> list:

@@ -156,7 +156,7 @@ def plan(cfg: RunConfig):
   ndev = mesh_devices(cfg)
   sizes = mesh_lib.parse_mesh_spec(cfg.mesh, ndev)
   shard, dp = sizes["fsdp"] * sizes["tensor"], sizes["data"] * sizes["fsdp"]
-  lines = [f"PRIME plan ({p.algo}, variant={p.prime_variant}, prm_update={p.prm.prm_update})",
+  lines = [f"PRIME plan ({p.algo}, reference_impl={p.reference_impl}, prm_update={p.prm.prm_update})",
            f"  mesh {cfg.mesh}: {ndev} device(s) (this host has {len(jax.devices())} "
            f"{jax.devices()[0].platform} device(s))",
            f"  steps {cfg.steps}: {r.prompts_per_step * r.oversample} prompts sampled x n={r.n} = "
@@ -265,7 +265,7 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
   b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
           "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
-          "acc": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
+          "outcome": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
           "in_band": ((rows,), jnp.float32)})  # rollout.collect always fills both
   if p.process_reward:
     b.update(ab({"process_rewards": ((rows, R_), jnp.float32)}))
@@ -281,7 +281,7 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
 
 # Settings that shape the programs `aot_plan` compiles (recorded in the plan as "flags", so a
 # recorded plan can be checked against the flag file it claims to be of).
-PLAN_FLAGS = ("arch", "dtype", "remat", "mesh", "rollout_mesh", "algo", "prime_variant", "prm_update",
+PLAN_FLAGS = ("arch", "dtype", "remat", "mesh", "rollout_mesh", "algo", "reference_impl", "prm_update",
               "n", "prompts_per_step", "generate_batch_size", "max_prompt_length",
               "max_response_length", "rollout_engine", "mini_batch_size", "micro_batch_size",
               "prm_mini_batch_size", "prm_micro_batch_size", "score_micro_batch_size",

@@ -18,7 +18,7 @@ whole of PRIME (Cui et al., arXiv 2502.01456) for one rollout batch:
   3. PROF (`filter="prof"`, arXiv 2509.03403): keep mask from the PRM's step scores; the dropped
      responses leave the advantage and the policy loss (survivors-only leave-one-out, as PROF's
      GRPO on the filtered batch).
-  4. rewards: outcome = acc (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
+  4. rewards: outcome reward = outcome label (+ w·R_SA with `extra_reward="sar:w"`), PRIME implicit token rewards
      r_t = β (log π_prm − log π_ref) batch-normalised (veRL's PRIME recipe), then the estimator
      `advantages.ESTIMATORS[cfg.estimator]` (one calling convention).
   5. PPO-clip update over epochs × mini-batches × micro-batches (global token-count normaliser).
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_dense import advantages as adv_lib
-from jaxrl_dense import losses, ops
+from jaxrl_dense import _deprecation, losses, ops
 from jaxrl_dense.observe import prm_health
 from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.rewards import overlong as overlong_lib
@@ -106,13 +106,14 @@ def _is_adapters(params) -> bool:
   return bool(leaves) and all(str(getattr(p[-1], "key", "")) in ("lora_a", "lora_b") for p, _ in leaves)
 
 
-def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
+@_deprecation.renamed_kwargs(acc="outcome")
+def prof_keep(outcome, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, step_len: int):
   """PROF keep mask [B] (arXiv 2509.03403) on the implicit PRM's step scores.
 
   v_h = σ(β Σ_{s ≤ e(h)} (log π_prm − log π_ref)_s): the PRM's probability that the prefix ending
   at step h's last token (fixed `step_len` steps) leads to a correct answer; then
-  c = prof_consistency(v, step_mask, acc) (code variant) and prof_filter removes k responses per
-  group of n, balancing correct / incorrect. Shapes: acc [B], mask / log-probs [B, R] -> bool [B].
+  c = prof_consistency(v, step_mask, outcome) (code variant) and prof_filter removes k responses per
+  group of n, balancing correct / incorrect. Shapes: outcome [B], mask / log-probs [B, R] -> bool [B].
   """
   m = mask.astype(jnp.float32)  # [B, R]
   q = jnp.cumsum(beta * (prm_logp - ref_logp) * m, axis=1)  # [B, R]
@@ -121,9 +122,9 @@ def prof_keep(acc, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int, ste
   ends = ops.step_ends_from_ids(step_ids) & (m > 0)  # [B, R]
   v = ops.segment_sum(jnp.where(ends, jax.nn.sigmoid(q), 0.0), step_ids, num_steps)  # [B, S]
   step_mask = ops.step_mask_from_ids(step_ids, num_steps)  # [B, S]
-  c = prof_lib.prof_consistency(v, step_mask, acc)  # [B]
-  g = acc.shape[0] // n
-  return prof_lib.prof_filter(acc, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
+  c = prof_lib.prof_consistency(v, step_mask, outcome)  # [B]
+  g = outcome.shape[0] // n
+  return prof_lib.prof_filter(outcome, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
 
 
 def survivor_rows(keep, n: int, k: int):
@@ -163,7 +164,7 @@ def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
   """Pure `(batch: RolloutBatch, extra=None) -> (batch with advantages, returns [B, R], stats)`.
 
-  Reads the batch's acc [B], response_mask [B, R], old_logp, ref_logp (None: old_logp stands in),
+  Reads the batch's outcome [B], response_mask [B, R], old_logp, ref_logp (None: old_logp stands in),
   prm_logp (PRIME), keep, in_band, process_rewards, turn_rewards, turn_ids; `extra` [B]: the
   Self-Aligned Reward R_SA (extra_reward "sar:w").
 
@@ -174,7 +175,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   process term in place of the implicit PRM's (no batch norm: the PRM's own scale, e.g. p1 - p0
   in [-1, 1]).
 
-  outcome = acc (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, arXiv 2509.05489;
+  outcome reward = outcome label (+ w·extra with extra_reward "sar:w": R = R_verifiable + w·R_SA, arXiv 2509.05489;
   + R_len with --overlong_buffer, DAPO's overlong shaping, rewards/overlong.py);
   PRIME: process rewards = prime_batch_norm(zero_float_noise(implicit_token_rewards(prm_logp,
   ref_logp))): exactly 0 while every implicit log-ratio suffix sum is below --prm_noise_tol (the
@@ -198,12 +199,12 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   proc_masked = masks or not cfg.filter.process_on_filler
 
   def hp(group):
-    return adv_lib.AdvantageParams(n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+    return adv_lib.AdvantageParams(n=group, reference_impl=cfg.reference_impl, process_coef=cfg.process_coef,
                                    outcome_coef=cfg.outcome_coef, gamma=cfg.gamma, prl_eta=cfg.prl_eta,
                                    igpo_variant=cfg.igpo_variant)
 
   def fn(batch: RolloutBatch, extra=None):
-    acc, old_logp, prm_logp, keep, in_band = batch.acc, batch.old_logp, batch.prm_logp, batch.keep, batch.in_band
+    outcome, old_logp, prm_logp, keep, in_band = batch.outcome, batch.old_logp, batch.prm_logp, batch.keep, batch.in_band
     ref_logp = batch.ref_logp if batch.ref_logp is not None else old_logp
     external, turn_rewards, turn_ids = batch.process_rewards, batch.turn_rewards, batch.turn_ids
     m = batch.response_mask.astype(jnp.float32)  # [B, R]
@@ -212,25 +213,25 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     w = band if masks else ones  # [B] rows of the advantage, the policy update and the means
     w_proc = w * band if proc_masked else w  # [B] rows that get a process reward
     stats = {}
-    outcome = acc  # [B]
+    outcome_reward = outcome  # [B] the verifier label, shaped below
     if cfg.overlong_buffer:  # DAPO overlong shaping: R = R_verifier + R_len (rewards/overlong.py)
       r_len = overlong_lib.overlong_penalty(m, max_length=cfg.rollout.max_response_length,
                                             buffer=cfg.overlong_buffer, factor=cfg.overlong_penalty)
-      outcome = outcome + r_len
+      outcome_reward = outcome_reward + r_len
       stats["reward/overlong_mean"] = ops.masked_mean(r_len, w)
       stats["reward/overlong_frac"] = ops.masked_mean((r_len < 0).astype(jnp.float32), w)
     if extra is not None:
-      outcome = sar_lib.combine_with_sar(acc, extra, factor=extra_w)  # [B]
+      outcome_reward = sar_lib.combine_with_sar(outcome, extra, factor=extra_w)  # [B]
       stats["extra/sar_mean"] = jnp.mean(extra)
-      stats["extra/reward_mean"] = jnp.mean(outcome)
+      stats["extra/reward_mean"] = jnp.mean(outcome_reward)
     if cfg.uses_prm:
       rw = implicit_prm.implicit_token_rewards(prm_logp, ref_logp, m, beta=cfg.prm.beta,
-                                               variant=cfg.prime_variant)
-      stats.update(implicit_prm.prm_metrics(rw.q, m, acc, n=n))
+                                               reference_impl=cfg.reference_impl)
+      stats.update(implicit_prm.prm_metrics(rw.q, m, outcome, n=n))
       # PRM health on this step's fresh samples (scored before the PRM trains on them with
       # --prm_update=after): AUROC / correlation with the outcome; NaN when all labels agree.
       stats.update({k: v for k, v in prm_health.prm_health_metrics(
-          rw.scores, rw.q, m, acc, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
+          rw.scores, rw.q, m, outcome, n=n, beta=cfg.prm.beta).items() if not k.endswith("pairwise_acc")})
       stats["prm/q_seq_mean"] = jnp.sum(w * jnp.sum(rw.q, axis=1)) / jnp.maximum(jnp.sum(w), 1.0)
       for i, v in enumerate(position_bin_means(cfg.prm.beta * rw.q, m, w)):
         stats[f"prm/implicit_reward_pos{i + 1}"] = v
@@ -244,7 +245,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
     process = None
     if cfg.uses_prm:
       rs = implicit_prm.implicit_token_rewards(take(prm_logp), take(ref_logp), ms, beta=cfg.prm.beta,
-                                               variant=cfg.prime_variant)
+                                               reference_impl=cfg.reference_impl)
       wp = take(w_proc) if proc_masked else None
       scores = implicit_prm.zero_float_noise(rs.scores, rs.q, tol=cfg.prm.prm_noise_tol, row_mask=wp)
       process = implicit_prm.prime_batch_norm(scores, row_mask=wp)  # [B', R]
@@ -258,16 +259,16 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
         process = process * take(w_proc)[:, None]
       stats["reward/process_reward_mean"] = ops.masked_mean(process, ms * ws[:, None])
     inputs = adv_lib.AdvantageInputs(
-        outcome=take(outcome), mask=ms, process_rewards=process, old_logp=take(old_logp),
+        outcome=take(outcome_reward), mask=ms, process_rewards=process, old_logp=take(old_logp),
         ref_logp=take(ref_logp), step_ids=ops.fixed_length_step_ids(ms, cfg.step_len),
         row_mask=ws if masks else None, turn_rewards=take(turn_rewards), turn_ids=take(turn_ids))
     if turn_rewards is not None:
       stats["reward/turn_reward_sum"] = jnp.sum(turn_rewards * w[:, None]) / jnp.maximum(jnp.sum(w), 1.0)
     adv, ret = estimator(inputs, hp(group))  # [B', R] each
     if process is not None:  # the process term alone: its return's row mean against the length
-      gammas = {} if cfg.prime_variant == "verl" else {"process_gamma": cfg.gamma}
+      gammas = {} if cfg.reference_impl == "verl" else {"process_gamma": cfg.gamma}
       proc_ret = adv_lib.prime_rloo_advantages(
-          process, None, ms, n=group, variant=cfg.prime_variant, process_coef=cfg.process_coef,
+          process, None, ms, n=group, reference_impl=cfg.reference_impl, process_coef=cfg.process_coef,
           whiten=False, row_mask=ws if masks else None, **gammas)[1]  # [B', R]
       stats["adv/process_length_corr"] = _weighted_corr(
           jnp.sum(ms, axis=1), ops.masked_mean(proc_ret, ms, axis=1), ws)
@@ -397,7 +398,7 @@ def make_stages(model_config, cfg: config_lib.PrimeConfig, mesh=None, *,
   p = cfg.policy
   bypass = not p.recompute_old_logp
   policy_pass = steps.make_policy_update(
-      model_config, pol_opt, p, variant=cfg.prime_variant, bypass=bypass,
+      model_config, pol_opt, p, reference_impl=cfg.reference_impl, bypass=bypass,
       loss_shards=mesh_lib.batch_divisor(mesh) if mesh is not None else 1,
       mini_batch_size=cfg.policy_mini, micro_batch_size=p.micro_batch_size, epochs=p.epochs,
       shuffle=p.shuffle, group_size=group, shuffle_group_size=cfg.shuffle_group, temperature=temp,
@@ -455,7 +456,7 @@ def make_stages(model_config, cfg: config_lib.PrimeConfig, mesh=None, *,
     in_band = batch.in_band  # [B] or None (all in band)
     w = in_band.astype(jnp.float32) if (cfg.masks_filler and in_band is not None) else None
     if cfg.filter.filter == "prof":
-      keep = prof_keep(batch.acc, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
+      keep = prof_keep(batch.outcome, m, batch.prm_logp, batch.ref_logp, beta=cfg.prm.beta, n=n, k=cfg.prof_k,
                        step_len=cfg.step_len)  # [B]
       batch = batch._replace(keep=keep)
       metrics["filter/prof_keep_frac"] = jnp.mean(keep.astype(jnp.float32))
@@ -508,7 +509,7 @@ def make_stages(model_config, cfg: config_lib.PrimeConfig, mesh=None, *,
         series["log_ratio_ref"] = (old_logp - ref_logp) * m
       if cfg.uses_prm:
         series["process_reward"] = implicit_prm.implicit_token_rewards(
-            batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, variant=cfg.prime_variant).scores
+            batch.prm_logp, ref_logp, m, beta=cfg.prm.beta, reference_impl=cfg.reference_impl).scores
       if entropy is not None:
         series["entropy"] = entropy * m
       out["token_series"] = series

@@ -100,7 +100,7 @@ def rollout_batch_shapes(cfg: config_lib.PrimeConfig) -> dict:
   b, p_, r_ = r.rows, r.max_prompt_length, r.max_response_length
   out = {"prompt_tokens": ((b, p_), jnp.int32), "prompt_mask": ((b, p_), jnp.int32),
          "response_tokens": ((b, r_), jnp.int32), "response_mask": ((b, r_), jnp.float32),
-         "acc": ((b,), jnp.float32), "sampler_logp": ((b, r_), jnp.float32),
+         "outcome": ((b,), jnp.float32), "sampler_logp": ((b, r_), jnp.float32),
          "in_band": ((b,), jnp.float32)}
   if cfg.process_reward:
     out["process_rewards"] = ((b, r_), jnp.float32)

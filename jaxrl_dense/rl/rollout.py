@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxrl_dense import sampling
+from jaxrl_dense import _deprecation, sampling
 from jaxrl_dense.parallel import placement
 from jaxrl_dense.filters import accuracy_band_filter
 from jaxrl_dense.rl import config as config_lib
@@ -74,11 +74,12 @@ def empty_query(record):
   return dataclasses.replace(record, prompt_messages=msgs[:-1] + ({**msgs[-1], "content": ""},))
 
 
-def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
+@_deprecation.renamed_kwargs(acc="outcome")
+def select_groups(outcome, lengths, cfg: config_lib.PrimeConfig):
   """Kept rows [prompts_per_step · n] and per-group pass flags [G] (PRIME-RL's accuracy filter, host numpy).
 
   `filter="band"`: `filters.accuracy_band_filter` with the run's variant — verl: groups with
-  acc_low <= mean acc <= acc_high (and, with filter_truncated, longest response L < R − 1) are
+  acc_low <= mean outcome <= acc_high (and, with filter_truncated, longest response L < R − 1) are
   ordered first (stable) and the first prompts_per_step kept; original: same band, truncation at
   L >= R. Too few passing groups leave the failing ones in the kept rows (veRL's soft filter);
   what the update does with them is --filter_mode: fill trains on them, mask gives them weight 0,
@@ -89,10 +90,10 @@ def select_groups(acc, lengths, cfg: config_lib.PrimeConfig):
   r, f = cfg.rollout, cfg.filter
   band = f.filter == "band"
   out = accuracy_band_filter(
-      np.asarray(acc, np.float32), np.asarray(lengths), n=r.n, variant=cfg.prime_variant,
+      np.asarray(outcome, np.float32), np.asarray(lengths), n=r.n, reference_impl=cfg.reference_impl,
       low=f.acc_low if band else 0.0, high=f.acc_high if band else 1.0,
       max_response_length=r.max_response_length, filter_truncated=band and f.filter_truncated,
-      **({"oversample_factor": float(r.oversample)} if cfg.prime_variant == "verl" else {}))
+      **({"oversample_factor": float(r.oversample)} if cfg.reference_impl == "verl" else {}))
   return np.asarray(out.indices)[:r.rows], np.asarray(out.prompt_pass)
 
 
@@ -137,7 +138,7 @@ _RESAMPLE_SALT = 0x7E5A
 def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: config_lib.PrimeConfig,
                   verify_fn: VerifyFn) -> dict:
   """Samples n responses for each record and verifies them: numpy tokens / mask / logp [G·n, R],
-  acc / lengths [G·n], and the seconds spent generating and verifying."""
+  outcome / lengths [G·n], and the seconds spent generating and verifying."""
   r = cfg.rollout
   n = r.n
   t0 = time.perf_counter()
@@ -159,11 +160,11 @@ def _sample_round(params, model_config, tokenizer, encoder, records, key, cfg: c
   tokens, mask, logp = (np.concatenate(x, axis=0) for x in zip(*parts))  # [G*n, R] each
   t1 = time.perf_counter()
   texts = decode_responses(tokenizer, tokens, mask)
-  acc = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
+  outcome = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
                              [x.verifier_source for x in records for _ in range(n)]), np.float32)  # [G*n]
   t2 = time.perf_counter()
   return {"records": list(records), "prompts": pb, "tokens": tokens, "mask": mask, "logp": logp,
-          "acc": acc, "lengths": mask.sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1}
+          "outcome": outcome, "lengths": mask.sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1}
 
 
 def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config_lib.PrimeConfig,
@@ -217,7 +218,7 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
   infos = [x for o in outs for x in o.infos]
   t1 = time.perf_counter()
   texts = [multiturn.model_text(t) for t in turn_texts]
-  acc = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
+  outcome = np.asarray(verify_fn(texts, [x.gold for x in records for _ in range(n)],
                              [x.verifier_source for x in records for _ in range(n)]), np.float32)
   t2 = time.perf_counter()
   mask, obs = cat("mask"), cat("observation_mask")
@@ -236,7 +237,7 @@ def _sample_turns(params, model_config, tokenizer, pb, records, key, cfg: config
     stats.update({"env/host_syncs": float(syncs), "env/false_stops_per_row": false_stops / max(len(infos), 1)})
   return {"records": list(records), "prompts": pb, "tokens": cat("tokens"), "mask": mask, "logp": cat("logp"),
           "observation_mask": obs, "turn_ids": cat("turn_ids"), "turn_texts": turn_texts,
-          "acc": acc, "lengths": (mask + obs).sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1,
+          "outcome": outcome, "lengths": (mask + obs).sum(axis=1), "t_gen": t1 - t0, "t_ver": t2 - t1,
           "env_stats": stats}
 
 
@@ -272,7 +273,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     raise ValueError("collect: --filter_mode=resample samples further prompts; pass next_records")
   rounds = [_sample_round(params, model_config, tokenizer, encoder, records, key, cfg, verify_fn)]
   if mode != "resample":
-    rows, passed = select_groups(rounds[0]["acc"], rounds[0]["lengths"], cfg)  # [B], [G]
+    rows, passed = select_groups(rounds[0]["outcome"], rounds[0]["lengths"], cfg)  # [B], [G]
     picks = [(0, int(g)) for g in rows[::n] // n]  # (round, group) of each kept group
     flags = [passed]
   else:
@@ -280,7 +281,7 @@ def collect(params, model_config, tokenizer, encoder, records, key, cfg: config_
     salt_key = jax.random.fold_in(key, _RESAMPLE_SALT)
     while True:
       j = len(rounds) - 1
-      passed = select_groups(rounds[j]["acc"], rounds[j]["lengths"], cfg)[1]  # [G]
+      passed = select_groups(rounds[j]["outcome"], rounds[j]["lengths"], cfg)[1]  # [G]
       flags.append(passed)
       for g, ok in enumerate(passed):
         (passing if ok else failing).append((j, g))
@@ -321,7 +322,7 @@ def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, 
     pad = -m % mb  # whole micro-batches (the extra rows repeat row 0 and are dropped)
     rows = lambda v: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) if pad else v
     probe = RolloutBatch(rows(ct), rows(cm), rows(at), rows((am > 0).astype(np.float32)),
-                         acc=np.zeros((m + pad,), np.float32))  # context -> the gold answer's tokens
+                         outcome=np.zeros((m + pad,), np.float32))  # context -> the gold answer's tokens
     return np.asarray(placement.to_host(score(params, probe)))[:m]
 
   answers = [tokenizer.encode(cfg.igpo_answer_template.format(gold=x.gold), add_special_tokens=False)
@@ -329,7 +330,7 @@ def igpo_rewards(params, model_config, tokenizer, batch: RolloutBatch, records, 
   eos = tuple(model_config.eos_token_ids)
   pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else (eos[0] if eos else 0)
   r, _ = multiturn.igpo_turn_rewards(score_fn, batch.prompt_tokens, batch.prompt_mask, batch.response_tokens,
-                                     batch.turn_ids, answers, batch.acc, num_turns=cfg.rollout.max_turns,
+                                     batch.turn_ids, answers, batch.outcome, num_turns=cfg.rollout.max_turns,
                                      pad_id=pad_id)
   return r
 
@@ -341,7 +342,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
   n = r.n
   rows = [(j, g * n + i) for j, g in picks for i in range(n)]  # (round, row) [B]
   take = lambda key: np.stack([rounds[j][key][i] for j, i in rows])
-  tokens, mask, logp, acc = take("tokens"), take("mask"), take("logp"), take("acc")
+  tokens, mask, logp, outcome = take("tokens"), take("mask"), take("logp"), take("outcome")
   multi = "observation_mask" in rounds[0]  # --env: multi-turn rows
   if (mask.sum(axis=1) == 0).any():
     raise RuntimeError("a sampled response has no token (L = 0); the sampler must emit >= 1 token")
@@ -360,7 +361,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
   batch = RolloutBatch(
       prompt_tokens=ptok.astype(np.int32), prompt_mask=pmask.astype(np.int32),
       response_tokens=tokens.astype(np.int32), response_mask=mask.astype(np.float32),
-      acc=acc.astype(np.float32),
+      outcome=outcome.astype(np.float32),
       sampler_logp=logp.astype(np.float32),
       query_free_prompt_tokens=qf_tok, query_free_prompt_mask=qf_mask, in_band=in_band)
   env_stats = {}
@@ -373,7 +374,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
       turn_texts = [rounds[j]["turn_texts"][i] for j, i in rows]
       golds = [getattr(x, "gold_calls", None) for x in picked for _ in range(n)]
       batch = batch._replace(turn_rewards=multiturn.matchtir_turn_rewards(
-          turn_texts, golds, acc, num_turns=r.max_turns, parse_calls=envs.tool_calls))
+          turn_texts, golds, outcome, num_turns=r.max_turns, parse_calls=envs.tool_calls))
     elif cfg.advantage == "igpo":  # IGPO: the gold answer's probability after each turn
       batch = batch._replace(turn_rewards=igpo_rewards(*policy, batch, [x for x in picked for _ in range(n)], cfg))
     for x in rounds:  # the tool statistics of every sampled row, averaged over the rounds
@@ -386,10 +387,10 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
     batch = batch._replace(process_rewards=proc)
   if r.length_bucket:  # no padding waste: the batch's own lengths, bucketed
     batch = trim_batch(batch, r.length_bucket)
-  acc_all = np.concatenate([x["acc"] for x in rounds])
+  outcome_all = np.concatenate([x["outcome"] for x in rounds])
   lengths = np.concatenate([x["lengths"] for x in rounds])
   t_gen, t_ver = sum(x["t_gen"] for x in rounds), sum(x["t_ver"] for x in rounds)
-  stats = {"outcome/acc_sampled": float(np.mean(acc_all)), "outcome/acc": float(np.mean(acc)),
+  stats = {"outcome/acc_sampled": float(np.mean(outcome_all)), "outcome/acc": float(np.mean(outcome)),
            "filter/pass_frac": float(np.mean(np.concatenate(flags))),
            "filter/fill_frac": float(1.0 - np.mean(in_band)),
            "filter/resample_rounds": float(len(rounds)),

@@ -18,7 +18,7 @@ length R:
   tokens          int32   [B, P + R]   left-padded prompt followed by the right-padded response
   attention_mask  int32   [B, P + R]   1 on real prompt tokens and on response tokens incl. EOS
   response_mask   float32 [B, R]       1 on generated tokens up to and including the first EOS
-and the row fields (acc, ref_logp, old_logp, advantages, ...) from the batch itself.
+and the row fields (outcome, ref_logp, old_logp, advantages, ...) from the batch itself.
 
 Every builder returns a pure function (optax-style) and takes no jit or mesh options: the one
 jit of training is `make_prime`'s (explicit in / out shardings, donated state);
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_dense.models import logprobs, transformer
-from jaxrl_dense import losses, ops, rewards
+from jaxrl_dense import _deprecation, losses, ops, rewards
 from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.rewards import implicit_prm
 from jaxrl_dense.rl.batch import RolloutBatch
@@ -184,13 +184,13 @@ def _deprecated_jit(fn, builder: str, *, in_shardings, out_shardings, donate_arg
                  donate_argnums=donate_argnums)
 
 
-_DICT_FIELDS = {"acc": "acc", "ref_logp": "ref_logp", "prm_logp": "prm_logp", "old_logp": "old_logp",
+_DICT_FIELDS = {"acc": "outcome", "ref_logp": "ref_logp", "prm_logp": "prm_logp", "old_logp": "old_logp",
                 "advantages": "advantages", "weight": "in_band", "is_weight": "rollout_is_weights"}
 
 
 def as_rollout_batch(batch: Batch) -> RolloutBatch:
   """The batch as a `RolloutBatch`. Deprecated input (one release): the former `Mapping` batch
-  {"tokens" [B, P+R], "attention_mask" [B, P+R], "response_mask" [B, R], "acc", "ref_logp",
+  {"tokens" [B, P+R], "attention_mask" [B, P+R], "response_mask" [B, R], "acc" (-> outcome), "ref_logp",
   "old_logp", "advantages", "weight" (-> in_band), "is_weight" (-> rollout_is_weights)}, split at
   P = tokens.shape[1] - R; response tokens attended beyond the response mask become the
   observation mask, so `sequences()` gives back the same tokens and attention mask."""
@@ -202,7 +202,7 @@ def as_rollout_batch(batch: Batch) -> RolloutBatch:
   p = tokens.shape[1] - rmask.shape[1]
   resp_attn = attn[:, p:].astype(jnp.float32)  # [B, R]
   fields = {new: batch[old] for old, new in _DICT_FIELDS.items() if batch.get(old) is not None}
-  fields.setdefault("acc", jnp.zeros(rmask.shape[:1], jnp.float32))
+  fields.setdefault("outcome", jnp.zeros(rmask.shape[:1], jnp.float32))
   return RolloutBatch(prompt_tokens=tokens[:, :p], prompt_mask=attn[:, :p], response_tokens=tokens[:, p:],
                       response_mask=rmask,
                       observation_mask=resp_attn * (rmask.astype(jnp.float32) == 0), **fields)
@@ -338,16 +338,16 @@ def make_prm_update(
   The batch (rows in their group order) is cut into B / mini_batch_size mini-batches, processed in
   order; each mini-batch is one optimizer step whose gradient is accumulated over micro-batches of
   `micro_batch_size` rows, each micro-batch loss scaled by micro/mini (the mini-batch mean).
-  With q = logp_prm − logp_ref (token log-ratio, carrying the gradient):
+  With q = prm_logp − ref_logp (token log-ratio, carrying the gradient):
 
     loss_fn = the name of a loss of `rewards.PRM_LOSSES`:
-      "ce" (PRIME's cross-entropy, Cui et al., arXiv 2502.01456): z_i = β Σ_t m q, ℓ = −mean_i [acc log σ(z) + (1−acc) log σ(−z)];
+      "ce" (PRIME's cross-entropy, Cui et al., arXiv 2502.01456): z_i = β Σ_t m q, ℓ = −mean_i [outcome log σ(z) + (1−outcome) log σ(−z)];
       "dpo" / "bon_acc" / "bon_rm" (veRL's PRIME recipe, detached DPO): these compare each response
-      with the others of its group: `q_bc` / `acc_bc` [b, n] are the detached Σ_t m q and labels of
+      with the others of its group: `q_bc` / `outcome_bc` [b, n] are the detached Σ_t m q and labels of
       its group (from a no-grad pass at the start of each mini-batch, which must hold whole groups
       of `num_samples` = n rows). `loss_fn` names an entry of `rewards.PRM_LOSSES`: a loss
-      takes `(q, mask, acc, *, beta)` or, registered with grouped=True,
-      `(q, mask, acc, q_bc, acc_bc, *, beta)`.
+      takes `(q, mask, outcome, *, beta)` or, registered with grouped=True,
+      `(q, mask, outcome, q_bc, outcome_bc, *, beta)`.
 
   Row weights `batch.in_band` [B] (1 = train on the row, 0 = not; PRIME trains its PRM on the
   in-band groups only; ignored with `train_on_filler`, None = every row): the mini-batch loss becomes the weighted mean of the per-row losses,
@@ -358,7 +358,7 @@ def make_prm_update(
 
   Gradient clipping and AdamW live in `optimizer`. `prm_logp` holds the log-probs computed inside
   the update loop: mini-batch k is scored by the PRM after k optimizer steps of this call, i.e.
-  PRIME-RL's "single forward" (`update: after`) scores. Required batch fields: the tokens, acc,
+  PRIME-RL's "single forward" (`update: after`) scores. Required batch fields: the tokens, outcome,
   ref_logp. `group_size` = n > 1: rows come in groups of n
   sharing a prompt, run once per group (same loss and gradient). Returns the pure function (wrap
   it in `jax.jit`; `rl.prime.make_prime` composes it into its one jitted update); the former
@@ -391,7 +391,7 @@ def make_prm_update(
       raise ValueError("prm_update: RolloutBatch.ref_logp is None (score the reference first)")
     seq = batch.sequences()
     rmask = seq["response_mask"]  # [B, R]
-    chex.assert_rank([seq["tokens"], rmask, batch.acc, batch.ref_logp], [2, 2, 1, 2])
+    chex.assert_rank([seq["tokens"], rmask, batch.outcome, batch.ref_logp], [2, 2, 1, 2])
     B, R = rmask.shape
     n_mini = _split(B, mini_batch_size, "PRM mini_batch_size")
     n_micro = _split(mini_batch_size, micro_batch_size, "PRM micro_batch_size")
@@ -400,7 +400,7 @@ def make_prm_update(
     weighted = weights is not None
     # The pass's rows, chunked into mini- and micro-batches (the batch's own names).
     rows = dict(tokens=seq["tokens"], attention_mask=seq["attention_mask"], response_mask=rmask,
-                acc=batch.acc, ref_logp=batch.ref_logp)
+                outcome=batch.outcome, ref_logp=batch.ref_logp)
     if weighted:
       chex.assert_shape(weights, (B,))
       rows["weights"] = weights.astype(jnp.float32)
@@ -411,9 +411,9 @@ def make_prm_update(
       one = lambda x: x[None]
       if grouped:
         f = lambda q1, m1, a1, qb, ab: loss_fn(one(q1), one(m1), one(a1), one(qb), one(ab), beta=beta)
-        return jax.vmap(f)(q, mb["response_mask"], mb["acc"], mb["q_bc"], mb["acc_bc"])
+        return jax.vmap(f)(q, mb["response_mask"], mb["outcome"], mb["q_bc"], mb["outcome_bc"])
       return jax.vmap(lambda q1, m1, a1: loss_fn(one(q1), one(m1), one(a1), beta=beta))(
-          q, mb["response_mask"], mb["acc"])
+          q, mb["response_mask"], mb["outcome"])
 
     def micro_loss(params, mb, wsum):
       logp, _ = response_logprobs(model(params), config, mb["tokens"], mb["attention_mask"], R, False,
@@ -423,15 +423,15 @@ def make_prm_update(
         loss = jnp.sum(mb["weights"] * row_losses(q, mb)) / jnp.maximum(wsum, 1e-8)
         return loss * (micro_batch_size if sums_rows else 1.0), logp
       if grouped:
-        loss = loss_fn(q, mb["response_mask"], mb["acc"], mb["q_bc"], mb["acc_bc"], beta=beta)
+        loss = loss_fn(q, mb["response_mask"], mb["outcome"], mb["q_bc"], mb["outcome_bc"], beta=beta)
       else:
-        loss = loss_fn(q, mb["response_mask"], mb["acc"], beta=beta)
+        loss = loss_fn(q, mb["response_mask"], mb["outcome"], beta=beta)
       return loss * scale, logp
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def mini_step(st: TrainState, mini):
-      if grouped:  # detached group matrices of Σ_t m q and acc, from the params of this step
+      if grouped:  # detached group matrices of Σ_t m q and outcome, from the params of this step
         def seq_q(_, mb):
           logp, _ = response_logprobs(model(st.params), config, mb["tokens"], mb["attention_mask"], R,
                                       False, group_size)
@@ -440,7 +440,7 @@ def make_prm_update(
         _, qs = jax.lax.scan(seq_q, None, _chunk(mini, n_micro))
         qs = jax.lax.stop_gradient(qs.reshape((mini_batch_size,)))  # [mini]
         mini = dict(mini, q_bc=implicit_prm.group_matrix(qs, n),  # [mini, n]
-                    acc_bc=implicit_prm.group_matrix(mini["acc"], n))
+                    outcome_bc=implicit_prm.group_matrix(mini["outcome"], n))
       micros = _chunk(mini, n_micro)
       wsum = jnp.sum(mini["weights"]) if weighted else jnp.float32(mini_batch_size)
 
@@ -472,12 +472,13 @@ def make_prm_update(
       out_shardings=(state_sharding, batch_sharding, None))
 
 
+@_deprecation.renamed_kwargs(variant="reference_impl")
 def make_policy_update(
     config,
     optimizer: optax.GradientTransformation,
     policy,
     *,
-    variant: str = "verl",
+    reference_impl: str = "verl",
     loss_shards: int = 1,
     bypass: bool = False,
     mini_batch_size: int,
@@ -513,7 +514,7 @@ def make_policy_update(
   see docs/algorithms.md.)
 
   The objective's settings are the run's validated `rl.config.PolicyConfig` (one source): the loss
-  (`policy_loss`, with `variant`="original" selecting PRIME-RL's plain clip for ppo), its clip range
+  (`policy_loss`, with `reference_impl="original"` selecting PRIME-RL's plain clip for ppo), its clip range
   and aggregation (anchor defaults resolved by `clip_range` / `agg_mode`), `clip_c`,
   `entropy_coeff`, `kl_coef` / `kl_type`, `loss_norm`. `bypass`=True (old_logp is the sampler's μ):
   `policy.rollout_rs` rejects tokens on sg(π_θ)/μ inside each micro-batch's loss (veRL
@@ -535,8 +536,8 @@ def make_policy_update(
   LoRA adapters of the frozen base passed as `policy_update(policy_state, batch, rng, base)`
   (as `make_prm_update`).
   """
-  if variant not in ("verl", "original"):
-    raise ValueError(f"make_policy_update: variant={variant!r}; expected 'verl' or 'original'.")
+  if reference_impl not in ("verl", "original"):
+    raise ValueError(f"make_policy_update: reference_impl={reference_impl!r}; expected 'verl' or 'original'.")
   if loss_shards < 1:
     raise ValueError(f"make_policy_update: loss_shards={loss_shards} must be >= 1.")
   clip_low, clip_high = policy.clip_range
@@ -554,7 +555,7 @@ def make_policy_update(
     raise ValueError(f"epochs={epochs} must be >= 1.")
   need_entropy = True  # entropy is always reported as a metric
   loss_terms = losses.get_policy_loss(
-      "ppo_original" if (policy.policy_loss == "ppo" and variant == "original") else policy.policy_loss)
+      "ppo_original" if (policy.policy_loss == "ppo" and reference_impl == "original") else policy.policy_loss)
 
   def policy_update(state: TrainState, batch: Batch, rng: jax.Array, base=None):
     model = _model_params(lora_config, base)

@@ -232,7 +232,7 @@ class Trainer:
         k = scores.shape[1]
         prompts = [pr["question"] for pr in res.problems]
         viz.write_sample_page(os.path.join(cfg.logdir, "samples"), self.step, prompts=prompts,
-                              response_tokens=tok, mask=mask, acc=scores.reshape(-1),
+                              response_tokens=tok, mask=mask, outcome=scores.reshape(-1),
                               series={"process_reward": q}, n=k, tokenizer=self.tokenizer,
                               num_best=2, num_worst=2, num_disagree=2 if k > 1 else 0,
                               tag=f"eval{tag}", meta={"eval/pass@1": report["eval/pass@1"],
@@ -308,7 +308,7 @@ class Trainer:
                for g in range(0, batch.num_rows, n)]
     meta = {"algo": self.cfg.prime.algo, "model": self.cfg.model}
     return viz.write_sample_page(out_dir, self.step, prompts=prompts, response_tokens=batch.response_tokens,
-                                 mask=batch.response_mask, acc=batch.acc, series=series, n=n,
+                                 mask=batch.response_mask, outcome=batch.outcome, series=series, n=n,
                                  tokenizer=self.tokenizer, meta=meta,
                                  observation_mask=batch.observation_mask, **kwargs)
 

@@ -670,7 +670,7 @@ def test_passes_take_one_typed_batch_and_keep_the_mapping_form():
   st_t, out, m_t = prm(init(), rb)
   st_d, lp_d, m_d = prm(init(), d)
   assert isinstance(out, RolloutBatch)
-  np.testing.assert_array_equal(out.acc, rb.acc)
+  np.testing.assert_array_equal(out.outcome, rb.outcome)
   np.testing.assert_allclose(out.prm_logp, lp_d, atol=1e-6)
   np.testing.assert_allclose(m_t["prm/loss"], m_d["prm/loss"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), st_t.params, st_d.params)

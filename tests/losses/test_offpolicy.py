@@ -167,7 +167,7 @@ def _batch(sampler_logp=None, seed=0):
       prompt_tokens=jnp.asarray(np.repeat(rng.integers(2, 48, (b // 4, p)), 4, 0), jnp.int32),
       prompt_mask=jnp.asarray(np.repeat(pm, 4, 0)),
       response_tokens=jnp.asarray(rng.integers(2, 48, (b, r)) * rm, jnp.int32),
-      response_mask=jnp.asarray(rm), acc=jnp.asarray([1, 1, 0, 0, 1, 0, 1, 0], jnp.float32),
+      response_mask=jnp.asarray(rm), outcome=jnp.asarray([1, 1, 0, 0, 1, 0, 1, 0], jnp.float32),
       sampler_logp=sampler_logp)
 
 

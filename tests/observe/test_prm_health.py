@@ -125,7 +125,7 @@ class MetricsTest(chex.TestCase):
     with pytest.raises(ValueError, match="share one"):
       prm_health.prm_health_metrics(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3)),
                                     jnp.zeros(2), n=2)
-    with pytest.raises(ValueError, match="acc"):
+    with pytest.raises(ValueError, match="outcome"):
       prm_health.prm_health_metrics(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)),
                                     jnp.zeros(3), n=2)
 

@@ -135,16 +135,16 @@ def test_groups_from_batch_drops_padding():
     (lambda a: a.update(prompts=a["prompts"][:2]), "2 prompts for 3 groups"),
     (lambda a: a.update(texts=a["texts"][:-1] + [a["texts"][-1] + ["x"]]), "row 8 has"),
     (lambda a: a.update(series={"s": np.zeros((9, 2))}), "series 's' has shape"),
-    (lambda a: a.update(acc=np.zeros(8)), "acc"),
+    (lambda a: a.update(outcome=np.zeros(8)), "outcome"),
     (lambda a: a.update(group_indices=[3]), "out of range"),
 ])
 def test_groups_from_batch_errors(change, match):
   prompts, texts, series, mask, acc = example_groups()
-  args = dict(prompts=prompts, texts=texts, series=series, mask=mask, acc=acc, n=3)
+  args = dict(prompts=prompts, texts=texts, series=series, mask=mask, outcome=acc, n=3)
   change(args)
   with pytest.raises(ValueError, match=match):
     viz.groups_from_batch(args.pop("prompts"), args.pop("texts"), args.pop("series"), args.pop("mask"),
-                          args.pop("acc"), **args)
+                          args.pop("outcome"), **args)
 
 
 def test_response_checks_lengths():
@@ -253,7 +253,7 @@ def test_png_is_written_and_not_blank(tmp_path):
 def test_write_sample_page(tmp_path):
   prompts, texts, series, mask, acc = example_groups()
   out = viz.write_sample_page(tmp_path / "samples", 12, prompts=prompts,
-                              response_tokens=np.zeros_like(mask), mask=mask, acc=acc, series=series,
+                              response_tokens=np.zeros_like(mask), mask=mask, outcome=acc, series=series,
                               n=3, texts=texts, png=True, meta={"run": "test"})
   assert out["html"] == tmp_path / "samples" / "step_00012.html" and out["html"].is_file()
   assert out["png"].is_file()
@@ -274,7 +274,7 @@ def test_write_sample_page_decodes_only_picked_rows(tmp_path):
     tokens[i, :len(r)], mask[i, :len(r)] = r, 1
   series = {"process_reward": np.where(mask > 0, 0.1, 0.0)}
   out = viz.write_sample_page(tmp_path, 1, prompts=["p0", "p1", "p2"], response_tokens=tokens,
-                              mask=mask, acc=np.array([1, 0, 0, 0, 1, 1]), series=series, n=2,
+                              mask=mask, outcome=np.array([1, 0, 0, 0, 1, 1]), series=series, n=2,
                               tokenizer=tok, num_disagree=0, tag="eval")
   assert out["groups"] == [(2, "best"), (1, "worst")]
   assert out["html"].name == "eval_00001.html"

@@ -86,7 +86,7 @@ def rollout_batch(batch, abstract_batch):
   p = SIZES["prompt_len"]
   tokens, attn = batch["tokens"], batch["attention_mask"]
   values = dict(prompt_tokens=tokens[:, :p], prompt_mask=attn[:, :p], response_tokens=tokens[:, p:],
-                response_mask=batch["response_mask"], acc=batch["acc"],
+                response_mask=batch["response_mask"], outcome=batch["acc"],
                 sampler_logp=batch["old_logp"], in_band=np.ones_like(batch["acc"]),
                 old_logp=batch["old_logp"], ref_logp=batch["ref_logp"], prm_logp=batch["ref_logp"],
                 advantages=batch["advantages"], returns=batch["advantages"])

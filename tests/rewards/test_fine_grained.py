@@ -80,8 +80,8 @@ def test_fine_grained_token_rewards_hand(jit):
     return fg.fine_grained_token_rewards(
         [REL_END, a[0]], [fg.binary_segment_values(REL_OK, 1.0, -1.0),
                           fg.binary_segment_values(a[1], 1.0, -1.0)],
-        [REL_VALID, fact_valid], [w_rel, w_fact], MASK, sequence_score=a[2], logp_old=lo,
-        logp_ref=lr, kl_coef=kl)
+        [REL_VALID, fact_valid], [w_rel, w_fact], MASK, sequence_score=a[2], old_logp=lo,
+        ref_logp=lr, kl_coef=kl)
 
   r = (jax.jit(f) if jit else f)(fact_end, fact_ok, seq)
   want = np.zeros((B, T), np.float32)
@@ -97,9 +97,9 @@ def test_fine_grained_token_rewards_hand(jit):
 def test_no_segments_gives_only_kl():
   lo = np.full((B, T), -1.0, np.float32)
   lr = np.full((B, T), -1.5, np.float32)
-  r = fg.fine_grained_token_rewards([], [], [], [], MASK, logp_old=lo, logp_ref=lr, kl_coef=0.3)
+  r = fg.fine_grained_token_rewards([], [], [], [], MASK, old_logp=lo, ref_logp=lr, kl_coef=0.3)
   np.testing.assert_allclose(r, -0.15 * MASK, atol=1e-7)
-  with pytest.raises(ValueError, match="logp_old"):
+  with pytest.raises(ValueError, match="old_logp"):
     fg.fine_grained_token_rewards([], [], [], [], MASK, kl_coef=0.3)
   with pytest.raises(ValueError, match="same length"):
     fg.fine_grained_token_rewards([REL_END], [], [], [], MASK)

@@ -36,7 +36,8 @@ FLOATS = config_lib.float_fields()
 def test_every_former_flag_is_a_field_and_the_flag_files_parse():
   names = [f.name for _, f in config_lib.iter_fields(config_lib.RunConfig)]
   assert len(names) == len(set(names)), "field names must be unique (they are the flag names)"
-  assert set(FORMER_FLAGS) <= set(names), sorted(set(FORMER_FLAGS) - set(names))
+  accepted = set(names) | set(config_lib.renamed_settings())  # a renamed flag keeps its former name
+  assert set(FORMER_FLAGS) <= accepted, sorted(set(FORMER_FLAGS) - accepted)
   for path in (REPO / "experiments" / "configs").glob("*.flags"):
     cfg = config_lib.from_args([f"--flagfile={path}"])
     assert isinstance(cfg, config_lib.RunConfig)
@@ -194,5 +195,27 @@ def test_prm_only_settings_typed_vs_from_a_flag_file():
     config_lib.check_applicable(smoke, given)  # PRIME reads them
   assert cli.command_line_flags(["p", "--n=2", "--", "--beta=1"]) == {"n"}
   assert config_lib.PRM_ONLY <= set(config_lib.flat(smoke))  # every name is a real setting
-  # --prime_variant is read by every algo (the policy loss's clipping): never refused
-  config_lib.check_applicable(grpo, cli.command_line_flags(["p", "--prime_variant=original"]))
+  # --reference_impl is read by every algo (the policy loss's clipping): never refused
+  config_lib.check_applicable(grpo, cli.command_line_flags(["p", "--reference_impl=original"]))
+
+
+def test_a_renamed_flag_keeps_its_former_name_for_one_release():
+  """--prime_variant (the former name of --reference_impl) still sets it, with a
+  DeprecationWarning; both names with different values are refused naming the new flag; the
+  config API (replace / build, the attribute) accepts the old name too."""
+  assert config_lib.renamed_settings() == {"prime_variant": "reference_impl"}
+  with pytest.warns(DeprecationWarning, match="--prime_variant is renamed --reference_impl"):
+    cfg = config_lib.from_args(["--prime_variant=original"])
+  assert cfg.prime.reference_impl == "original"
+  assert config_lib.from_args(["--reference_impl=original"]) == cfg
+  with pytest.warns(DeprecationWarning):
+    assert config_lib.from_args(["--prime_variant=original", "--reference_impl=original"]) == cfg
+  with pytest.raises(config_lib.ConfigError, match="--reference_impl='verl': conflicts with --prime_variant"):
+    config_lib.from_args(["--prime_variant=original", "--reference_impl=verl"])
+  with pytest.raises(config_lib.ConfigError, match="reference_impl"):
+    config_lib.from_args(["--prime_variant=other"])
+  with pytest.warns(DeprecationWarning):
+    assert config_lib.replace(config_lib.RunConfig(), prime_variant="original") == cfg
+  with pytest.warns(DeprecationWarning):
+    assert cfg.prime.prime_variant == "original"
+  assert "prime_variant" not in config_lib.flat(cfg) and "prime_variant" not in config_lib.fingerprint(cfg)

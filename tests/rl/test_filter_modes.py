@@ -43,7 +43,7 @@ def _batch(acc=ACC, in_band=IN_BAND, seed=0):
   return RolloutBatch(
       prompt_tokens=np.repeat(rng.integers(2, 48, (b // 4, p)) * pm, 4, 0).astype(np.int32),
       prompt_mask=np.repeat(pm, 4, 0), response_tokens=(rng.integers(2, 48, (b, r)) * rm).astype(np.int32),
-      response_mask=rm, acc=np.asarray(acc, np.float32),
+      response_mask=rm, outcome=np.asarray(acc, np.float32),
       in_band=None if in_band is None else np.asarray(in_band, np.float32))
 
 
@@ -58,10 +58,10 @@ def _params(key):
 # ------------------------------------------------------------------------------ configuration
 def test_filter_mode_defaults_follow_the_variant_and_are_validated():
   assert _cfg().filter_protocol == "fill" and not _cfg().masks_filler
-  assert _cfg(prime_variant="original").filter_protocol == "resample"
-  assert _cfg(prime_variant="original", filter_mode="fill").filter_protocol == "fill"
+  assert _cfg(reference_impl="original").filter_protocol == "resample"
+  assert _cfg(reference_impl="original", filter_mode="fill").filter_protocol == "fill"
   assert _cfg(filter_mode="mask").masks_filler and _cfg(filter_mode="resample").masks_filler
-  assert _cfg(filter="none", prime_variant="original").filter_protocol == "fill"
+  assert _cfg(filter="none", reference_impl="original").filter_protocol == "fill"
   for bad in (dict(filter_mode="drop"), dict(filter_mode="mask", filter="none"),
               dict(filter_mode="resample", filter="prof"), dict(resample_max_rounds=0),
               dict(prm_noise_tol=-1.0)):
@@ -76,7 +76,7 @@ def test_filter_mode_defaults_follow_the_variant_and_are_validated():
               "prm_noise_tol"} & set(fp)
   fp_r = config_lib.fingerprint(config_lib.replace(base, filter_mode="resample"))
   assert fp_r["filter_mode"] == "resample" and fp_r["resample_max_rounds"] == 8
-  assert "resample_max_rounds" in config_lib.fingerprint(config_lib.replace(base, prime_variant="original"))
+  assert "resample_max_rounds" in config_lib.fingerprint(config_lib.replace(base, reference_impl="original"))
 
 
 # ------------------------------------------------------------------------- pure functions
@@ -91,9 +91,9 @@ def test_row_masked_batch_norm_and_prime_rloo_equal_the_sub_batch():
   assert np.all(np.asarray(normed)[IN_BAND == 0] == 0)
   assert not np.allclose(implicit_prm.prime_batch_norm(s)[keep], normed[keep])
   for variant in ("verl", "original", "paper"):
-    adv, ret = advantages.prime_rloo_advantages(normed, ACC, mask, n=4, variant=variant, row_mask=IN_BAND)
+    adv, ret = advantages.prime_rloo_advantages(normed, ACC, mask, n=4, reference_impl=variant, row_mask=IN_BAND)
     want_a, want_r = advantages.prime_rloo_advantages(normed[keep], ACC[keep], mask[keep], n=4,
-                                                      variant=variant)
+                                                      reference_impl=variant)
     np.testing.assert_allclose(adv[keep], want_a, atol=1e-5, err_msg=variant)
     np.testing.assert_allclose(ret[keep], want_r, atol=1e-5, err_msg=variant)
     assert np.all(np.asarray(adv)[IN_BAND == 0] == 0) and np.all(np.asarray(ret)[IN_BAND == 0] == 0)

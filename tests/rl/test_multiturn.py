@@ -46,7 +46,7 @@ def assert_scoring_equals_sampler(config, params, pt, pm, out, n=4):
   every model token (observations attended, not scored). Returns (score fn, batch)."""
   rows = out.tokens.shape[0]
   batch = RolloutBatch(prompt_tokens=np.repeat(pt, n, 0), prompt_mask=np.repeat(pm, n, 0),
-                       response_tokens=out.tokens, response_mask=out.mask, acc=np.zeros(rows, np.float32),
+                       response_tokens=out.tokens, response_mask=out.mask, outcome=np.zeros(rows, np.float32),
                        sampler_logp=out.logp, observation_mask=out.observation_mask, turn_ids=out.turn_ids)
   batch.check(n)
   score = jax.jit(steps.make_scoring(config, micro_batch_size=rows, with_policy=True, with_ref=False,

@@ -89,18 +89,18 @@ def test_turn_level_methods_train_on_tool_rollouts(advantage, monkeypatch, tmp_p
   assert texts[0][1].startswith("The answer is")
   obs_text = run.tokenizer.decode(np.asarray(batch.response_tokens)[0][obs[0]].tolist())
   assert re.fullmatch(r"\n<result>\d+</result>\n", obs_text), obs_text
-  np.testing.assert_array_equal(np.asarray(batch.acc)[::2], 1.0)  # tool users answer right
+  np.testing.assert_array_equal(np.asarray(batch.outcome)[::2], 1.0)  # tool users answer right
   tr = np.asarray(batch.turn_rewards)
   assert tr.shape == (batch.num_rows, 3)
   if advantage == "matchtir":
     # the call matches the gold first step exactly: s = (1 + J + 1) / (2 + 1) = 1; answer turn = outcome
     np.testing.assert_allclose(tr[::2, 0], 1.0)
     np.testing.assert_allclose(tr[::2, 1], 1.0)
-    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.acc)[1::2])
+    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.outcome)[1::2])
   else:  # IGPO: turn 0 of a tool user gets p_1 - p_0 (the result raised the gold answer's probability or not)
     assert np.abs(tr[::2, 0]).max() > 0 and (np.abs(tr[::2, 0]) <= 1).all()
     np.testing.assert_allclose(tr[::2, 1], 1.0)
-    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.acc)[1::2])
+    np.testing.assert_allclose(tr[1::2, 0], np.asarray(batch.outcome)[1::2])
   adv = series["advantage"]
   assert (adv[obs] == 0).all() and np.abs(adv[model]).max() > 0  # observations get no advantage
   bad = [k for k, v in m.items() if not math.isfinite(v) and k != "kl_ref"]  # kl_ref: NaN, no reference

@@ -120,7 +120,7 @@ def _batch(b=8, p=5, r=6, seed=0):
       prompt_tokens=jnp.asarray(np.repeat(rng.integers(2, 48, (b // 4, p)) * pm, 4, 0), jnp.int32),
       prompt_mask=jnp.asarray(np.repeat(pm, 4, 0)),
       response_tokens=jnp.asarray(rng.integers(2, 48, (b, r)) * rm, jnp.int32),
-      response_mask=jnp.asarray(rm), acc=jnp.asarray([1, 1, 0, 0, 1, 0, 1, 1], jnp.float32))
+      response_mask=jnp.asarray(rm), outcome=jnp.asarray([1, 1, 0, 0, 1, 0, 1, 1], jnp.float32))
 
 
 def test_share_prompt_changes_speed_only():
@@ -174,8 +174,8 @@ def test_sampler_and_scorer_logprobs(dtype):
 def test_rollout_batch_checks_name_the_field():
   b = _batch()
   assert b.check(4) is b and b.num_rows == 8
-  with pytest.raises(ValueError, match="RolloutBatch.acc"):
-    b._replace(acc=jnp.zeros((7,))).check(4)
+  with pytest.raises(ValueError, match="RolloutBatch.outcome"):
+    b._replace(outcome=jnp.zeros((7,))).check(4)
   with pytest.raises(ValueError, match="RolloutBatch.sampler_logp"):
     b._replace(sampler_logp=jnp.zeros((8, 5))).check(4)
   with pytest.raises(ValueError, match="groups of n=3"):
