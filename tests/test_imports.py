@@ -1,4 +1,4 @@
-"""The import graph of `jaxrl_dense` has no cycle.
+"""The import graph of `jaxrl_dense` has no cycle, between modules or between folders.
 
 Nodes are the package's modules (a package is its `__init__`); an arrow `a -> b` is any `import` or
 `from ... import` statement in `a`'s source naming `b`, at module level or inside a function (a
@@ -119,6 +119,34 @@ def test_jaxrl_dense_has_no_import_cycle():
   assert not new, "import cycles (each a set of modules that import each other):\n" + "\n".join(
       " <-> ".join(c) for c in new)
   assert found == KNOWN_CYCLES, f"a known cycle is gone; remove it from KNOWN_CYCLES: {found}"
+
+
+def folder_graph(graph: Dict[str, Set[str]], package: str = PACKAGE) -> Dict[str, Set[str]]:
+  """The module graph collapsed to the package's folders (and top-level modules): `pkg.rl.prime`
+  and `pkg.rl.steps` are both `pkg.rl`. Arrows into the package's own `__init__` (its face,
+  which only hands names on) are left out."""
+  top = lambda m: ".".join(m.split(".")[:2])
+  out: Dict[str, Set[str]] = {}
+  for a, targets in graph.items():
+    if a == package:
+      continue
+    out.setdefault(top(a), set()).update(top(b) for b in targets if b != package and top(b) != top(a))
+  return out
+
+
+def test_folder_graph_collapses_modules_and_finds_a_folder_loop():
+  g = {"p.a.x": {"p.b.y", "p"}, "p.b.y": {"p.a.z"}, "p.a.z": set(), "p": {"p.a.x"}}
+  assert folder_graph(g, "p") == {"p.a": {"p.b"}, "p.b": {"p.a"}}
+  assert cycles(folder_graph(g, "p")) == [["p.a", "p.b"]]  # no module loop, but a folder loop
+  assert cycles(g) == [["p", "p.a.x"]]
+
+
+def test_folders_are_layered_no_folder_imports_one_above_it():
+  """The folders of `jaxrl_dense` (`rl/`, `sampling/`, `models/`, ...) form a layering: no two
+  folders import each other, directly or around a loop, so every import runs down
+  (`docs/architecture.md`'s tree reads top to bottom as the pipeline)."""
+  found = cycles(folder_graph(import_graph()))
+  assert not found, "folders that import each other:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 if __name__ == "__main__":
