@@ -33,7 +33,7 @@ from jaxrl_dense import ops
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-__all__ = ["prof_consistency", "prof_filter", "prof_blend_rewards"]
+__all__ = ["prof_consistency", "prof_filter", "prof_blend_rewards", "survivor_rows"]
 
 
 def prof_consistency(step_values: ArrayLike, step_mask: ArrayLike, outcome: ArrayLike,
@@ -140,3 +140,10 @@ def prof_blend_rewards(outcome: ArrayLike, step_values: ArrayLike, step_mask: Ar
   chex.assert_rank(v, 2)
   ops.check_row_arrays(v.shape[0], outcome=o)
   return jax.lax.stop_gradient(o + beta * ops.masked_mean(v, step_mask, axis=1))
+
+
+def survivor_rows(keep, n: int, k: int):
+  """Row indices [G·(n−k)] of the kept rows, group by group (each group keeps exactly n − k)."""
+  g = keep.shape[0] // n
+  order = jnp.argsort(jnp.logical_not(keep.reshape(g, n)), axis=1, stable=True)[:, :n - k]  # [G, n-k]
+  return (order + (jnp.arange(g) * n)[:, None]).reshape(-1)

@@ -75,7 +75,7 @@ ArrayLike = chex.Array
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sequence_implicit_reward", "auroc", "pearson", "last_step_share", "prm_health_metrics",
+__all__ = ["position_bin_means", "POSITION_BINS", "sequence_implicit_reward", "auroc", "pearson", "last_step_share", "prm_health_metrics",
            "RewardHackingMonitor", "trend_t_statistic", "step_ids_from_offsets", "step_scores",
            "predict_first_error", "first_error_metrics", "choose_threshold", "chance_metrics",
            "STEP_REDUCTIONS"]
@@ -484,3 +484,20 @@ class RewardHackingMonitor:
     self._a = collections.deque((float(v) for v in state["outcome_acc"]), maxlen=self.window)
     self.alarm = bool(state["alarm"])
     self.num_alarms = int(state["num_alarms"])
+
+
+POSITION_BINS = 4
+
+
+def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
+  """Mean of the token values r [B, T] by relative position: token t of a response of L tokens
+  falls in bin floor(bins · t / L) (quantiles of each response); rows weighted by row_weight [B].
+  Returns [bins] (0 for an empty bin)."""
+  m = mask.astype(jnp.float32) * row_weight[:, None]  # [B, T]
+  length = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)  # [B, 1]
+  t = jnp.arange(mask.shape[1], dtype=jnp.float32)[None, :]  # [1, T]
+  idx = jnp.clip(jnp.floor(bins * t / length), 0, bins - 1).astype(jnp.int32)  # [B, T]
+  one_hot = jax.nn.one_hot(idx, bins, dtype=jnp.float32) * m[..., None]  # [B, T, bins]
+  num = jnp.sum(one_hot * r[..., None], axis=(0, 1))
+  den = jnp.sum(one_hot, axis=(0, 1))
+  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [bins]

@@ -446,7 +446,7 @@ class PrimeConfig:
                         "set --env (e.g. tool:calculator)")
     if "{gold}" not in self.igpo_answer_template:
       raise ConfigError("igpo_answer_template", self.igpo_answer_template, "must contain {gold}")
-    if r.env and (self.process_reward or parse_extra_reward(self.extra_reward)[0] == "sar"):
+    if r.env and (self.process_reward or self.extra_reward_name == "sar"):
       raise ConfigError("env", r.env, "multi-turn rollouts do not combine with --process_reward or "
                         "--extra_reward=sar yet (both read the response as one model turn)")
     if flt.filter == "prof":
@@ -572,6 +572,16 @@ class PrimeConfig:
     if self.share_prompt and all(s % n == 0 for s in sizes):
       return n
     return 1
+
+  @property
+  def extra_reward_name(self) -> str:
+    """--extra_reward's reward name ('' = none), parsed once here (`parse_extra_reward`)."""
+    return parse_extra_reward(self.extra_reward)[0]
+
+  @property
+  def extra_reward_weight(self) -> float:
+    """--extra_reward's weight (0 without one)."""
+    return parse_extra_reward(self.extra_reward)[1]
 
   @property
   def shuffle_group(self) -> int:

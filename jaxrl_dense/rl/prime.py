@@ -127,11 +127,9 @@ def prof_keep(outcome, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int,
   return prof_lib.prof_filter(outcome, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
 
 
-def survivor_rows(keep, n: int, k: int):
-  """Row indices [G·(n−k)] of the kept rows, group by group (each group keeps exactly n − k)."""
-  g = keep.shape[0] // n
-  order = jnp.argsort(jnp.logical_not(keep.reshape(g, n)), axis=1, stable=True)[:, :n - k]  # [G, n-k]
-  return (order + (jnp.arange(g) * n)[:, None]).reshape(-1)
+# Moved to their topics; still importable here (same objects).
+position_bin_means, POSITION_BINS = prm_health.position_bin_means, prm_health.POSITION_BINS
+survivor_rows = prof_lib.survivor_rows
 
 
 def _weighted_corr(x, y, w):
@@ -142,23 +140,6 @@ def _weighted_corr(x, y, w):
   vx, vy = jnp.sum(w * dx * dx), jnp.sum(w * dy * dy)
   ok = (vx > 0) & (vy > 0)
   return jnp.where(ok, jnp.sum(w * dx * dy) / jnp.sqrt(jnp.where(ok, vx * vy, 1.0)), 0.0)
-
-
-POSITION_BINS = 4
-
-
-def position_bin_means(r, mask, row_weight, bins: int = POSITION_BINS):
-  """Mean of the token values r [B, T] by relative position: token t of a response of L tokens
-  falls in bin floor(bins · t / L) (quantiles of each response); rows weighted by row_weight [B].
-  Returns [bins] (0 for an empty bin)."""
-  m = mask.astype(jnp.float32) * row_weight[:, None]  # [B, T]
-  length = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)  # [B, 1]
-  t = jnp.arange(mask.shape[1], dtype=jnp.float32)[None, :]  # [1, T]
-  idx = jnp.clip(jnp.floor(bins * t / length), 0, bins - 1).astype(jnp.int32)  # [B, T]
-  one_hot = jax.nn.one_hot(idx, bins, dtype=jnp.float32) * m[..., None]  # [B, T, bins]
-  num = jnp.sum(one_hot * r[..., None], axis=(0, 1))
-  den = jnp.sum(one_hot, axis=(0, 1))
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [bins]
 
 
 def make_advantage_fn(cfg: config_lib.PrimeConfig):
@@ -193,7 +174,7 @@ def make_advantage_fn(cfg: config_lib.PrimeConfig):
   prm/implicit_reward_pos{1..4} = mean β·q by quarter of the response.
   """
   n = cfg.rollout.n
-  _, extra_w = config_lib.parse_extra_reward(cfg.extra_reward)
+  extra_w = cfg.extra_reward_weight
   estimator = adv_lib.ESTIMATORS.get(cfg.estimator)
   masks = cfg.masks_filler
   proc_masked = masks or not cfg.filter.process_on_filler
@@ -410,7 +391,7 @@ def make_stages(model_config, cfg: config_lib.PrimeConfig, mesh=None, *,
         micro_batch_size=cfg.prm.prm_micro_batch_size, loss_fn=cfg.prm.prm_loss, num_samples=n,
         group_size=group, lora_config=cfg.prm_lora, train_on_filler=cfg.filter.prm_on_filler)
   advantage_fn = make_advantage_fn(cfg)
-  sar = config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar"
+  sar = cfg.extra_reward_name == "sar"
 
   pol_lora, prm_lora = cfg.policy_lora, cfg.prm_lora
   pol_base = lambda state: state.ref_params if pol_lora is not None else None

@@ -355,7 +355,7 @@ def _assemble(rounds, picks, flags, encoder, cfg: config_lib.PrimeConfig, proces
     pb = encoder.batch(picked, pad_to=None if r.length_bucket else r.max_prompt_length)
     ptok, pmask = (np.repeat(np.asarray(x), n, axis=0) for x in (pb.tokens, pb.mask))
   qf_tok = qf_mask = None
-  if config_lib.parse_extra_reward(cfg.extra_reward)[0] == "sar":
+  if cfg.extra_reward_name == "sar":
     epb = encoder.batch([empty_query(x) for x in picked], pad_to=r.max_prompt_length)
     qf_tok, qf_mask = (np.repeat(np.asarray(x), n, axis=0).astype(np.int32) for x in (epb.tokens, epb.mask))
   batch = RolloutBatch(

@@ -121,8 +121,10 @@ def test_zero_float_noise_guard():
 def test_position_bins_and_weighted_corr():
   r = jnp.asarray([[1., 2, 3, 4, 0, 0, 0, 0], [1, 1, 2, 2, 3, 3, 4, 4]])
   m = jnp.asarray([[1., 1, 1, 1, 0, 0, 0, 0], [1] * 8])
-  np.testing.assert_allclose(prime.position_bin_means(r, m, jnp.ones(2)), [1, 2, 3, 4])
-  np.testing.assert_allclose(prime.position_bin_means(r, m, jnp.array([1., 0])), [1, 2, 3, 4])
+  from jaxrl_dense.observe import prm_health
+  np.testing.assert_allclose(prm_health.position_bin_means(r, m, jnp.ones(2)), [1, 2, 3, 4])
+  np.testing.assert_allclose(prm_health.position_bin_means(r, m, jnp.array([1., 0])), [1, 2, 3, 4])
+  assert prime.position_bin_means is prm_health.position_bin_means  # still importable from rl.prime
   x, y = jnp.array([1., 2, 3, 10]), jnp.array([2., 4, 6, -5])
   np.testing.assert_allclose(prime._weighted_corr(x, y, jnp.array([1., 1, 1, 0])), 1.0, rtol=1e-6)
   assert float(prime._weighted_corr(x, jnp.ones(4), jnp.ones(4))) == 0.0  # no variance: 0, finite

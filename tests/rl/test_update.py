@@ -49,7 +49,9 @@ def test_prof_dropped_rows_leave_the_leave_one_out():
 
 def test_survivor_rows_keep_group_order():
   keep = jnp.array([False, True, True, False, True, False, False, True])
-  assert prime.survivor_rows(keep, 4, 2).tolist() == [1, 2, 4, 7]
+  from jaxrl_dense.filters import prof
+  assert prof.survivor_rows(keep, 4, 2).tolist() == [1, 2, 4, 7]
+  assert prime.survivor_rows is prof.survivor_rows  # still importable from rl.prime
 
 
 # ---------------------------------------------------------------- one estimator calling convention
