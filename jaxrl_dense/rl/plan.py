@@ -244,39 +244,16 @@ def abstract_update(cfg: RunConfig, mesh) -> tuple:
   shardings, no weights read. Returns (update_fn, (state, batch, key), model_config, source);
   `update_fn.lower(*args)` inside `mesh_lib.use_mesh(mesh)` gives the program that runs.
   """
-  import jax
-  import jax.numpy as jnp
-  from jaxrl_dense.parallel import plan as sharding_plan
-  from jaxrl_dense.parallel import placement
-  from jaxrl_dense.rl import prime
-  from jaxrl_dense.rl.batch import RolloutBatch
+  from jaxrl_dense.rl import programs as rl_programs
   problems: list = []
   mc, source = _plan_model_config(cfg, problems)
   if mc is None:
     raise ConfigError("model", cfg.model, "cannot build the model config for --aot "
                       "(give a readable --model or an --arch preset)")
-  p, r = cfg.prime, cfg.prime.rollout
-  key = jax.random.PRNGKey(0)
   # The production build (as `Trainer` builds it): its state layout, decided from abstract shapes,
-  # is the one the abstract state carries.
-  built = prime.make_prime(mc, p, mesh=mesh)
-  state = sharding_plan.abstract(prime.abstract_state(mc, p), built.state_shardings)
-  rows, P_, R_ = r.rows, r.max_prompt_length, r.max_response_length
-  ab = lambda shapes: sharding_plan.abstract_batch(mesh, shapes)
-  b = ab({"prompt_tokens": ((rows, P_), jnp.int32), "prompt_mask": ((rows, P_), jnp.int32),
-          "response_tokens": ((rows, R_), jnp.int32), "response_mask": ((rows, R_), jnp.float32),
-          "outcome": ((rows,), jnp.float32), "sampler_logp": ((rows, R_), jnp.float32),
-          "in_band": ((rows,), jnp.float32)})  # rollout.collect always fills both
-  if p.process_reward:
-    b.update(ab({"process_rewards": ((rows, R_), jnp.float32)}))
-  if r.env:  # multi-turn rows (rl/multiturn.py): observations attended, turn ids, turn rewards
-    b.update(ab({"observation_mask": ((rows, R_), jnp.float32), "turn_ids": ((rows, R_), jnp.int32)}))
-    if p.advantage in ("matchtir", "igpo"):
-      b.update(ab({"turn_rewards": ((rows, r.max_turns), jnp.float32)}))
-  batch = RolloutBatch(**b)
-  rep = placement.replicated(mesh)
-  akey = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-  return built.update_fn, (state, batch, akey), mc, source
+  # is the one the abstract state carries; the batch is the rollout's (`rollout_batch_shapes`).
+  program = rl_programs.update_program(mc, cfg.prime, mesh)
+  return program.fn, program.args, mc, source
 
 
 # Settings that shape the programs `aot_plan` compiles (recorded in the plan as "flags", so a
