@@ -73,30 +73,14 @@ def _fmt(rec: dict) -> str:
   return " ".join(f"{k.split('/')[-1]}={rec[k]:.4g}" for k in keys if k in rec)
 
 
-def open_checkpointer(cfg: config_lib.RunConfig):
-  """The run's Checkpointer (None without --checkpoint_dir); refuses a mismatched directory."""
-  from jaxrl_dense import checkpoint as ckpt_lib
-  from jaxrl_dense.rl import load
-  if not cfg.checkpoint_dir:
-    return None
-  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg),
-                               renamed_keys=config_lib.renamed_settings(),
-                               save_every=cfg.checkpoint_every or cfg.steps, keep_last=cfg.checkpoint_keep)
-  if not cfg.resume and ckpt.latest_step() is not None:
-    ckpt.close()
-    raise ckpt_lib.CheckpointMismatchError(
-        f"--checkpoint_dir={cfg.checkpoint_dir} already holds checkpoints (latest step "
-        f"{ckpt.latest_step()}); pass --resume to continue it, or use another directory.")
-  return ckpt
-
-
 def train(cfg: config_lib.RunConfig) -> list:
   """Runs (or resumes) training; returns the per-step metrics history."""
   import jax
   from jaxrl_dense.observe import metrics as metrics_lib
+  from jaxrl_dense.rl import load
   from jaxrl_dense.rl.trainer import Trainer
 
-  ckpt = open_checkpointer(cfg)
+  ckpt = load.open_checkpointer(cfg)
   trainer = Trainer(cfg)
   history: list = []
   last_saved = None

@@ -31,20 +31,17 @@ FLAGS = flags.FLAGS
 def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   """{"auroc", "step", "num", "positives", "report"} for the run's latest checkpoint."""
   import numpy as np
-  from jaxrl_dense import checkpoint as ckpt_lib
   from jaxrl_dense.eval import loop as evaluation
   from jaxrl_dense.observe import prm_health
-  from jaxrl_dense.rl import prime
+  from jaxrl_dense.rl import load, prime
   from jaxrl_dense.rl.trainer import Trainer
   if not cfg.prime.uses_prm:
     raise config_lib.ConfigError("algo", cfg.prime.algo, "has no PRM to score")
   with open(report_path) as f:
     report = json.load(f)
+  ckpt = load.open_checkpointer(cfg, read_only=True)  # a mismatched run is refused before loading
   trainer = Trainer(cfg)
   try:
-    from jaxrl_dense.rl import load
-    ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=load.checkpoint_fingerprint(cfg),
-                                 renamed_keys=config_lib.renamed_settings())
     trainer.resume(ckpt)
     ckpt.close()
     by_uid = {r.uid: r for r in trainer.eval_records}

@@ -90,9 +90,9 @@ def step_credit(cfg: config_lib.RunConfig, *, step_data: str = "", num_problems:
   """The step-credit report (see the module docstring) of the run's PRM (latest checkpoint when
   cfg.checkpoint_dir is set, else the initial PRM)."""
   import numpy as np
-  from jaxrl_dense import checkpoint as ckpt_lib
   from jaxrl_dense.observe import prm_health
   from jaxrl_dense.data import chain_arith
+  from jaxrl_dense.rl import load
   from jaxrl_dense.rl.trainer import Trainer
   p = cfg.prime
   if not (p.uses_prm and p.needs_ref):
@@ -119,12 +119,13 @@ def step_credit(cfg: config_lib.RunConfig, *, step_data: str = "", num_problems:
   test = _solutions(problems, 0, num_problems, corrupt_seed)
   calib = _solutions(problems, num_problems, calib_problems, corrupt_seed)
 
+  # The run's checkpoint, opened as the run wrote it (config and --train_data content
+  # fingerprint): a mismatch is refused before any model loads.
+  ckpt = load.open_checkpointer(cfg, read_only=True)
   trainer = Trainer(cfg)
   try:
     source = "initial"
-    if cfg.checkpoint_dir:
-      ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=ckpt_lib.make_fingerprint(
-          None, **config_lib.fingerprint(cfg)), renamed_keys=config_lib.renamed_settings())
+    if ckpt is not None:
       trainer.resume(ckpt)
       ckpt.close()
       source = "checkpoint"
@@ -236,7 +237,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"prm_step_credit.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except ckpt_lib.CheckpointMismatchError as e:  # other flags than the run's
+  except (ckpt_lib.CheckpointMismatchError, ckpt_lib.CheckpointReadError) as e:  # not the run's
     print(f"prm_step_credit.py: error: {e}", file=sys.stderr)
     sys.exit(4)
   print(summary(res))

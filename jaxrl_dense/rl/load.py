@@ -10,6 +10,8 @@ naming the flag (field) at fault. (What a run will need, without loading it: `rl
   load_records(cfg)                  (train records, eval records)
   data_fingerprint(cfg)              content hash of a file --train_data (for the checkpoint)
   checkpoint_fingerprint(cfg)        config + data fingerprint a resumed checkpoint must match
+  open_checkpointer(cfg)             the run's --checkpoint_dir with that fingerprint (training, or
+                                     read_only for the tools that score a finished run)
   configure_compilation_cache(cfg)   JAX's persistent compilation cache under --logdir
 """
 from __future__ import annotations
@@ -349,3 +351,33 @@ def checkpoint_fingerprint(cfg: RunConfig) -> dict:
   from jaxrl_dense.rl import config as config_lib
   fields = {**config_lib.fingerprint(cfg), **data_fingerprint(cfg)}
   return ckpt_lib.make_fingerprint(None, **fields)
+
+
+def open_checkpointer(cfg: RunConfig, *, read_only: bool = False):
+  """The run's --checkpoint_dir as a `checkpoint.Checkpointer` whose fingerprint is
+  `checkpoint_fingerprint(cfg)`, opened before any model loads: a directory written with other
+  settings, or with another --train_data file's content, raises `CheckpointMismatchError` here.
+  None without --checkpoint_dir.
+
+  Training (default): saves every --checkpoint_every steps (else only the last), keeps
+  --checkpoint_keep, and refuses a directory that already holds checkpoints unless --resume.
+  `read_only=True` (experiments/prm_auroc.py, prm_step_credit.py score a finished run's PRM):
+  the directory must hold a checkpoint (`CheckpointReadError` naming it otherwise)."""
+  from jaxrl_dense import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from jaxrl_dense.rl import config as config_lib  # pylint: disable=import-outside-toplevel
+  if not cfg.checkpoint_dir:
+    return None
+  kwargs = {} if read_only else {"save_every": cfg.checkpoint_every or cfg.steps,
+                                 "keep_last": cfg.checkpoint_keep}
+  ckpt = ckpt_lib.Checkpointer(cfg.checkpoint_dir, fingerprint=checkpoint_fingerprint(cfg),
+                               renamed_keys=config_lib.renamed_settings(), **kwargs)
+  latest = ckpt.latest_step()
+  if read_only and latest is None:
+    ckpt.close()
+    raise ckpt_lib.CheckpointReadError(f"--checkpoint_dir={cfg.checkpoint_dir} holds no checkpoint")
+  if not read_only and not cfg.resume and latest is not None:
+    ckpt.close()
+    raise ckpt_lib.CheckpointMismatchError(
+        f"--checkpoint_dir={cfg.checkpoint_dir} already holds checkpoints (latest step "
+        f"{latest}); pass --resume to continue it, or use another directory.")
+  return ckpt

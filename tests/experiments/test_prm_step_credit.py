@@ -136,12 +136,19 @@ def test_tool_initial_prm_is_at_chance_and_refuses_bad_data(tmp_path):
 
 
 def test_tool_scores_a_checkpointed_prm(tmp_path):
-  """A PRM that differs from the reference, saved as prime_math saves it, is restored (its
-  rewards are not 0); other flags than the run's are refused."""
-  from jaxrl_dense import checkpoint as ckpt_lib
+  """A PRM that differs from the reference, saved as prime_math saves it (`load.open_checkpointer`,
+  whose fingerprint holds the --train_data file's hash), is restored (its rewards are not 0);
+  other flags than the run's, and an empty directory, are refused."""
   from jaxrl_dense.rl.trainer import Trainer
   ck = tmp_path / "ck"
-  cfg = config_lib.from_args([*FLAGS, f"--checkpoint_dir={ck}"])
+  train = tmp_path / "train.jsonl"  # a file: the run's checkpoint fingerprint carries its sha256
+  train.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"{i}+1?"}],
+                                       "reward_model": {"ground_truth": str(i + 1)}}) + "\n"
+                           for i in range(8)))
+  flags_ = [*FLAGS, f"--train_data={train}"]
+  cfg = config_lib.from_args([*flags_, f"--checkpoint_dir={ck}"])
+  ckpt = load.open_checkpointer(cfg)
+  assert "train_data_sha256" in load.checkpoint_fingerprint(cfg)
   run = Trainer(cfg)
   try:
     state = run.state
@@ -149,14 +156,12 @@ def test_tool_scores_a_checkpointed_prm(tmp_path):
                           state.prm.params)
     run.state = state._replace(prm=state.prm._replace(params=bumped))
     run.step = 1
-    ckpt = ckpt_lib.Checkpointer(str(ck), fingerprint=ckpt_lib.make_fingerprint(
-        None, **config_lib.fingerprint(cfg)))
-    assert ckpt.save(1, *run.checkpoint([]), force=True)
+    assert run.save(ckpt, [], force=True)
     ckpt.close()
   finally:
     run.close()
   out = tmp_path / "ckpt.json"
-  r = _tool([*FLAGS, f"--checkpoint_dir={ck}", "--num_problems=4", "--calib_problems=4",
+  r = _tool([*flags_, f"--checkpoint_dir={ck}", "--num_problems=4", "--calib_problems=4",
              f"--out={out}"])
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(out.read_text())
@@ -164,6 +169,10 @@ def test_tool_scores_a_checkpointed_prm(tmp_path):
   assert res["prm"] == "checkpoint" and res["step"] == 1 and not res["prm_is_reference"]
   assert not res["all_rewards_zero"] and res["note"] == ""
   assert any(x != 0.0 for e in res["examples"] for x in e["step_scores_sum"])
-  r = _tool([*FLAGS, f"--checkpoint_dir={ck}", "--num_problems=4", "--calib_problems=4", "--beta=0.1"],
+  r = _tool([*flags_, f"--checkpoint_dir={ck}", "--num_problems=4", "--calib_problems=4", "--beta=0.1"],
             timeout=300)
   assert r.returncode == 4 and "beta" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+  (tmp_path / "empty").mkdir()
+  r = _tool([*flags_, f"--checkpoint_dir={tmp_path / 'empty'}", "--num_problems=4", "--calib_problems=4"],
+            timeout=300)
+  assert r.returncode == 4 and "holds no checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
