@@ -6,6 +6,9 @@ Missing package -> the fixture errors with the install command (`pip install --n
 """
 import functools
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
@@ -17,6 +20,34 @@ import pytest
 # Speed targets are measured by benchmarks/, never by tests.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+
+# One persistent compilation cache for the test session (a user's own $JAX_COMPILATION_CACHE_DIR
+# wins). Many tests build the same programs again (the smoke config's sampler and update in a
+# Trainer per test, prime_math.py subprocesses for the resume checks): XLA compiles each once, and
+# every later test, xdist worker and subprocess loads it (they inherit the variable;
+# rl.load.compilation_cache_dir honours it). The cache is keyed on the HLO, the devices and the
+# XLA flags, so no test gets another program; a load still counts as a compilation for the
+# tests that count them (JAX's backend_compile_duration event wraps both). The controller makes
+# the directory before xdist starts its workers and removes it at the end.
+def pytest_configure(config):
+  if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  path = tempfile.mkdtemp(prefix="jaxrl_dense_tests_jax_cache_")
+  config._jaxrl_dense_jax_cache = path  # pylint: disable=protected-access
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  if "jax" in sys.modules:  # imported before this hook (a plugin): its config read the env already
+    import jax
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "_jaxrl_dense_jax_cache", None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -701,8 +701,10 @@ class RunConfig:
                               "is 0.75). 0 = leave JAX's setting.", lo=0.0, hi=1.0, runtime=True)
   compilation_cache_dir: str = _f("", "JAX's persistent compilation cache: compiled programs are "
                                   "written here and a later process (a resume, the next seed, an "
-                                  "eval) loads them instead of compiling. '' = <logdir>/jax_cache "
-                                  "when --logdir is set, else off; 'none' = off.", runtime=True)
+                                  "eval) loads them instead of compiling. '' = $JAX_COMPILATION_CACHE_DIR "
+                                  "when the environment sets it (JAX's own setting), else "
+                                  "<logdir>/jax_cache when --logdir is set, else off; 'none' = off.",
+                                  runtime=True)
   progress: bool = _f(True, "Show a progress bar.", runtime=True)
   sample_every: int = _f(0, "Write <logdir>/samples/step_NNNNN.html (per-token process rewards, "
                          "advantages, log-ratio to the reference; the best, the worst and the "

@@ -184,12 +184,16 @@ def check_limits(cfg: RunConfig) -> None:
 
 
 def compilation_cache_dir(cfg: RunConfig) -> str:
-  """--compilation_cache_dir resolved: the directory, or '' (off)."""
+  """--compilation_cache_dir resolved: the directory, or '' (off). Unset, JAX's own setting
+  ($JAX_COMPILATION_CACHE_DIR, one cache for every run of a machine or a test session) wins over
+  the per-run default <logdir>/jax_cache."""
   spec = cfg.compilation_cache_dir
   if spec == "none":
     return ""
   if spec:
     return os.path.expanduser(spec)
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
   return os.path.join(cfg.logdir, "jax_cache") if cfg.logdir else ""
 
 

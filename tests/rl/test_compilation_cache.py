@@ -34,7 +34,8 @@ print("CACHE_HITS", len(hits), path)
 """
 
 
-def test_resolution_of_the_flag(tmp_path):
+def test_resolution_of_the_flag(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # (tests/conftest.py sets it)
   base = config_lib.from_args([f"--flagfile={SMOKE}"])
   assert load.compilation_cache_dir(config_lib.replace(base, logdir="")) == ""
   assert load.compilation_cache_dir(config_lib.replace(base, logdir="/x/y")) == "/x/y/jax_cache"
@@ -45,11 +46,24 @@ def test_resolution_of_the_flag(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="compilation_cache_dir"):
     load.check_inputs(config_lib.replace(base, compilation_cache_dir=str(afile)))
   assert "compilation_cache_dir" in config_lib.RUNTIME_ONLY  # a cache never changes a result
+  # JAX's own setting, when the environment has one, wins over <logdir>/jax_cache; the flag over it
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/machine/cache")
+  assert load.compilation_cache_dir(config_lib.replace(base, logdir="/x/y")) == "/machine/cache"
+  assert load.compilation_cache_dir(config_lib.replace(base, compilation_cache_dir=str(tmp_path))) == str(tmp_path)
+  assert load.compilation_cache_dir(config_lib.replace(base, logdir="/x", compilation_cache_dir="none")) == ""
+
+
+def _env():
+  """The child's environment without the test session's shared cache (tests/conftest.py), so
+  the run's own default, <logdir>/jax_cache, is the one under test."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
 
 
 @pytest.mark.slow
 def test_a_second_process_loads_the_compiled_programs(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = _env()
   out = []
   for _ in range(2):
     r = subprocess.run([sys.executable, "-c", CHILD, str(SMOKE), str(tmp_path / "logs")],
@@ -65,7 +79,7 @@ def test_a_second_process_loads_the_compiled_programs(tmp_path):
 
 @pytest.mark.slow
 def test_prime_math_writes_the_cache_under_its_logdir(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = _env()
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "prime_math.py"), f"--flagfile={SMOKE}",
                       "--eval_data=", "--steps=1", f"--logdir={tmp_path}/logs"],
                      capture_output=True, text=True, timeout=600, cwd=str(REPO), env=env)
