@@ -54,7 +54,7 @@ from jaxrl_dense.observe import prm_health
 from jaxrl_dense.parallel import mesh as mesh_lib, rules, placement
 from jaxrl_dense.rewards import overlong as overlong_lib
 from jaxrl_dense.filters import prof as prof_lib
-from jaxrl_dense.rewards import implicit_prm
+from jaxrl_dense.rewards import implicit_prm, implicit_prm_objectives
 from jaxrl_dense.rewards import sar as sar_lib
 from jaxrl_dense.rl import config as config_lib
 from jaxrl_dense.rl import steps
@@ -116,12 +116,12 @@ def prof_keep(outcome, mask, prm_logp, ref_logp, *, beta: float, n: int, k: int,
   group of n, balancing correct / incorrect. Shapes: outcome [B], mask / log-probs [B, R] -> bool [B].
   """
   m = mask.astype(jnp.float32)  # [B, R]
-  q = jnp.cumsum(beta * (prm_logp - ref_logp) * m, axis=1)  # [B, R]
   step_ids = ops.fixed_length_step_ids(m, step_len)  # [B, R]
   num_steps = -(-m.shape[1] // step_len)
-  ends = ops.step_ends_from_ids(step_ids) & (m > 0)  # [B, R]
-  v = ops.segment_sum(jnp.where(ends, jax.nn.sigmoid(q), 0.0), step_ids, num_steps)  # [B, S]
-  step_mask = ops.step_mask_from_ids(step_ids, num_steps)  # [B, S]
+  # Q_h = β Σ_{s ≤ e(h)} q_s: the implicit PRM's accumulative step reward (PRIME's eval get_reward)
+  big_q, step_mask = implicit_prm_objectives.implicit_step_rewards(
+      prm_logp, ref_logp, m, step_ids, num_steps, beta=beta, mode="accumulative")  # [B, S] x2
+  v = jnp.where(step_mask > 0, jax.nn.sigmoid(big_q), 0.0)  # [B, S]
   c = prof_lib.prof_consistency(v, step_mask, outcome)  # [B]
   g = outcome.shape[0] // n
   return prof_lib.prof_filter(outcome, c, ops.contiguous_group_ids(g, n), g, n_remove=k)
