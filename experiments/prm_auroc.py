@@ -30,9 +30,7 @@ FLAGS = flags.FLAGS
 
 def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   """{"auroc", "step", "num", "positives", "report"} for the run's latest checkpoint."""
-  import numpy as np
   from jaxrl_dense.eval import loop as evaluation
-  from jaxrl_dense.observe import prm_health
   from jaxrl_dense.rl import load, prime
   from jaxrl_dense.rl.trainer import Trainer
   if not cfg.prime.uses_prm:
@@ -49,18 +47,15 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
     missing = [p["uid"] for p in problems if p["uid"] not in by_uid]
     if missing:
       raise config_lib.ConfigError("report", report_path, f"problems {missing[:3]} are not in --eval_data")
-    records = [by_uid[p["uid"]] for p in problems]
-    max_new = cfg.eval_max_response_length or cfg.prime.rollout.max_response_length
-    truncated = np.array([[ln >= max_new for ln in p["lengths"]] for p in problems])
-    r = evaluation.implicit_prm_rewards(
+    held = evaluation.heldout_prm_auroc(  # as the trainer's eval/prm_auroc
         prime.model_params(trainer.state, "prm", cfg.prime), trainer.state.ref_params,
-        trainer.model_config, trainer.tokenizer, records, [p["responses"] for p in problems],
-        beta=cfg.prime.prm.beta, batch_size=cfg.prime.score_micro_batch_size,
-        encoder=trainer.encoder, truncated=truncated)  # [N, k]
-    labels = np.array([p["scores"] for p in problems]) > 0.5
-    return {"auroc": float(prm_health.auroc(r.reshape(-1), labels.reshape(-1))),
-            "step": trainer.step, "num": int(labels.size), "positives": int(labels.sum()),
-            "report": report_path}
+        trainer.model_config, trainer.tokenizer, [by_uid[p["uid"]] for p in problems], problems,
+        beta=cfg.prime.prm.beta,
+        max_new_tokens=cfg.eval_max_response_length or cfg.prime.rollout.max_response_length,
+        batch_size=cfg.prime.score_micro_batch_size, encoder=trainer.encoder)
+    labels = held.scores > 0.5
+    return {"auroc": held.auroc, "step": trainer.step, "num": int(labels.size),
+            "positives": int(labels.sum()), "report": report_path}
   finally:
     trainer.close()
 

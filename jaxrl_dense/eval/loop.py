@@ -35,6 +35,9 @@ Estimators over k sampled responses per problem (scores s [N, k] from `evaluate`
 `prm_vote_weights(r)` = sigmoid(r). `sampled_summary(...)` collects all of them in one dict.
 `implicit_prm_step_rewards(...)` the same token rewards with the step of every token, from the
     responses' step character spans (`prm_health.step_scores` turns them into step scores).
+`heldout_prm_auroc(prm_params, ref_params, ..., problems)` the PRM's held-out quality on an
+    eval's responses: AUROC of r against the verifier's labels (the trainer's eval/prm_auroc and
+    experiments/prm_auroc.py), with the token rewards a heatmap page draws.
 
 Shapes never change between calls with the same records: every batch is padded to `batch_size`
 rows (by repeating the last prompt; the copies are ignored) and to one prompt width (the
@@ -50,7 +53,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -547,6 +550,37 @@ def implicit_prm_rewards(prm_params: Any, ref_params: Any, config: Any, tokenize
   if token_rewards:
     return (out.reshape(len(records), k), tokens[:, width_p:], rmask[:, width_p:], q_tok)
   return out.reshape(len(records), k)
+
+
+class HeldoutPRM(NamedTuple):
+  """`heldout_prm_auroc`'s result: the AUROC, r [N, k], the verifier's scores [N, k] and, rows
+  problem-major, the response tokens, their mask and the token rewards [N*k, R]."""
+  auroc: float
+  rewards: np.ndarray
+  scores: np.ndarray
+  tokens: np.ndarray
+  mask: np.ndarray
+  token_rewards: np.ndarray
+
+
+def heldout_prm_auroc(prm_params: Any, ref_params: Any, config: Any, tokenizer: Any,
+                      records: Sequence[Any], problems: Sequence[dict], *, beta: float,
+                      max_new_tokens: int, batch_size: int = 16,
+                      encoder: Optional[batching.PromptEncoder] = None) -> HeldoutPRM:
+  """The implicit PRM's quality on held-out responses: AUROC of the sequence reward
+  r = beta * sum_t log(pi_prm / pi_ref) (`implicit_prm_rewards`) against the verifier's labels
+  (score > 0.5), over every response of `problems` (`EvalResult.problems`, or the "problems" of a
+  written report; `records[i]` is problem i's prompt). A response whose length reached
+  `max_new_tokens` was cut off, so it is scored without an EOS. AUROC is NaN when every label
+  agrees (`prm_health.auroc`)."""
+  from jaxrl_dense.observe import prm_health  # pylint: disable=import-outside-toplevel
+  truncated = np.array([[ln >= max_new_tokens for ln in p["lengths"]] for p in problems])
+  r, tokens, mask, q = implicit_prm_rewards(
+      prm_params, ref_params, config, tokenizer, records, [p["responses"] for p in problems],
+      beta=beta, batch_size=batch_size, encoder=encoder, truncated=truncated, token_rewards=True)
+  scores = np.array([p["scores"] for p in problems], np.float32)  # [N, k]
+  auroc = float(prm_health.auroc(r.reshape(-1), scores.reshape(-1) > 0.5))
+  return HeldoutPRM(auroc, r, scores, tokens, mask, q)
 
 
 def implicit_prm_step_rewards(prm_params: Any, ref_params: Any, config: Any, tokenizer: Any,

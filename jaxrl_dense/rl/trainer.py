@@ -214,26 +214,22 @@ class Trainer:
     # float rounding between the two forward passes (~1e-5 per response in float32), no signal.
     # (--env: skipped; the held-out re-scoring reads each response as one model turn)
     if cfg.eval_prm and p.uses_prm and p.needs_ref and not p.rollout.env and not self.prm_is_reference():
-      from jaxrl_dense.observe import prm_health
       t = time.perf_counter()
-      max_new = cfg.eval_max_response_length or p.rollout.max_response_length
-      truncated = np.array([[ln >= max_new for ln in pr["lengths"]] for pr in res.problems])
-      prm_params = prime.model_params(self.state, "prm", p)
-      r, tok, mask, q = evaluation.implicit_prm_rewards(
-          prm_params, self.state.ref_params, self.model_config, self.tokenizer,
-          self.eval_records, [pr["responses"] for pr in res.problems], beta=p.prm.beta,
-          batch_size=p.score_micro_batch_size, encoder=self.encoder, truncated=truncated,
-          token_rewards=True)  # [N, k]; [N*k, R] x3
-      scores = np.array([pr["scores"] for pr in res.problems], np.float32)  # [N, k]
-      report["eval/prm_auroc"] = float(prm_health.auroc(r.reshape(-1), scores.reshape(-1) > 0.5))
+      held = evaluation.heldout_prm_auroc(
+          prime.model_params(self.state, "prm", p), self.state.ref_params, self.model_config,
+          self.tokenizer, self.eval_records, res.problems, beta=p.prm.beta,
+          max_new_tokens=cfg.eval_max_response_length or p.rollout.max_response_length,
+          batch_size=p.score_micro_batch_size, encoder=self.encoder)
+      report["eval/prm_auroc"] = held.auroc
       report["time/eval_prm"] = time.perf_counter() - t
       if cfg.sample_every and cfg.logdir and jax.process_index() == 0:  # the eval's heatmap page
         from jaxrl_dense.observe import viz
-        k = scores.shape[1]
+        k = held.scores.shape[1]
         prompts = [pr["question"] for pr in res.problems]
         viz.write_sample_page(os.path.join(cfg.logdir, "samples"), self.step, prompts=prompts,
-                              response_tokens=tok, mask=mask, outcome=scores.reshape(-1),
-                              series={"process_reward": q}, n=k, tokenizer=self.tokenizer,
+                              response_tokens=held.tokens, mask=held.mask,
+                              outcome=held.scores.reshape(-1),
+                              series={"process_reward": held.token_rewards}, n=k, tokenizer=self.tokenizer,
                               num_best=2, num_worst=2, num_disagree=2 if k > 1 else 0,
                               tag=f"eval{tag}", meta={"eval/pass@1": report["eval/pass@1"],
                                                       "eval/prm_auroc": report["eval/prm_auroc"]})
