@@ -2,7 +2,8 @@
 
 Comments and docstrings of ``jaxrl_dense/``, ``experiments/``, ``benchmarks/`` and ``tests/`` must not point at
 the project's internal spec files (``prime.md §6``, ``methods.md §1.4``, ``spec §3``, a bare ``§5``)
-or at issue numbers (``issue 12``, ``issue #16 item 3``): a user's clone has neither. Cite the paper
+or at issue numbers and review findings (``issue 12``, ``issue #16 item 3``, ``defect 5e``): a
+user's clone has neither. Cite the paper
 (``PRIME, arXiv 2502.01456 Sec. 3.3``) or the reference file and function (veRL
 ``verl/trainer/ppo/core_algos.py`` ``agg_loss``) instead. Files under ``docs/`` are in the clone, so
 ``docs/methods.md`` is fine.
@@ -13,8 +14,8 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCANNED = ("jaxrl_dense", "experiments", "benchmarks", "tests")
 
-# Internal spec files (not docs/...), "spec §", any "§N", issue tags.
-PATTERN = re.compile(r"(?<![\w/])(?:methods|prime)\.md|spec §|§ ?[0-9]|[Ii]ssue ?#?[0-9]+")
+# Internal spec files (not docs/...), "spec §", any "§N", issue tags, review-finding tags.
+PATTERN = re.compile(r"(?<![\w/])(?:methods|prime)\.md|spec §|§ ?[0-9]|[Ii]ssue ?#?[0-9]+|[Dd]efect ?[0-9]+")
 
 # Files allowed to keep such references while being rewritten on a branch (none now). Shrink it as
 # they are cleaned; `test_allow_list_is_not_stale` fails for an entry that no longer matches.
@@ -58,11 +59,12 @@ def test_pattern_flags_internal_refs():
   # Control: each of these must be caught ...
   for s in ["(prime.md §6.1; both references)", "Spec: ``prime.md`` §4", "(methods.md §1.4)",
             "PRIME spec §3 sends", "see §5.2", "§ 7", "(issue 12)", "(issue #16 item 3)",
-            "Issue 23 asked for", "issue#4"]:
+            "Issue 23 asked for", "issue#4", "(defect 5e)", "PROF survivors, Defect 5a"]:
     assert find_refs(s), s
   # ... and these must not: paper sections, docs in the clone, code that says "spec".
   for s in ["PRIME (arXiv 2502.01456, Sec. 3.3 Eq. 5)", "docs/methods.md", "see docs/prm_health.md",
-            "spec = parse_spec(spec)", "mesh spec {spec!r}", "an issue with padding"]:
+            "spec = parse_spec(spec)", "mesh spec {spec!r}", "an issue with padding",
+            "a defective checkpoint"]:
     assert not find_refs(s), s
 
 

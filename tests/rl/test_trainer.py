@@ -1,4 +1,4 @@
-"""rl.trainer on the main job's path (defect 5e): for prm_update before / after x old log-probs
+"""rl.trainer on the main job's path (the Trainer that experiments/prime_math.py runs): for prm_update before / after x old log-probs
 recomputed / reused, with a PPO mini-batch smaller than the step's rows, an eval and an Orbax
 checkpoint between steps: steps after the first never recompile, and restoring the checkpoint of
 step 2 and re-running step 3 reproduces step 3 exactly (metrics and parameters)."""

@@ -1,6 +1,6 @@
-"""rl.prime: the one-program PRIME update, its advantage stage (PROF survivors, defect 5a), the
-estimator calling convention, --share_prompt as a speed-only setting (5f), sampler / scorer
-log-prob parity (5d) and the architecture snippet."""
+"""rl.prime: the one-program PRIME update, its advantage stage (computed over the PROF
+survivors only), the estimator calling convention, --share_prompt as a speed-only setting,
+sampler / scorer log-prob parity and the architecture snippet."""
 import pathlib
 import re
 
