@@ -1,11 +1,9 @@
 """Host-side pieces of the tier-1 experiments (no model): pairs, reranking metrics, rule rewards."""
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from experiments import dense_rules as dr  # noqa: E402
+from tests.experiments._experiment_module import load_experiment
+
+dr = load_experiment("dense_rules")
 
 
 def test_contrastive_pairs():

@@ -23,18 +23,17 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference  # noqa: E402
-from jaxrl_dense.parallel import plan as plan_lib  # noqa: E402
-from jaxrl_dense.models.config import ModelConfig  # noqa: E402
-from jaxrl_dense.rl import prime, programs as rl_programs  # noqa: E402
-from jaxrl_dense.rl.batch import RolloutBatch  # noqa: E402
-from jaxrl_dense.rl.state import TrainState  # noqa: E402
-from jaxrl_dense.models.transformer import init_params  # noqa: E402
+from jaxrl_dense.parallel import mesh as mesh_lib, placement, inference
+from jaxrl_dense.parallel import plan as plan_lib
+from jaxrl_dense.models.config import ModelConfig
+from jaxrl_dense.rl import prime, programs as rl_programs
+from jaxrl_dense.rl.batch import RolloutBatch
+from jaxrl_dense.rl.state import TrainState
+from jaxrl_dense.models.transformer import init_params
 
 # Tiny Qwen2-shaped model; sizes chosen distinct so HLO shapes can be told apart:
 # D=64, I=96, V=128, L=2, H=4 x hd 10, K=2 kv heads; P=6 prompt + R=12 response = T=18 tokens;

@@ -18,12 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 MESHES = ("data:1,fsdp:1,tensor:1", "data:8,fsdp:1,tensor:1", "data:2,fsdp:4,tensor:1",
           "data:2,fsdp:2,tensor:2", "data:1,fsdp:4,tensor:2")

@@ -22,12 +22,11 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
 
-from jaxrl_dense.parallel import mesh as mesh_lib  # noqa: E402
-from jaxrl_dense.rl import config as config_lib  # noqa: E402
-from jaxrl_dense.rl import plan as plan_lib  # noqa: E402
-from jaxrl_dense.rl import steps  # noqa: E402
+from jaxrl_dense.parallel import mesh as mesh_lib
+from jaxrl_dense.rl import config as config_lib
+from jaxrl_dense.rl import plan as plan_lib
+from jaxrl_dense.rl import steps
 
 LAYERS = 2
 ARGS = ["--max_prompt_length=384", "--max_response_length=640", "--length_bucket=0"]
