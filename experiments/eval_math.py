@@ -17,7 +17,7 @@ r"""Evaluate a model on math: greedy pass@1 or sampled mean@k, with a per-proble
         --temperature=0.7 --prm_model=runs/prm_hf
 
 With --nogreedy the summary holds, besides mean@k: the unbiased pass@k of Chen et al. 2021 for
---ks (`evaluation.pass_at_k`), maj@k (majority vote over the verifier's normalised answers, ties
+--ks (`eval.estimators.pass_at_k`), maj@k (majority vote over the verifier's normalised answers, ties
 counted as the expected correctness of a random tie break), and with --prm_model
 prm_best_of_n@k (the response with the highest implicit-PRM reward) and prm_vote@k (vote
 weighted by sigmoid(reward)); each problem's answers and PRM rewards go into the report.
@@ -167,13 +167,13 @@ def load_records(f: EvalConfig):
 
 def add_sampled_estimators(result, lm, records, encoder, f: EvalConfig) -> None:
   """Adds unbiased pass@k, mean@k, maj@k and (with --prm_model) PRM best-of-N / PRM-weighted
-  vote to `result.summary` (see `jaxrl_dense.eval.loop.sampled_summary`)."""
+  vote to `result.summary` (see `jaxrl_dense.eval.estimators.sampled_summary`)."""
   import jax.numpy as jnp
   import numpy as np
-  from jaxrl_dense.eval import loop as evaluation
+  from jaxrl_dense.eval import estimators, prm as eval_prm
   from jaxrl_dense.models import loading
   scores = np.array([p["scores"] for p in result.problems], np.float64)  # [N, k]
-  answers = [evaluation.extract_answers(p["responses"]) for p in result.problems]
+  answers = [estimators.extract_answers(p["responses"]) for p in result.problems]
   rewards = None
   if f.prm_model:
     t0 = time.time()
@@ -183,7 +183,7 @@ def add_sampled_estimators(result, lm, records, encoder, f: EvalConfig) -> None:
     prm = load(f.prm_model)
     ref = lm if not f.ref_model or f.ref_model == f.model else load(f.ref_model)
     truncated = np.array([p["lengths"] for p in result.problems]) >= f.max_new_tokens
-    rewards = evaluation.implicit_prm_rewards(
+    rewards = eval_prm.implicit_prm_rewards(
         prm.params, ref.params, lm.config, lm.tokenizer, records,
         [p["responses"] for p in result.problems], beta=f.prm_beta, batch_size=f.batch_size,
         encoder=encoder, truncated=truncated)
@@ -193,7 +193,7 @@ def add_sampled_estimators(result, lm, records, encoder, f: EvalConfig) -> None:
   for p, a in zip(result.problems, answers):
     p["answers"] = a
   ks = f.k_list or None
-  result.summary.update(evaluation.sampled_summary(scores, answers, rewards, ks))
+  result.summary.update(estimators.sampled_summary(scores, answers, rewards, ks))
 
 
 def main(argv):

@@ -7,7 +7,7 @@ r"""Held-out AUROC of a trained implicit PRM, from a finished (or stopped) run's
 Restores the PRM of the run's latest checkpoint (the same flags the run used: its fingerprint is
 checked, as `--resume` checks it), scores the greedy held-out responses of an evaluation report
 (`eval_step*.json`, written by prime_math) with r = beta * sum_t log pi_prm / pi_ref
-(`evaluation.implicit_prm_rewards`), and reports the AUROC of r against the verifier's label
+(`eval.prm.heldout_prm_auroc`), and reports the AUROC of r against the verifier's label
 (`prm_health.auroc`). New runs log this at every evaluation as `eval/prm_auroc` (`--eval_prm`);
 this tool measures it for runs made before that existed, or at any checkpoint.
 """
@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 
 def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
   """{"auroc", "step", "num", "positives", "report"} for the run's latest checkpoint."""
-  from jaxrl_dense.eval import loop as evaluation
+  from jaxrl_dense.eval import prm as eval_prm
   from jaxrl_dense.rl import load, prime
   from jaxrl_dense.rl.trainer import Trainer
   if not cfg.prime.uses_prm:
@@ -47,7 +47,7 @@ def heldout_auroc(cfg: config_lib.RunConfig, report_path: str) -> dict:
     missing = [p["uid"] for p in problems if p["uid"] not in by_uid]
     if missing:
       raise config_lib.ConfigError("report", report_path, f"problems {missing[:3]} are not in --eval_data")
-    held = evaluation.heldout_prm_auroc(  # as the trainer's eval/prm_auroc
+    held = eval_prm.heldout_prm_auroc(  # as the trainer's eval/prm_auroc
         prime.model_params(trainer.state, "prm", cfg.prime), trainer.state.ref_params,
         trainer.model_config, trainer.tokenizer, [by_uid[p["uid"]] for p in problems], problems,
         beta=cfg.prime.prm.beta,

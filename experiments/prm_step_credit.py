@@ -11,10 +11,10 @@ labels. For each of `--num_problems` held-out problems of the chain_arith eval s
 (`--step_data`, default the run's `--eval_data`), `chain_arith.step_credit_solutions` writes the
 correct solution and two corrupted ones whose first wrong step k is known (one equation's result
 changed; later steps "propagated" from the wrong value or left "inconsistent"). Each is scored
-after the run's prompt by the PRM and the reference (`evaluation.implicit_prm_rewards`,
+after the run's prompt by the PRM and the reference (`eval.prm.implicit_prm_rewards`,
 token rewards beta * (log pi_prm - log pi_ref), PRIME Eq. 3), the token rewards are summed (or
 min-ed) per step through the tokenizer's character offsets (`prm_health.step_ids_from_offsets`,
-exact: the same token ids; `evaluation.implicit_prm_step_rewards`), and `prm_health.first_error_metrics` reports:
+exact: the same token ids; `eval.prm.implicit_prm_step_rewards`), and `prm_health.first_error_metrics` reports:
 
 * f1 / error_acc / correct_acc: the predicted first wrong step is the first step whose score is
   below a threshold, chosen for the best F1 (`prm_health.choose_threshold`) on a separate
@@ -71,13 +71,13 @@ def _solutions(task_problems, start: int, count: int, seed: int) -> list:
 def _score(trainer, task, sols) -> tuple:
   """(sequence rewards [M], token step ids [M, R], token rewards [M, R]) of the M solutions,
   problem-major (a problem's solutions share its prompt)."""
-  from jaxrl_dense.eval import loop as evaluation
+  from jaxrl_dense.eval import prm as eval_prm
   from jaxrl_dense.data import chain_arith
   from jaxrl_dense.rl import prime
   cfg = trainer.cfg
   k = len(chain_arith.CORRUPTION_MODES) + 1
   groups = [sols[i:i + k] for i in range(0, len(sols), k)]
-  return evaluation.implicit_prm_step_rewards(
+  return eval_prm.implicit_prm_step_rewards(
       prime.model_params(trainer.state, "prm", cfg.prime), trainer.state.ref_params,
       trainer.model_config, trainer.tokenizer,
       [chain_arith.to_record(g[0].problem, task, "eval", cfg.system_prompt or None) for g in groups],

@@ -110,3 +110,22 @@ def test_moved_plan_names_warn_and_resolve_in_rl_programs():
   upward = [m for m in imported if m and m.startswith(("jaxrl_dense.rl", "jaxrl_dense.models",
                                                        "jaxrl_dense.sampling"))]
   assert not upward, upward
+
+
+def test_eval_loop_names_moved_to_estimators_and_prm():
+  """`eval.loop` keeps the loop; its k-sample estimators moved to `eval.estimators` and the
+  implicit PRM's scoring of responses to `eval.prm`: each old name warns, naming the new home,
+  and is the new object (also on `jaxrl_dense.eval`, without a warning); unknown names fail."""
+  from jaxrl_dense import eval as eval_pkg
+  from jaxrl_dense.eval import estimators, loop, prm
+  moved = {**{n: estimators for n in ("pass_at_k", "pass_at_k_curve", "mean_at_k", "majority_vote",
+                                      "best_of_n", "prm_vote_weights", "extract_answers",
+                                      "sampled_summary")},
+           **{n: prm for n in ("implicit_prm_sequence_reward", "implicit_prm_rewards",
+                               "implicit_prm_step_rewards")}}
+  for name, home in moved.items():
+    with pytest.warns(DeprecationWarning, match=f"{home.__name__}.{name}"):
+      assert getattr(loop, name) is getattr(home, name)
+    assert getattr(eval_pkg, name) is getattr(home, name)
+  with pytest.raises(AttributeError):
+    loop.no_such_name  # pylint: disable=pointless-statement

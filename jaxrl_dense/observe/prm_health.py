@@ -239,7 +239,7 @@ def step_scores(token_rewards: ArrayLike, step_ids: ArrayLike, num_steps: int, *
                 reduce: str = "sum") -> Array:
   """Per-step PRM scores ``[B, T] -> [B, S]``: ``Σ_{t∈s} r[i,t]`` (``"sum"``) or ``min_{t∈s} r[i,t]``.
 
-  ``r`` are the token rewards ``β q_t`` (``evaluation.implicit_prm_rewards(token_rewards=True)``);
+  ``r`` are the token rewards ``β q_t`` (``eval.prm.implicit_prm_rewards(token_rewards=True)``);
   a step's sum is the change of the implicit Q-value over the step (PRIME Eq. 3 summed over the
   step, the "implicit step reward" of Yuan et al., arXiv 2412.01981). ``step_ids [B, T]`` int with
   −1 (or ≥ S) on tokens of no step. Steps without tokens (rows with fewer steps) are NaN.

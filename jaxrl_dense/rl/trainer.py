@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_dense import sampling
-from jaxrl_dense.eval import loop as evaluation
+from jaxrl_dense.eval import loop as evaluation, prm as eval_prm
 from jaxrl_dense.parallel import inference, placement
 from jaxrl_dense.rl import external_reward, load, plan, prime, rollout
 from jaxrl_dense.rl.config import ConfigError, RunConfig
@@ -215,7 +215,7 @@ class Trainer:
     # (--env: skipped; the held-out re-scoring reads each response as one model turn)
     if cfg.eval_prm and p.uses_prm and p.needs_ref and not p.rollout.env and not self.prm_is_reference():
       t = time.perf_counter()
-      held = evaluation.heldout_prm_auroc(
+      held = eval_prm.heldout_prm_auroc(
           prime.model_params(self.state, "prm", p), self.state.ref_params, self.model_config,
           self.tokenizer, self.eval_records, res.problems, beta=p.prm.beta,
           max_new_tokens=cfg.eval_max_response_length or p.rollout.max_response_length,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrl_dense import sampling
-from jaxrl_dense.eval import loop as evaluation
+from jaxrl_dense.eval import estimators, loop as evaluation, prm as eval_prm
 from jaxrl_dense.data import arithmetic, batching
 from jaxrl_dense.models import transformer
 from jaxrl_dense.models.config import ModelConfig
@@ -206,7 +206,7 @@ def test_implicit_prm_rewards_match_direct_scoring(setup):
   recs = records[:3]
   responses = [["The answer is 3.", "1 + 2 = 3."], ["4", "no idea"], ["The answer is 12.", "x"]]
   truncated = np.array([[False, True], [False, False], [True, False]])
-  r = evaluation.implicit_prm_rewards(prm_params, params, config, tok, recs, responses,
+  r = eval_prm.implicit_prm_rewards(prm_params, params, config, tok, recs, responses,
                                       beta=0.1, batch_size=4, truncated=truncated)
   assert r.shape == (3, 2) and np.isfinite(r).all()
   enc = batching.PromptEncoder(tok, max_prompt_length=1024)
@@ -219,11 +219,11 @@ def test_implicit_prm_rewards_match_direct_scoring(setup):
     lp = np.asarray(lp_lib.token_logprobs(prm_params, config, t, m))[0, len(p):]
     lr = np.asarray(lp_lib.token_logprobs(params, config, t, m))[0, len(p):]
     assert r[i, j] == pytest.approx(0.1 * float((lp - lr).sum()), abs=1e-4)
-  same = evaluation.implicit_prm_rewards(params, params, config, tok, recs, responses,
+  same = eval_prm.implicit_prm_rewards(params, params, config, tok, recs, responses,
                                          batch_size=4, truncated=truncated)
   np.testing.assert_allclose(same, 0.0, atol=1e-6)
   with pytest.raises(ValueError, match="same number k"):
-    evaluation.implicit_prm_rewards(params, params, config, tok, recs, [["a"], ["b", "c"], ["d"]])
+    eval_prm.implicit_prm_rewards(params, params, config, tok, recs, [["a"], ["b", "c"], ["d"]])
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -258,6 +258,6 @@ def test_eval_math_cli_sampled_estimators_with_prm(setup, tmp_path):
   assert s["pass@4"] == pytest.approx(scores.max(1).mean())
   rewards = np.array([p["prm_rewards"] for p in data["problems"]])
   assert rewards.shape == (2, 4) and np.isfinite(rewards).all()
-  assert s["prm_best_of_n@4"] == pytest.approx(evaluation.best_of_n(scores, rewards).mean())
+  assert s["prm_best_of_n@4"] == pytest.approx(estimators.best_of_n(scores, rewards).mean())
   assert all(len(p["answers"]) == 4 for p in data["problems"])
   assert data["problems"][0]["uid"].startswith("chain_arith:eval:")

@@ -323,12 +323,12 @@ def test_sample_pages_prm_health_and_held_out_prm_auroc(tmp_path):
   finally:
     run.close()
   # the eval's token rewards sum to its sequence rewards (the AUROC's scores)
-  from jaxrl_dense.eval import loop as evaluation
+  from jaxrl_dense.eval import prm as eval_prm
   run = Trainer(_smoke_config(steps=1))
   try:
     recs = run.eval_records[:3]
     resp = [["12"], ["7 + 5 = 12"], ["x"]]
-    r, tok, mask, q = evaluation.implicit_prm_rewards(
+    r, tok, mask, q = eval_prm.implicit_prm_rewards(
         models.init_params(run.model_config, jax.random.PRNGKey(5)), run.state.ref_params,
         run.model_config, run.tokenizer, recs, resp, beta=0.05, batch_size=2, encoder=run.encoder,
         token_rewards=True)

@@ -1,5 +1,5 @@
 """Step credit of the implicit PRM: exact token-to-step mapping on real and toy
-tokenizers, `evaluation.implicit_prm_step_rewards`, and experiments/prm_step_credit.py on a tiny
+tokenizers, `eval_prm.implicit_prm_step_rewards`, and experiments/prm_step_credit.py on a tiny
 random model (the initial PRM = reference, and a checkpointed PRM that differs from it)."""
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxrl_dense.eval import loop as evaluation
+from jaxrl_dense.eval import prm as eval_prm
 from jaxrl_dense.observe import prm_health
 from jaxrl_dense.data import chain_arith as ca
 from jaxrl_dense.rl import config as config_lib
@@ -63,7 +63,7 @@ def test_implicit_prm_step_rewards_sum_to_the_sequence_reward():
     groups = [ca.step_credit_solutions(p, [1, i]) for i, p in enumerate(probs)]
     recs = [ca.to_record(p, task, "eval") for p in probs]
     prm = models.init_params(run.model_config, jax.random.PRNGKey(7))
-    r, sid, q = evaluation.implicit_prm_step_rewards(
+    r, sid, q = eval_prm.implicit_prm_step_rewards(
         prm, run.state.ref_params, run.model_config, run.tokenizer, recs,
         [[s.text for s in g] for g in groups], [[s.step_spans for s in g] for g in groups],
         beta=0.05, batch_size=4, encoder=run.encoder)
@@ -78,7 +78,7 @@ def test_implicit_prm_step_rewards_sum_to_the_sequence_reward():
       assert sid[i, len(s.text)] == -1  # EOS
     assert np.abs(sc[np.isfinite(sc)]).max() > 0
     with pytest.raises(ValueError, match="one span list per response"):
-      evaluation.implicit_prm_step_rewards(
+      eval_prm.implicit_prm_step_rewards(
           prm, run.state.ref_params, run.model_config, run.tokenizer, recs,
           [[s.text for s in g] for g in groups], [[s.step_spans for s in g][:2] for g in groups])
   finally:

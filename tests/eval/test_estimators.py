@@ -1,4 +1,4 @@
-"""Sampling estimators of jaxrl_dense.eval.loop: unbiased pass@k (Chen et al. 2021) against
+"""Sampling estimators of jaxrl_dense.eval.estimators: unbiased pass@k (Chen et al. 2021) against
 brute-force enumeration of k-subsets, mean@k, majority vote (ties), best-of-N, PRM-weighted vote."""
 import itertools
 import math
@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from jaxrl_dense.eval import loop as ev
+from jaxrl_dense.eval import estimators as ev
+from jaxrl_dense.eval import prm as eval_prm
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -151,10 +152,10 @@ def test_implicit_prm_sequence_reward_and_summary():
   lp_prm = np.array([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
   lp_ref = np.array([[-1.5, -1.0, -9.0], [-2.0, -2.0, -2.0]])
   mask = np.array([[1, 1, 0], [1, 1, 1]], float)
-  r = ev.implicit_prm_sequence_reward(lp_prm, lp_ref, mask, beta=0.1)
+  r = eval_prm.implicit_prm_sequence_reward(lp_prm, lp_ref, mask, beta=0.1)
   np.testing.assert_allclose(r, [0.1 * (0.5 - 1.0), 0.1 * 3.0])
   with pytest.raises(ValueError, match="must be equal"):
-    ev.implicit_prm_sequence_reward(lp_prm, lp_ref[:, :2], mask)
+    eval_prm.implicit_prm_sequence_reward(lp_prm, lp_ref[:, :2], mask)
 
   scores = np.array([[1, 0], [0, 0]], float)
   answers = [["4", "5"], ["1", None]]
