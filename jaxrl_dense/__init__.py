@@ -1,10 +1,11 @@
 """jaxrl_dense: JAX-native RL for language models with dense, fine-grained rewards.
 
 The package reads as the pipeline a rollout travels:
-`models` (LMs, checkpoint IO) -> `sampling` (static sampler, engine) -> `verifiers` -> `rewards`
--> `advantages` -> `losses` -> `filters` -> `rl` (the update and the trainer), with `parallel`
-(mesh, layout, compiled plans), `data`, `checkpoint`, `observe` (metrics, sinks, sample pages,
-PRM health) and `eval` around them. Submodules are imported explicitly, e.g.
+`models` (LMs, checkpoint IO) -> `sampling` (static sampler, engine) -> `verifiers` (outcome
+labels) -> `filters` (accuracy band, PROF: which groups train) -> `rewards` -> `advantages` ->
+`losses` -> `rl` (the update and the trainer), with `parallel` (mesh, layout, compiled plans),
+`data`, `checkpoint`, `observe` (metrics, sinks, sample pages, PRM health) and `eval` (the eval
+loop, k-sample estimators, the PRM on held-out responses) around them. Submodules are imported explicitly, e.g.
 `from jaxrl_dense import rewards, advantages` or `from jaxrl_dense.parallel import mesh as mesh_lib, placement`.
 """
 
